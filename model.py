@@ -1,0 +1,232 @@
+"""A GPT-2-style decoder, written from its parts, with a KV cache for generation.
+
+Module names follow Hugging Face's GPT-2 (wte, wpe, h.N.attn.c_attn, ...) so weights map one to one;
+we use nn.Linear where GPT-2 used Conv1D, so those matrices are transposed on import and export.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from config import ModelConfig
+from tokenizer import N_VOCAB
+
+
+class KVCache:
+    """Keys and values of every layer for `batch` sequences of up to `max_len` tokens.
+
+    Each row (sequence) has its own length, so rows of different lengths share one cache: prompts of
+    different lengths are prefilled right-padded, and rows can be filled and freed independently (the
+    server's continuous batching). A query at position p attends to cached positions 0..p of its own row;
+    stale entries beyond a row's length are never attended to and get overwritten.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+        head_dim = cfg.n_embd // cfg.n_head
+        shape = (cfg.n_layer, batch, max_len, cfg.n_head, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.max_len = max_len
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0, "n_embd must be divisible by n_head"
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_proj.residual_projection = True
+        self.dropout = cfg.dropout
+
+    def forward(self, x, cache=None, layer=0, rows=None, pos=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head)
+        v = v.view(B, T, self.n_head, C // self.n_head)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:
+            # Write this step's keys/values at each row's own positions, then attend over the cache.
+            cache.k[layer][rows[:, None], pos] = k.to(cache.k.dtype)
+            cache.v[layer][rows[:, None], pos] = v.to(cache.v.dtype)
+            kv_len = int(pos.max()) + 1
+            keys = cache.k[layer][rows, :kv_len].transpose(1, 2).to(q.dtype)
+            values = cache.v[layer][rows, :kv_len].transpose(1, 2).to(q.dtype)
+            mask = torch.arange(kv_len, device=x.device)[None, None, :] <= pos[:, :, None]  # (B, T, kv_len)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return F.dropout(self.c_proj(y), self.dropout, self.training)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_proj.residual_projection = True
+        self.dropout = cfg.dropout
+
+    def forward(self, x):
+        # GPT-2 uses the tanh approximation of GELU ("gelu_new"); matching it keeps HF interop exact.
+        return F.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")), self.dropout, self.training)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cache=None, layer=0, rows=None, pos=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, rows, pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size < N_VOCAB:
+            raise ValueError(f"vocab_size {cfg.vocab_size} is smaller than the tokenizer's {N_VOCAB} ids")
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied input and output embeddings
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # GPT-2: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream's
+        # variance does not grow with depth.
+        if isinstance(module, nn.Linear):
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if getattr(module, "residual_projection", False) else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameters counted once (tied weights); non_embedding leaves out the position embeddings."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wpe.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6N for the matmuls plus attention's 12*L*C*T."""
+        cfg, T = self.config, seq_len or self.config.block_size
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * T
+
+    def hidden_states(self, idx, cache=None, rows=None, pos=None):
+        """Final-LayerNorm hidden states (B, T, C). With a cache, `pos` gives each token's position."""
+        if pos is None:
+            if idx.size(1) > self.config.block_size:
+                raise ValueError(f"sequence of {idx.size(1)} tokens is longer than the context ({self.config.block_size})")
+            pos = torch.arange(idx.size(1), device=idx.device)[None].expand(idx.size(0), -1)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for i, block in enumerate(self.h):
+            x = block(x, cache, i, rows, pos)
+        return self.ln_f(x)
+
+    def forward(self, idx, targets=None):
+        """Logits (B, T, V), or with targets the mean cross-entropy over targets != -1.
+
+        With targets, the output layer is applied only where a target is set: for fine-tuning, where the
+        prompt is masked, this skips most of the 50K-wide matmul that dominates a small model's cost.
+        """
+        x = self.hidden_states(idx)
+        if targets is None:
+            return self.lm_head(x)
+        keep = targets != -1
+        if bool(keep.all()):
+            logits = self.lm_head(x)
+            return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+        if not bool(keep.any()):
+            return x.sum() * 0.0  # no trainable token in this batch: zero loss, graph kept for DDP
+        logits = self.lm_head(x[keep])
+        return F.cross_entropy(logits.float(), targets[keep])
+
+    @torch.no_grad()
+    def step_logits(self, cache: KVCache, rows, tokens_list):
+        """Feed each row its new tokens (a list of id lists, one per row) and return the logits of each row's
+        last new token, (len(rows), V). Rows are right-padded to the longest; padding is written past the
+        row's end in the cache and overwritten later, never attended to."""
+        n = max(len(t) for t in tokens_list)
+        device = cache.lengths.device
+        idx = torch.zeros(len(tokens_list), n, dtype=torch.long, device=device)
+        for r, toks in enumerate(tokens_list):
+            idx[r, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+        new_len = torch.tensor([len(t) for t in tokens_list], device=device)
+        start = cache.lengths[rows]
+        if int(start.max()) + n > min(cache.max_len, self.config.block_size):
+            raise ValueError(f"{int(start.max()) + n} tokens do not fit the cache ({cache.max_len}) or context "
+                             f"({self.config.block_size})")
+        pos = start[:, None] + torch.arange(n, device=device)[None]
+        x = self.hidden_states(idx, cache, rows, pos)
+        cache.lengths[rows] = start + new_len
+        last = x[torch.arange(len(tokens_list), device=device), new_len - 1]
+        return self.lm_head(last).float()
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, stop_tokens=(), seed: int | None = None) -> list[list[int]]:
+        """Continue each prompt (a list of ids; prompts may differ in length) with a KV cache.
+
+        temperature 0 is greedy. Returns the new tokens of each prompt, ending at (and including) the
+        first stop token, or after max_new_tokens.
+        """
+        self.eval()
+        device = self.wte.weight.device
+        longest = max(len(p) for p in prompts)
+        max_len = min(self.config.block_size, longest + max_new_tokens)
+        if longest >= self.config.block_size:
+            raise ValueError(f"prompt of {longest} tokens leaves no room in the context ({self.config.block_size})")
+        cache = KVCache(self.config, len(prompts), max_len, device, self.wte.weight.dtype)
+        rows = torch.arange(len(prompts), device=device)
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        logits = self.step_logits(cache, rows, prompts)
+        out = [[] for _ in prompts]
+        active = list(range(len(prompts)))
+        for _ in range(max_new_tokens):
+            next_ids = sample(logits, temperature, top_k, top_p, generator).tolist()
+            still = []
+            for r, t in zip(active, next_ids):
+                out[r].append(t)
+                if t not in stop_tokens and int(cache.lengths[r]) < max_len:
+                    still.append(r)
+            active = still
+            if not active:
+                break
+            act = torch.tensor(active, device=device)
+            logits = self.step_logits(cache, act, [[out[r][-1]] for r in active])
+        return out
+
+
+def sample(logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator=None):
+    """Next token ids (B,) from logits (B, V). Padding ids of the vocabulary are never chosen."""
+    logits = logits.float().clone()
+    logits[:, N_VOCAB:] = float("-inf")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits[logits < kth] = float("-inf")
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the smallest set reaching top_p
+        sorted_logits[drop] = float("-inf")
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,151 @@
+"""GPT-2 BPE through tiktoken, working offline, plus the chat special tokens.
+
+tiktoken normally downloads its BPE file on first use, which fails on air-gapped machines. We build the
+encoding ourselves from a local copy of the `r50k_base` ranks (byte-identical to GPT-2's), looked up in:
+  1. $PARLEY_BPE_FILE,
+  2. .cache/tiktoken/r50k_base.tiktoken in this project (written by `make setup`),
+  3. tiktoken's own cache ($TIKTOKEN_CACHE_DIR, $DATA_GYM_CACHE_DIR or the temp dir; name = sha1 of the URL),
+and only then let tiktoken try the network. `python tokenizer.py --fetch` (what `make setup` runs) obtains the
+file: from tiktoken's download if the network allows, else from the `openai-whisper` source distribution on
+PyPI, which carries the same file as whisper/assets/gpt2.tiktoken. The sha256 is always checked.
+"""
+
+import hashlib
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+
+BPE_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
+BPE_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+PROJECT_BPE_FILE = Path(__file__).resolve().parent / ".cache" / "tiktoken" / "r50k_base.tiktoken"
+WHISPER_SDIST = "openai-whisper==20250625"
+# The regex that splits text before BPE merges, identical to tiktoken's r50k_base / gpt2.
+PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+TOKENIZER_NAME = "gpt2"
+EOT = "<|endoftext|>"
+EOT_ID = 50256
+# Chat special tokens sit right above GPT-2's vocabulary, inside the model's padded vocabulary (50304).
+CHAT_SPECIAL_TOKENS = {"<|system|>": 50257, "<|user|>": 50258, "<|assistant|>": 50259, "<|end|>": 50260}
+N_VOCAB = 50261  # real token ids are 0..N_VOCAB-1; ids above that are padding and never sampled
+
+
+class TokenizerNotFound(RuntimeError):
+    pass
+
+
+def _tiktoken_cache_file() -> Path:
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
+        os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    return Path(cache) / hashlib.sha1(BPE_URL.encode()).hexdigest()
+
+
+def _candidates() -> list[Path]:
+    found = [Path(os.environ["PARLEY_BPE_FILE"])] if os.environ.get("PARLEY_BPE_FILE") else []
+    return found + [PROJECT_BPE_FILE, _tiktoken_cache_file()]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _load_ranks() -> dict[bytes, int]:
+    for path in _candidates():
+        if path.is_file():
+            if _sha256(path) != BPE_SHA256:
+                raise TokenizerNotFound(f"{path} is not the GPT-2 BPE file (sha256 mismatch); delete it and run `make setup`")
+            return load_tiktoken_bpe(str(path), expected_hash=BPE_SHA256)
+    try:  # last resort: tiktoken's own download
+        return load_tiktoken_bpe(BPE_URL, expected_hash=BPE_SHA256)
+    except Exception as e:
+        where = "\n  ".join(str(p) for p in _candidates())
+        raise TokenizerNotFound(
+            f"GPT-2 BPE file not found and could not be downloaded ({type(e).__name__}).\n"
+            f"Looked in:\n  {where}\n"
+            "Fix: run `make setup` (or `python tokenizer.py --fetch`), which gets it from PyPI when the web is closed; "
+            f"or copy r50k_base.tiktoken (sha256 {BPE_SHA256}) to {PROJECT_BPE_FILE}, or point $PARLEY_BPE_FILE at it."
+        ) from None
+
+
+_ENCODING = None
+
+
+def get_encoding() -> tiktoken.Encoding:
+    """The GPT-2 encoding with <|endoftext|> and the chat special tokens; cached per process."""
+    global _ENCODING
+    if _ENCODING is None:
+        _ENCODING = tiktoken.Encoding(
+            name=TOKENIZER_NAME, pat_str=PAT_STR, mergeable_ranks=_load_ranks(),
+            special_tokens={EOT: EOT_ID, **CHAT_SPECIAL_TOKENS},
+        )
+    return _ENCODING
+
+
+def encode(text: str) -> list[int]:
+    """Plain text to ids. Special-token strings in the text stay ordinary text (no prompt injection)."""
+    return get_encoding().encode_ordinary(text)
+
+
+def decode(ids) -> str:
+    """Ids to text; ids outside the real vocabulary are dropped, invalid UTF-8 becomes U+FFFD."""
+    return get_encoding().decode([int(i) for i in ids if 0 <= int(i) < N_VOCAB])
+
+
+def decode_bytes(ids) -> bytes:
+    """Ids to raw bytes, for streaming: a multi-byte character may be split across tokens."""
+    return get_encoding().decode_bytes([int(i) for i in ids if 0 <= int(i) < N_VOCAB])
+
+
+def fetch(dest: Path = PROJECT_BPE_FILE) -> Path:
+    """Make sure the BPE file is on disk at `dest`; returns its path."""
+    if dest.is_file() and _sha256(dest) == BPE_SHA256:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for path in _candidates():
+        if path.is_file() and path != dest and _sha256(path) == BPE_SHA256:
+            data = path.read_bytes()
+            break
+    else:
+        data = _download() or _from_whisper_sdist()
+    if hashlib.sha256(data).hexdigest() != BPE_SHA256:
+        raise TokenizerNotFound("the BPE file obtained has the wrong sha256; refusing to use it")
+    tmp = dest.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, dest)
+    return dest
+
+
+def _download() -> bytes | None:
+    try:
+        from tiktoken.load import read_file
+        return read_file(BPE_URL)
+    except Exception as e:
+        print(f"tokenizer: direct download failed ({type(e).__name__}); trying the PyPI source of {WHISPER_SDIST}")
+        return None
+
+
+def _from_whisper_sdist() -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", tmp, WHISPER_SDIST]
+        if subprocess.run(cmd).returncode != 0:
+            raise TokenizerNotFound(f"could not download {WHISPER_SDIST} from PyPI either; see the message above. "
+                                    f"Copy r50k_base.tiktoken (sha256 {BPE_SHA256}) to {PROJECT_BPE_FILE} by hand.")
+        (sdist,) = Path(tmp).glob("*.tar.gz")
+        with tarfile.open(sdist) as tar:
+            member = next(m for m in tar.getmembers() if m.name.endswith("whisper/assets/gpt2.tiktoken"))
+            return tar.extractfile(member).read()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--fetch"]:
+        sys.exit("usage: python tokenizer.py --fetch   (puts the GPT-2 BPE file where this project finds it offline)")
+    try:
+        print(f"tokenizer: GPT-2 BPE file ready at {fetch()}")
+    except TokenizerNotFound as e:
+        sys.exit(f"error: {e}")
