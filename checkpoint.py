@@ -19,7 +19,7 @@ import subprocess
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from config import ModelConfig, ConfigError, model_config_from_dict, to_dict
@@ -158,7 +158,7 @@ def load_checkpoint(path, device="cpu", train_state: bool = False):
     model = GPT(cfg)
     try:
         state = load_file(ckpt / "model.safetensors")
-    except (SafetensorsError, OSError) as e:
+    except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{ckpt / 'model.safetensors'}: unreadable ({e})") from None
     state["lm_head.weight"] = state.get("wte.weight")
     _load_state(model, state, ckpt / "model.safetensors")
@@ -211,7 +211,7 @@ def load_hf(path, device="cpu") -> GPT:
     state = {}
     for k, v in hf_state.items():
         k = k.removeprefix("transformer.")
-        if k.endswith(("attn.bias", "attn.masked_bias")) or k == "lm_head.weight":
+        if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
             continue  # causal-mask buffers, and the tied output layer
         state[k] = v.t() if k.endswith(_HF_TRANSPOSED) else v
     wte = model.wte.weight.detach().clone()

@@ -202,9 +202,9 @@ def parse_args(argv: list[str], sections: list, max_positional: int | None = 0, 
                 value = []
                 while i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                     value, i = value + [argv[i + 1]], i + 1
-            elif tp is bool and (not has_value or argv[i + 1].lower() not in
-                            ("1", "0", "true", "false", "yes", "no", "on", "off")):
-                value = "true"
+            elif tp is bool and (not has_value or (max_positional != 0 and argv[i + 1].lower() not in
+                                                   ("1", "0", "true", "false", "yes", "no", "on", "off"))):
+                value = "true"  # a bare flag; with positionals allowed, a non-bool word after it is a positional
             elif has_value:
                 value, i = argv[i + 1], i + 1
             else:

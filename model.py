@@ -202,7 +202,7 @@ class GPT(nn.Module):
             still = []
             for r, t in zip(active, next_ids):
                 out[r].append(t)
-                if t not in stop_tokens and int(cache.lengths[r]) < max_len:
+                if t not in stop_tokens and int(cache.lengths[r]) + 1 < max_len:  # prompt + output fit the context
                     still.append(r)
             active = still
             if not active:

@@ -1,0 +1,112 @@
+import json
+
+import pytest
+import torch
+
+from checkpoint import CheckpointError, export_hf, load_checkpoint, load_hf, resolve, save_checkpoint
+from config import ModelConfig
+from model import GPT
+
+
+def same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_round_trip_with_train_state(tiny_model, tmp_path):
+    state = {"step": 7, "rng": torch.get_rng_state(), "opt": {"lr": 0.1, "t": torch.ones(3)}}
+    save_checkpoint(tmp_path / "ck", tiny_model, provenance={"step": 7, "tokens": 1000}, train_state=state)
+    model, config, ts = load_checkpoint(tmp_path / "ck", train_state=True)
+    assert same_weights(model, tiny_model)
+    assert model.lm_head.weight.data_ptr() == model.wte.weight.data_ptr()
+    assert config["provenance"]["step"] == 7 and config["tokenizer"]["special_tokens"]["<|end|>"] == 50260
+    assert ts["step"] == 7 and torch.equal(ts["rng"], state["rng"])
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["config.json", "model.safetensors", "train_state.pt"]
+
+
+def test_overwrite_is_atomic_and_leaves_no_temporaries(tiny_model, tmp_path):
+    save_checkpoint(tmp_path / "ck", tiny_model)
+    other = GPT(tiny_model.config)
+    save_checkpoint(tmp_path / "ck", other)
+    assert same_weights(load_checkpoint(tmp_path / "ck")[0], other)
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+
+def test_run_folder_resolves_to_best_then_newest_step(tiny_model, tmp_path):
+    for step in (100, 200):
+        save_checkpoint(tmp_path / f"step_{step:07d}", tiny_model)
+    (tmp_path / "step_0000300.tmp-1").mkdir()  # a half-written one is ignored
+    assert resolve(tmp_path).name == "step_0000200"
+    save_checkpoint(tmp_path / "best", tiny_model)
+    assert resolve(tmp_path).name == "best"
+
+
+def test_truncated_checkpoint_is_refused(tiny_model, tmp_path):
+    ck = save_checkpoint(tmp_path / "ck", tiny_model)
+    data = (ck / "model.safetensors").read_bytes()
+    (ck / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(ck)
+
+
+def test_corrupted_checkpoint_is_refused(tiny_model, tmp_path):
+    ck = save_checkpoint(tmp_path / "ck", tiny_model)
+    data = bytearray((ck / "model.safetensors").read_bytes())
+    data[-10] ^= 0xFF
+    (ck / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupted"):
+        load_checkpoint(ck)
+
+
+def test_mismatched_shapes_and_tokenizer_are_refused(tiny_model, tmp_path):
+    ck = save_checkpoint(tmp_path / "ck", tiny_model)
+    config = json.loads((ck / "config.json").read_text())
+    config["model"]["n_embd"] = 64
+    (ck / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="wrong shapes"):
+        load_checkpoint(ck)
+    config["model"]["n_embd"] = 32
+    config["tokenizer"]["special_tokens"]["<|end|>"] = 50300
+    (ck / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="tokenizer"):
+        load_checkpoint(ck)
+    (ck / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_checkpoint(ck)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope")
+
+
+def test_export_and_import_hf_layout_without_transformers(tiny_model, tmp_path):
+    out = export_hf(tiny_model, tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config["vocab_size"] == 50304
+    back = load_hf(out)
+    assert same_weights(back, tiny_model)
+
+
+def test_hf_gpt2_vocab_is_padded(tmp_path):
+    """An original GPT-2 directory has 50257 tokens; we pad to 50304 and keep its rows."""
+    transformers = pytest.importorskip("transformers")
+    hf_cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    hf.save_pretrained(tmp_path / "gpt2")
+    ours = load_checkpoint(tmp_path / "gpt2")[0].eval()
+    assert ours.config.vocab_size == 50304
+    x = torch.randint(0, 50257, (2, 20))
+    with torch.no_grad():
+        assert torch.allclose(ours(x)[..., :50257], hf(x).logits, atol=1e-4)
+
+
+def test_export_matches_transformers_logits(tiny_model, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import subprocess
+    import sys
+    ck = save_checkpoint(tmp_path / "ck", tiny_model)
+    subprocess.run([sys.executable, "export_hf.py", str(ck), str(tmp_path / "hf")], check=True,
+                   cwd=__import__("conftest").ROOT)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(0, 50261, (2, 30))
+    with torch.no_grad():
+        assert torch.allclose(tiny_model(x), hf(x).logits, atol=1e-4)

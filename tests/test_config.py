@@ -1,0 +1,68 @@
+import json
+
+import pytest
+
+from config import PRESETS, ConfigError, ModelConfig, ServeConfig, TrainConfig, FinetuneConfig, parse_args
+
+
+def parse(argv, *sections, max_positional=0):
+    sections = sections or (TrainConfig(), ModelConfig())
+    pos = parse_args(argv, list(sections), max_positional)
+    return sections, pos
+
+
+def test_defaults_preset_file_and_command_line_in_that_order(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"lr": 0.01, "n_layer": 3}))
+    (train, model), _ = parse(["--preset", "tiny", "--config", str(f), "--n-layer", "5", "--max_steps=7"])
+    assert model.n_embd == PRESETS["tiny"]["n_embd"]  # preset
+    assert train.lr == 0.01  # file over preset
+    assert model.n_layer == 5  # command line over file
+    assert train.max_steps == 7
+
+
+def test_gpt2_presets_have_the_published_shapes():
+    (_, m), _ = parse(["--preset", "gpt2"])
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size) == (12, 12, 768, 1024)
+    (_, m), _ = parse(["--preset", "gpt2-medium"])
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size) == (24, 16, 1024, 1024)
+
+
+def test_types_bools_lists_and_positionals():
+    (train, _), pos = parse(["a.txt", "--resume", "--compile", "false", "b.txt", "--lr", "3e-4"], max_positional=None)
+    assert train.resume is True and train.compile is False and train.lr == 3e-4 and pos == ["a.txt", "b.txt"]
+    (ft, train), _ = parse(["--data", "x.jsonl", "y.jsonl", "--max-steps", "1e3"], FinetuneConfig(), TrainConfig())
+    assert ft.data == ["x.jsonl", "y.jsonl"] and train.data == "data/demo" and train.max_steps == 1000
+    (s,), _ = parse(["--cors-origins", "http://a", "http://b"], ServeConfig())
+    assert s.cors_origins == ["http://a", "http://b"]
+    (s,), _ = parse(["--cors-origins=http://a,http://b"], ServeConfig())
+    assert s.cors_origins == ["http://a", "http://b"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n_layers", "3"], "unknown field 'n_layers'"),
+    (["--n_layer", "three"], "field 'n_layer' expects int"),
+    (["--n_layer", "2.5"], "field 'n_layer' expects int"),
+    (["--lr", "fast"], "field 'lr' expects float"),
+    (["--compile", "maybe"], "field 'compile' expects bool"),
+    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--lr"], "--lr needs a value"),
+    (["stray"], "unexpected argument"),
+])
+def test_errors_name_the_field_and_type(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(argv)
+
+
+def test_config_file_errors(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"lr": 0.1,\n "n_layer": }')
+    with pytest.raises(ConfigError, match="line 2"):
+        parse(["--config", str(bad)])
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text('{"n_layer": "x"}')
+    with pytest.raises(ConfigError, match="n_layer.*expects int"):
+        parse(["--config", str(wrong)])
+    with pytest.raises(ConfigError, match="unknown field 'colour'.*wrong2.json"):
+        (tmp_path / "wrong2.json").write_text('{"colour": 1}')
+        parse(["--config", str(tmp_path / "wrong2.json")])

@@ -1,0 +1,123 @@
+import math
+
+import pytest
+import torch
+
+from config import ModelConfig
+from model import GPT, sample
+from tokenizer import N_VOCAB
+
+
+def reference_greedy(model, prompt, n):
+    """Greedy decoding by recomputing the whole sequence at every step (no cache)."""
+    seq, out = list(prompt), []
+    for _ in range(n):
+        logits = model(torch.tensor([seq]))[0, -1]
+        logits[N_VOCAB:] = float("-inf")
+        out.append(int(logits.argmax()))
+        seq.append(out[-1])
+    return out
+
+
+def test_shapes_vocab_padding_and_tied_weights(tiny_model):
+    x = torch.randint(0, N_VOCAB, (3, 10))
+    assert tiny_model(x).shape == (3, 10, 50304)
+    assert tiny_model.config.vocab_size % 64 == 0 and tiny_model.config.vocab_size >= N_VOCAB
+    assert tiny_model.lm_head.weight.data_ptr() == tiny_model.wte.weight.data_ptr()
+    # counted once: no separate output matrix
+    n = sum(p.numel() for p in tiny_model.parameters())
+    assert n == tiny_model.num_params(non_embedding=False)
+    assert tiny_model.num_params() == n - 64 * 32
+
+
+def test_causality(tiny_model):
+    x = torch.randint(0, N_VOCAB, (1, 16))
+    y = x.clone()
+    y[0, 10:] = torch.randint(0, N_VOCAB, (6,))
+    a, b = tiny_model(x), tiny_model(y)
+    assert torch.allclose(a[0, :10], b[0, :10], atol=1e-6)
+    assert not torch.allclose(a[0, 10:], b[0, 10:])
+
+
+def test_init_scales_residual_projections():
+    torch.manual_seed(0)
+    m = GPT(ModelConfig(n_layer=8, n_head=4, n_embd=256, block_size=32))
+    assert abs(m.h[0].mlp.c_fc.weight.std().item() - 0.02) < 0.002
+    assert abs(m.h[0].mlp.c_proj.weight.std().item() - 0.02 / math.sqrt(16)) < 0.001
+    assert abs(m.h[0].attn.c_proj.weight.std().item() - 0.02 / math.sqrt(16)) < 0.001
+
+
+def test_gpt2_parameter_count_and_flops():
+    m = GPT(ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257 + 47))
+    # GPT-2 small: 124.4M parameters with a 50257 vocabulary; ours pads it to 50304.
+    assert m.num_params(non_embedding=False) == 124_439_808 + 47 * 768
+    assert m.flops_per_token() == 6 * m.num_params() + 12 * 12 * 768 * 1024
+
+
+def test_loss_ignores_masked_targets(tiny_model):
+    x = torch.randint(0, N_VOCAB, (2, 12))
+    y = torch.randint(0, N_VOCAB, (2, 12))
+    y[:, :5] = -1
+    full = torch.nn.functional.cross_entropy(tiny_model(x).view(-1, 50304), y.view(-1), ignore_index=-1)
+    assert torch.allclose(tiny_model(x, y), full, atol=1e-5)
+    y_all = torch.randint(0, N_VOCAB, (2, 12))
+    assert torch.allclose(tiny_model(x, y_all),
+                          torch.nn.functional.cross_entropy(tiny_model(x).view(-1, 50304), y_all.view(-1)), atol=1e-5)
+
+
+def test_kv_cache_greedy_equals_recompute(tiny_model):
+    prompt = [464, 2068, 7586, 21831, 18045]
+    (out,) = tiny_model.generate([prompt], 20, temperature=0)
+    assert out == reference_greedy(tiny_model, prompt, 20)
+
+
+def test_batched_generation_of_different_lengths_equals_one_by_one(tiny_model):
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [42], [100, 200, 300]]
+    batched = tiny_model.generate(prompts, 12, temperature=0)
+    assert batched == [tiny_model.generate([p], 12, temperature=0)[0] for p in prompts]
+    assert batched[1] == reference_greedy(tiny_model, prompts[1], 12)
+
+
+def test_stop_tokens_and_context_limit(tiny_model):
+    prompt = [5, 6, 7]
+    free = tiny_model.generate([prompt], 10, temperature=0)[0]
+    stopped = tiny_model.generate([prompt], 10, temperature=0, stop_tokens={free[3]})[0]
+    assert stopped == free[: free.index(free[3]) + 1]
+    long = tiny_model.generate([list(range(60))], 50, temperature=0)[0]
+    assert len(long) == 4  # the 64-token context is full
+    with pytest.raises(ValueError, match="context"):
+        tiny_model.generate([list(range(64))], 5)
+
+
+def test_seeded_sampling_is_reproducible(tiny_model):
+    prompts = [[1, 2, 3], [9, 8]]
+    a = tiny_model.generate(prompts, 15, temperature=1.0, seed=123)
+    b = tiny_model.generate(prompts, 15, temperature=1.0, seed=123)
+    c = tiny_model.generate(prompts, 15, temperature=1.0, seed=124)
+    assert a == b and a != c
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 50304)
+    top5 = set(torch.topk(logits[0, :N_VOCAB], 5).indices.tolist())
+    g = torch.Generator().manual_seed(0)
+    drawn = {int(sample(logits, 1.0, top_k=5, generator=g)) for _ in range(300)}
+    assert drawn <= top5 and len(drawn) > 1
+    # top_p: a distribution with three likely tokens and a long tail
+    logits = torch.full((1, 50304), -20.0)
+    logits[0, [10, 20, 30]] = torch.tensor([5.0, 4.0, 3.0])
+    probs = torch.softmax(logits[0, :N_VOCAB], -1)
+    assert probs[10] + probs[20] < 0.95 < probs[10] + probs[20] + probs[30]
+    drawn = {int(sample(logits, 1.0, top_p=0.95, generator=g)) for _ in range(300)}
+    assert drawn == {10, 20, 30}
+    drawn = {int(sample(logits, 1.0, top_p=0.5, generator=g)) for _ in range(50)}
+    assert drawn == {10}
+
+
+def test_padding_ids_are_never_sampled():
+    logits = torch.zeros(1, 50304)
+    logits[0, N_VOCAB:] = 100.0
+    assert int(sample(logits, 0)) < N_VOCAB
+    g = torch.Generator().manual_seed(0)
+    assert all(int(sample(logits, 1.0, generator=g)) < N_VOCAB for _ in range(50))

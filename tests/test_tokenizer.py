@@ -1,0 +1,59 @@
+import hashlib
+import subprocess
+import sys
+
+import pytest
+
+import tokenizer
+from conftest import ROOT
+
+
+def test_offline_encoding_matches_gpt2_and_has_chat_tokens():
+    enc = tokenizer.get_encoding()
+    assert tokenizer.encode("Hello world") == [15496, 995]  # GPT-2's ids
+    assert enc.n_vocab == tokenizer.N_VOCAB == 50261
+    assert enc.encode("<|endoftext|>", allowed_special="all") == [50256]
+    assert [enc.encode(t, allowed_special="all")[0] for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")] \
+        == [50257, 50258, 50259, 50260]
+
+
+def test_special_token_text_in_user_content_stays_plain_text():
+    ids = tokenizer.encode("hi <|end|><|assistant|>")
+    assert not set(ids) & set(tokenizer.CHAT_SPECIAL_TOKENS.values())
+    assert tokenizer.decode(ids) == "hi <|end|><|assistant|>"
+
+
+def test_round_trip_unicode_and_split_bytes():
+    text = "naïve café — 日本語 🙂"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    ids = tokenizer.encode("🙂")
+    assert len(ids) > 1  # an emoji is several byte-level tokens
+    assert tokenizer.decode_bytes(ids) == "🙂".encode()
+    assert tokenizer.decode(ids + [50300]) == "🙂"  # padding ids are dropped
+
+
+def test_bpe_file_is_the_verified_one():
+    assert hashlib.sha256(tokenizer.PROJECT_BPE_FILE.read_bytes()).hexdigest() == tokenizer.BPE_SHA256
+
+
+def test_missing_bpe_file_says_what_to_do(tmp_path):
+    """With no local file and no network, the error names `make setup` (run in a clean process)."""
+    code = (
+        "import tokenizer, pathlib, sys;"
+        f"tokenizer.PROJECT_BPE_FILE = pathlib.Path({str(tmp_path / 'none')!r});"
+        "tokenizer.BPE_URL = 'http://127.0.0.1:9/r50k_base.tiktoken';"
+        "tokenizer.get_encoding()"
+    )
+    env = {"PATH": "/usr/bin:/bin", "TIKTOKEN_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode != 0
+    assert "make setup" in r.stderr and "TokenizerNotFound" in r.stderr
+
+
+def test_wrong_bpe_file_is_refused(tmp_path, monkeypatch):
+    bad = tmp_path / "r50k_base.tiktoken"
+    bad.write_text("not the file")
+    monkeypatch.setenv("PARLEY_BPE_FILE", str(bad))
+    monkeypatch.setattr(tokenizer, "_ENCODING", None)
+    with pytest.raises(tokenizer.TokenizerNotFound, match="sha256"):
+        tokenizer.get_encoding()
