@@ -11,7 +11,6 @@ setup: $(VENV)/.installed .cache/tiktoken/r50k_base.tiktoken
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	touch $@
