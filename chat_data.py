@@ -1,0 +1,356 @@
+"""Instruction and dialog data for fine-tuning: files -> conversations -> (ids, mask) -> batches for train.fit.
+
+Accepted files (plain or .gz), the format detected per file from its first record:
+  * chat JSONL, the OpenAI shape:  {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", ...}]}
+  * ShareGPT (JSONL or a JSON array): {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", ...}]}
+  * Alpaca (a JSON array or JSONL):  {"instruction": "...", "input": "...", "output": "..."}  ("response" is
+    accepted for "output", as in GPTeacher; self-instruct's "instances": [{"input", "output"}] gives one example each)
+Malformed input (bad JSON, wrong types, unknown roles, turns that do not alternate, an empty conversation, a
+file in no known format) is an error naming the file and line. Two defects of real data sets are tolerated and
+counted instead: trailing user turns, which have no reply to learn, are removed (a conversation left without a
+reply is skipped), and a record with an empty message (Alpaca has a few empty outputs) is skipped.
+
+Every conversation is rendered by chat_format.render, the one chat template. One longer than the context is cut
+at turn boundaries: the oldest user+assistant exchanges go first, the system message stays; a conversation whose
+last exchange alone does not fit is dropped.
+"""
+
+import functools
+import gzip
+import hashlib
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from chat_format import ChatFormatError, render, validate
+from tokenizer import EOT_ID
+
+# ShareGPT speaker names -> our roles.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
+                  "system": "system"}
+FORMATS = ("chat", "sharegpt", "alpaca")
+# Batches are padded to a multiple of this many tokens, so a compiled model sees few distinct shapes.
+PAD_MULTIPLE = 64
+# Length grouping: examples are sorted by length within windows of this many batches of a shuffled epoch.
+BUCKET_BATCHES = 50
+
+
+class ChatDataError(ValueError):
+    """Input that cannot be read as conversations; the message names the file and line."""
+
+
+# ---- reading ----------------------------------------------------------------------------------
+
+def _open_text(path: Path) -> str:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                return f.read()
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ChatDataError(f"{path}: file not found") from None
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise ChatDataError(f"{path}: cannot be read as UTF-8 text{' (gzip)' if path.suffix == '.gz' else ''}: {e}") from None
+
+
+def _records(path: Path):
+    """(location, decoded JSON value) for each record of a JSON array or a JSON Lines file; the location is
+    'line N', plus the item's index for an array (a whole array may sit on one line)."""
+    text = _open_text(path)
+    body = text.lstrip()
+    if not body:
+        raise ChatDataError(f"{path}: empty file (expected JSON Lines or a JSON array of records)")
+    if body[0] != "[":
+        for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ChatDataError(f"{path} line {n}: invalid JSON ({e.msg}); expected one JSON object per line "
+                                    "(JSON Lines) or a JSON array of records") from None
+            yield f"line {n}", value
+        return
+    # A JSON array: decode element by element, counting newlines, to know each record's line.
+    decoder = json.JSONDecoder()
+    pos, line, counted = len(text) - len(body) + 1, 1, 0
+
+    def line_at(p: int) -> int:
+        nonlocal line, counted
+        line, counted = line + text.count("\n", counted, p), p
+        return line
+
+    def skip_space(p: int) -> int:
+        while p < len(text) and text[p] in " \t\r\n":
+            p += 1
+        return p
+
+    pos = skip_space(pos)
+    if pos < len(text) and text[pos] == "]":
+        return
+    for item in itertools.count():
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise ChatDataError(f"{path} line {line_at(e.pos)}: invalid JSON in the array: {e.msg}") from None
+        yield f"line {line_at(pos)} (array item {item})", value
+        pos = skip_space(end)
+        if pos < len(text) and text[pos] == "]":
+            return
+        if pos >= len(text) or text[pos] != ",":
+            raise ChatDataError(f"{path} line {line_at(min(pos, len(text)))}: expected ',' or ']' after a record "
+                                "of the JSON array")
+        pos = skip_space(pos + 1)
+
+
+def _detect(record, where: str) -> str:
+    if isinstance(record, dict):
+        if "messages" in record:
+            return "chat"
+        if "conversations" in record:
+            return "sharegpt"
+        if "instruction" in record:
+            return "alpaca"
+    got = f"keys {sorted(record)}" if isinstance(record, dict) else f"a JSON {type(record).__name__}"
+    raise ChatDataError(f"{where}: matches no known format: expected an object with 'messages' (chat), "
+                        f"'conversations' (ShareGPT) or 'instruction'/'input'/'output' (Alpaca); got {got}")
+
+
+def _string(record: dict, key: str, where: str, default=None) -> str:
+    value = record.get(key, default)
+    if not isinstance(value, str):
+        raise ChatDataError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _alpaca(record: dict, where: str) -> list[list[dict]]:
+    instruction = _string(record, "instruction", where)
+    if "instances" in record:  # self-instruct seed tasks: one example per instance
+        instances = record["instances"]
+        if not isinstance(instances, list) or not all(isinstance(i, dict) for i in instances):
+            raise ChatDataError(f"{where}: field 'instances' must be a list of objects with 'input' and 'output'")
+    else:
+        instances = [record]
+    convs = []
+    for inst in instances:
+        out_key = "output" if "output" in inst or "response" not in inst else "response"
+        if out_key not in inst:
+            raise ChatDataError(f"{where}: an Alpaca record needs 'output' (or 'response'); got keys {sorted(inst)}")
+        inp = inst.get("input", "")
+        inp = "" if inp is None else inp
+        if not isinstance(inp, str):
+            raise ChatDataError(f"{where}: field 'input' must be a string, got {type(inp).__name__}")
+        user = instruction + "\n\n" + inp if inp.strip() else instruction
+        convs.append([{"role": "user", "content": user}, {"role": "assistant", "content": _string(inst, out_key, where)}])
+    return convs
+
+
+def _sharegpt(record: dict, where: str) -> list[dict]:
+    turns = record["conversations"]
+    if not isinstance(turns, list):
+        raise ChatDataError(f"{where}: field 'conversations' must be a list of {{'from', 'value'}} objects")
+    messages = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict) or not isinstance(t.get("from"), str) or not isinstance(t.get("value"), str):
+            raise ChatDataError(f"{where}: conversations[{i}] must be an object with string 'from' and 'value'")
+        role = SHAREGPT_ROLES.get(t["from"].lower())
+        if role is None:
+            raise ChatDataError(f"{where}: conversations[{i}] is from {t['from']!r}; expected one of "
+                                f"{', '.join(sorted(SHAREGPT_ROLES))}")
+        messages.append({"role": role, "content": t["value"]})
+    return messages
+
+
+def _count(counts: dict, key: str, where: str | None = None) -> None:
+    counts[key] = counts.get(key, 0) + 1
+    if where is not None and len(counts.setdefault("skipped_where", [])) < 5:
+        counts["skipped_where"].append(f"{where}: {key}")
+
+
+def read_file(path, counts: dict | None = None) -> list[list[dict]]:
+    """The conversations of one file, validated and cleaned (see the module docstring). `counts` (a dict)
+    accumulates 'records', 'trailing_user_removed', 'skipped_no_reply', 'skipped_empty' and, in
+    'skipped_where', the first few skipped records' locations."""
+    path = Path(path)
+    counts = {} if counts is None else counts
+    fmt, first, out = None, None, []
+    for loc, record in _records(path):
+        where = f"{path} {loc}"
+        found = _detect(record, where)
+        if fmt is None:
+            fmt, first = found, loc
+        elif found != fmt:
+            raise ChatDataError(f"{where}: a {found} record in a {fmt} file (the format was detected from {first}); "
+                                "every record of a file must have the same format")
+        if fmt == "chat":
+            messages = record["messages"]
+            if isinstance(messages, list):  # keep only role and content (OpenAI records may carry 'name', ...)
+                messages = [{"role": m.get("role"), "content": m.get("content")} if isinstance(m, dict) else m
+                            for m in messages]
+            convs = [messages]
+        elif fmt == "sharegpt":
+            convs = [_sharegpt(record, where)]
+        else:
+            convs = _alpaca(record, where)
+        _count(counts, "records")
+        for messages in convs:
+            try:
+                validate(messages, where)
+            except ChatFormatError as e:
+                raise ChatDataError(str(e)) from None
+            if messages[0]["role"] == "system" and not messages[0]["content"].strip():
+                messages = messages[1:]  # an empty system prompt says nothing
+            while messages and messages[-1]["role"] == "user":
+                messages = messages[:-1]
+                _count(counts, "trailing_user_removed")
+            if not any(m["role"] == "assistant" for m in messages):
+                _count(counts, "skipped_no_reply", where)
+                continue
+            if any(not m["content"].strip() for m in messages):
+                _count(counts, "skipped_empty", where)
+                continue
+            out.append(messages)
+    if fmt is None:
+        raise ChatDataError(f"{path}: no records (expected JSON Lines or a JSON array of records)")
+    return out
+
+
+def read_files(paths) -> tuple[list[list[dict]], dict]:
+    """All conversations of the files, in order, and the counts of read_file."""
+    counts = {"files": len(paths)}
+    conversations = []
+    for p in paths:
+        conversations += read_file(p, counts)
+    counts["conversations"] = len(conversations)
+    return conversations, counts
+
+
+# ---- splitting and encoding -------------------------------------------------------------------
+
+def _digest(messages) -> bytes:
+    return hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).digest()
+
+
+def split(conversations, val_fraction: float) -> tuple[list, list]:
+    """(train, val): the val_fraction (at least one) of conversations with the smallest content hash.
+    Deterministic and independent of file order; identical conversations land on the same side."""
+    if len(conversations) < 2:
+        raise ChatDataError(f"need at least 2 conversations (one is held out for validation), got {len(conversations)}")
+    order = sorted(range(len(conversations)), key=lambda i: _digest(conversations[i]))
+    n_val = min(len(conversations) - 1, max(1, round(val_fraction * len(conversations))))
+    return [conversations[i] for i in order[n_val:]], [conversations[i] for i in order[:n_val]]
+
+
+def fit_context(messages, max_tokens: int, train_on_prompt: bool = False):
+    """(ids, mask, cut) for a conversation in at most max_tokens tokens, or None if its last exchange does not fit.
+    The oldest user+assistant exchanges are dropped first; a system message is always kept."""
+    ids, mask = render(messages, train_on_prompt=train_on_prompt)
+    if len(ids) <= max_tokens:
+        return ids, mask, False
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    turns = messages[len(system):]  # user, assistant, user, assistant, ... (read_file removed trailing users)
+    budget = max_tokens - (len(render(system)[0]) if system else 0)
+    keep = 0  # the template renders message by message, so the lengths of the exchanges add up
+    for start in range(len(turns) - 2, -1, -2):
+        budget -= len(render(turns[start:start + 2])[0])
+        if budget < 0:
+            break
+        keep = len(turns) - start
+    if keep == 0:
+        return None
+    ids, mask = render(system + turns[-keep:], train_on_prompt=train_on_prompt)
+    return ids, mask, True
+
+
+def encode(conversations, max_tokens: int, train_on_prompt: bool = False, counts: dict | None = None):
+    """Examples (ids int32 array, mask bool array) of the conversations that fit; counts 'cut' and 'dropped'."""
+    counts = {} if counts is None else counts
+    counts.setdefault("cut", 0)
+    counts.setdefault("dropped", 0)
+    examples = []
+    for messages in tqdm(conversations, desc="encoding", unit="conv", leave=False, disable=len(conversations) < 5000):
+        fitted = fit_context(messages, max_tokens, train_on_prompt)
+        if fitted is None:
+            counts["dropped"] += 1
+            continue
+        ids, mask, cut = fitted
+        counts["cut"] += int(cut)
+        examples.append((np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=bool)))
+    return examples
+
+
+def collate(examples, block_size: int):
+    """(x, y) LongTensors (B, T): x = ids[:-1], y = ids[1:] where trained else -1; rows right-padded."""
+    longest = max(len(ids) - 1 for ids, _ in examples)
+    T = min(block_size, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+    x = np.full((len(examples), T), EOT_ID, dtype=np.int64)
+    y = np.full((len(examples), T), -1, dtype=np.int64)
+    for r, (ids, mask) in enumerate(examples):
+        n = len(ids) - 1
+        x[r, :n] = ids[:-1]
+        y[r, :n] = np.where(mask[1:], ids[1:], -1)
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+# ---- the data source for train.fit ------------------------------------------------------------
+
+class ChatData:
+    """Fine-tuning batches for train.fit: batch(step, micro, rank, world) and val_batches().
+
+    An epoch is a seeded shuffle of the training examples; within windows of BUCKET_BATCHES batches the
+    examples are sorted by length (little padding), then the batches are shuffled. Batch number
+    g = (step * micro_steps + micro) * world + rank runs through the epochs in order, so a batch is a pure
+    function of (seed, step, micro, rank, world). micro_steps is the number of micro-batches per optimizer
+    step; any value gives valid batches, the right one makes consecutive steps use consecutive batches.
+    """
+
+    def __init__(self, train, val, block_size: int, batch_size: int, seed: int = 0, micro_steps: int = 1,
+                 eval_batches: int = 20):
+        if not train or not val:
+            raise ChatDataError(f"need training and validation examples, got {len(train)} and {len(val)}")
+        if any(len(ids) > block_size + 1 for ids, _ in train + val):
+            raise ValueError(f"examples must have at most block_size + 1 = {block_size + 1} tokens")
+        self.train, self.val = train, val
+        self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
+        self.micro_steps, self.eval_batches = micro_steps, eval_batches
+        h = hashlib.sha256()
+        for ids, mask in train + [(np.array([-1], np.int32), np.array([True]))] + val:  # -1 marks the split
+            h.update(ids.tobytes())
+            h.update(np.packbits(mask).tobytes())
+        self.fingerprint = "chat-" + h.hexdigest()[:16]
+        self.batches_per_epoch = max(1, len(train) // batch_size)
+
+    @functools.lru_cache(maxsize=2)
+    def _epoch(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.train))
+        lengths = np.array([len(ids) for ids, _ in self.train])
+        window = self.batch_size * BUCKET_BATCHES
+        for s in range(0, len(order), window):
+            chunk = order[s:s + window]
+            order[s:s + window] = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches = [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(self.batches_per_epoch)]
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def batch(self, step: int, micro: int = 0, rank: int = 0, world: int = 1):
+        g = (step * self.micro_steps + micro) * world + rank
+        rows = self._epoch(g // self.batches_per_epoch)[g % self.batches_per_epoch]
+        return collate([self.train[i] for i in rows], self.block_size)
+
+    @functools.lru_cache(maxsize=1)
+    def val_batches(self):
+        """The first eval_batches * batch_size validation examples (in hash order), sorted by length and batched."""
+        held = sorted(self.val[: self.eval_batches * self.batch_size], key=lambda e: len(e[0]))
+        return [collate(held[i:i + self.batch_size], self.block_size) for i in range(0, len(held), self.batch_size)]
+
+    def stats(self) -> dict:
+        tok = lambda ex: sum(len(ids) for ids, _ in ex)  # noqa: E731
+        trained = lambda ex: sum(int(m[1:].sum()) for _, m in ex)  # noqa: E731
+        return {"train_examples": len(self.train), "val_examples": len(self.val),
+                "train_tokens": tok(self.train), "train_trained_tokens": trained(self.train),
+                "val_tokens": tok(self.val), "val_trained_tokens": trained(self.val)}

@@ -1,0 +1,111 @@
+"""Fine-tune a checkpoint on conversations, with the same training loop as pretraining (train.fit).
+
+  python finetune.py --init checkpoints/pretrain --out checkpoints/chat          # the built-in demo dialogs
+  python finetune.py --init checkpoints/pretrain --out checkpoints/chat \\
+      --data ../shared/data/dialog/sgd/sgd.jsonl.gz ../shared/data/instruct/mix/instruct_mix.jsonl.gz
+  python finetune.py --init hf/gpt2 --data chats.jsonl --out checkpoints/chat --lr 5e-5 --max-steps 3000
+  python finetune.py ... --resume         # continue a stopped run from its newest valid checkpoint
+
+--init is a checkpoint of ours (or a run folder: its best checkpoint) or a Hugging Face GPT-2 directory; the
+model's shape comes from it (of the model fields only --dropout applies, default 0). --data takes chat JSONL
+({"messages": [...]}), ShareGPT ({"conversations": [...]}) or Alpaca ({"instruction", "input", "output"}) files,
+plain or .gz (see chat_data.py); a pattern such as 'dir/*.jsonl.gz' is expanded here too (useful in --config
+files). Only the assistant's tokens are trained on unless --train-on-prompt. A conversation longer than the
+context loses its oldest exchanges (the system message stays); one whose last exchange does not fit is dropped.
+The chat template is stored in every checkpoint (config.json "chat_template"). Every field: --help.
+"""
+
+import glob
+import os
+import sys
+from dataclasses import replace
+
+import torch
+
+import chat_format
+from chat_data import ChatData, ChatDataError, encode, read_files, split
+from checkpoint import CheckpointError, load_checkpoint
+from config import FinetuneConfig, ModelConfig, TrainConfig, cli, to_dict
+from model import GPT
+from train import fit
+
+# Fine-tuning starts from a trained model: a smaller learning rate than pretraining, a short warmup, frequent
+# evals (fit keeps RUN/best by validation loss, so over-fitting a small data set costs nothing).
+FINETUNE_DEFAULTS = dict(out="checkpoints/chat", lr=1e-4, warmup_steps=50, max_steps=1000, eval_every=100,
+                         save_every=500, eval_batches=20, weight_decay=0.0)
+
+
+def conversations(ft: FinetuneConfig):
+    """(train, val, summary): the files' conversations split by content hash, or the demo dialogs' own split."""
+    if not ft.data:
+        import demo_data
+        train, val = demo_data.dialogs("train"), demo_data.dialogs("val")
+        return train, val, {"files": ["(built-in demo dialogs)"], "conversations": len(train) + len(val)}
+    paths = [p for pattern in ft.data for p in (sorted(glob.glob(pattern)) or [pattern])]
+    convs, counts = read_files(paths)
+    train, val = split(convs, ft.val_fraction)
+    return train, val, {**counts, "files": paths}
+
+
+def load_data(ft: FinetuneConfig, cfg: TrainConfig, block_size: int, world: int):
+    """(ChatData, summary) ready for fit."""
+    train, val, summary = conversations(ft)
+    counts = {}
+    train_ex = encode(train, block_size + 1, ft.train_on_prompt, counts)
+    val_ex = encode(val, block_size + 1, ft.train_on_prompt, counts)
+    # micro-batches per optimizer step, as train.fit computes them: consecutive steps then read consecutive batches
+    grad_accum = max(1, cfg.batch_tokens // (cfg.batch_size * block_size * world))
+    data = ChatData(train_ex, val_ex, block_size, cfg.batch_size, cfg.seed, grad_accum, cfg.eval_batches)
+    summary.update(counts, **data.stats())
+    return data, summary
+
+
+def report(summary: dict, cfg: TrainConfig, data: ChatData, world: int) -> None:
+    s = summary
+    skipped = {k: s[k] for k in ("trailing_user_removed", "skipped_no_reply", "skipped_empty") if s.get(k)}
+    print(f"data: {len(s['files'])} file(s), {s['conversations']:,} conversations"
+          + (f" ({', '.join(f'{k} {v:,}' for k, v in skipped.items())})" if skipped else ""))
+    for where in s.get("skipped_where", []):
+        print(f"  skipped: {where}")
+    print(f"  longer than the context: {s['cut']:,} cut at turn boundaries, {s['dropped']:,} dropped")
+    print(f"  train: {s['train_examples']:,} examples, {s['train_tokens']:,} tokens "
+          f"({s['train_trained_tokens']:,} trained on)")
+    print(f"  val:   {s['val_examples']:,} examples, {s['val_tokens']:,} tokens "
+          f"({s['val_trained_tokens']:,} trained on)")
+    epochs = cfg.max_steps * data.micro_steps * world / data.batches_per_epoch
+    print(f"  {cfg.max_steps:,} steps x {data.micro_steps * world} batches of {cfg.batch_size} = {epochs:.2f} epochs")
+
+
+def main(argv: list[str]) -> None:
+    ft, train_cfg, model_cfg = FinetuneConfig(), TrainConfig(**FINETUNE_DEFAULTS), ModelConfig()
+    cli(argv, [ft, train_cfg, model_cfg], usage=__doc__)
+    init = ft.init or train_cfg.init_from
+    if not init:
+        sys.exit("error: --init CHECKPOINT_DIR is required (a checkpoint of ours or a Hugging Face GPT-2 directory)")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    master = int(os.environ.get("RANK", 0)) == 0
+    try:
+        model, init_config, _ = load_checkpoint(init)
+        data, summary = load_data(ft, train_cfg, model.config.block_size, world)
+    except (CheckpointError, ChatDataError) as e:
+        sys.exit(f"error: {e}")
+    if model.config.dropout != model_cfg.dropout:  # dropout is a constructor setting: rebuild with the weights
+        state = model.state_dict()
+        model = GPT(replace(model.config, dropout=model_cfg.dropout))
+        model.load_state_dict(state)
+    if master:
+        print(f"init: {init} ({model.num_params():,} parameters, context {model.config.block_size})")
+        report(summary, train_cfg, data, world)
+    provenance = {"kind": "finetune", "init_from": str(init), "init_provenance": init_config.get("provenance"),
+                  "data_files": summary["files"]}
+    finetune_info = {"files": summary["files"], "train_on_prompt": ft.train_on_prompt,
+                     "val_fraction": ft.val_fraction,
+                     "counts": {k: v for k, v in summary.items() if k not in ("files", "skipped_where")}}
+    torch.manual_seed(train_cfg.seed)
+    fit(model, train_cfg, data, provenance,
+        extra_config={"chat_template": chat_format.JINJA_TEMPLATE, "finetune": finetune_info,
+                      "train": to_dict(train_cfg)})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
