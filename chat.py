@@ -1,0 +1,170 @@
+"""Chat in the terminal, with a checkpoint loaded here or with a running serve.py.
+
+  python chat.py --checkpoint checkpoints/chat
+  python chat.py --url http://127.0.0.1:8000 [--api-key KEY]     (the key also from $PARLEY_API_KEY)
+
+Replies stream as they are generated. Commands: /reset (forget the conversation), /system TEXT (set the
+system message; /system alone clears it), /quit. With --checkpoint the oldest turns are dropped when the
+conversation outgrows the context; a server never truncates, it answers with an error (then /reset).
+--url needs only the standard library (no torch).
+"""
+
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+from config import cli
+
+
+@dataclass
+class ChatConfig:
+    checkpoint: str = ""  # a checkpoint (or run folder) to load here
+    url: str = ""  # or a running serve.py, e.g. http://127.0.0.1:8000
+    api_key: str = ""
+    system: str = ""
+    temperature: float = 0.8  # 0 = greedy
+    top_p: float = 0.95
+    top_k: int = 0
+    max_tokens: int = 0  # per reply; 0 = as many as fit the context
+    seed: int = -1  # -1 = a different sample every time
+    device: str = "auto"
+    timeout: float = 300.0  # seconds to wait for a server
+
+
+class ChatError(RuntimeError):
+    pass
+
+
+def local_replier(cfg: ChatConfig):
+    """reply(system, messages) streaming text pieces from the model, with the chat template and a KV cache."""
+    import torch
+    from checkpoint import load_checkpoint
+    from model import KVCache, sample
+    from serve import STOP_IDS, TextStream, fit_conversation, resolve_device
+
+    model, _, _ = load_checkpoint(cfg.checkpoint, device=resolve_device(cfg.device))
+    model.eval()
+    block, device = model.config.block_size, model.wte.weight.device
+    generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed >= 0 else None
+
+    def reply(system: str, messages: list[dict]):
+        conversation = ([{"role": "system", "content": system}] if system else []) + messages
+        prompt, _, dropped = fit_conversation(conversation, cfg.max_tokens or min(256, block // 4), block)
+        if dropped:
+            del messages[:dropped]
+            print(f"[dropped the {dropped} oldest messages to fit the context of {block} tokens]", flush=True)
+        if len(prompt) >= block:
+            raise ChatError(f"the message is too long: {len(prompt)} tokens for a context of {block}")
+        max_new = min(cfg.max_tokens or block, block - len(prompt))
+        cache = KVCache(model.config, 1, len(prompt) + max_new, device, model.wte.weight.dtype)
+        rows = torch.zeros(1, dtype=torch.long, device=device)
+        logits = model.step_logits(cache, rows, [prompt])
+        text = TextStream([])
+        for i in range(max_new):
+            token = int(sample(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator))
+            if token in STOP_IDS:
+                break
+            yield text.push(token)
+            if i + 1 < max_new:
+                logits = model.step_logits(cache, rows, [[token]])
+        yield text.finish()
+
+    return reply
+
+
+def remote_replier(cfg: ChatConfig):
+    """reply(system, messages) streaming text pieces from a server's /v1/chat/completions (server-sent events)."""
+    url = cfg.url.rstrip("/") + "/v1/chat/completions"
+    headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+    if cfg.api_key:
+        headers["Authorization"] = f"Bearer {cfg.api_key}"
+
+    def reply(system: str, messages: list[dict]):
+        body = {"messages": ([{"role": "system", "content": system}] if system else []) + messages, "stream": True,
+                "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k}
+        if cfg.max_tokens:
+            body["max_tokens"] = cfg.max_tokens
+        if cfg.seed >= 0:
+            body["seed"] = cfg.seed
+        request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=cfg.timeout) as response:
+                for line in response:  # one event per `data:` line; each is a whole JSON object
+                    line = line.decode("utf-8").strip()
+                    if not line.startswith("data: "):
+                        continue
+                    if line == "data: [DONE]":
+                        return
+                    chunk = json.loads(line[len("data: "):])
+                    if "error" in chunk:
+                        raise ChatError(chunk["error"].get("message", "error"))
+                    for choice in chunk["choices"]:
+                        yield choice.get("delta", {}).get("content") or ""
+        except urllib.error.HTTPError as e:
+            try:
+                message = json.loads(e.read())["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = e.reason
+            raise ChatError(f"{e.code}: {message}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise ChatError(f"cannot reach {cfg.url}: {getattr(e, 'reason', e)}") from None
+
+    return reply
+
+
+def main(argv: list[str]) -> None:
+    cfg = ChatConfig()
+    cli(argv, [cfg], usage=__doc__)
+    cfg.api_key = cfg.api_key or os.environ.get("PARLEY_API_KEY", "")
+    if bool(cfg.checkpoint) == bool(cfg.url):
+        sys.exit("error: give either --checkpoint DIR or --url http://HOST:PORT (see --help)")
+    if cfg.url:
+        reply = remote_replier(cfg)
+    else:
+        from checkpoint import CheckpointError
+        try:
+            reply = local_replier(cfg)
+        except CheckpointError as e:
+            sys.exit(f"error: {e}")
+    system, messages = cfg.system, []
+    print("parley chat: /reset, /system TEXT, /quit", flush=True)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            break
+        if not line:
+            continue
+        if line == "/quit":
+            break
+        if line == "/reset":
+            messages = []
+            print("[conversation cleared]", flush=True)
+            continue
+        if line == "/system" or line.startswith("/system "):
+            system = line[len("/system"):].strip()
+            print(f"[system message {'set' if system else 'cleared'}]", flush=True)
+            continue
+        messages.append({"role": "user", "content": line})
+        print("bot> ", end="", flush=True)
+        pieces = []
+        try:
+            for piece in reply(system, messages):
+                print(piece, end="", flush=True)
+                pieces.append(piece)
+        except ChatError as e:
+            print(f"\n[error: {e}]", flush=True)
+            messages.pop()  # the turn did not happen
+            continue
+        except KeyboardInterrupt:
+            print(" [interrupted]", end="")
+        print(flush=True)
+        messages.append({"role": "assistant", "content": "".join(pieces)})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,837 @@
+"""Serve a checkpoint behind an OpenAI-compatible HTTP API, with continuous batching.
+
+  python serve.py --checkpoint checkpoints/chat [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+
+Routes: POST /v1/chat/completions and /v1/completions (OpenAI shape, streaming as server-sent events),
+GET /v1/models, POST /tokenize, POST /chat (a conversation kept on the server, for curl), GET /health
+(liveness), GET /ready (503 until the warm-up generation is done), GET /metrics (Prometheus text) and
+GET / (a single-page web chat, web/chat.html).
+
+How it works: one engine thread owns the model and a KV cache of `max_batch` rows. Requests wait in a
+bounded queue (full: 429 with Retry-After). Between decode steps the engine prefills waiting requests
+into free rows, then every decode step runs one forward over all active rows, each row at its own
+position, and samples each row with its own parameters and seed. Text goes back to the request's
+asyncio task token by token; a client that goes away (or a request past its deadline) frees its row
+at the next step. Generation never runs on the event loop, so /health answers while the model works.
+"""
+
+import asyncio
+import codecs
+import collections
+import hmac
+import json
+import logging
+import os
+import sys
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from chat_format import ASSISTANT, ChatFormatError, render, validate
+from config import ServeConfig, cli
+from model import KVCache, sample
+from tokenizer import EOT_ID, N_VOCAB, decode, decode_bytes, encode
+
+log = logging.getLogger("parley.serve")
+WEB_PAGE = Path(__file__).resolve().parent / "web" / "chat.html"
+# Any special token (<|endoftext|>, <|system|>, <|user|>, <|assistant|>, <|end|>) ends a reply.
+STOP_IDS = frozenset(range(EOT_ID, N_VOCAB))
+
+
+# ---- errors: one shape for every 4xx/5xx ------------------------------------------------------
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None, code=None,
+                 headers=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code, self.headers = \
+            status, message, type_, param, code, headers
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.type, self.param, self.code, self.headers)
+
+
+def error_response(status, message, type_="invalid_request_error", param=None, code=None, headers=None):
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def context_error(prompt_tokens: int, max_tokens: int, block_size: int) -> ApiError:
+    return ApiError(400, f"This model's maximum context length is {block_size} tokens. However, you requested "
+                         f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the "
+                         "completion). Shorten the prompt or lower max_tokens.",
+                    param="messages", code="context_length_exceeded")
+
+
+# ---- text out: incremental UTF-8 decoding and stop strings ------------------------------------
+
+class TextStream:
+    """Token ids in, text out, for one generated sequence.
+
+    GPT-2's byte-level BPE splits many characters (emoji, CJK) over several tokens, so each token's bytes
+    (tokenizer.decode_bytes) go through an incremental UTF-8 decoder, which holds back an incomplete
+    multi-byte sequence until its last byte arrives. Text that could be the start of a stop string is held
+    back too, so a stop string is never sent, not even in part.
+    """
+
+    def __init__(self, stop: list[str]):
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stop = stop
+        self.pending = ""
+        self.stopped = False  # a stop string was found: nothing more comes out
+
+    def push(self, token: int) -> str:
+        return self._feed(self.decoder.decode(decode_bytes([token])))
+
+    def finish(self) -> str:
+        """The rest of the text: an incomplete character at the very end becomes U+FFFD."""
+        out = self._feed(self.decoder.decode(b"", final=True))
+        if not self.stopped:
+            out, self.pending = out + self.pending, ""
+        return out
+
+    def _feed(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self.pending = self.pending[: min(hits)], ""
+            return out
+        hold = max((k for s in self.stop for k in range(min(len(s) - 1, len(self.pending)), 0, -1)
+                    if self.pending.endswith(s[:k])), default=0)
+        out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold:]
+        return out
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+
+class Histogram:
+    def __init__(self, buckets):
+        self.buckets, self.counts, self.sum, self.count = list(buckets), [0] * len(buckets), 0.0, 0
+
+    def observe(self, v: float):
+        self.sum, self.count = self.sum + v, self.count + 1
+        for i, b in enumerate(self.buckets):
+            if v <= b:
+                self.counts[i] += 1
+
+    def lines(self, name: str) -> list[str]:
+        out = [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
+        return out + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6f}", f"{name}_count {self.count}"]
+
+
+class Metrics:
+    """Counters for /metrics, updated from the event loop and the engine thread (hence the lock)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests = collections.Counter()  # (route, status) -> count
+        self.prompt_tokens = self.completion_tokens = self.cancelled = 0
+        self.ttft = Histogram([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30])
+        self.tpot = Histogram([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1])
+
+    def add(self, **counts):
+        with self.lock:
+            for k, v in counts.items():
+                setattr(self, k, getattr(self, k) + v)
+
+    def render(self, queue_depth: int, active: int, max_batch: int) -> str:
+        with self.lock:
+            lines = ["# HELP parley_requests_total HTTP requests by route and status.", "# TYPE parley_requests_total counter"]
+            lines += [f'parley_requests_total{{route="{r}",status="{s}"}} {n}' for (r, s), n in sorted(self.requests.items())]
+            lines += ["# HELP parley_errors_total HTTP responses with status >= 400.", "# TYPE parley_errors_total counter"]
+            errors = collections.Counter()
+            for (_, s), n in self.requests.items():
+                if s >= 400:
+                    errors[s] += n
+            lines += [f'parley_errors_total{{status="{s}"}} {n}' for s, n in sorted(errors.items())]
+            lines += ["# TYPE parley_prompt_tokens_total counter", f"parley_prompt_tokens_total {self.prompt_tokens}",
+                      "# TYPE parley_completion_tokens_total counter", f"parley_completion_tokens_total {self.completion_tokens}",
+                      "# HELP parley_cancelled_total Generations stopped because the client went away or timed out.",
+                      "# TYPE parley_cancelled_total counter", f"parley_cancelled_total {self.cancelled}",
+                      "# HELP parley_time_to_first_token_seconds From arrival to the first generated token.",
+                      "# TYPE parley_time_to_first_token_seconds histogram", *self.ttft.lines("parley_time_to_first_token_seconds"),
+                      "# HELP parley_time_per_output_token_seconds Mean time between tokens after the first, per request.",
+                      "# TYPE parley_time_per_output_token_seconds histogram", *self.tpot.lines("parley_time_per_output_token_seconds"),
+                      "# TYPE parley_queue_depth gauge", f"parley_queue_depth {queue_depth}",
+                      "# TYPE parley_active_sequences gauge", f"parley_active_sequences {active}",
+                      "# TYPE parley_batch_slots gauge", f"parley_batch_slots {max_batch}"]
+        return "\n".join(lines) + "\n"
+
+
+class MetricsMiddleware:
+    """Counts responses by route and status (plain ASGI, so streaming and disconnects pass through untouched)."""
+
+    def __init__(self, app, metrics: Metrics, routes: set[str]):
+        self.app, self.metrics, self.routes = app, metrics, routes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in self.routes else "other"
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                with self.metrics.lock:
+                    self.metrics.requests[(route, message["status"])] += 1
+            await send(message)
+
+        await self.app(scope, receive, send_counted)
+
+
+# ---- the engine: continuous batching on one thread -------------------------------------------
+
+@dataclass
+class Params:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple = ()
+    seed: int | None = None
+
+
+class Sequence:
+    """One choice being generated. `emit` hands an event to the request's task (thread-safe)."""
+
+    def __init__(self, prompt: list[int], params: Params, index: int, emit, deadline: float, device):
+        self.prompt, self.params, self.index, self.emit, self.deadline = prompt, params, index, emit, deadline
+        # Each choice samples from its own generator, so a seeded request gives the same text whatever else
+        # shares the batch. Choice i of a request with seed s uses seed s + i.
+        self.generator = None
+        if params.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed((params.seed + index) % 2**64)
+        self.text = TextStream(list(params.stop))
+        self.row, self.last, self.n_tokens = None, None, 0
+        self.cancelled = False  # set from the event loop when the client goes away
+        self.arrived, self.first_token_at = time.monotonic(), None
+
+
+class Engine:
+    def __init__(self, model, max_batch: int, max_queue: int, metrics: Metrics):
+        self.model, self.max_queue, self.metrics = model, max_queue, metrics
+        self.device = model.wte.weight.device
+        self.cache = KVCache(model.config, max_batch, model.config.block_size, self.device, model.wte.weight.dtype)
+        self.free = list(range(max_batch - 1, -1, -1))
+        self.active: dict[int, Sequence] = {}  # row -> sequence; touched only by the engine thread
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="parley-engine", daemon=True)
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        with self.cond:
+            if len(self.waiting) + len(seqs) > self.max_queue:
+                raise ApiError(429, f"the server is busy ({len(self.waiting)} requests waiting); retry shortly",
+                               "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+            self.waiting.extend(seqs)
+            self.cond.notify()
+
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        self.thread.join(timeout=10)
+
+    def _run(self):
+        self.model.eval()
+        while True:
+            with self.cond:
+                while not self.waiting and not self.active and not self.stopping:
+                    self.cond.wait()
+                if self.stopping:
+                    break
+                self._drop_gone()
+                new = [self.waiting.popleft() for _ in range(min(len(self.free), len(self.waiting)))]
+            try:
+                if new:
+                    self._prefill(new)
+                if self.active:
+                    self._decode()
+            except Exception:  # a bug or out-of-memory fails the requests involved, never the server
+                log.exception("engine step failed")
+                for seq in {*new, *self.active.values()}:
+                    seq.emit(("error", seq.index, 500, "internal error during generation", "server_error"))
+                    self._release(seq)
+        for seq in list(self.waiting) + list(self.active.values()):
+            seq.emit(("error", seq.index, 503, "the server is shutting down", "server_error"))
+
+    def _drop_gone(self):
+        """Free rows and queue places of clients that went away or ran past their deadline (lock held)."""
+        now = time.monotonic()
+        for seq in list(self.active.values()) + list(self.waiting):
+            if seq.cancelled or now > seq.deadline:
+                if not seq.cancelled:
+                    seq.emit(("error", seq.index, 504, "the request ran past its deadline (request_timeout)", "timeout"))
+                self.metrics.add(cancelled=1)
+                if seq.row is None:
+                    self.waiting.remove(seq)
+                else:
+                    self._release(seq)
+
+    def _release(self, seq: Sequence):
+        if seq.row is not None:
+            self.active.pop(seq.row, None)
+            self.free.append(seq.row)
+            seq.row = None
+
+    def _prefill(self, seqs: list[Sequence]):
+        for seq in seqs:
+            seq.row = self.free.pop()
+        rows = torch.tensor([s.row for s in seqs], device=self.device)
+        self.cache.lengths[rows] = 0
+        logits = self.model.step_logits(self.cache, rows, [s.prompt for s in seqs])
+        self.metrics.add(prompt_tokens=sum(len(s.prompt) for s in seqs))
+        for seq in seqs:
+            self.active[seq.row] = seq
+        self._advance(seqs, logits)
+
+    def _decode(self):
+        seqs = list(self.active.values())
+        rows = torch.tensor([s.row for s in seqs], device=self.device)
+        self._advance(seqs, self.model.step_logits(self.cache, rows, [[s.last] for s in seqs]))
+
+    def _sample(self, seqs: list[Sequence], logits) -> list[int]:
+        tokens = [0] * len(seqs)
+        greedy = [i for i, s in enumerate(seqs) if s.params.temperature == 0]
+        if greedy:
+            for i, t in zip(greedy, sample(logits[greedy], 0).tolist()):
+                tokens[i] = t
+        for i, s in enumerate(seqs):
+            if s.params.temperature > 0:
+                p = s.params
+                tokens[i] = int(sample(logits[i: i + 1], p.temperature, p.top_k, p.top_p, s.generator))
+        return tokens
+
+    def _advance(self, seqs: list[Sequence], logits):
+        now = time.monotonic()
+        for seq, tok in zip(seqs, self._sample(seqs, logits)):
+            seq.n_tokens += 1
+            seq.last = tok
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+                with self.metrics.lock:
+                    self.metrics.ttft.observe(now - seq.arrived)
+            if tok in STOP_IDS:
+                reason, text = "stop", seq.text.finish()
+            else:
+                text = seq.text.push(tok)
+                reason = "stop" if seq.text.stopped else "length" if seq.n_tokens >= seq.params.max_tokens else None
+                if reason == "length":
+                    text += seq.text.finish()
+            if text:
+                seq.emit(("text", seq.index, text))
+            if reason:
+                seq.emit(("done", seq.index, reason, seq.n_tokens))
+                if seq.n_tokens > 1:
+                    with self.metrics.lock:
+                        self.metrics.tpot.observe((now - seq.first_token_at) / (seq.n_tokens - 1))
+                self._release(seq)
+        self.metrics.add(completion_tokens=len(seqs))
+
+
+class Job:
+    """A request's choices on the event-loop side: submits them and receives their events."""
+
+    def __init__(self, engine: Engine, prompt: list[int], params: Params, n: int, timeout: float):
+        loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
+
+        def emit(event):
+            try:
+                loop.call_soon_threadsafe(self.events.put_nowait, event)
+            except RuntimeError:  # the loop is closed: the server is shutting down
+                pass
+
+        deadline = time.monotonic() + timeout
+        self.engine = engine
+        self.prompt_tokens = len(prompt)
+        self.seqs = [Sequence(prompt, params, i, emit, deadline, engine.device) for i in range(n)]
+        self.open = n  # choices not finished yet
+        engine.submit(self.seqs)
+
+    async def next(self):
+        """The next event: ("text", i, str) or ("done", i, finish_reason, tokens); raises ApiError on error."""
+        event = await self.events.get()
+        if event[0] == "error":
+            self.cancel()
+            _, _, status, message, code = event
+            raise ApiError(status, message, "server_error", code=code)
+        if event[0] == "done":
+            self.open -= 1
+        return event
+
+    def cancel(self):
+        if self.open:
+            for seq in self.seqs:
+                seq.cancelled = True
+            with self.engine.cond:
+                self.engine.cond.notify()
+
+    async def collect(self, request: Request | None):
+        """Wait for the whole result; a client that disconnects meanwhile cancels it."""
+        texts, reasons, tokens = [""] * len(self.seqs), [None] * len(self.seqs), [0] * len(self.seqs)
+
+        async def gather():
+            while self.open:
+                event = await self.next()
+                if event[0] == "text":
+                    texts[event[1]] += event[2]
+                else:
+                    reasons[event[1]], tokens[event[1]] = event[2], event[3]
+
+        async def disconnected():
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.05)
+
+        work = asyncio.ensure_future(gather())
+        watch = asyncio.ensure_future(disconnected()) if request is not None else None
+        try:
+            await asyncio.wait([t for t in (work, watch) if t], return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                raise ApiError(499, "client disconnected", code="client_disconnected")
+            work.result()
+            return texts, reasons, tokens
+        finally:
+            self.cancel()
+            work.cancel()
+            if watch:
+                watch.cancel()
+
+
+# ---- request schemas --------------------------------------------------------------------------
+
+class Strict(BaseModel):
+    # Strict types: "5" is not an int, true is not 1; unknown fields are ignored (clients send many).
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class Sampling(Strict):
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-2**63, le=2**64 - 1)
+    n: int | None = Field(None, ge=1)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    # Accepted only at their neutral values: the server does not implement them, and says so.
+    logprobs: bool | None = None
+    frequency_penalty: float | None = Field(None, allow_inf_nan=False)
+    presence_penalty: float | None = Field(None, allow_inf_nan=False)
+    tools: list | None = None
+
+
+class ChatCompletionRequest(Sampling):
+    messages: list[Message]
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str]
+
+
+class ChatRequest(Strict):
+    message: str
+    session_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+    system: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=-2**63, le=2**64 - 1)
+
+
+class TokenizeRequest(Strict):
+    text: str | None = None
+    messages: list[Message] | None = None
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def read_json(request: Request, schema: type[BaseModel], max_bytes: int):
+    """The body parsed and validated; 413 past max_bytes, 400 for anything malformed."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > max_bytes:
+        raise ApiError(413, f"request body of {length} bytes is over the limit of {max_bytes}", code="body_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise ApiError(413, f"request body is over the limit of {max_bytes} bytes", code="body_too_large")
+    try:
+        obj = json.loads(bytes(body), parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        raise ApiError(400, f"the body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+    try:
+        return schema.model_validate(obj)
+    except ValidationError as e:
+        raise validation_error(e.errors()) from None
+
+
+def validation_error(errors) -> ApiError:
+    first = errors[0]
+    param = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body",)) or None
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return ApiError(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}{more}", param=param,
+                    code="invalid_value")
+
+
+def text_of(m: Message) -> str:
+    return m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
+
+
+# ---- /chat sessions -----------------------------------------------------------------------------
+
+def fit_conversation(messages: list[dict], reserve: int, block_size: int):
+    """(prompt ids, messages kept, number dropped): the oldest turns after the system message are dropped
+    until the rendered prompt plus `reserve` tokens for the reply fits the context."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    dropped = 0
+    while True:
+        ids, _ = render(system + turns, add_generation_prompt=True)
+        if len(ids) + reserve <= block_size or len(turns) <= 1:
+            return ids, system + turns, dropped
+        turns, dropped = turns[2:], dropped + 2  # a user turn and its reply go together
+
+
+class Sessions:
+    """Conversations of /chat: at most max_sessions, each forgotten `ttl` seconds after its last use."""
+
+    def __init__(self, max_sessions: int, ttl: float):
+        self.max, self.ttl = max_sessions, ttl
+        self.items: collections.OrderedDict[str, dict] = collections.OrderedDict()
+
+    def get(self, session_id: str | None) -> tuple[str, dict, bool]:
+        now = time.monotonic()
+        while self.items and next(iter(self.items.values()))["used"] < now - self.ttl:
+            self.items.popitem(last=False)
+        created = session_id is None or session_id not in self.items
+        session_id = session_id or uuid.uuid4().hex
+        if created:
+            self.items[session_id] = {"messages": [], "lock": asyncio.Lock(), "used": now}
+            while len(self.items) > self.max:
+                self.items.popitem(last=False)
+        session = self.items[session_id]
+        session["used"] = now
+        self.items.move_to_end(session_id)
+        return session_id, session, created
+
+
+# ---- the app ------------------------------------------------------------------------------------
+
+def resolve_device(name: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def create_app(cfg: ServeConfig, model=None) -> FastAPI:
+    """The FastAPI app; `model` (a GPT) is loaded from cfg.checkpoint when not given."""
+    if model is None:
+        from checkpoint import load_checkpoint
+        model, _, _ = load_checkpoint(cfg.checkpoint, device=resolve_device(cfg.device))
+    model.eval()
+    block = model.config.block_size
+    model_id = Path(cfg.checkpoint).name or "parley"
+    created_at = int(time.time())
+    metrics = Metrics()
+    engine = Engine(model, cfg.max_batch, cfg.max_queue, metrics)
+    sessions = Sessions(cfg.max_sessions, cfg.session_ttl)
+    state = {"ready": False}
+
+    async def warm_up():
+        try:
+            job = Job(engine, [ASSISTANT], Params(max_tokens=2, temperature=0), 1, cfg.request_timeout)
+            await job.collect(None)
+            state["ready"] = True
+            log.info("ready: %s (%s parameters, context %d, batch %d) on %s", model_id, f"{model.num_params():,}",
+                     block, cfg.max_batch, engine.device)
+        except Exception:
+            log.exception("warm-up failed; /ready stays 503")
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.thread.start()
+        warm = asyncio.ensure_future(warm_up())
+        yield
+        warm.cancel()
+        engine.stop()
+
+    app = FastAPI(title="parley", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    async def check_key(request: Request):
+        if not cfg.api_key:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), cfg.api_key.encode()):
+            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                           "authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    api = APIRouter(dependencies=[Depends(check_key)])
+
+    # -- errors: the one shape, and never a stack trace
+    @app.exception_handler(ApiError)
+    async def on_api_error(request, exc: ApiError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request, exc: RequestValidationError):
+        return validation_error(exc.errors() or [{"msg": "invalid request"}]).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request, exc: StarletteHTTPException):
+        kind = "not_found" if exc.status_code == 404 else "method_not_allowed" if exc.status_code == 405 else None
+        return error_response(exc.status_code, str(exc.detail), code=kind, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def on_crash(request, exc: Exception):
+        log.error("unhandled error on %s", request.url.path, exc_info=exc)
+        return error_response(500, "internal server error", "server_error", code="internal_error")
+
+    # -- shared request handling
+    def sampling(body: Sampling | ChatRequest, prompt_tokens: int, max_tokens: int | None, stop=()) -> Params:
+        if max_tokens is None:
+            if prompt_tokens >= block:
+                raise context_error(prompt_tokens, 1, block)
+            max_tokens = min(block - prompt_tokens, cfg.max_tokens_cap)
+        elif max_tokens > cfg.max_tokens_cap:
+            raise ApiError(400, f"max_tokens {max_tokens} is over this server's cap of {cfg.max_tokens_cap}",
+                           param="max_tokens", code="invalid_value")
+        elif prompt_tokens + max_tokens > block:
+            raise context_error(prompt_tokens, max_tokens, block)
+        temperature = 1.0 if body.temperature is None else body.temperature
+        return Params(max_tokens, temperature, body.top_p or 1.0, body.top_k or 0, tuple(stop), body.seed)
+
+    def check_sampling(body: Sampling) -> tuple[int, list[str]]:
+        unsupported = [name for name, value in (("logprobs", body.logprobs), ("tools", body.tools),
+                                                ("frequency_penalty", body.frequency_penalty),
+                                                ("presence_penalty", body.presence_penalty)) if value]
+        if unsupported:
+            raise ApiError(400, f"{unsupported[0]} is not supported by this server", param=unsupported[0],
+                           code="unsupported_parameter")
+        n = body.n or 1
+        if n > cfg.max_n:
+            raise ApiError(400, f"n={n} is over this server's limit of {cfg.max_n}", param="n", code="invalid_value")
+        stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+        if len(stop) > 4 or any(not s for s in stop):
+            raise ApiError(400, "stop must be a non-empty string or a list of up to 4 non-empty strings",
+                           param="stop", code="invalid_value")
+        if body.max_tokens is not None and body.max_completion_tokens is not None \
+                and body.max_tokens != body.max_completion_tokens:
+            raise ApiError(400, "max_tokens and max_completion_tokens disagree; send one", param="max_tokens",
+                           code="invalid_value")
+        return n, stop
+
+    async def generate(request: Request, body: Sampling, prompt: list[int], chat: bool):
+        n, stop = check_sampling(body)
+        params = sampling(body, len(prompt), body.max_completion_tokens or body.max_tokens, stop)
+        if cfg.log_prompts:
+            log.info("prompt (%d tokens): %r", len(prompt), decode(prompt))
+        job = Job(engine, prompt, params, n, cfg.request_timeout)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": model_id}
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(stream(job, head, chat, include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        texts, reasons, tokens = await job.collect(request)
+        if chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
+                        "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
+        else:
+            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
+                       for i, (t, r) in enumerate(zip(texts, reasons))]
+        return {**head, "choices": choices, "usage": usage(len(prompt), sum(tokens))}
+
+    def usage(prompt_tokens, completion_tokens):
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    async def stream(job: Job, head: dict, chat: bool, include_usage: bool):
+        """Server-sent events; when the client goes away Starlette cancels this generator, which cancels the job."""
+        head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+        extra = {"usage": None} if include_usage else {}
+
+        def chunk(i, content=None, finish=None, role=False):
+            if chat:
+                delta = {"role": "assistant", "content": ""} if role else {} if content is None else {"content": content}
+                choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": i, "text": content or "", "logprobs": None, "finish_reason": finish}
+            return f"data: {json.dumps({**head, 'choices': [choice], **extra}, ensure_ascii=False)}\n\n"
+
+        completion_tokens = 0
+        try:
+            if chat:
+                for seq in job.seqs:
+                    yield chunk(seq.index, role=True)
+            while job.open:
+                try:
+                    event = await job.next()
+                except ApiError as e:  # the status line has gone out: the error travels as an event
+                    error = {"message": e.message, "type": e.type, "param": None, "code": e.code}
+                    yield f"data: {json.dumps({'error': error})}\n\n"
+                    break
+                if event[0] == "text":
+                    yield chunk(event[1], content=event[2])
+                else:
+                    completion_tokens += event[3]
+                    yield chunk(event[1], finish=event[2])
+            if include_usage and not job.open:
+                yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage(job.prompt_tokens, completion_tokens)})}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel()
+
+    # -- routes
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(WEB_PAGE.read_text(encoding="utf-8"))
+
+    @api.get("/ready")
+    async def ready():
+        if not state["ready"]:
+            raise ApiError(503, "warming up", "server_error", code="not_ready", headers={"Retry-After": "1"})
+        return {"status": "ready", "model": model_id}
+
+    @api.get("/metrics", response_class=PlainTextResponse)
+    async def metrics_text():
+        return PlainTextResponse(metrics.render(engine.queue_depth(), len(engine.active), cfg.max_batch),
+                                 media_type="text/plain; version=0.0.4")
+
+    @api.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created_at,
+                                            "owned_by": "parley", "context_length": block}]}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_json(request, ChatCompletionRequest, cfg.max_body_bytes)
+        messages = [{"role": m.role, "content": text_of(m)} for m in body.messages]
+        try:
+            validate(messages, "messages")
+        except ChatFormatError as e:
+            raise ApiError(400, str(e), param="messages", code="invalid_value") from None
+        if messages[-1]["role"] != "user":
+            raise ApiError(400, "messages: the last message must be from the user", param="messages",
+                           code="invalid_value")
+        prompt, _ = render(messages, add_generation_prompt=True)
+        return await generate(request, body, prompt, chat=True)
+
+    @api.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_json(request, CompletionRequest, cfg.max_body_bytes)
+        if isinstance(body.prompt, list) and len(body.prompt) != 1:
+            raise ApiError(400, "prompt: send one string (a list of exactly one string is accepted too)",
+                           param="prompt", code="invalid_value")
+        text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+        if not text:
+            raise ApiError(400, "prompt: must not be empty", param="prompt", code="invalid_value")
+        return await generate(request, body, encode(text), chat=False)
+
+    @api.post("/tokenize")
+    async def tokenize(request: Request):
+        body = await read_json(request, TokenizeRequest, cfg.max_body_bytes)
+        if (body.text is None) == (body.messages is None):
+            raise ApiError(400, "send either 'text' or 'messages'", param="text", code="invalid_value")
+        if body.text is not None:
+            ids = encode(body.text)
+        else:
+            try:
+                ids, _ = render([{"role": m.role, "content": text_of(m)} for m in body.messages],
+                                add_generation_prompt=True)
+            except ChatFormatError as e:
+                raise ApiError(400, str(e), param="messages", code="invalid_value") from None
+        return {"tokens": ids, "count": len(ids), "max_context": block}
+
+    @api.post("/chat")
+    async def chat(request: Request):
+        body = await read_json(request, ChatRequest, cfg.max_body_bytes)
+        if not body.message:
+            raise ApiError(400, "message: must not be empty", param="message", code="invalid_value")
+        session_id, session, created = sessions.get(body.session_id)
+        async with session["lock"]:  # one turn at a time per conversation
+            history = session["messages"]
+            if body.system is not None:
+                history = ([{"role": "system", "content": body.system}] if body.system else []) + \
+                          [m for m in history if m["role"] != "system"]
+            reserve = body.max_tokens or min(cfg.max_tokens_cap, block // 4)
+            prompt, kept, dropped = fit_conversation(history + [{"role": "user", "content": body.message}],
+                                                     reserve, block)
+            params = sampling(body, len(prompt), body.max_tokens)
+            job = Job(engine, prompt, params, 1, cfg.request_timeout)
+            (reply,), (reason,), (tokens,) = await job.collect(request)
+            session["messages"] = kept + [{"role": "assistant", "content": reply}]
+        return {"session_id": session_id, "new_session": created, "reply": reply, "finish_reason": reason,
+                "dropped_messages": dropped, "usage": usage(len(prompt), tokens)}
+
+    app.include_router(api)
+    if cfg.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    routes = {getattr(r, "path", None) for r in [*app.routes, *api.routes]}
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=routes)
+    app.state.engine, app.state.sessions = engine, sessions
+    return app
+
+
+def main(argv: list[str]) -> None:
+    cfg = ServeConfig()
+    cli(argv, [cfg], usage=__doc__)
+    cfg.api_key = cfg.api_key or os.environ.get("PARLEY_API_KEY", "")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
+        log.warning("listening on %s without an API key: anyone who can reach this port can use the model", cfg.host)
+    from checkpoint import CheckpointError
+    try:
+        app = create_app(cfg)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    import uvicorn
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
