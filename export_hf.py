@@ -2,10 +2,12 @@
 
 The result loads with transformers' GPT2LMHeadModel.from_pretrained(OUT_DIR) and gives the same logits.
 The vocabulary keeps our padded size (50304), so the chat special tokens 50257-50260 survive the trip.
+tokenizer_config.json carries the chat template (Jinja), so Hugging Face tools render the same prompts.
 """
 
 import sys
 
+from chat_format import JINJA_TEMPLATE
 from checkpoint import CheckpointError, export_hf, load_checkpoint
 
 
@@ -16,7 +18,7 @@ def main(argv: list[str]) -> None:
         model, _, _ = load_checkpoint(argv[0])
     except CheckpointError as e:
         sys.exit(f"error: {e}")
-    out = export_hf(model, argv[1])
+    out = export_hf(model, argv[1], extra_files={"tokenizer_config.json": {"chat_template": JINJA_TEMPLATE}})
     print(f"exported {argv[0]} -> {out} (load with GPT2LMHeadModel.from_pretrained('{out}'))")
 
 

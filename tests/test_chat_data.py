@@ -1,0 +1,305 @@
+"""Reading chat/ShareGPT/Alpaca files, their errors, cutting to the context, batches, and finetune.py end to end."""
+
+import gzip
+import json
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import finetune
+from chat_data import ChatData, ChatDataError, collate, encode, fit_context, read_file, read_files, split
+from chat_format import ASSISTANT, END, SYSTEM, USER, render
+from checkpoint import load_checkpoint, save_checkpoint
+from conftest import SHARED_DATA
+from tokenizer import EOT_ID, decode, encode as tok
+
+U, A, S = "user", "assistant", "system"
+
+
+def msg(role, content):
+    return {"role": role, "content": content}
+
+
+def write(path, records, as_array=False, gz=False):
+    text = json.dumps(records, indent=2) if as_array else "".join(json.dumps(r) + "\n" for r in records)
+    if gz:
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def exchanges(n, start=0):
+    return [m for i in range(start, start + n) for m in (msg(U, f"question {i}"), msg(A, f"answer {i}"))]
+
+
+# ---- formats ------------------------------------------------------------------------------------
+
+def test_chat_jsonl_plain_and_gz(tmp_path):
+    convs = [[msg(S, "Be kind."), msg(U, "Hi"), msg(A, "Hello!")], [msg(U, "2+2?"), msg(A, "4")]]
+    records = [{"messages": [{**m, "name": "x"} for m in c], "id": i} for i, c in enumerate(convs)]  # extra keys ignored
+    assert read_file(write(tmp_path / "c.jsonl", records)) == convs
+    assert read_file(write(tmp_path / "c.jsonl.gz", records, gz=True)) == convs
+
+
+def test_sharegpt_jsonl_and_array(tmp_path):
+    record = {"id": "a", "conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Hi"},
+                                           {"from": "gpt", "value": "Yo"}, {"from": "user", "value": "Q"},
+                                           {"from": "ChatGPT", "value": "R"}]}
+    expected = [[msg(S, "S"), msg(U, "Hi"), msg(A, "Yo"), msg(U, "Q"), msg(A, "R")]]
+    assert read_file(write(tmp_path / "s.jsonl", [record])) == expected
+    assert read_file(write(tmp_path / "s.json", [record], as_array=True)) == expected
+
+
+def test_alpaca_variants(tmp_path):
+    records = [{"instruction": "Add.", "input": "2 and 3", "output": "5"},
+               {"instruction": "Say hi.", "input": "", "output": "Hi"},
+               {"instruction": "No input field.", "output": "ok"}]
+    expected = [[msg(U, "Add.\n\n2 and 3"), msg(A, "5")], [msg(U, "Say hi."), msg(A, "Hi")],
+                [msg(U, "No input field."), msg(A, "ok")]]
+    assert read_file(write(tmp_path / "a.json", records, as_array=True)) == expected
+    assert read_file(write(tmp_path / "a.jsonl.gz", records, gz=True)) == expected
+    # GPTeacher's "response", and self-instruct's "instances" (one example per instance)
+    teacher = [{"instruction": "Code.", "input": "x", "response": "print(x)"}]
+    assert read_file(write(tmp_path / "g.json", teacher, as_array=True)) == [[msg(U, "Code.\n\nx"), msg(A, "print(x)")]]
+    seed = [{"id": "t", "instruction": "Antonym?", "instances": [{"input": "hot", "output": "cold"},
+                                                                 {"input": "", "output": "?"}]}]
+    assert read_file(write(tmp_path / "seed.jsonl", seed)) == [[msg(U, "Antonym?\n\nhot"), msg(A, "cold")],
+                                                               [msg(U, "Antonym?"), msg(A, "?")]]
+
+
+def test_trailing_user_turns_removed_and_unusable_records_skipped_and_counted(tmp_path):
+    records = [{"messages": [msg(U, "a"), msg(A, "b"), msg(U, "c")]},          # trailing user: removed
+               {"messages": [msg(U, "only a question")]},                    # no reply: skipped
+               {"messages": [msg(U, "a"), msg(A, "  ")]},                    # empty reply: skipped
+               {"messages": [msg(S, ""), msg(U, "a"), msg(A, "b")]}]         # empty system prompt: removed
+    counts = {}
+    convs = read_file(write(tmp_path / "d.jsonl", records), counts)
+    assert convs == [[msg(U, "a"), msg(A, "b")], [msg(U, "a"), msg(A, "b")]]
+    assert (counts["records"], counts["trailing_user_removed"], counts["skipped_no_reply"], counts["skipped_empty"]) \
+        == (4, 2, 1, 1)
+    assert counts["skipped_where"] == [f"{tmp_path / 'd.jsonl'} line 2: skipped_no_reply",
+                                       f"{tmp_path / 'd.jsonl'} line 3: skipped_empty"]
+    all_convs, total = read_files([tmp_path / "d.jsonl", tmp_path / "d.jsonl"])
+    assert len(all_convs) == 4 and total["records"] == 8 and total["files"] == 2 and total["conversations"] == 4
+
+
+# ---- bad input: every error names the file and the line -------------------------------------------
+
+GOOD = {"messages": [msg(U, "hi"), msg(A, "hello")]}
+BAD_CASES = [
+    ("content not a string", [GOOD, {"messages": [msg(U, "hi"), {"role": A, "content": ["x"]}]}], "line 2",
+     "string 'role' and 'content'"),
+    ("unknown role", [{"messages": [msg("tool", "x"), msg(A, "y")]}], "line 1", "unknown role 'tool'"),
+    ("empty conversation", [GOOD, GOOD, {"messages": []}], "line 3", "non-empty list"),
+    ("messages not a list", [{"messages": "hi"}], "line 1", "non-empty list"),
+    ("not alternating", [{"messages": [msg(U, "a"), msg(U, "b"), msg(A, "c")]}], "line 1",
+     "the assistant was expected"),
+    ("starts with the assistant", [{"messages": [msg(A, "a"), msg(U, "b")]}], "line 1", "the user was expected"),
+    ("unknown ShareGPT speaker", [{"conversations": [{"from": "alien", "value": "x"}]}], "line 1", "from 'alien'"),
+    ("ShareGPT value not a string", [{"conversations": [{"from": "human", "value": 1}]}], "line 1",
+     r"string 'from' and 'value'"),
+    ("Alpaca without output", [{"instruction": "x", "input": ""}], "line 1", "needs 'output'"),
+    ("Alpaca input not a string", [{"instruction": "x", "input": 3, "output": "y"}], "line 1",
+     "'input' must be a string"),
+    ("Alpaca instruction not a string", [{"instruction": None, "output": "y"}], "line 1",
+     "'instruction' must be a string"),
+    ("no known format", [{"prompt": "x", "completion": "y"}], "line 1", "matches no known format"),
+    ("record not an object", [GOOD, ["a", "b"]], "line 2", "matches no known format"),
+    ("formats mixed", [GOOD, {"instruction": "x", "output": "y"}], "line 2", "detected from line 1"),
+]
+
+
+@pytest.mark.parametrize("name, records, line, expected", BAD_CASES, ids=[c[0] for c in BAD_CASES])
+def test_bad_records_name_file_and_line(tmp_path, name, records, line, expected):
+    path = write(tmp_path / "bad.jsonl", records)
+    with pytest.raises(ChatDataError, match=expected) as e:
+        read_file(path)
+    assert str(e.value).startswith(f"{path} {line}")
+
+
+def test_bad_files_name_file_and_line(tmp_path):
+    cases = {
+        "malformed.jsonl": (json.dumps(GOOD) + "\n" + '{"messages": [\n', "line 2: invalid JSON"),
+        "empty.jsonl": ("\n  \n", "empty file"),
+        "array.json": ('[\n' + json.dumps(GOOD) + ',\n{"messages": oops}\n]', "line 3: invalid JSON"),
+        "missing_comma.json": ('[\n' + json.dumps(GOOD) + '\n' + json.dumps(GOOD) + ']', "line 3: expected ','"),
+        "empty_array.json": ("[ ]", "no records"),
+        "prose.txt": ("Hello, this is not JSON.\n", "line 1: invalid JSON"),
+    }
+    for name, (text, expected) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ChatDataError, match=expected) as e:
+            read_file(tmp_path / name)
+        assert str(e.value).startswith(str(tmp_path / name)), name
+    (tmp_path / "bad.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(ChatDataError, match="cannot be read"):
+        read_file(tmp_path / "bad.gz")
+    with pytest.raises(ChatDataError, match="not found"):
+        read_file(tmp_path / "missing.jsonl")
+
+
+def test_array_items_get_their_line_and_index(tmp_path):
+    records = [GOOD, GOOD, {"messages": [msg(U, "a"), msg(U, "b")]}]
+    path = write(tmp_path / "a.json", records, as_array=True)  # indented: one object spans many lines
+    starts = [n for n, line in enumerate(path.read_text().splitlines(), 1) if line == "  {"]
+    assert len(starts) == 3 and starts[2] > 3
+    with pytest.raises(ChatDataError) as e:
+        read_file(path)
+    assert str(e.value).startswith(f"{path} line {starts[2]} (array item 2): ")
+
+
+# ---- cutting to the context ---------------------------------------------------------------------
+
+def test_long_conversation_cut_at_turn_boundaries_keeping_the_system_message():
+    conv = [msg(S, "Be brief.")] + exchanges(6)
+    full, _ = render(conv)
+    last_two = render([conv[0]] + conv[-4:])[0]
+    ids, mask, cut = fit_context(conv, len(last_two) + 3)  # room for two exchanges, not three
+    assert cut and ids == last_two
+    assert ids[0] == SYSTEM and ids.count(USER) == 2 and ids.count(ASSISTANT) == 2
+    assert "question 4" in decode(ids) and "question 3" not in decode(ids)
+    assert [int(m) for m in mask] == [int(m) for m in render([conv[0]] + conv[-4:])[1]]
+    assert fit_context(conv, len(full)) == (full, render(conv)[1], False)  # fits exactly: untouched
+
+
+def test_conversation_dropped_when_its_last_exchange_does_not_fit():
+    long_answer = [msg(U, "short"), msg(A, "word " * 100)]
+    assert fit_context(long_answer, 50) is None
+    counts = {}
+    examples = encode([exchanges(1), long_answer, exchanges(8)], 40, counts=counts)
+    assert counts == {"cut": 1, "dropped": 1}
+    assert [len(ids) for ids, _ in examples] == [len(render(exchanges(1))[0]),
+                                                 len(render(exchanges(5, start=3))[0])]
+    assert len(examples[1][0]) == 40
+
+
+# ---- split, batches, loss ------------------------------------------------------------------------
+
+def test_split_is_deterministic_order_free_and_keeps_one_val():
+    convs = [exchanges(1, start=i) for i in range(40)]
+    train, val = split(convs, 0.1)
+    assert len(val) == 4 and len(train) == 36
+    train2, val2 = split(list(reversed(convs)), 0.1)
+    assert val2 == val and sorted(map(str, train2)) == sorted(map(str, train))
+    assert len(split(convs[:3], 0.0)[1]) == 1  # at least one held out
+    with pytest.raises(ChatDataError, match="at least 2"):
+        split(convs[:1], 0.1)
+
+
+def test_collate_masks_prompt_and_padding():
+    conv = [msg(U, "Hi"), msg(A, "Hello there")]
+    ids, mask = render(conv)
+    x, y = collate(encode([conv, exchanges(1)], 65), block_size=64)
+    n = len(ids) - 1
+    assert x.shape == y.shape == (2, 64)  # padded to a multiple of 64, capped at the context
+    assert x[0, :n].tolist() == ids[:-1] and (x[0, n:] == EOT_ID).all()
+    assert y[0, :n].tolist() == [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
+    assert (y[0, n:] == -1).all()
+    trained = [t for t in y[0].tolist() if t != -1]
+    assert trained == tok("Hello there") + [END]  # only the assistant's reply and its <|end|>
+    x, y = collate(encode([conv], 65, train_on_prompt=True), block_size=64)
+    assert y[0, :n].tolist() == ids[1:]  # --train-on-prompt: every token
+
+
+def test_loss_ignores_masked_targets(tiny_model):
+    convs = [[msg(S, "Be brief.")] + exchanges(2), exchanges(1, start=7)]
+    x, y = collate(encode(convs, 65), block_size=64)
+    loss = tiny_model(x, y)
+    with torch.no_grad():
+        logits = tiny_model(x)
+    keep = y != -1
+    assert keep.sum() < keep.numel() / 2
+    torch.testing.assert_close(loss, F.cross_entropy(logits[keep], y[keep]))
+    # the prompt's and the padding's would-be targets do not count: filling them in changes the loss
+    filled = torch.where(keep, y, torch.cat([x[:, 1:], x[:, -1:]], dim=1))
+    assert abs(tiny_model(x, filled).item() - loss.item()) > 1e-3
+    # whatever stands in the padding of x does not change the loss (causal attention, masked targets)
+    x2 = x.clone()
+    x2[~keep & (torch.arange(64) > 40)] = 123
+    torch.testing.assert_close(tiny_model(x2, y), loss)
+
+
+def make_data(n=50, **kw):
+    convs = [exchanges(1 + i % 4, start=i) for i in range(n)]
+    train, val = split(convs, 0.1)
+    return ChatData(encode(train, 65), encode(val, 65), block_size=64, batch_size=4, **kw)
+
+
+def test_batches_are_a_pure_function_of_seed_step_micro_rank():
+    a, b = make_data(seed=3), make_data(seed=3)
+    for args in [(0, 0, 0, 1), (5, 0, 0, 1), (7, 1, 1, 2), (100, 0, 0, 1)]:
+        assert all(torch.equal(p, q) for p, q in zip(a.batch(*args), b.batch(*args)))
+    b.batch(50, 0, 0, 1)  # consulting other batches first changes nothing
+    assert torch.equal(a.batch(3, 0, 0, 1)[0], b.batch(3, 0, 0, 1)[0])
+    assert not torch.equal(a.batch(1, 0, 0, 2)[0], a.batch(1, 0, 1, 2)[0])  # ranks get different rows
+    assert not torch.equal(a.batch(0, 0, 0, 1)[0], make_data(seed=4).batch(0, 0, 0, 1)[0])
+    assert a.fingerprint == b.fingerprint != make_data(n=51).fingerprint
+    val = a.val_batches()
+    assert len(val) == 2 and all(torch.equal(p[0], q[0]) for p, q in zip(val, b.val_batches()))
+
+
+def test_an_epoch_visits_every_example_once():
+    data = make_data(n=60)
+    rows = set()
+    for step in range(data.batches_per_epoch):
+        x, _ = data.batch(step, 0, 0, 1)
+        rows |= {tuple(r.tolist()) for r in x}
+    assert len(rows) == data.batches_per_epoch * data.batch_size  # no repeats within an epoch
+    assert data.batches_per_epoch == len(data.train) // 4
+
+
+# ---- the shared data sets -----------------------------------------------------------------------
+
+SHARED_FILES = sorted(p for d in ("dialog", "instruct") for p in (SHARED_DATA / d).glob("*/*")
+                      if p.name.endswith((".json", ".jsonl", ".jsonl.gz")))
+
+
+@pytest.mark.skipif(not SHARED_FILES, reason="shared data sets not present")
+def test_every_shared_dialog_and_instruction_file_loads():
+    t = time.perf_counter()
+    for path in SHARED_FILES:
+        counts = {}
+        convs = read_file(path, counts)
+        assert len(convs) > 0.99 * counts["records"] - counts.get("trailing_user_removed", 0), path
+        assert all(c[-1]["role"] == A for c in convs[:200]), path
+        examples = encode(convs[:20], 1025)
+        assert len(examples) >= 15, path
+    assert time.perf_counter() - t < 30
+
+
+# ---- finetune.py end to end -----------------------------------------------------------------------
+
+def test_finetune_end_to_end(tiny_model, tmp_path, capsys):
+    init = save_checkpoint(tmp_path / "init", tiny_model, {"kind": "pretrain"})
+    records = [{"messages": [msg(S, "Be brief.")] + exchanges(1 + i % 3, start=i)} for i in range(30)]
+    data = write(tmp_path / "chat.jsonl", records)
+    alpaca = write(tmp_path / "alpaca.json", [{"instruction": f"Echo {i}", "input": "", "output": f"{i}"}
+                                              for i in range(10)], as_array=True)
+    out = tmp_path / "chat"
+    finetune.main(["--init", str(init), "--data", str(data), str(alpaca), "--out", str(out), "--max-steps", "3",
+                   "--batch-size", "2", "--eval-every", "2", "--eval-batches", "1", "--val-fraction", "0.1",
+                   "--dropout", "0.1"])
+    printed = capsys.readouterr().out
+    assert "2 file(s), 40 conversations" in printed and "36 examples" in printed and "4 examples" in printed
+    model, config, _ = load_checkpoint(out)
+    assert config["chat_template"].startswith("{% for message in messages %}")
+    assert config["finetune"]["counts"]["train_examples"] == 36
+    assert config["finetune"]["files"] == [str(data), str(alpaca)]
+    assert config["provenance"]["kind"] == "finetune" and config["provenance"]["init_from"] == str(init)
+    assert model.config.dropout == 0.1 and model.config.n_embd == tiny_model.config.n_embd
+    first = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert first["kind"] == "finetune" and first["config"]["lr"] == finetune.FINETUNE_DEFAULTS["lr"]
+    assert not torch.equal(model.wte.weight, tiny_model.wte.weight)  # it trained
+
+
+def test_finetune_reports_bad_data_and_missing_init(tiny_model, tmp_path):
+    init = save_checkpoint(tmp_path / "init", tiny_model)
+    bad = write(tmp_path / "bad.jsonl", [GOOD, {"messages": [msg(U, "a"), msg(U, "b")]}])
+    with pytest.raises(SystemExit, match=f"{bad} line 2"):
+        finetune.main(["--init", str(init), "--data", str(bad), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="--init"):
+        finetune.main(["--data", str(bad)])
