@@ -20,8 +20,6 @@ import os
 import sys
 from dataclasses import replace
 
-import torch
-
 import chat_format
 from chat_data import ChatData, ChatDataError, encode, read_files, split
 from checkpoint import CheckpointError, load_checkpoint
@@ -36,11 +34,12 @@ FINETUNE_DEFAULTS = dict(out="checkpoints/chat", lr=1e-4, warmup_steps=50, max_s
 
 
 def conversations(ft: FinetuneConfig):
-    """(train, val, summary): the files' conversations split by content hash, or the demo dialogs' own split."""
+    """(train, val, summary): the files' conversations split by content hash (val_fraction), or without
+    files the demo dialogs with their own train/val split."""
     if not ft.data:
         import demo_data
         train, val = demo_data.dialogs("train"), demo_data.dialogs("val")
-        return train, val, {"files": ["(built-in demo dialogs)"], "conversations": len(train) + len(val)}
+        return train, val, {"files": [], "conversations": len(train) + len(val)}
     paths = [p for pattern in ft.data for p in (sorted(glob.glob(pattern)) or [pattern])]
     convs, counts = read_files(paths)
     train, val = split(convs, ft.val_fraction)
@@ -63,7 +62,8 @@ def load_data(ft: FinetuneConfig, cfg: TrainConfig, block_size: int, world: int)
 def report(summary: dict, cfg: TrainConfig, data: ChatData, world: int) -> None:
     s = summary
     skipped = {k: s[k] for k in ("trailing_user_removed", "skipped_no_reply", "skipped_empty") if s.get(k)}
-    print(f"data: {len(s['files'])} file(s), {s['conversations']:,} conversations"
+    source = f"{len(s['files'])} file(s)" if s["files"] else "the built-in demo dialogs (demo_data.py)"
+    print(f"data: {source}, {s['conversations']:,} conversations"
           + (f" ({', '.join(f'{k} {v:,}' for k, v in skipped.items())})" if skipped else ""))
     for where in s.get("skipped_where", []):
         print(f"  skipped: {where}")
@@ -73,7 +73,7 @@ def report(summary: dict, cfg: TrainConfig, data: ChatData, world: int) -> None:
     print(f"  val:   {s['val_examples']:,} examples, {s['val_tokens']:,} tokens "
           f"({s['val_trained_tokens']:,} trained on)")
     epochs = cfg.max_steps * data.micro_steps * world / data.batches_per_epoch
-    print(f"  {cfg.max_steps:,} steps x {data.micro_steps * world} batches of {cfg.batch_size} = {epochs:.2f} epochs")
+    print(f"  {cfg.max_steps:,} steps x {data.micro_steps * world} batches of {cfg.batch_size} = {epochs:.3g} epochs")
 
 
 def main(argv: list[str]) -> None:
@@ -98,10 +98,9 @@ def main(argv: list[str]) -> None:
         report(summary, train_cfg, data, world)
     provenance = {"kind": "finetune", "init_from": str(init), "init_provenance": init_config.get("provenance"),
                   "data_files": summary["files"]}
-    finetune_info = {"files": summary["files"], "train_on_prompt": ft.train_on_prompt,
-                     "val_fraction": ft.val_fraction,
+    finetune_info = {"files": summary["files"], "demo_dialogs": not summary["files"],
+                     "train_on_prompt": ft.train_on_prompt, "val_fraction": ft.val_fraction,
                      "counts": {k: v for k, v in summary.items() if k not in ("files", "skipped_where")}}
-    torch.manual_seed(train_cfg.seed)
     fit(model, train_cfg, data, provenance,
         extra_config={"chat_template": chat_format.JINJA_TEMPLATE, "finetune": finetune_info,
                       "train": to_dict(train_cfg)})
