@@ -120,7 +120,7 @@ def parse_jsonl_line(line: bytes, text_field: str) -> str:
     except UnicodeDecodeError as e:
         raise BadRecord(f"invalid UTF-8 at byte {e.start} of the line ({e.reason})") from None
     except json.JSONDecodeError as e:
-        raise BadRecord(f"malformed JSON ({e.msg} at column {e.colno})") from None
+        raise BadRecord(f"malformed JSON at column {e.colno}: {e.msg}") from None
     if not isinstance(record, dict):
         raise BadRecord(f"expected a JSON object with a string field '{text_field}', got {type(record).__name__}")
     if text_field not in record:
@@ -295,8 +295,6 @@ def tokenize(inputs: list[str], cfg: TokenizeConfig) -> dict:
     try:
         train, val = (ShardWriter(tmp, split, cfg.shard_tokens) for split in ("train", "val"))
         key = cfg.seed.to_bytes(8, "little", signed=True)
-        progress = tqdm(unit="tok", unit_scale=True, desc=f"tokenize -> {out}", smoothing=0.1)
-
         def write(result) -> None:
             train_ids, val_ids, n_train, n_val = result.result()
             train.add(train_ids, n_train)
@@ -305,7 +303,7 @@ def tokenize(inputs: list[str], cfg: TokenizeConfig) -> dict:
 
         # Results are written in submission order, so the output does not depend on which thread finishes first;
         # at most 2 batches per worker are in flight, which keeps memory flat.
-        with ThreadPoolExecutor(workers) as pool:
+        with ThreadPoolExecutor(workers) as pool, tqdm(unit="tok", unit_scale=True, desc=f"tokenize -> {out}") as progress:
             in_flight = deque()
             for i, batch in enumerate(batches(documents())):
                 in_flight.append(pool.submit(encode_batch, batch, key, cfg.val_fraction, i == 0 and cfg.val_fraction > 0))
@@ -313,7 +311,6 @@ def tokenize(inputs: list[str], cfg: TokenizeConfig) -> dict:
                     write(in_flight.popleft())
             while in_flight:
                 write(in_flight.popleft())
-        progress.close()
         train.flush()
         val.flush()
 

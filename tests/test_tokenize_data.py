@@ -1,0 +1,219 @@
+import gzip
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import shards
+import tokenizer
+from conftest import ROOT, SHARED_DATA
+from tokenize_data import main
+
+DOCS = [
+    "The first document.\nIt has two lines.",
+    "naïve café — 日本語 🙂",
+    "A document that mentions <|endoftext|> and <|user|> as plain text.",
+    "Short.",
+    "  leading spaces and trailing newline\n",
+    "Numbers 12345 and punctuation!?",
+]
+
+
+def write_jsonl(path, records, text_field="text"):
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps({text_field: r, "id": 1} if isinstance(r, str) else r) + "\n")
+
+
+def make_corpus(folder):
+    """DOCS spread over every input type, in a folder tree; returns them in the order they are read."""
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text(DOCS[0], encoding="utf-8")
+    with gzip.open(folder / "b.txt.gz", "wt", encoding="utf-8") as f:
+        f.write(DOCS[1])
+    write_jsonl(folder / "c.jsonl", DOCS[2:4])
+    write_jsonl(folder / "sub" / "d.jsonl.gz", DOCS[4:])
+    (folder / "README.md").write_text("not an input")
+    return DOCS
+
+
+def run(args):
+    return main([str(a) for a in args])
+
+
+def read_split(out, split):
+    """The documents of a split: its shards concatenated, cut at every EOT (each document ends with one)."""
+    ids = np.concatenate([shards.open_shard(p) for p in shards.list_shards(out, split)])
+    assert ids[-1] == tokenizer.EOT_ID
+    cuts = np.flatnonzero(ids == tokenizer.EOT_ID)
+    return [tokenizer.decode(ids[a:b]) for a, b in zip(np.r_[0, cuts[:-1] + 1], cuts)]
+
+
+def tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_round_trip_over_all_input_types_and_folders(tmp_path):
+    docs = make_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    meta = run([tmp_path / "corpus", "--out", out, "--val_fraction", "0.3", "--shard_tokens", "16"])
+    train, val = read_split(out, "train"), read_split(out, "val")
+    assert val[0] == docs[0]  # the first document always goes to val
+    assert sorted(train + val) == sorted(docs)
+    assert train == [d for d in docs if d in train] and val == [d for d in docs if d in val]  # source order kept
+    assert len(train) >= 1 and len(val) >= 1
+    split = meta["splits"]
+    assert split["train"]["documents"] == len(train) and split["val"]["documents"] == len(val)
+    n_train = sum(len(tokenizer.encode(d)) + 1 for d in train)
+    assert split["train"]["tokens"] == n_train
+    assert [s["tokens"] for s in split["train"]["shards"]][:-1] == [16] * (len(split["train"]["shards"]) - 1)
+    assert sum(shards.read_header(out / s["file"]) for s in split["train"]["shards"]) == n_train
+    on_disk = json.loads((out / "meta.json").read_text())
+    assert on_disk == meta
+    assert [s["path"].split("corpus/")[1] for s in meta["sources"]] == ["a.txt", "b.txt.gz", "c.jsonl", "sub/d.jsonl.gz"]
+    raw = (tmp_path / "corpus" / "sub" / "d.jsonl.gz").read_bytes()
+    assert (meta["sources"][3]["sha256"], meta["sources"][3]["bytes"]) == (hashlib.sha256(raw).hexdigest(), len(raw))
+
+
+def test_reruns_are_byte_identical_whatever_the_workers_and_replace_the_output(tmp_path):
+    make_corpus(tmp_path / "corpus")
+    common = [tmp_path / "corpus", "--val_fraction", "0.2", "--shard_tokens", "10"]
+    run(common + ["--out", tmp_path / "one", "--workers", "1"])
+    run(common + ["--out", tmp_path / "two", "--workers", "3"])
+    first = tree(tmp_path / "one")
+    assert len(first) > 4 and first == tree(tmp_path / "two")
+    run(common + ["--out", tmp_path / "one", "--workers", "2"])  # replaces the existing output
+    assert tree(tmp_path / "one") == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "one", "two"]  # no .tmp-/.old- folders left
+
+
+def test_split_follows_content_not_order_and_seed_changes_it(tmp_path):
+    docs = [f"Document number {i} with some words." for i in range(400)]
+    write_jsonl(tmp_path / "a.jsonl", docs)
+    write_jsonl(tmp_path / "b.jsonl", [docs[0]] + docs[1:][::-1])  # same first document, the rest reversed
+    run([tmp_path / "a.jsonl", "--out", tmp_path / "a", "--val_fraction", "0.1"])
+    run([tmp_path / "b.jsonl", "--out", tmp_path / "b", "--val_fraction", "0.1"])
+    run([tmp_path / "a.jsonl", "--out", tmp_path / "s", "--val_fraction", "0.1", "--seed", "7"])
+    val_a, val_b, val_s = (set(read_split(tmp_path / d, "val")) for d in "abs")
+    assert val_a == val_b
+    assert 20 <= len(val_a) <= 70  # about 10% of 400
+    assert val_s != val_a and docs[0] in val_s
+
+
+def test_tiny_corpus_still_gets_a_val_document(tmp_path):
+    write_jsonl(tmp_path / "t.jsonl", ["one", "two"])
+    meta = run([tmp_path / "t.jsonl", "--out", tmp_path / "o"])
+    assert (meta["splits"]["val"]["documents"], meta["splits"]["train"]["documents"]) == (1, 1)
+
+
+def bad_cases(tmp_path):
+    """(file to tokenize, text the error must contain)."""
+    cases = []
+    p = tmp_path / "utf8.txt"
+    p.write_bytes(b"line one\nline two \xff\xfe here\n")
+    cases.append((p, f"{p}:2: invalid UTF-8"))
+    p = tmp_path / "utf8.jsonl"
+    p.write_bytes(b'{"text": "ok"}\n\n{"text": "bad \xc3"}\n')
+    cases.append((p, f"{p}:3: invalid UTF-8"))
+    p = tmp_path / "json.jsonl"
+    p.write_text('{"text": "ok"}\n{"text": "unterminated}\n')
+    cases.append((p, f"{p}:2: malformed JSON"))
+    p = tmp_path / "field.jsonl.gz"
+    write_jsonl(p, ["ok", {"content": "no text field"}])
+    cases.append((p, f"{p}:2: missing field 'text'"))
+    p = tmp_path / "type.jsonl"
+    write_jsonl(p, [{"text": ["not", "a", "string"]}])
+    cases.append((p, f"{p}:1: field 'text' must be a string, got list"))
+    p = tmp_path / "array.jsonl"
+    p.write_text('["a JSON array"]\n')
+    cases.append((p, f"{p}:1: expected a JSON object"))
+    p = tmp_path / "empty.jsonl"
+    p.write_text("\n")
+    cases.append((p, "empty corpus"))
+    p = tmp_path / "truncated.jsonl.gz"
+    write_jsonl(p, ["x" * 1000] * 50)
+    p.write_bytes(p.read_bytes()[:-30])
+    cases.append((p, f"{p}:44: cannot read the file: Compressed file ended"))
+    cases.append((tmp_path / "missing.jsonl", "missing.jsonl: no such file or folder"))
+    p = tmp_path / "data.csv"
+    p.write_text("a,b\n")
+    cases.append((p, "unsupported file type"))
+    return cases
+
+
+def test_every_bad_input_exits_2_naming_file_and_line(tmp_path, capsys):
+    for path, message in bad_cases(tmp_path):
+        out = tmp_path / "out"
+        with pytest.raises(SystemExit) as e:
+            run([path, "--out", out])
+        err = capsys.readouterr().err
+        assert e.value.code == 2, path
+        assert message in err, (message, err)
+        assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))  # nothing half-written left behind
+
+
+def test_skip_bad_skips_and_counts(tmp_path, capsys):
+    p = tmp_path / "mixed.jsonl"
+    p.write_bytes(b'{"text": "good one"}\n{"text": 3}\nnot json\n{"text": "good two"}\n{"text": "good three"}\n')
+    meta = run([p, "--out", tmp_path / "o", "--skip-bad"])
+    assert meta["skipped_bad_records"] == 2 and meta["sources"][0]["bad_records"] == 2
+    assert meta["sources"][0]["documents"] == 3
+    assert sorted(read_split(tmp_path / "o", "train") + read_split(tmp_path / "o", "val")) == \
+        ["good one", "good three", "good two"]
+    err = capsys.readouterr().err
+    assert f"{p}:2:" in err and f"{p}:3:" in err
+
+
+def test_lone_surrogate_in_json_becomes_replacement_character(tmp_path):
+    p = tmp_path / "s.jsonl"
+    p.write_text('{"text": "first"}\n{"text": "broken \\ud83d emoji"}\n')
+    run([p, "--out", tmp_path / "o"])
+    assert read_split(tmp_path / "o", "train") == ["broken \ufffd emoji"]
+
+
+def test_refuses_to_replace_a_folder_it_did_not_write(tmp_path, capsys):
+    write_jsonl(tmp_path / "t.jsonl", ["one", "two"])
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit) as e:
+        run([tmp_path / "t.jsonl", "--out", tmp_path / "precious"])
+    assert e.value.code == 2 and "not an output of tokenize_data.py" in capsys.readouterr().err
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
+
+
+def test_truncated_shard_is_detected(tmp_path):
+    write_jsonl(tmp_path / "t.jsonl", DOCS)
+    meta = run([tmp_path / "t.jsonl", "--out", tmp_path / "o"])
+    shard = tmp_path / "o" / meta["splits"]["train"]["shards"][0]["file"]
+    shard.write_bytes(shard.read_bytes()[:-2])
+    with pytest.raises(shards.ShardError, match="truncated"):
+        shards.read_header(shard)
+
+
+def test_demo_corpus_when_no_input(tmp_path):
+    meta = run(["--out", tmp_path / "demo"])
+    for split in ("train", "val"):
+        assert meta["splits"][split]["documents"] > 0
+        assert shards.open_shard(shards.list_shards(tmp_path / "demo", split)[0]).size > 0
+    assert meta["sources"][0]["path"].startswith("demo_data.pretrain_documents")
+
+
+def test_command_line_exit_code(tmp_path):
+    r = subprocess.run([sys.executable, "tokenize_data.py", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "nope.txt: no such file or folder" in r.stderr
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "pretrain/gutenberg_top100_authors/val.jsonl.gz").exists(),
+                    reason="shared data not present")
+def test_real_gutenberg_slice_matches_the_published_token_counts(tmp_path):
+    with gzip.open(SHARED_DATA / "pretrain/gutenberg_top100_authors/val.jsonl.gz", "rt", encoding="utf-8") as f:
+        books = [json.loads(next(f)) for _ in range(2)]  # two whole books, each with its published token count
+    write_jsonl(tmp_path / "slice.jsonl.gz", books)
+    meta = run([tmp_path / "slice.jsonl.gz", "--out", tmp_path / "o"])
+    assert meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"] == sum(b["n_tokens"] + 1 for b in books)
+    assert read_split(tmp_path / "o", "val") + read_split(tmp_path / "o", "train") == [b["text"] for b in books]
