@@ -229,7 +229,7 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
 
     if master:
         out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob("*.tmp-*"):  # left by a run killed while saving: never a valid checkpoint
+        for stale in [*out.glob("*.tmp-*"), *out.glob("*.old-*")]:  # left by a run killed while saving or deleting
             shutil.rmtree(stale, ignore_errors=True)
     run_log = Log(out / "log.jsonl", master)
     kind = provenance.get("kind", "finetune" if "finetune" in (extra_config or {}) else "pretrain")
@@ -298,7 +298,8 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
         if master:
             if val_loss < best_val:
                 save("best", with_state=False, val_loss=val_loss)
-            plot_run(out)
+            if step > 0:  # a plot needs training records
+                plot_run(out)
         best_val = min(best_val, val_loss)
         last_val = val_loss
 

@@ -1,0 +1,271 @@
+"""The training loop (train.py) and pretraining (pretrain.py) on a 2-layer, 32-wide model and synthetic shards."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import pretrain
+from checkpoint import load_checkpoint, step_checkpoints
+from config import TrainConfig
+from shards import write_shard
+from train import lr_at
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "4",
+        "--eval_batches", "2", "--warmup_steps", "2", "--lr", "1e-2", "--log_every", "1", "--eval_every", "0"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread, here and in subprocesses (ENV): on a busy 2-core machine two threads mostly wait for each other,
+    and a run must compute exactly the same in and out of process for the bit-for-bit comparisons."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Shards of a repeating 64-token cycle: easy to learn, so the loss must fall fast."""
+    d = tmp_path_factory.mktemp("data")
+    for split, n in (("train", 20_000), ("val", 2_000)):
+        (d / split).mkdir()
+        write_shard(d / split / "000.bin", np.tile(np.arange(100, 164), n // 64))
+    return d
+
+
+def run(data_dir, out, *args):
+    pretrain.main(["--data", str(data_dir), "--out", str(out), *TINY, *args])
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def final_weights(out):
+    return load_checkpoint(step_checkpoints(out)[-1])[0].state_dict()
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    """An uninterrupted 12-step run, checkpoints every 4 steps."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    run(data_dir, out, "--max_steps", "12", "--save_every", "4")
+    return out
+
+
+def test_loss_falls_and_run_folder_is_complete(reference):
+    log = read_log(reference)
+    assert log[0]["type"] == "run" and log[0]["kind"] == "pretrain" and log[0]["config"]["model"]["n_layer"] == 2
+    train = [r for r in log if r["type"] == "train"]
+    evals = [r for r in log if r["type"] == "eval"]
+    assert [r["step"] for r in train] == list(range(1, 13)) and train[-1]["tokens"] == 12 * 4 * 32
+    assert [r["step"] for r in evals] == [0, 12]
+    assert evals[0]["val_loss"] > 10 and evals[-1]["val_loss"] < evals[0]["val_loss"] - 3
+    assert train[-1]["loss"] < train[0]["loss"] - 3
+    assert all(r["mfu"] is None and r["tok_per_s"] > 0 for r in train)  # no MFU on the CPU
+    assert [p.name for p in step_checkpoints(reference)] == ["step_0000004", "step_0000008", "step_0000012"]
+    model, config, state = load_checkpoint(reference / "best", train_state=False)
+    assert config["provenance"]["step"] == 12 and config["provenance"]["val_loss"] == evals[-1]["val_loss"]
+    assert config["provenance"]["data"].startswith("sha256:") and config["train"]["max_steps"] == 12
+    assert (reference / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_keep_last_prunes_old_checkpoints(data_dir, tmp_path):
+    run(data_dir, tmp_path / "run", "--max_steps", "6", "--save_every", "1", "--keep_last", "2")
+    assert [p.name for p in step_checkpoints(tmp_path / "run")] == ["step_0000005", "step_0000006"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best", "log.jsonl", "loss.png", "step_0000005",
+                                                                   "step_0000006"]
+
+
+def test_sigterm_then_resume_is_bit_for_bit(data_dir, reference, tmp_path, monkeypatch):
+    """SIGTERM during step 6 finishes that step and saves step 7; resuming gives the uninterrupted run's weights."""
+    batch = pretrain.ShardData.batch
+
+    def batch_then_sigterm(self, step, micro, rank, world):
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch(self, step, micro, rank, world)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(pretrain.ShardData, "batch", batch_then_sigterm)
+    run(data_dir, out, "--max_steps", "12", "--save_every", "4")
+    assert [p.name for p in step_checkpoints(out)] == ["step_0000004", "step_0000007"]
+    end = read_log(out)[-1]
+    assert (end["type"], end["step"], end["reason"]) == ("end", 7, "interrupted")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is uninstalled afterwards
+
+    monkeypatch.setattr(pretrain.ShardData, "batch", batch)
+    run(data_dir, out, "--max_steps", "12", "--save_every", "4", "--resume")
+    assert_same_weights(final_weights(out), final_weights(reference))
+    steps = [r["step"] for r in read_log(out) if r["type"] == "train"]
+    assert steps == list(range(1, 13))  # one record per step, none repeated
+
+
+def test_resume_skips_a_corrupted_checkpoint(data_dir, reference, tmp_path, capsys):
+    out = tmp_path / "run"
+    run(data_dir, out, "--max_steps", "12", "--save_every", "4", "--keep_last", "5")
+    newest = step_checkpoints(out)[-1] / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-100])  # truncated: the size recorded in config.json no longer matches
+    capsys.readouterr()
+    run(data_dir, out, "--max_steps", "12", "--save_every", "4", "--resume")
+    err = capsys.readouterr().err
+    assert "skipping checkpoint" in err and "step_0000012" in err and "resuming from" in err and "step_0000008" in err
+    assert_same_weights(final_weights(out), final_weights(reference))
+
+
+def test_kill_9_while_saving_then_resume_is_bit_for_bit(data_dir, reference, tmp_path):
+    """A real SIGKILL in the middle of writing step 8's checkpoint; resume ignores the half-written directory."""
+    out = tmp_path / "run"
+    driver = (
+        "import os, signal, sys\n"
+        "import checkpoint, pretrain\n"
+        "save_file = checkpoint.save_file\n"
+        "def save_then_die(state, path, *a, **k):\n"
+        "    save_file(state, path, *a, **k)\n"
+        "    if 'step_0000008' in str(path): os.kill(os.getpid(), signal.SIGKILL)\n"
+        "checkpoint.save_file = save_then_die\n"
+        "pretrain.main(sys.argv[1:])\n")
+    args = ["--data", str(data_dir), "--out", str(out), *TINY, "--max_steps", "12", "--save_every", "4"]
+    proc = subprocess.run([sys.executable, "-c", driver, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert [p.name for p in out.glob("step_0000008.tmp-*")], "the kill should leave a half-written checkpoint"
+    assert [p.name for p in step_checkpoints(out)] == ["step_0000004"]
+
+    run(data_dir, out, "--max_steps", "12", "--save_every", "4", "--resume")
+    assert not list(out.glob("*.tmp-*"))
+    assert_same_weights(final_weights(out), final_weights(reference))
+
+
+def test_sigterm_subprocess_saves_and_exits_0(data_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "pretrain.py", "--data", str(data_dir), "--out", str(out), *TINY,
+                             "--max_steps", "100000", "--save_every", "0"], cwd=ROOT, env=ENV, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 60
+    while not ((out / "log.jsonl").exists() and '"train"' in (out / "log.jsonl").read_text()):
+        assert proc.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    end = read_log(out)[-1]
+    assert end["type"] == "end" and end["reason"] == "interrupted" and 1 <= end["step"] < 100000
+    assert [p.name for p in step_checkpoints(out)] == [f"step_{end['step']:07d}"]
+    assert "SIGTERM" in err and "--resume" in err
+
+
+class PoisonAfter:
+    """Makes the model's loss NaN from optimizer step `first` to step `last` (a forward hook, set by the data)."""
+
+    def __init__(self, first, last):
+        self.first, self.last, self.on = first, last, False
+
+    def install(self, monkeypatch):
+        batch, init = pretrain.ShardData.batch, pretrain.GPT.__init__
+        poison = self
+
+        def batch_switch(self, step, micro, rank, world):
+            poison.on = poison.first <= step <= poison.last
+            return batch(self, step, micro, rank, world)
+
+        def init_with_hook(self, cfg):
+            init(self, cfg)
+            self.ln_f.register_forward_hook(lambda m, i, out: out * float("nan") if poison.on and m.training else out)
+
+        monkeypatch.setattr(pretrain.ShardData, "batch", batch_switch)
+        monkeypatch.setattr(pretrain.GPT, "__init__", init_with_hook)
+
+
+def test_a_non_finite_step_is_skipped(data_dir, tmp_path, monkeypatch, capsys):
+    PoisonAfter(3, 4).install(monkeypatch)
+    out = tmp_path / "run"
+    run(data_dir, out, "--max_steps", "8", "--save_every", "0")
+    log = read_log(out)
+    losses = {r["step"]: r["loss"] for r in log if r["type"] == "train"}
+    assert math.isnan(losses[4]) and math.isnan(losses[5]) and all(math.isfinite(losses[s]) for s in (1, 2, 3, 6, 7, 8))
+    assert log[-1]["skipped_steps"] == 2 and log[-1]["step"] == 8
+    assert "step 4: non-finite loss" in capsys.readouterr().err
+
+
+def test_too_many_non_finite_steps_stop_the_run(data_dir, tmp_path, monkeypatch):
+    PoisonAfter(5, 10**9).install(monkeypatch)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        run(data_dir, out, "--max_steps", "50", "--save_every", "4", "--max_bad_steps", "3")
+    assert "3 steps in a row" in str(e.value) and "max_bad_steps=3" in str(e.value) and "step_0000004" in str(e.value)
+    assert [p.name for p in step_checkpoints(out)] == ["step_0000004"]
+    model, _, state = load_checkpoint(out / "step_0000004", train_state=True)  # intact and loadable
+    assert state["step"] == 4 and all(torch.isfinite(p).all() for p in model.parameters())
+    assert read_log(out)[-1]["type"] == "stopped"
+
+
+def test_torchrun_two_processes_match_one_process_with_accumulation(data_dir, tmp_path):
+    steps = ["--max_steps", "4", "--save_every", "0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(data_dir, one, *steps, "--batch_tokens", str(2 * 4 * 32))  # 2 accumulation steps
+    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
+                           "--nproc_per_node", "2", "pretrain.py", "--data", str(data_dir), "--out", str(two), *TINY,
+                           *steps, "--batch_tokens", str(2 * 4 * 32)], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [read_log(one), read_log(two)]
+    assert runs[0][0]["grad_accum"] == 2 and runs[1][0]["grad_accum"] == 1 and runs[1][0]["world"] == 2
+    curves = [[(r["step"], r["tokens"], r["loss"]) for r in log if r["type"] == "train"] for log in runs]
+    assert [c[:2] for c in curves[0]] == [c[:2] for c in curves[1]] and len(curves[0]) == 4
+    assert np.allclose([c[2] for c in curves[0]], [c[2] for c in curves[1]], rtol=1e-4)
+    vals = [[r["val_loss"] for r in log if r["type"] == "eval"] for log in runs]
+    assert np.allclose(vals[0], vals[1], rtol=1e-4)
+
+
+def test_data_batches_are_pure_functions_of_step_micro_rank(data_dir, tmp_path):
+    d = tmp_path / "two_shards"
+    (d / "train").mkdir(parents=True)
+    (d / "val").mkdir()
+    write_shard(d / "train" / "a.bin", np.full(100, 7))
+    write_shard(d / "train" / "b.bin", np.full(100, 9))
+    write_shard(d / "val" / "a.bin", np.arange(50))
+    data = pretrain.ShardData(d, block_size=16, batch_size=64, seed=1, eval_batches=3)
+    x, y = data.batch(5, 1, 0, 1)
+    assert torch.equal(x, data.batch(5, 1, 0, 1)[0]) and not torch.equal(x, data.batch(6, 1, 0, 1)[0])
+    assert torch.equal(x, data.batch(5, 0, 1, 2)[0])  # micro 1 on one process == micro 0 of rank 1 on two
+    assert x.shape == (64, 16) and x.dtype == torch.long
+    assert set(x[:, 0].tolist()) == {7, 9} and all(len(set(row.tolist())) == 1 for row in x)  # no window spans shards
+    val = data.val_batches()
+    assert len(val) == 3 and torch.equal(val[0][1][:, :-1], val[0][0][:, 1:])  # y is x shifted by one
+    assert data.fingerprint == pretrain.ShardData(d, 16, 64, 2, 1).fingerprint
+
+
+def test_pretrain_reports_bad_data_dir(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run"), *TINY])
+    assert e.value.code == 2 and "no token shards in" in capsys.readouterr().err
+
+
+def test_learning_rate_schedules():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg, 110) == pytest.approx(0.1) and lr_at(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_at(60, cfg, 110) == pytest.approx(0.55) and lr_at(110, cfg, 110) == pytest.approx(0.1)
+    cfg.schedule = "wsd"
+    cfg.decay_fraction = 0.2
+    assert lr_at(50, cfg, 110) == 1.0 and lr_at(88, cfg, 110) == 1.0
+    assert lr_at(99, cfg, 110) == pytest.approx(0.55) and lr_at(110, cfg, 110) == pytest.approx(0.1)
+    cfg.schedule = "constant"
+    assert lr_at(5, cfg, 110) == pytest.approx(0.6) and lr_at(100, cfg, 110) == 1.0
