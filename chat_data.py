@@ -34,8 +34,9 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
                   "system": "system"}
 FORMATS = ("chat", "sharegpt", "alpaca")
-# Batches are padded to a multiple of this many tokens, so a compiled model sees few distinct shapes.
-PAD_MULTIPLE = 64
+# Batches are padded to a multiple of this many tokens: a compiled model sees few distinct shapes, while short
+# rows (most dialogs) waste little compute.
+PAD_MULTIPLE = 16
 # Length grouping: examples are sorted by length within windows of this many batches of a shuffled epoch.
 BUCKET_BATCHES = 50
 

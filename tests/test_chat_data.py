@@ -4,6 +4,7 @@ import gzip
 import json
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -195,7 +196,7 @@ def test_collate_masks_prompt_and_padding():
     ids, mask = render(conv)
     x, y = collate(encode([conv, exchanges(1)], 65), block_size=64)
     n = len(ids) - 1
-    assert x.shape == y.shape == (2, 64)  # padded to a multiple of 64, capped at the context
+    assert n < 16 and x.shape == y.shape == (2, 16)  # padded to the next multiple of 16
     assert x[0, :n].tolist() == ids[:-1] and (x[0, n:] == EOT_ID).all()
     assert y[0, :n].tolist() == [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
     assert (y[0, n:] == -1).all()
@@ -203,11 +204,14 @@ def test_collate_masks_prompt_and_padding():
     assert trained == tok("Hello there") + [END]  # only the assistant's reply and its <|end|>
     x, y = collate(encode([conv], 65, train_on_prompt=True), block_size=64)
     assert y[0, :n].tolist() == ids[1:]  # --train-on-prompt: every token
+    x, y = collate([(np.arange(20), np.ones(20, dtype=bool))], block_size=19)
+    assert x.shape == (1, 19) and x[0].tolist() == list(range(19))  # never wider than the context
 
 
 def test_loss_ignores_masked_targets(tiny_model):
     convs = [[msg(S, "Be brief.")] + exchanges(2), exchanges(1, start=7)]
-    x, y = collate(encode(convs, 65), block_size=64)
+    examples = encode(convs, 65)
+    x, y = collate(examples, block_size=64)
     loss = tiny_model(x, y)
     with torch.no_grad():
         logits = tiny_model(x)
@@ -219,7 +223,9 @@ def test_loss_ignores_masked_targets(tiny_model):
     assert abs(tiny_model(x, filled).item() - loss.item()) > 1e-3
     # whatever stands in the padding of x does not change the loss (causal attention, masked targets)
     x2 = x.clone()
-    x2[~keep & (torch.arange(64) > 40)] = 123
+    short = len(examples[1][0]) - 1
+    assert short < x.shape[1] - 5
+    x2[1, short:] = 123
     torch.testing.assert_close(tiny_model(x2, y), loss)
 
 
