@@ -91,7 +91,7 @@ def plot_runs(run_dirs, out, x: str = "steps", smooth: float = 0.9) -> dict:
         lr = [r["lr"] for r in train]
         ax.plot(xs, loss, color=color, alpha=0.25, linewidth=0.8)
         ax.plot(xs, smoothed, color=color, linewidth=1.8, label=f"{label} train")
-        ax.plot(val_x, val, color=color, marker="o", linestyle="--", linewidth=1.2, label=f"{label} val")
+        ax.plot(val_x, val, color=color, marker="o", markersize=4, linestyle="--", linewidth=1.2, label=f"{label} val")
         ax_lr.plot(xs, lr, color=color, linestyle=":", linewidth=1.0, alpha=0.8)
         if offset:
             ax.axvline(offset, color=color, linestyle="-.", linewidth=1.0, alpha=0.6)
