@@ -9,11 +9,171 @@ import sys
 
 
 def bench_tokenizer(argv):
-    raise NotImplementedError
+    """tokenize_data.py end to end against tiktoken's encode_ordinary_batch on the same text and thread count.
+
+    usage: python bench.py tokenizer [FILE.jsonl.gz ...]
+    Default input: train_00 and train_01 of the shared Gutenberg corpus (45M tokens), and as the small input
+    every 10th book of them (a tenth of the size). Our time is the whole `python tokenize_data.py` run:
+    starting Python, reading and decompressing, writing shards; tiktoken's time covers only encoding text
+    already in memory. Peak memory is the tokenize_data.py process's max RSS (os.wait4), with the default
+    shard size and with 1M-token shards (which takes the shard buffer out of the picture).
+    """
+    import gzip
+    import json
+    import os
+    import subprocess
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import tokenizer
+
+    root = Path(__file__).resolve().parent
+    gutenberg = root.parent / "shared" / "data" / "pretrain" / "gutenberg_top100_authors"
+    files = [Path(a) for a in argv] or [gutenberg / "train_00.jsonl.gz", gutenberg / "train_01.jsonl.gz"]
+    workers = len(os.sched_getaffinity(0))
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    print(f"machine: {cpu}, {workers} cores usable; load average before: {os.getloadavg()}")
+
+    def ours(inputs, out, shard_args):
+        cmd = [sys.executable, str(root / "tokenize_data.py"), *map(str, inputs), "--out", str(out),
+               "--workers", str(workers), *shard_args]
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        if status != 0:
+            sys.exit(f"failed: {' '.join(cmd)}")
+        meta = json.loads((out / "meta.json").read_text())
+        docs = sum(s["documents"] for s in meta["splits"].values())
+        tokens = sum(s["tokens"] for s in meta["splits"].values()) - docs  # without the EOT separators
+        return tokens, wall, usage.ru_maxrss / 1024
+
+    def theirs(inputs):
+        enc, tokens, elapsed = tokenizer.get_encoding(), 0, 0.0
+        for path in inputs:  # one file of text in memory at a time; results are counted and dropped
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                docs = [json.loads(line)["text"] for line in f]
+            for i in range(0, len(docs), 32):
+                start = time.perf_counter()
+                ids = enc.encode_ordinary_batch(docs[i:i + 32], num_threads=workers)
+                elapsed += time.perf_counter() - start
+                tokens += sum(map(len, ids))
+        return tokens, elapsed
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        small = Path(tmp) / "small.jsonl.gz"
+        with gzip.open(small, "wb") as out:
+            for path in files:
+                with gzip.open(path, "rb") as f:
+                    out.writelines(line for i, line in enumerate(f) if i % 10 == 0)
+        for name, inputs in (("small", [small]), ("large", files)):
+            n_ref, t_ref = theirs(inputs)
+            n, wall, rss = ours(inputs, Path(tmp) / "out", [])
+            _, _, rss_small_shards = ours(inputs, Path(tmp) / "out", ["--shard_tokens", "1000000"])
+            assert n == n_ref, f"token counts differ: ours {n}, tiktoken {n_ref}"
+            rows.append((name, n, n_ref / t_ref, n / wall, rss, rss_small_shards))
+            print(f"{name}: {n:,} tokens; tiktoken {n_ref / t_ref / 1e6:.2f}M tok/s; tokenize_data {n / wall / 1e6:.2f}M tok/s "
+                  f"({n / wall / (n_ref / t_ref):.2f}x); peak RSS {rss:.0f} MB (1M-token shards: {rss_small_shards:.0f} MB)")
+    print(f"load average after: {os.getloadavg()}\n")
+    print("| input | tokens | tiktoken encode_ordinary_batch | tokenize_data.py (end to end) | ratio | "
+          "peak RSS (default shards) | peak RSS (1M-token shards) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, n, ref, rate, rss, rss_small_shards in rows:
+        print(f"| {name} | {n / 1e6:.1f}M | {ref / 1e6:.2f}M tok/s | {rate / 1e6:.2f}M tok/s | {rate / ref:.2f} | "
+              f"{rss:.0f} MB | {rss_small_shards:.0f} MB |")
 
 
 def bench_train(argv):
-    raise NotImplementedError
+    """Training throughput: our GPT with train.py's settings against transformers' GPT2LMHeadModel.
+
+    usage: python bench.py train [--preset tiny] [--device cpu|cuda] [--threads N] [--batch_size N] [--rounds R]
+    One optimizer step = forward + backward + gradient clipping + AdamW step on one batch of batch_size x block_size
+    random tokens, the same shape and batch for both. Ours: train.py's optimizer (fused AdamW), precision (bf16
+    autocast on CUDA) and torch.compile (CUDA); theirs: GPT2LMHeadModel with dropout 0 (like ours), its default
+    attention (SDPA), torch.optim.AdamW with defaults, the same autocast. The two alternate in rounds, so both see
+    the same machine load; the figure is the median step time over all rounds.
+    """
+    import argparse
+    import os
+    import statistics
+    import time
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from config import PRESETS, ModelConfig, TrainConfig, apply_overrides
+    from model import GPT
+    from train import autocast_dtype, make_optimizer
+
+    parser = argparse.ArgumentParser(prog="bench.py train")
+    parser.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0 = torch's default)")
+    parser.add_argument("--batch_size", type=int, default=0, help="sequences per step (0 = the preset's)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per model per round")
+    args = parser.parse_args(argv)
+    mcfg, tcfg = ModelConfig(), TrainConfig(device=args.device)
+    apply_overrides([mcfg, tcfg], PRESETS[args.preset], f"preset {args.preset}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = autocast_dtype(tcfg, device)
+    B, T = args.batch_size or tcfg.batch_size, mcfg.block_size
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu}, {torch.get_num_threads()} threads"
+    print(f"preset {args.preset}: {mcfg.n_layer} layers, {mcfg.n_embd} wide, context {T}, batch {B}x{T}; {where}; "
+          f"{str(dtype).split('.')[-1]}; torch {torch.__version__}; load average before: {os.getloadavg()}")
+
+    torch.manual_seed(0)
+    ours = GPT(mcfg).to(device)
+    hf_cfg = GPT2Config(n_layer=mcfg.n_layer, n_head=mcfg.n_head, n_embd=mcfg.n_embd, n_positions=T,
+                        vocab_size=mcfg.vocab_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    theirs = GPT2LMHeadModel(hf_cfg).to(device)
+    x = torch.randint(0, 50257, (B, T + 1), device=device)
+    x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+
+    def make_step(model, loss_fn, optimizer):
+        def step():
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                loss = loss_fn()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step
+
+    compiled = torch.compile(ours) if device.type == "cuda" and tcfg.compile else ours
+    steps = {
+        "ours (model.py + train.py)": make_step(ours, lambda: compiled(x, y), make_optimizer(ours, tcfg, device)),
+        # labels=x: transformers shifts the labels itself, so it gets the same (B, T) input as ours
+        "transformers GPT2LMHeadModel": make_step(theirs, lambda: theirs(input_ids=x, labels=x).loss,
+                                                  torch.optim.AdamW(theirs.parameters(), lr=tcfg.lr)),
+    }
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for step in steps.values():  # warm-up: allocator, kernels, compilation
+        for _ in range(3 if device.type == "cuda" else 1):
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            sync()
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            sync()
+            times[name].append((time.perf_counter() - start) / args.steps)
+    rate = {name: B * T / statistics.median(t) for name, t in times.items()}
+    for name, t in times.items():
+        print(f"  {name:32s} {rate[name]:>10,.0f} tokens/s  (median step {statistics.median(t) * 1000:,.0f} ms, "
+              f"{len(t)} rounds of {args.steps})")
+    ours_rate, hf_rate = rate.values()
+    print(f"  ratio ours / transformers: {ours_rate / hf_rate:.2f}x; load average after: {os.getloadavg()}")
 
 
 def bench_serve(argv):
