@@ -215,6 +215,19 @@ def encode_batch(docs: list[str], key: bytes, val_fraction: float, first_to_val:
     return train, val, len(pieces[0]) // 2, len(pieces[1]) // 2
 
 
+def encode_in_order(batches, workers: int, key: bytes, val_fraction: float):
+    """encode_batch over `batches` in `workers` threads. Results come back in submission order, so the output does
+    not depend on which thread finishes first; at most 2 batches per worker are in flight, so memory stays flat."""
+    with ThreadPoolExecutor(workers) as pool:
+        in_flight = deque()
+        for i, batch in enumerate(batches):
+            in_flight.append(pool.submit(encode_batch, batch, key, val_fraction, i == 0 and val_fraction > 0))
+            if len(in_flight) >= 2 * workers:
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
+
+
 class ShardWriter:
     """Collects a split's tokens into a fixed-size buffer and writes it out as a shard each time it is full."""
 
@@ -295,22 +308,11 @@ def tokenize(inputs: list[str], cfg: TokenizeConfig) -> dict:
     try:
         train, val = (ShardWriter(tmp, split, cfg.shard_tokens) for split in ("train", "val"))
         key = cfg.seed.to_bytes(8, "little", signed=True)
-        def write(result) -> None:
-            train_ids, val_ids, n_train, n_val = result.result()
-            train.add(train_ids, n_train)
-            val.add(val_ids, n_val)
-            progress.update(train_ids.size + val_ids.size)
-
-        # Results are written in submission order, so the output does not depend on which thread finishes first;
-        # at most 2 batches per worker are in flight, which keeps memory flat.
-        with ThreadPoolExecutor(workers) as pool, tqdm(unit="tok", unit_scale=True, desc=f"tokenize -> {out}") as progress:
-            in_flight = deque()
-            for i, batch in enumerate(batches(documents())):
-                in_flight.append(pool.submit(encode_batch, batch, key, cfg.val_fraction, i == 0 and cfg.val_fraction > 0))
-                if len(in_flight) >= 2 * workers:
-                    write(in_flight.popleft())
-            while in_flight:
-                write(in_flight.popleft())
+        with tqdm(unit="tok", unit_scale=True, desc=f"tokenize -> {out}") as progress:
+            for train_ids, val_ids, n_train, n_val in encode_in_order(batches(documents()), workers, key, cfg.val_fraction):
+                train.add(train_ids, n_train)
+                val.add(val_ids, n_val)
+                progress.update(train_ids.size + val_ids.size)
         train.flush()
         val.flush()
 
