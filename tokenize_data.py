@@ -134,7 +134,10 @@ def parse_jsonl_line(line: bytes, text_field: str) -> str:
 
 def read_file(path: Path, text_field: str, source: dict, bad):
     """Yield the documents of one input file; `bad(where, why)` raises or counts. Fills `source` (size, sha256)."""
-    raw = HashingReader(path)
+    try:
+        raw = HashingReader(path)
+    except OSError as e:
+        raise BadInput(f"{path}: cannot open the file: {e.strerror}") from None
     stream = gzip.GzipFile(fileobj=raw, mode="rb") if path.name.endswith(".gz") else io.BufferedReader(raw, 1 << 20)
     lineno = 0
     try:
