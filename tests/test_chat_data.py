@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import finetune
 from chat_data import ChatData, ChatDataError, collate, encode, fit_context, read_file, read_files, split
 from chat_format import ASSISTANT, END, SYSTEM, USER, render
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import export_hf, load_checkpoint, save_checkpoint
 from conftest import SHARED_DATA
 from tokenizer import EOT_ID, decode, encode as tok
 
@@ -279,8 +279,8 @@ def test_every_shared_dialog_and_instruction_file_loads():
 
 # ---- finetune.py end to end -----------------------------------------------------------------------
 
-def test_finetune_end_to_end(tiny_model, tmp_path, capsys):
-    init = save_checkpoint(tmp_path / "init", tiny_model, {"kind": "pretrain"})
+def test_finetune_end_to_end_from_a_hugging_face_gpt2_dir(tiny_model, tmp_path, capsys):
+    init = export_hf(tiny_model, tmp_path / "hf")
     records = [{"messages": [msg(S, "Be brief.")] + exchanges(1 + i % 3, start=i)} for i in range(30)]
     data = write(tmp_path / "chat.jsonl", records)
     alpaca = write(tmp_path / "alpaca.json", [{"instruction": f"Echo {i}", "input": "", "output": f"{i}"}
@@ -296,6 +296,7 @@ def test_finetune_end_to_end(tiny_model, tmp_path, capsys):
     assert config["finetune"]["counts"]["train_examples"] == 36
     assert config["finetune"]["files"] == [str(data), str(alpaca)]
     assert config["provenance"]["kind"] == "finetune" and config["provenance"]["init_from"] == str(init)
+    assert config["provenance"]["init_provenance"] == {"source": "huggingface"}
     assert model.config.dropout == 0.1 and model.config.n_embd == tiny_model.config.n_embd
     first = json.loads((out / "log.jsonl").read_text().splitlines()[0])
     assert first["kind"] == "finetune" and first["config"]["lr"] == finetune.FINETUNE_DEFAULTS["lr"]
