@@ -96,8 +96,8 @@ def main(argv: list[str]) -> None:
     if master:
         print(f"init: {init} ({model.num_params():,} parameters, context {model.config.block_size})")
         report(summary, train_cfg, data, world)
-    provenance = {"kind": "finetune", "init_from": str(init), "init_provenance": init_config.get("provenance") or {"source": init_config.get("source")},
-                  "data_files": summary["files"]}
+    provenance = {"kind": "finetune", "init_from": str(init), "data_files": summary["files"],
+                  "init_provenance": init_config.get("provenance") or {"source": init_config.get("source")}}
     finetune_info = {"files": summary["files"], "demo_dialogs": not summary["files"],
                      "train_on_prompt": ft.train_on_prompt, "val_fraction": ft.val_fraction,
                      "counts": {k: v for k, v in summary.items() if k not in ("files", "skipped_where")}}
