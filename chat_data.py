@@ -56,7 +56,8 @@ def _open_text(path: Path) -> str:
     except FileNotFoundError:
         raise ChatDataError(f"{path}: file not found") from None
     except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise ChatDataError(f"{path}: cannot be read as UTF-8 text{' (gzip)' if path.suffix == '.gz' else ''}: {e}") from None
+        kind = "gzip-compressed UTF-8 text" if path.suffix == ".gz" else "UTF-8 text"
+        raise ChatDataError(f"{path}: cannot be read as {kind}: {e}") from None
 
 
 def _records(path: Path):
@@ -147,7 +148,8 @@ def _alpaca(record: dict, where: str) -> list[list[dict]]:
         if not isinstance(inp, str):
             raise ChatDataError(f"{where}: field 'input' must be a string, got {type(inp).__name__}")
         user = instruction + "\n\n" + inp if inp.strip() else instruction
-        convs.append([{"role": "user", "content": user}, {"role": "assistant", "content": _string(inst, out_key, where)}])
+        reply = _string(inst, out_key, where)
+        convs.append([{"role": "user", "content": user}, {"role": "assistant", "content": reply}])
     return convs
 
 

@@ -41,7 +41,8 @@ def exchanges(n, start=0):
 
 def test_chat_jsonl_plain_and_gz(tmp_path):
     convs = [[msg(S, "Be kind."), msg(U, "Hi"), msg(A, "Hello!")], [msg(U, "2+2?"), msg(A, "4")]]
-    records = [{"messages": [{**m, "name": "x"} for m in c], "id": i} for i, c in enumerate(convs)]  # extra keys ignored
+    # extra keys (OpenAI's "name", an "id") are ignored
+    records = [{"messages": [{**m, "name": "x"} for m in c], "id": i} for i, c in enumerate(convs)]
     assert read_file(write(tmp_path / "c.jsonl", records)) == convs
     assert read_file(write(tmp_path / "c.jsonl.gz", records, gz=True)) == convs
 
