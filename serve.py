@@ -631,11 +631,11 @@ def create_app(cfg: ServeConfig, model=None) -> FastAPI:
             if prompt_tokens >= block:
                 raise context_error(prompt_tokens, 1, block)
             max_tokens = min(block - prompt_tokens, cfg.max_tokens_cap)
+        elif prompt_tokens + max_tokens > block:
+            raise context_error(prompt_tokens, max_tokens, block)
         elif max_tokens > cfg.max_tokens_cap:
             raise ApiError(400, f"max_tokens {max_tokens} is over this server's cap of {cfg.max_tokens_cap}",
                            param="max_tokens", code="invalid_value")
-        elif prompt_tokens + max_tokens > block:
-            raise context_error(prompt_tokens, max_tokens, block)
         temperature = 1.0 if body.temperature is None else body.temperature
         return Params(max_tokens, temperature, body.top_p or 1.0, body.top_k or 0, tuple(stop), body.seed)
 

@@ -1,0 +1,665 @@
+"""serve.py: a real uvicorn process on a tiny random checkpoint, plus in-process uvicorn servers around a
+scripted model (exact tokens, fixed speed) for UTF-8 streaming, disconnects, floods, deadlines and the page."""
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from chat_format import render  # noqa: E402
+from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from config import ModelConfig, ServeConfig  # noqa: E402
+from model import GPT  # noqa: E402
+from serve import STOP_IDS, TextStream, create_app, fit_conversation  # noqa: E402
+from tokenizer import EOT_ID, N_VOCAB, decode, encode  # noqa: E402
+
+KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_model(seed: int = 0, block_size: int = 128) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size))
+    with torch.no_grad():
+        # At GPT-2's init scale a random model says the same word whatever the prompt; larger weights make
+        # the output depend on the prompt, so mixed-up answers would show.
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and not name.startswith(("wte", "wpe")):
+                p.mul_(3)
+        # Random weights often pick a special token first, which would end every reply at once; zeroing their
+        # embeddings (tied to the output layer) gives them logit 0, below the best ordinary token.
+        model.wte.weight[EOT_ID:N_VOCAB] = 0
+    return model
+
+
+def greedy_reference(model: GPT, prompt: list[int], max_tokens: int) -> tuple[str, int]:
+    """Text and token count of an unbatched greedy generation, ending like the server's."""
+    (ids,) = model.generate([prompt], max_tokens, temperature=0, stop_tokens=STOP_IDS)
+    return decode([t for t in ids if t not in STOP_IDS]), len(ids)
+
+
+def chat_prompt(text: str, system: str | None = None) -> list[int]:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    return render(messages, add_generation_prompt=True)[0]
+
+
+def wait_ready(url: str, headers=None, proc=None, timeout: float = 60):
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(url + "/ready", headers=headers, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not ready after {timeout} s")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The test process and the server share 2 cores: one thread each avoids oversubscription, which makes
+    small matmuls 10x slower under load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve") / "tiny"
+    save_checkpoint(path, tiny_model())
+    return path
+
+
+@pytest.fixture(scope="session")
+def model(ckpt):
+    return load_checkpoint(ckpt)[0].eval()
+
+
+@pytest.fixture(scope="session")
+def server(ckpt):
+    """serve.py in its own process, with an API key and a small max_tokens cap."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--checkpoint", str(ckpt), "--port", str(port),
+                             "--api-key", KEY, "--max-batch", "8", "--max-tokens-cap", "64"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, AUTH, proc)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    with httpx.Client(base_url=server, headers=AUTH, timeout=60) as c:
+        yield c
+
+
+# ---- a scripted model in an in-process uvicorn -------------------------------------------------
+
+class ScriptedModel(GPT):
+    """Emits `script` over and over (a row restarts it at each prefill), sleeping `delay` s per step."""
+
+    def __init__(self, script: list[int], delay: float = 0.0):
+        super().__init__(ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=128))
+        self.script, self.delay, self.pos = script, delay, {}
+
+    def step_logits(self, cache, rows, tokens_list):
+        time.sleep(self.delay)
+        logits = torch.zeros(len(tokens_list), self.config.vocab_size)
+        for i, (row, toks) in enumerate(zip(rows.tolist(), tokens_list)):
+            self.pos[row] = 0 if int(cache.lengths[row]) == 0 else self.pos[row] + 1
+            cache.lengths[row] += len(toks)
+            logits[i, self.script[self.pos[row] % len(self.script)]] = 100.0
+        return logits
+
+
+UTF8_TEXT = "Hi 😀 你好 🎉!"
+UTF8_SCRIPT = encode(UTF8_TEXT)
+
+
+def scripted_text(n_tokens: int) -> str:
+    ts = TextStream([])
+    return "".join(ts.push(t) for t in (UTF8_SCRIPT * (n_tokens // len(UTF8_SCRIPT) + 1))[:n_tokens]) + ts.finish()
+
+
+@contextmanager
+def in_process_server(model, **cfg_fields):
+    import uvicorn
+    cfg = ServeConfig(checkpoint="scripted", **cfg_fields)
+    app = create_app(cfg, model)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.config.port}"
+    try:
+        wait_ready(url)
+        yield url, app
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def scripted():
+    """2 rows, 2 queue places, 20 ms per step: slow enough to watch, small enough to fill."""
+    with in_process_server(ScriptedModel(UTF8_SCRIPT, delay=0.02), max_batch=2, max_queue=2, max_tokens_cap=100,
+                           request_timeout=20) as s:
+        yield s
+
+
+def metric(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
+               or line.startswith(name + "{"))
+
+
+def assert_error_shape(r: httpx.Response, status=None, code=None):
+    assert 400 <= r.status_code < 600, r.status_code
+    if status is not None:
+        assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert isinstance(body["error"]["message"], str) and "Traceback" not in r.text
+    if code is not None:
+        assert body["error"]["code"] == code, body
+
+
+def sse_events(lines) -> list:
+    events = []
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+# ---- the basic routes ---------------------------------------------------------------------------
+
+def test_health_ready_models_tokenize_metrics(client, server, model):
+    assert httpx.get(server + "/health").json() == {"status": "ok"}  # no key needed
+    assert client.get("/ready").json()["status"] == "ready"
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "tiny"
+    assert models["data"][0]["context_length"] == 128
+    assert client.post("/tokenize", json={"text": "Hello world"}).json()["tokens"] == encode("Hello world")
+    msgs = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}]
+    r = client.post("/tokenize", json={"messages": msgs}).json()
+    assert r["tokens"] == render(msgs, add_generation_prompt=True)[0] and r["count"] == len(r["tokens"])
+    client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 3})
+    text = client.get("/metrics").text
+    for name in ("parley_requests_total", "parley_prompt_tokens_total", "parley_completion_tokens_total",
+                 "parley_time_to_first_token_seconds_count", "parley_time_per_output_token_seconds_count",
+                 "parley_queue_depth", "parley_errors_total"):
+        assert name in text, name
+    assert metric(text, "parley_completion_tokens_total") >= 3
+    assert metric(text, "parley_time_to_first_token_seconds_count") >= 2  # the warm-up and our request
+
+
+def test_web_page_is_served_open_and_self_contained(server):
+    r = httpx.get(server + "/")  # the page itself needs no key; its API calls do
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    page = r.text
+    assert "/v1/chat/completions" in page and "getReader" in page and "Authorization" in page
+    assert "<script src" not in page and "<link" not in page and "https://" not in page  # nothing external
+
+
+def test_auth_on_every_route(server):
+    msgs = [{"role": "user", "content": "hi"}]
+    routes = [("GET", "/ready", None), ("GET", "/metrics", None), ("GET", "/v1/models", None),
+              ("POST", "/v1/chat/completions", {"messages": msgs, "max_tokens": 2}),
+              ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2}), ("POST", "/tokenize", {"text": "hi"}),
+              ("POST", "/chat", {"message": "hi", "max_tokens": 2})]
+    with httpx.Client(base_url=server, timeout=30) as c:
+        for method, path, body in routes:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
+                            {"Authorization": "Basic " + KEY}, {"Authorization": f"Bearer {KEY}x"}):
+                assert_error_shape(c.request(method, path, headers=headers, json=body), 401, "invalid_api_key")
+            r = c.request(method, path, headers=AUTH, json=body)
+            assert r.status_code == 200, (path, r.text)
+        assert c.get("/health").status_code == 200 and c.get("/").status_code == 200
+
+
+# ---- generation -------------------------------------------------------------------------------
+
+def test_chat_completion_greedy_equals_model(client, model):
+    prompt = chat_prompt("Tell me a story", system="You are terse.")
+    want, n = greedy_reference(model, prompt, 20)
+    assert len(want) > 10  # the test model says something
+    r = client.post("/v1/chat/completions", json={"model": "anything", "temperature": 0, "max_tokens": 20, "messages": [
+        {"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me a story"}]}).json()
+    assert r["object"] == "chat.completion" and r["id"].startswith("chatcmpl-") and r["model"] == "tiny"
+    assert isinstance(r["created"], int)
+    (choice,) = r["choices"]
+    assert choice["message"] == {"role": "assistant", "content": want}
+    assert choice["finish_reason"] == ("length" if n == 20 else "stop")
+    assert r["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": n, "total_tokens": len(prompt) + n}
+    # max_completion_tokens is the same thing under its new name
+    r2 = client.post("/v1/chat/completions", json={"temperature": 0, "max_completion_tokens": 20, "messages": [
+        {"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me a story"}]}).json()
+    assert r2["choices"][0]["message"]["content"] == want
+
+
+def test_stream_shape_and_text(client, model):
+    prompt = chat_prompt("Stream please")
+    want, n = greedy_reference(model, prompt, 16)
+    body = {"messages": [{"role": "user", "content": "Stream please"}], "temperature": 0, "max_tokens": 16,
+            "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r.iter_lines())
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert len({c["id"] for c in chunks}) == 1 and all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    usage_chunk, last = chunks[-1], chunks[-2]
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == n
+    assert last["choices"][0]["finish_reason"] in ("stop", "length")
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-2])
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1]) == want
+    assert len(chunks) > 4  # token by token, not all at once
+
+
+def test_completions_raw_prompt(client, model):
+    want, n = greedy_reference(model, encode("Once upon a time"), 12)
+    r = client.post("/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0}).json()
+    assert r["object"] == "text_completion" and r["choices"][0]["text"] == want
+    assert r["usage"]["prompt_tokens"] == len(encode("Once upon a time")) and r["usage"]["completion_tokens"] == n
+    body = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as resp:
+        events = sse_events(resp.iter_lines())
+    assert events[-1] == "[DONE]" and "".join(e["choices"][0]["text"] for e in events[:-1]) == want
+
+
+def test_openai_client(server, model):
+    import openai
+    oa = openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+    msgs = [{"role": "user", "content": "Hello there"}]
+    want, _ = greedy_reference(model, chat_prompt("Hello there"), 10)
+    r = oa.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0)
+    assert r.choices[0].message.content == want and r.usage.completion_tokens >= 1
+    stream = oa.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0, stream=True,
+                                        stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert chunks[-1].usage.prompt_tokens == len(chat_prompt("Hello there"))
+    assert oa.completions.create(model="tiny", prompt="Hi", max_tokens=3, temperature=0).choices[0].text == \
+        greedy_reference(model, encode("Hi"), 3)[0]
+    assert [m.id for m in oa.models.list().data] == ["tiny"]
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.chat.completions.create(model="tiny", messages=msgs, max_tokens=1000)
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_seed_and_greedy_are_deterministic(client):
+    def ask(**kw):
+        body = {"messages": [{"role": "user", "content": "Pick words"}], "max_tokens": 12, **kw}
+        return [c["message"]["content"] for c in client.post("/v1/chat/completions", json=body).json()["choices"]]
+
+    assert ask(temperature=0) == ask(temperature=0) == ask(temperature=0, seed=5, top_p=0.5)
+    a = ask(temperature=1.0, seed=7)
+    assert a == ask(temperature=1.0, seed=7)
+    assert a != ask(temperature=1.0, seed=8)
+    two = ask(temperature=1.0, seed=7, n=2)
+    assert len(two) == 2 and two[0] == a[0] and two[1] != two[0]  # choice i uses seed + i
+    assert ask(temperature=1.0, seed=7, top_k=1) == ask(temperature=0)  # top_k=1 is greedy
+
+
+def test_stop_strings_are_cut_and_not_returned(client):
+    base = {"messages": [{"role": "user", "content": "Tell me a story"}], "temperature": 0, "max_tokens": 30}
+    full = client.post("/v1/chat/completions", json=base).json()["choices"][0]["message"]["content"]
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    want = full[: full.index(stop)]
+    r = client.post("/v1/chat/completions", json={**base, "stop": [stop, "\x00never"]}).json()["choices"][0]
+    assert r["message"]["content"] == want and r["finish_reason"] == "stop"
+    with client.stream("POST", "/v1/chat/completions", json={**base, "stop": stop, "stream": True}) as resp:
+        events = sse_events(resp.iter_lines())
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    assert text == want and stop not in text and events[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_context_limits_are_honest(client):
+    msgs = [{"role": "user", "content": "hi"}]
+    prompt_len = len(chat_prompt("hi"))
+    r = client.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 126})
+    assert_error_shape(r, 400, "context_length_exceeded")
+    assert "128" in r.json()["error"]["message"] and str(prompt_len + 126) in r.json()["error"]["message"]
+    r = client.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 65})  # over the cap of 64
+    assert_error_shape(r, 400, "invalid_value")
+    assert r.json()["error"]["param"] == "max_tokens"
+    long = " ".join(["word"] * 200)
+    assert_error_shape(client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": long}]}),
+                       400, "context_length_exceeded")
+    # no max_tokens: what fits, capped at 64
+    r = client.post("/v1/chat/completions", json={"messages": msgs, "temperature": 0}).json()
+    assert 1 <= r["usage"]["completion_tokens"] <= 64
+    near = " ".join(["word"] * 110)
+    r = client.post("/v1/completions", json={"prompt": near, "temperature": 0}).json()
+    assert r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"] <= 128
+
+
+def test_chat_sessions_keep_the_conversation_and_drop_old_turns(client):
+    r1 = client.post("/chat", json={"message": "Hello", "system": "Be brief.", "max_tokens": 8}).json()
+    sid = r1["session_id"]
+    assert r1["new_session"] and r1["dropped_messages"] == 0 and r1["usage"]["completion_tokens"] >= 1
+    r2 = client.post("/chat", json={"message": "And then?", "session_id": sid, "max_tokens": 8}).json()
+    assert r2["session_id"] == sid and not r2["new_session"]
+    assert r2["usage"]["prompt_tokens"] > r1["usage"]["prompt_tokens"] + r1["usage"]["completion_tokens"]
+    dropped = 0
+    for i in range(6):  # ~35-token messages with 30 tokens reserved: the context of 128 overflows
+        r = client.post("/chat", json={"message": " ".join(["talk"] * 30) + f" {i}", "session_id": sid,
+                                       "max_tokens": 30, "temperature": 0}).json()
+        assert r["usage"]["prompt_tokens"] + 30 <= 128
+        dropped += r["dropped_messages"]
+    assert dropped >= 4
+    assert_error_shape(client.post("/chat", json={"message": " ".join(["x"] * 200), "max_tokens": 8}), 400,
+                       "context_length_exceeded")
+
+
+def test_fit_conversation_keeps_the_system_message():
+    msgs = [{"role": "system", "content": "S"}]
+    for i in range(6):
+        msgs += [{"role": "user", "content": f"question {i} " * 5}, {"role": "assistant", "content": f"answer {i} " * 5}]
+    msgs.append({"role": "user", "content": "last"})
+    full = len(render(msgs, add_generation_prompt=True)[0])
+    ids, kept, dropped = fit_conversation(msgs, reserve=3, block_size=full + 1)  # 2 tokens short: one pair goes
+    assert kept[0] == msgs[0] and kept[-1] == msgs[-1] and kept[1]["role"] == "user"
+    assert dropped == 2 and kept == [msgs[0]] + msgs[3:] and len(ids) + 3 <= full + 1
+    assert fit_conversation(msgs, 0, full)[2] == 0
+
+
+def test_malformed_requests_get_4xx_in_the_error_shape(client):
+    msgs = [{"role": "user", "content": "hi"}]
+    valid = {"messages": msgs, "max_tokens": 2}
+    bad_values = {
+        "messages": [None, "hi", [], {}, [{}], [{"role": "robot", "content": "x"}], [{"role": "user"}],
+                     [{"role": "user", "content": 5}], [{"role": "assistant", "content": "x"}],
+                     [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+                     [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
+                     [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}],
+                     [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]],
+        "max_tokens": [0, -1, "5", 2.5, True, 10**30, None if False else [], {}],
+        "max_completion_tokens": [0, "x", 3.5],
+        "temperature": [-0.1, 2.5, "hot", 1e309, [], True],
+        "top_p": [0, -1, 1.5, "x"],
+        "top_k": [-1, 1.5, "x"],
+        "n": [0, -2, 5, 100, "2", 1.0],
+        "stop": [5, [1], ["a", "b", "c", "d", "e"], "", [""], {"x": 1}],
+        "seed": ["x", 1.5, 2**64, -2**63 - 1],
+        "stream": ["yes", 1],
+        "stream_options": ["x", {"include_usage": "yes"}],
+        "logprobs": [True],
+        "presence_penalty": [0.5],
+        "tools": [[{"type": "function"}]],
+    }
+    cases = [("/v1/chat/completions", {**valid, k: v}) for k, values in bad_values.items() for v in values]
+    cases += [("/v1/completions", {"prompt": p, "max_tokens": 2}) for p in (None, 5, "", [], ["a", "b"], [1])]
+    cases += [("/chat", b) for b in ({}, {"message": 5}, {"message": ""}, {"message": "hi", "session_id": "../x"},
+                                     {"message": "hi", "session_id": "x" * 200}, {"message": "hi", "max_tokens": 0})]
+    cases += [("/tokenize", b) for b in ({}, {"text": 5}, {"text": "a", "messages": msgs}, {"messages": []})]
+    for path, body in cases:  # json.dumps writes inf as Infinity, which a strict client would refuse to send
+        r = client.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"})
+        assert 400 <= r.status_code < 500, (path, body, r.status_code, r.text)
+        assert_error_shape(r)
+    raw_bodies = [b"", b"{", b"[]", b"null", b"42", b'"x"', b"\xff\xfe\x00", b'{"messages": NaN}',
+                  b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+                  b'{"messages": [], "top_p": Infinity}', b"[" * 5000 + b"]" * 5000, b'{"a": 1,}']
+    for raw in raw_bodies:
+        r = client.post("/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400, (raw[:40], r.text)
+        assert_error_shape(r)
+    # random mutations of a valid request, bounded in number: never a 5xx
+    rng = random.Random(0)
+    junk = [None, True, -1, 0, 3, 1e308, float("-inf"), "", "x" * 50, [], {}, [None], {"role": "user"}, 2**70, -0.5]
+    fields = list(bad_values) + ["model", "user", "messages.0.role", "messages.0.content"]
+    for _ in range(120):
+        body = json.loads(json.dumps(valid))
+        for _ in range(rng.randint(1, 3)):
+            field, value = rng.choice(fields), rng.choice(junk)
+            if field.startswith("messages.0.") and isinstance(body.get("messages"), list) and body["messages"] \
+                    and isinstance(body["messages"][0], dict):
+                body["messages"][0][field.split(".")[-1]] = value
+            else:
+                body[field] = value
+        r = client.post("/v1/chat/completions", content=json.dumps(body), headers={"Content-Type": "application/json"})
+        assert r.status_code < 500, (body, r.text)
+        if r.status_code >= 400:
+            assert_error_shape(r)
+    for path, method in (("/nowhere", "GET"), ("/v1/chat/completions", "GET"), ("/health", "POST")):
+        assert_error_shape(client.request(method, path), 404 if path == "/nowhere" else 405)
+
+
+def test_body_size_cap(client):
+    big = {"messages": [{"role": "user", "content": "x" * 1_100_000}]}
+    assert_error_shape(client.post("/v1/chat/completions", json=big), 413, "body_too_large")
+
+
+def test_32_concurrent_requests_equal_unbatched_greedy(server, model):
+    prompts = [f"Question number {i}: what is {i * 7}?" for i in range(32)]
+    want = [greedy_reference(model, chat_prompt(p), 16)[0] for p in prompts]
+    assert len(set(want)) > 8  # the prompts lead to different answers, so a mix-up would show
+
+    def ask(p):
+        body = {"messages": [{"role": "user", "content": p}], "temperature": 0, "max_tokens": 16}
+        return httpx.post(server + "/v1/chat/completions", json=body, headers=AUTH, timeout=60).json()
+
+    with ThreadPoolExecutor(32) as pool:
+        got = list(pool.map(ask, prompts))
+    assert [g["choices"][0]["message"]["content"] for g in got] == want
+
+
+# ---- UTF-8, disconnects, floods, deadlines (the scripted model) ---------------------------------
+
+def test_text_stream_holds_back_split_characters():
+    emoji = encode("😀")
+    assert len(emoji) == 2  # GPT-2 splits it over two byte tokens
+    ts = TextStream([])
+    assert ts.push(emoji[0]) == "" and ts.push(emoji[1]) == "😀"
+    ts = TextStream([])
+    assert "".join(ts.push(t) for t in encode("你好 🎉")) + ts.finish() == "你好 🎉"
+    ts = TextStream([])
+    assert ts.push(emoji[0]) == "" and ts.finish() == "\ufffd"  # cut mid-character: one replacement character
+    # stop strings: held back while they might be starting, never returned
+    ts = TextStream(["END"])
+    out = [ts.push(t) for t in encode("abc EN")]
+    assert "".join(out) == "abc " and not ts.stopped
+    assert ts.push(encode("D")[0]) == "" and ts.stopped
+    ts = TextStream(["xyz"])
+    assert "".join(ts.push(t) for t in encode("say x then y")) + ts.finish() == "say x then y"
+
+
+def test_utf8_characters_arrive_whole_in_the_stream(scripted):
+    url, _ = scripted
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": len(UTF8_SCRIPT), "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as r:
+        events = sse_events(r.iter_lines())
+    deltas = [e["choices"][0]["delta"].get("content", "") for e in events[:-1]]
+    assert "".join(deltas) == UTF8_TEXT
+    assert "\ufffd" not in "".join(deltas)
+    assert "😀" in deltas or any("😀" in d for d in deltas)
+    assert not any(d and (0xD800 <= ord(d[-1]) <= 0xDFFF) for d in deltas)
+    r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": len(UTF8_SCRIPT)}, timeout=30).json()
+    assert r["choices"][0]["text"] == UTF8_TEXT and r["choices"][0]["finish_reason"] == "length"
+
+
+def test_disconnect_frees_the_slot(scripted):
+    url, app = scripted
+    engine = app.state.engine
+
+    def cancelled():
+        return metric(httpx.get(url + "/metrics").text, "parley_cancelled_total")
+
+    before = cancelled()
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as r:  # streaming: read a bit, hang up
+        lines = (line for line in r.iter_lines() if line.startswith("data: "))
+        assert '"role"' in next(lines) and '"content"' in next(lines)  # generating
+        assert engine.active
+    # not streaming: send the request and hang up without reading
+    raw = json.dumps({**body, "stream": False}).encode()
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(raw)).encode() + b"\r\n\r\n" + raw)
+        end = time.time() + 5
+        while not engine.active and time.time() < end:
+            time.sleep(0.01)
+        assert engine.active
+    end = time.time() + 1.0  # 100 tokens take 2 s: only a cancellation frees the rows this soon
+    while (engine.active or cancelled() < before + 2) and time.time() < end:
+        time.sleep(0.02)
+    assert not engine.active and len(engine.free) == 2 and cancelled() == before + 2
+
+
+def test_flood_gets_429_and_the_server_stays_healthy(scripted):
+    url, app = scripted
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}  # 1 s per pair of requests
+    with httpx.Client(base_url=url, timeout=30, limits=httpx.Limits(max_connections=20)) as c, \
+            httpx.Client(base_url=url, timeout=5) as probe, ThreadPoolExecutor(12) as pool:
+        futures = [pool.submit(c.post, "/v1/chat/completions", json=body) for _ in range(12)]
+        time.sleep(0.3)
+        t = time.time()
+        assert probe.get("/health").status_code == 200  # the event loop is free while the model works
+        assert time.time() - t < 1.0 and not all(f.done() for f in futures)
+        results = [f.result() for f in futures]
+    codes = sorted(r.status_code for r in results)
+    assert codes.count(200) >= 4 and codes.count(429) >= 4 and set(codes) <= {200, 429}, codes
+    for r in results:
+        if r.status_code == 429:
+            assert_error_shape(r, 429, "queue_full")
+            assert r.headers["Retry-After"] == "1"
+        else:
+            assert r.json()["choices"][0]["finish_reason"] == "length"
+    assert httpx.post(url + "/v1/chat/completions", json=body, timeout=30).status_code == 200
+
+
+def test_request_deadline():
+    with in_process_server(ScriptedModel(UTF8_SCRIPT, delay=0.05), request_timeout=0.5) as (url, app):
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}
+        t = time.time()
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+        assert_error_shape(r, 504, "timeout")
+        assert time.time() - t < 2
+        with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=30) as r:
+            events = sse_events(r.iter_lines())
+        assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "timeout"
+        assert not app.state.engine.active
+
+
+# ---- the web page in a real browser --------------------------------------------------------------
+
+class Chromium:
+    """Headless Chromium driven over the DevTools protocol on a pipe (--remote-debugging-pipe: commands in on
+    fd 3, replies out on fd 4, each a JSON message ended by a NUL byte); no websocket library needed."""
+
+    def __init__(self, profile: Path):
+        import fcntl
+        self.to_browser, browser_in = os.pipe()[::-1]
+        self.from_browser, browser_out = os.pipe()
+
+        def wire_fds():  # in the child: its fd 3 reads our commands, its fd 4 writes the replies
+            a, b = fcntl.fcntl(browser_in, fcntl.F_DUPFD, 10), fcntl.fcntl(browser_out, fcntl.F_DUPFD, 10)
+            os.dup2(a, 3)
+            os.dup2(b, 4)
+
+        self.proc = subprocess.Popen(
+            [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+             f"--user-data-dir={profile}", "--window-size=900,600", "--remote-debugging-pipe", "about:blank"],
+            preexec_fn=wire_fds, pass_fds=(3, 4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(browser_in)
+        os.close(browser_out)
+        self.buffer, self.next_id, self.session = b"", 0, None
+
+    def call(self, method: str, timeout: float = 30, **params):
+        import select
+        self.next_id += 1
+        message = {"id": self.next_id, "method": method, "params": params}
+        if self.session and not method.startswith("Target."):
+            message["sessionId"] = self.session
+        os.write(self.to_browser, json.dumps(message).encode() + b"\0")
+        end = time.time() + timeout
+        while True:
+            while b"\0" in self.buffer:
+                raw, self.buffer = self.buffer.split(b"\0", 1)
+                reply = json.loads(raw)
+                if reply.get("id") == self.next_id:
+                    assert "error" not in reply, reply
+                    return reply["result"]
+            assert select.select([self.from_browser], [], [], max(0.0, end - time.time()))[0], f"{method}: no reply"
+            self.buffer += os.read(self.from_browser, 1 << 20)
+
+    def open(self, url: str):
+        target = self.call("Target.createTarget", url=url)["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+
+    def js(self, expression: str):
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 20):
+        end = time.time() + timeout
+        while not self.js(expression):
+            assert time.time() < end, f"timed out waiting for {expression}"
+            time.sleep(0.1)
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+        os.close(self.to_browser)
+        os.close(self.from_browser)
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="chromium not installed (make chromium)")
+def test_web_page_in_headless_chromium(scripted, tmp_path):
+    url, _ = scripted
+    browser = Chromium(tmp_path / "profile")
+    try:
+        browser.open(url + "/?q=Hello%20there")  # ?q= sends a first message on load
+        bubbles = "[...document.querySelectorAll('.msg')].map(e => [e.className, e.firstChild ? e.firstChild.textContent : ''])"
+        browser.wait_for("document.querySelector('.assistant .meta') !== null")  # the reply has finished
+        assert browser.js(bubbles) == [["msg user", "Hello there"], ["msg assistant", scripted_text(100)]]
+        # a second turn through the form: the conversation is kept and sent again
+        browser.js("document.getElementById('max_tokens').value = '5';"
+                   "document.getElementById('input').value = 'More please';"
+                   "document.getElementById('form').requestSubmit()")
+        browser.wait_for("document.querySelectorAll('.assistant .meta').length === 2")
+        got = browser.js(bubbles)
+        assert got[2:] == [["msg user", "More please"], ["msg assistant", scripted_text(5)]]
+        assert browser.js("conversation.length") == 4
+        shot = browser.call("Page.captureScreenshot", format="png")["data"]
+    finally:
+        browser.close()
+    import base64
+    png = base64.b64decode(shot)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    if os.environ.get("PARLEY_SCREENSHOT"):  # to look at it: PARLEY_SCREENSHOT=/tmp/chat.png pytest -k chromium
+        Path(os.environ["PARLEY_SCREENSHOT"]).write_bytes(png)
