@@ -33,7 +33,6 @@ from tokenizer import EOT_ID
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
                   "system": "system"}
-FORMATS = ("chat", "sharegpt", "alpaca")
 # Batches are padded to a multiple of this many tokens: a compiled model sees few distinct shapes, while short
 # rows (most dialogs) waste little compute.
 PAD_MULTIPLE = 16
