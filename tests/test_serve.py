@@ -162,7 +162,7 @@ def in_process_server(model, **cfg_fields):
     thread.start()
     url = f"http://127.0.0.1:{server.config.port}"
     try:
-        wait_ready(url)
+        wait_ready(url, {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else None)
         yield url, app
     finally:
         server.should_exit = True

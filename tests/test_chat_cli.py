@@ -1,0 +1,124 @@
+"""chat.py: against a recording fake server (what it sends), a real server, and a local checkpoint."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from checkpoint import save_checkpoint  # noqa: E402
+from test_serve import chat_prompt, greedy_reference, in_process_server, tiny_model  # noqa: E402
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_chat(args: list[str], stdin: str, timeout: float = 60) -> str:
+    r = subprocess.run([sys.executable, str(ROOT / "chat.py"), *args], input=stdin, capture_output=True, text=True,
+                       timeout=timeout, cwd=ROOT, env=ENV)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+@pytest.fixture
+def fake_server():
+    """Answers every chat request with a fixed streamed reply (in two pieces, an emoji split between them
+    would be the server's business) or, for a message "fail", a 400 error; records what it was sent."""
+    received = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            received.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+            if body["messages"][-1]["content"] == "fail":
+                payload = json.dumps({"error": {"message": "too long", "type": "invalid_request_error",
+                                                "param": None, "code": "context_length_exceeded"}}).encode()
+                self.send_response(400)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for delta in ({"role": "assistant", "content": ""}, {"content": "Hello "}, {"content": "friend 😀"}, {}):
+                chunk = {"id": "x", "choices": [{"index": 0, "delta": delta, "finish_reason": None if delta else "stop"}]}
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.write(b"data: [DONE]\n\n")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", received
+    server.shutdown()
+
+
+def test_remote_multi_turn_commands_and_errors(fake_server):
+    url, received = fake_server
+    out = run_chat(["--url", url, "--api-key", "k1", "--temperature", "0", "--seed", "3"],
+                   "Hi\n/system Be brief.\nHow are you?\nfail\n/reset\nAgain\n/quit\nnever sent\n")
+    assert out.count("bot> Hello friend 😀") == 3
+    assert "[system message set]" in out and "[conversation cleared]" in out and "[error: 400: too long]" in out
+    bodies = [r["body"] for r in received]
+    assert all(r["path"] == "/v1/chat/completions" and r["auth"] == "Bearer k1" for r in received)
+    assert bodies[0]["messages"] == [{"role": "user", "content": "Hi"}]
+    assert bodies[0]["stream"] is True and bodies[0]["temperature"] == 0 and bodies[0]["seed"] == 3
+    assert "max_tokens" not in bodies[0]  # 0 = let the server fit the context
+    assert bodies[1]["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                     {"role": "assistant", "content": "Hello friend 😀"},
+                                     {"role": "user", "content": "How are you?"}]
+    assert bodies[2]["messages"][-1] == {"role": "user", "content": "fail"}
+    # the failed turn is forgotten, and /reset keeps the system message but drops the turns
+    assert bodies[3]["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Again"}]
+    assert len(received) == 4
+
+
+def test_remote_unreachable_server_is_an_error_not_a_crash():
+    out = run_chat(["--url", "http://127.0.0.1:9", "--timeout", "5"], "Hi\n")
+    assert "[error: cannot reach http://127.0.0.1:9" in out
+
+
+def test_needs_exactly_one_of_checkpoint_and_url():
+    r = subprocess.run([sys.executable, str(ROOT / "chat.py")], capture_output=True, text=True, cwd=ROOT, env=ENV)
+    assert r.returncode != 0 and "--checkpoint" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def model_and_ckpt(tmp_path_factory):
+    model = tiny_model().eval()
+    return model, save_checkpoint(tmp_path_factory.mktemp("chat") / "tiny", model)
+
+
+def test_remote_against_a_real_server(model_and_ckpt):
+    model, _ = model_and_ckpt
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the server runs in this process and shares 2 cores with the client
+    try:
+        want = greedy_reference(model, chat_prompt("Hello"), 8)[0]
+        with in_process_server(model, api_key="s3cret") as (url, _):
+            out = run_chat(["--url", url, "--api-key", "s3cret", "--temperature", "0", "--max-tokens", "8"], "Hello\n")
+            assert f"bot> {want}\n" in out
+            out = run_chat(["--url", url, "--api-key", "wrong"], "Hello\n")
+            assert "[error: 401:" in out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_local_checkpoint_streams_greedy_text_and_drops_old_turns(model_and_ckpt):
+    model, ckpt = model_and_ckpt
+    want = greedy_reference(model, chat_prompt("Hello"), 8)[0]
+    long = " ".join(["story"] * 40)
+    out = run_chat(["--checkpoint", str(ckpt), "--temperature", "0", "--max-tokens", "8"],
+                   f"Hello\n/reset\n{long} 1\n{long} 2\n{long} 3\n")
+    assert out.split("you> ")[1] == f"bot> {want}\n"
+    assert "[dropped the 2 oldest messages to fit the context of 128 tokens]" in out
