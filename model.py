@@ -149,12 +149,14 @@ class GPT(nn.Module):
             return self.lm_head(x)
         keep = targets != -1
         if bool(keep.all()):
-            logits = self.lm_head(x)
-            return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
-        if not bool(keep.any()):
+            x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+        elif not bool(keep.any()):
             return x.sum() * 0.0  # no trainable token in this batch: zero loss, graph kept for DDP
-        logits = self.lm_head(x[keep])
-        return F.cross_entropy(logits.float(), targets[keep])
+        else:
+            x, targets = x[keep], targets[keep]
+        if x.device.type == "cpu" and torch.is_grad_enabled():
+            return LinearCrossEntropy.apply(x, self.lm_head.weight, targets)
+        return F.cross_entropy(self.lm_head(x).float(), targets)
 
     @torch.no_grad()
     def step_logits(self, cache: KVCache, rows, tokens_list):
@@ -210,6 +212,40 @@ class GPT(nn.Module):
             act = torch.tensor(active, device=device)
             logits = self.step_logits(cache, act, [[out[r][-1]] for r in active])
         return out
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits x @ weight.T (x: (N, C), weight: (V, C)) against targets (N,), for training
+    on the CPU: a chunk of rows at a time, with the gradients computed in the forward pass. The (N, V) logits and
+    their gradient never exist in full: each chunk's stay in cache instead of streaming gigabytes through memory,
+    and allocations stay small enough to be reused (see BENCHMARKS.md, training throughput)."""
+
+    CHUNK_ELEMENTS = 1 << 22  # 16 MB of fp32 logits per chunk
+
+    @staticmethod
+    def forward(ctx, x, weight, targets):
+        xf, wf = x.float(), weight.float()
+        n, chunk = x.size(0), max(1, LinearCrossEntropy.CHUNK_ELEMENTS // weight.size(0))
+        grad_x, grad_w = torch.empty_like(xf), torch.zeros_like(wf)
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        with torch.autocast(x.device.type, enabled=False):
+            for i in range(0, n, chunk):
+                xc, tc = xf[i:i + chunk], targets[i:i + chunk]
+                logp = torch.log_softmax(xc @ wf.t(), dim=1)
+                loss -= logp.gather(1, tc[:, None]).sum()
+                probs = logp.exp_()  # d(sum of losses)/d(logits) = softmax - one_hot(target)
+                probs[torch.arange(len(tc), device=x.device), tc] -= 1
+                torch.mm(probs, wf, out=grad_x[i:i + chunk])
+                grad_w.addmm_(probs.t(), xc)
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.n, ctx.dtypes = n, (x.dtype, weight.dtype)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        scale = grad_loss / ctx.n
+        return (grad_x * scale).to(ctx.dtypes[0]), (grad_w * scale).to(ctx.dtypes[1]), None
 
 
 def sample(logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator=None):

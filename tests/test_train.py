@@ -14,7 +14,8 @@ import torch
 
 import pretrain
 from checkpoint import load_checkpoint, step_checkpoints
-from config import TrainConfig
+from config import ModelConfig, TrainConfig
+from model import GPT, LinearCrossEntropy
 from shards import write_shard
 from train import lr_at
 
@@ -269,3 +270,25 @@ def test_learning_rate_schedules():
     assert lr_at(99, cfg, 110) == pytest.approx(0.55) and lr_at(110, cfg, 110) == pytest.approx(0.1)
     cfg.schedule = "constant"
     assert lr_at(5, cfg, 110) == pytest.approx(0.6) and lr_at(100, cfg, 110) == 1.0
+
+
+def test_cpu_training_loss_matches_plain_cross_entropy(monkeypatch):
+    """model.forward's chunked output layer + loss on the CPU (LinearCrossEntropy): the same loss and gradients."""
+    monkeypatch.setattr(LinearCrossEntropy, "CHUNK_ELEMENTS", 50304 * 10)  # 10 rows per chunk: 6 chunks and a part
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32))
+    x = torch.randint(0, 50257, (2, 32))
+    y = torch.randint(0, 50257, (2, 32))
+    y[0, :5] = -1  # masked positions take the x[keep] path
+    for targets in (y, x):
+        model.zero_grad()
+        loss = model(x, targets)
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+        model.zero_grad()
+        logits = model.lm_head(model.hidden_states(x))
+        expected = torch.nn.functional.cross_entropy(logits.view(-1, 50304), targets.view(-1), ignore_index=-1)
+        expected.backward()
+        assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+        for k, p in model.named_parameters():
+            assert torch.allclose(grads[k], p.grad, atol=1e-6, rtol=1e-4), k
