@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # A CPU build of torch unless told otherwise: e.g. `make setup TORCH=torch` on a CUDA box.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench chromium clean
 
 setup: $(VENV)/.installed .cache/tiktoken/r50k_base.tiktoken
 
@@ -24,6 +24,10 @@ test: setup
 
 demo: setup
 	$(PY) tokenize_data.py --out data/demo
+
+# Optional: Chromium for the web page's browser test (tests/test_serve.py skips it when absent). Debian/Ubuntu, as root.
+chromium:
+	apt-get update && apt-get install -y chromium
 
 clean:
 	rm -rf data checkpoints .pytest_cache

@@ -177,7 +177,146 @@ def bench_train(argv):
 
 
 def bench_serve(argv):
-    raise NotImplementedError
+    """serve.py: time to first token and single-stream decode speed against transformers' `generate` (KV cache,
+    same weights, greedy), then aggregate tokens/s of a running server at 1, 4, 16 and 64 concurrent clients.
+
+    usage: python bench.py serve [--checkpoint DIR] [--threads N] [--tokens N]
+    Default model: checkpoints/demo-chat (from `make demo`) if it exists, else a random-init model of the tiny
+    preset (n_layer=4, n_head=4, n_embd=128, block_size=256). Its special-token embeddings are zeroed so that
+    it never stops early: every request generates exactly the tokens asked for, in both implementations (this
+    is a speed test). The server runs as its own process (--max-batch 64); the clients (httpx, asyncio) run in
+    this process, on the same cores. --threads sets torch's threads here and in the server.
+    """
+    import asyncio
+    import os
+    import shutil
+    import socket
+    import statistics
+    import subprocess
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import httpx
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from chat_format import render
+    from checkpoint import export_hf, load_checkpoint, save_checkpoint
+    from config import ModelConfig, PRESETS
+    from model import GPT
+    from tokenizer import EOT_ID, N_VOCAB
+
+    opts = {"checkpoint": "checkpoints/demo-chat", "threads": str(torch.get_num_threads()), "tokens": "128"}
+    for flag, value in zip(argv[::2], argv[1::2]):
+        opts[flag.removeprefix("--")] = value
+    threads, n_new = int(opts["threads"]), int(opts["tokens"])
+    torch.set_num_threads(threads)
+    root = Path(__file__).resolve().parent
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    print(f"machine: {cpu}, {os.cpu_count()} cores; torch threads {threads}; load average before: {os.getloadavg()}")
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    if Path(opts["checkpoint"]).exists():
+        model = load_checkpoint(opts["checkpoint"])[0]
+        print(f"model: {opts['checkpoint']}")
+    else:
+        tiny = {k: PRESETS["tiny"][k] for k in ("n_layer", "n_head", "n_embd", "block_size")}
+        torch.manual_seed(0)
+        model = GPT(ModelConfig(**tiny))
+        print(f"model: random init, tiny preset {tiny} (no chat checkpoint at {opts['checkpoint']})")
+    with torch.no_grad():
+        model.wte.weight[EOT_ID:N_VOCAB] = 0
+    model.eval()
+    ckpt = save_checkpoint(tmp / "ckpt", model)
+    hf = GPT2LMHeadModel.from_pretrained(export_hf(model, tmp / "hf")).eval()
+    prompt = render([{"role": "user", "content": "Tell me a short story about a dog who learns to fly."}],
+                    add_generation_prompt=True)[0]
+
+    def median_time(fn, repeat=5):
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        def hf_generate(n):
+            return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, use_cache=True, pad_token_id=EOT_ID)
+        hf_generate(4), model.generate([prompt], 4, temperature=0)  # warm-up
+        same = hf_generate(n_new)[0, len(prompt):].tolist() == model.generate([prompt], n_new, temperature=0)[0]
+        hf_ttft, hf_full = median_time(lambda: hf_generate(1)), median_time(lambda: hf_generate(n_new), 3)
+        our_ttft = median_time(lambda: model.generate([prompt], 1, temperature=0))
+        our_full = median_time(lambda: model.generate([prompt], n_new, temperature=0), 3)
+    hf_rate, our_rate = (n_new - 1) / (hf_full - hf_ttft), (n_new - 1) / (our_full - our_ttft)
+    print(f"greedy tokens identical to transformers: {same}")
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, str(root / "serve.py"), "--checkpoint", str(ckpt), "--port", str(port),
+                               "--max-batch", "64", "--max-queue", "256", "--max-tokens-cap", str(n_new)],
+                              env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+
+        def one_stream():
+            body = {"messages": [{"role": "user", "content": "Tell me a short story about a dog who learns to fly."}],
+                    "temperature": 0, "max_tokens": n_new, "stream": True}
+            start, stamps = time.perf_counter(), []
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    if '"content": "' in line and '"role"' not in line:
+                        stamps.append(time.perf_counter())
+            return stamps[0] - start, (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+        one_stream()
+        runs = [one_stream() for _ in range(5)]
+        srv_ttft, srv_rate = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+        async def load(clients, rounds, n_tokens):
+            async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=clients)) as c:
+                async def client(i):
+                    tokens = 0
+                    for j in range(rounds):
+                        body = {"messages": [{"role": "user", "content": f"Tell me about topic {i}-{j}."}],
+                                "temperature": 0, "max_tokens": n_tokens}
+                        tokens += (await c.post("/v1/chat/completions", json=body)).json()["usage"]["completion_tokens"]
+                    return tokens
+                start = time.perf_counter()
+                total = sum(await asyncio.gather(*(client(i) for i in range(clients))))
+                return total, time.perf_counter() - start
+
+        concurrency = {}
+        for clients in (1, 4, 16, 64):
+            total, wall = asyncio.run(load(clients, 3 if clients < 16 else 2, 64))
+            concurrency[clients] = total / wall
+            print(f"  {clients:>2} clients: {total} tokens in {wall:.2f} s = {total / wall:.0f} tokens/s")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"\nload average after: {os.getloadavg()}\n")
+    print(f"| {n_new} new tokens, prompt of {len(prompt)} | time to first token | decode tokens/s |")
+    print("|---|---|---|")
+    print(f"| transformers GPT2LMHeadModel.generate (KV cache) | {hf_ttft * 1e3:.1f} ms | {hf_rate:.0f} |")
+    print(f"| ours, GPT.generate in process | {our_ttft * 1e3:.1f} ms | {our_rate:.0f} ({our_rate / hf_rate:.1f}x) |")
+    print(f"| ours, serve.py over HTTP, streaming | {srv_ttft * 1e3:.1f} ms | {srv_rate:.0f} ({srv_rate / hf_rate:.1f}x) |")
+    print("\n| concurrent clients | aggregate tokens/s | vs 1 client |\n|---|---|---|")
+    for clients, rate in concurrency.items():
+        print(f"| {clients} | {rate:.0f} | {rate / concurrency[1]:.1f}x |")
 
 
 BENCHES = {"tokenizer": bench_tokenizer, "train": bench_train, "serve": bench_serve}
