@@ -36,7 +36,7 @@ from model import GPT
 
 # Dense bf16 tensor-core peak FLOP/s per GPU, for MFU; a GPU not listed (and the CPU) shows no MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
-              "A10": 125e12, "L4": 121e12, "RTX 4090": 165e12}
+              "RTX 4090": 165e12}
 
 
 def log(msg: str) -> None:
@@ -51,7 +51,7 @@ def setup_device(cfg: TrainConfig):
     name = cfg.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and world > 1:
+    if name == "cuda":
         name = f"cuda:{local_rank}"
     device = torch.device(name)
     if device.type == "cuda":
@@ -229,6 +229,12 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
 
     if master:
         out.mkdir(parents=True, exist_ok=True)
+        earlier = step_checkpoints(out) + ([out / "best"] if (out / "best").is_dir() else [])
+        if state is None and earlier:
+            log(f"warning: a new run in {out}: deleting the {len(earlier)} checkpoints of the earlier run there "
+                f"(--resume continues a run instead)")
+            for d in earlier:
+                remove_dir(d)
         for stale in [*out.glob("*.tmp-*"), *out.glob("*.old-*")]:  # left by a run killed while saving or deleting
             shutil.rmtree(stale, ignore_errors=True)
     run_log = Log(out / "log.jsonl", master)
@@ -312,6 +318,7 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
     if state is None:
         run_eval()
     last_saved = step if state is not None else -1
+    time_up = bool(cfg.max_time) and elapsed >= cfg.max_time
     model.train()
     stop_reason = ""
     tok_rate = None
@@ -321,7 +328,7 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
                 stop_reason = f"reached max_steps ({total_steps})"
             elif cfg.max_tokens and tokens >= cfg.max_tokens:
                 stop_reason = f"reached max_tokens ({cfg.max_tokens:,})"
-            elif cfg.max_time and elapsed >= cfg.max_time:
+            elif time_up:
                 stop_reason = f"reached max_time ({cfg.max_time:.0f} s)"
             if stop_reason:
                 break
@@ -330,8 +337,9 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
             lr = lr_at(step, cfg, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # [summed micro-batch losses, tokens, target tokens, stop requested], all-reduced so every rank agrees
-            stats = torch.zeros(4, device=device)
+            # [summed micro-batch losses, tokens, target tokens, stop requested, time is up], all-reduced so that
+            # every rank takes the same decisions
+            stats = torch.zeros(5, device=device)
             batch = load(step, 0)
             for micro in range(grad_accum):
                 x, y = batch
@@ -345,6 +353,7 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
                 stats[1] += x.numel()
                 stats[2] += (y != -1).sum()
             stats[3] = float(stop.set)
+            stats[4] = float(bool(cfg.max_time) and elapsed + time.perf_counter() - t0 >= cfg.max_time)
             if world > 1:
                 dist.all_reduce(stats)
             loss_val = stats[0].item() / (grad_accum * world)
@@ -366,6 +375,7 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
             tokens += int(stats[1].item())
             dt = time.perf_counter() - t0
             elapsed += dt
+            time_up = bool(stats[4] > 0)
             if bad_steps >= cfg.max_bad_steps:
                 bar.close()
                 kept = step_checkpoints(out)

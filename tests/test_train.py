@@ -88,11 +88,15 @@ def test_loss_falls_and_run_folder_is_complete(reference):
     assert (reference / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_keep_last_prunes_old_checkpoints(data_dir, tmp_path):
+def test_keep_last_prunes_old_checkpoints_and_a_new_run_replaces_the_old(data_dir, tmp_path, capsys):
     run(data_dir, tmp_path / "run", "--max_steps", "6", "--save_every", "1", "--keep_last", "2")
     assert [p.name for p in step_checkpoints(tmp_path / "run")] == ["step_0000005", "step_0000006"]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best", "log.jsonl", "loss.png", "step_0000005",
                                                                    "step_0000006"]
+    run(data_dir, tmp_path / "run", "--max_steps", "2", "--save_every", "0")  # not --resume: a new run
+    assert "deleting the 3 checkpoints of the earlier run" in capsys.readouterr().err
+    assert [p.name for p in step_checkpoints(tmp_path / "run")] == ["step_0000002"]
+    assert max(r.get("step", 0) for r in read_log(tmp_path / "run")) == 2
 
 
 def test_sigterm_then_resume_is_bit_for_bit(data_dir, reference, tmp_path, monkeypatch):
