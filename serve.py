@@ -399,7 +399,7 @@ class Job:
 
         async def disconnected():
             while not await request.is_disconnected():
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.1)
 
         work = asyncio.ensure_future(gather())
         watch = asyncio.ensure_future(disconnected()) if request is not None else None

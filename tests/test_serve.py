@@ -332,6 +332,17 @@ def test_seed_and_greedy_are_deterministic(client):
     assert a != ask(temperature=1.0, seed=8)
     two = ask(temperature=1.0, seed=7, n=2)
     assert len(two) == 2 and two[0] == a[0] and two[1] != two[0]  # choice i uses seed + i
+    body = {"messages": [{"role": "user", "content": "Pick words"}], "max_tokens": 12, "temperature": 1.0, "seed": 7,
+            "n": 2, "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        events = sse_events(r.iter_lines())
+    streamed, finished = ["", ""], set()
+    for e in events[:-1]:
+        (choice,) = e["choices"]
+        streamed[choice["index"]] += choice["delta"].get("content", "")
+        if choice["finish_reason"]:
+            finished.add(choice["index"])
+    assert streamed == two and finished == {0, 1}
     assert ask(temperature=1.0, seed=7, top_k=1) == ask(temperature=0)  # top_k=1 is greedy
 
 
@@ -552,7 +563,7 @@ def test_flood_gets_429_and_the_server_stays_healthy(scripted):
         assert time.time() - t < 1.0 and not all(f.done() for f in futures)
         results = [f.result() for f in futures]
     codes = sorted(r.status_code for r in results)
-    assert codes.count(200) >= 4 and codes.count(429) >= 4 and set(codes) <= {200, 429}, codes
+    assert codes.count(200) >= 2 and codes.count(429) >= 4 and set(codes) <= {200, 429}, codes  # 2 rows + 2 waiting
     for r in results:
         if r.status_code == 429:
             assert_error_shape(r, 429, "queue_full")
