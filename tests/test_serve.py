@@ -65,11 +65,11 @@ def chat_prompt(text: str, system: str | None = None) -> list[int]:
     return render(messages, add_generation_prompt=True)[0]
 
 
-def wait_ready(url: str, headers=None, proc=None, timeout: float = 60):
+def wait_ready(url: str, headers=None, proc=None, log=None, timeout: float = 60):
     end = time.time() + timeout
     while time.time() < end:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read()}")
+            raise RuntimeError(f"server exited: {log.read_text()}")
         try:
             if httpx.get(url + "/ready", headers=headers, timeout=2).status_code == 200:
                 return
@@ -102,16 +102,21 @@ def model(ckpt):
 
 
 @pytest.fixture(scope="session")
-def server(ckpt):
-    """serve.py in its own process, with an API key and a small max_tokens cap."""
+def server_log(ckpt):
+    return ckpt.parent / "serve.log"
+
+
+@pytest.fixture(scope="session")
+def server(ckpt, server_log):
+    """serve.py in its own process, with an API key and a small max_tokens cap; its log goes to a file."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--checkpoint", str(ckpt), "--port", str(port),
-                             "--api-key", KEY, "--max-batch", "8", "--max-tokens-cap", "64"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    with open(server_log, "w") as log:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--checkpoint", str(ckpt), "--port",
+                                 str(port), "--api-key", KEY, "--max-batch", "8", "--max-tokens-cap", "64"],
+                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, AUTH, proc)
+        wait_ready(url, AUTH, proc, server_log)
         yield url
     finally:
         proc.terminate()
@@ -222,6 +227,25 @@ def test_health_ready_models_tokenize_metrics(client, server, model):
         assert name in text, name
     assert metric(text, "parley_completion_tokens_total") >= 3
     assert metric(text, "parley_time_to_first_token_seconds_count") >= 2  # the warm-up and our request
+
+
+def test_prompts_are_not_logged_and_cors_is_off(client, server_log):
+    secret = "my secret prompt 4711"
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": secret}], "max_tokens": 2},
+                    headers={"Origin": "http://evil.example"})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    log = server_log.read_text()
+    assert "POST /v1/chat/completions" in log and secret not in log
+
+
+def test_cors_when_origins_are_given():
+    with in_process_server(ScriptedModel(UTF8_SCRIPT), cors_origins=["http://ok.example"], api_key="k") as (url, _):
+        r = httpx.options(url + "/v1/chat/completions", headers={
+            "Origin": "http://ok.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://ok.example"
+        r = httpx.get(url + "/v1/models", headers={"Origin": "http://other.example", "Authorization": "Bearer k"})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
 
 
 def test_web_page_is_served_open_and_self_contained(server):
