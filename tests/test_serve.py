@@ -691,6 +691,17 @@ def test_web_page_in_headless_chromium(scripted, tmp_path):
         assert got[2:] == [["msg user", "More please"], ["msg assistant", scripted_text(5)]]
         assert browser.js("conversation.length") == 4
         shot = browser.call("Page.captureScreenshot", format="png")["data"]
+        # a server with a key: the page opens, its API call fails visibly until the key is entered
+        with in_process_server(ScriptedModel(UTF8_SCRIPT), api_key="page-key", max_tokens_cap=5) as (key_url, _):
+            browser.open(key_url + "/?q=Hi")
+            browser.wait_for("document.querySelector('.msg.error') !== null")
+            assert "API key" in browser.js("document.querySelector('.msg.error').textContent")
+            assert browser.js("conversation.length") == 0  # the failed turn is not kept
+            browser.js("document.getElementById('key').value = 'page-key';"
+                       "document.getElementById('input').value = 'Hi again';"
+                       "document.getElementById('form').requestSubmit()")
+            browser.wait_for("document.querySelector('.assistant .meta') !== null")
+            assert browser.js(bubbles)[-2:] == [["msg user", "Hi again"], ["msg assistant", scripted_text(5)]]
     finally:
         browser.close()
     import base64
