@@ -473,6 +473,9 @@ def test_malformed_requests_get_4xx_in_the_error_shape(client):
         r = client.post("/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"})
         assert r.status_code == 400, (raw[:40], r.text)
         assert_error_shape(r)
+    lone_surrogate = b'{"messages": [{"role": "user", "content": "a\\ud800b"}], "max_tokens": 2}'  # valid JSON, odd text
+    r = client.post("/v1/chat/completions", content=lone_surrogate, headers={"Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
     # random mutations of a valid request, bounded in number: never a 5xx
     rng = random.Random(0)
     junk = [None, True, -1, 0, 3, 1e308, float("-inf"), "", "x" * 50, [], {}, [None], {"role": "user"}, 2**70, -0.5]
