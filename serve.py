@@ -797,15 +797,17 @@ def create_app(cfg: ServeConfig, model=None) -> FastAPI:
             if body.system is not None:
                 history = ([{"role": "system", "content": body.system}] if body.system else []) + \
                           [m for m in history if m["role"] != "system"]
+            conversation = history + [{"role": "user", "content": body.message}]
             reserve = body.max_tokens or min(cfg.max_tokens_cap, block // 4)
-            prompt, kept, dropped = fit_conversation(history + [{"role": "user", "content": body.message}],
-                                                     reserve, block)
+            prompt, kept, dropped = fit_conversation(conversation, reserve, block)
             params = sampling(body, len(prompt), body.max_tokens)
             job = Job(engine, prompt, params, 1, cfg.request_timeout)
             (reply,), (reason,), (tokens,) = await job.collect(request)
             session["messages"] = kept + [{"role": "assistant", "content": reply}]
+        first = 1 if conversation[0]["role"] == "system" else 0
         return {"session_id": session_id, "new_session": created, "reply": reply, "finish_reason": reason,
-                "dropped_messages": dropped, "usage": usage(len(prompt), tokens)}
+                "dropped_messages": dropped, "dropped": conversation[first: first + dropped],
+                "usage": usage(len(prompt), tokens)}
 
     app.include_router(api)
     if cfg.cors_origins:

@@ -410,13 +410,14 @@ def test_chat_sessions_keep_the_conversation_and_drop_old_turns(client):
     r2 = client.post("/chat", json={"message": "And then?", "session_id": sid, "max_tokens": 8}).json()
     assert r2["session_id"] == sid and not r2["new_session"]
     assert r2["usage"]["prompt_tokens"] > r1["usage"]["prompt_tokens"] + r1["usage"]["completion_tokens"]
-    dropped = 0
+    dropped = []
     for i in range(6):  # ~35-token messages with 30 tokens reserved: the context of 128 overflows
         r = client.post("/chat", json={"message": " ".join(["talk"] * 30) + f" {i}", "session_id": sid,
                                        "max_tokens": 30, "temperature": 0}).json()
-        assert r["usage"]["prompt_tokens"] + 30 <= 128
-        dropped += r["dropped_messages"]
-    assert dropped >= 4
+        assert r["usage"]["prompt_tokens"] + 30 <= 128 and len(r["dropped"]) == r["dropped_messages"]
+        dropped += r["dropped"]
+    assert len(dropped) >= 4 and dropped[0] == {"role": "user", "content": "Hello"}  # oldest first
+    assert [m["role"] for m in dropped[:4]] == ["user", "assistant"] * 2
     assert_error_shape(client.post("/chat", json={"message": " ".join(["x"] * 200), "max_tokens": 8}), 400,
                        "context_length_exceeded")
 
