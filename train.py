@@ -322,6 +322,7 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
     model.train()
     stop_reason = ""
     tok_rate = None
+    batch = load(step, 0)
     with StopFlag() as stop:
         while True:
             if step >= total_steps:
@@ -340,15 +341,16 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
             # [summed micro-batch losses, tokens, target tokens, stop requested, time is up], all-reduced so that
             # every rank takes the same decisions
             stats = torch.zeros(5, device=device)
-            batch = load(step, 0)
             for micro in range(grad_accum):
                 x, y = batch
-                if micro + 1 < grad_accum:
-                    batch = load(step, micro + 1)  # queued while this micro-batch computes
+                # the next micro-batch (or the next step's first) is read while the GPU works on this one
+                batch = load(step, micro + 1) if micro + 1 < grad_accum else load(step + 1, 0)
+                # DDP averages gradients across processes only on the last micro-batch of the step
                 sync = micro == grad_accum - 1 or world == 1
-                with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-                    loss = model(x, y)
-                scaler.scale(loss / grad_accum).backward()
+                with contextlib.nullcontext() if sync else model.no_sync():
+                    with autocast:
+                        loss = model(x, y)
+                    scaler.scale(loss / grad_accum).backward()
                 stats[0] += loss.detach().float()
                 stats[1] += x.numel()
                 stats[2] += (y != -1).sum()

@@ -100,7 +100,8 @@ def test_keep_last_prunes_old_checkpoints_and_a_new_run_replaces_the_old(data_di
 
 
 def test_sigterm_then_resume_is_bit_for_bit(data_dir, reference, tmp_path, monkeypatch):
-    """SIGTERM during step 6 finishes that step and saves step 7; resuming gives the uninterrupted run's weights."""
+    """SIGTERM while step 6's batch is read (prefetched during step 5) finishes step 5 and saves its result,
+    step_0000006; resuming from there gives the uninterrupted run's weights."""
     batch = pretrain.ShardData.batch
 
     def batch_then_sigterm(self, step, micro, rank, world):
@@ -111,9 +112,9 @@ def test_sigterm_then_resume_is_bit_for_bit(data_dir, reference, tmp_path, monke
     out = tmp_path / "run"
     monkeypatch.setattr(pretrain.ShardData, "batch", batch_then_sigterm)
     run(data_dir, out, "--max_steps", "12", "--save_every", "4")
-    assert [p.name for p in step_checkpoints(out)] == ["step_0000004", "step_0000007"]
+    assert [p.name for p in step_checkpoints(out)] == ["step_0000004", "step_0000006"]
     end = read_log(out)[-1]
-    assert (end["type"], end["step"], end["reason"]) == ("end", 7, "interrupted")
+    assert (end["type"], end["step"], end["reason"]) == ("end", 6, "interrupted")
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is uninstalled afterwards
 
     monkeypatch.setattr(pretrain.ShardData, "batch", batch)
@@ -177,30 +178,31 @@ def test_sigterm_subprocess_saves_and_exits_0(data_dir, tmp_path):
     assert "SIGTERM" in err and "--resume" in err
 
 
-class PoisonAfter:
-    """Makes the model's loss NaN from optimizer step `first` to step `last` (a forward hook, set by the data)."""
+class Poison:
+    """Makes the training loss NaN for optimizer steps first..last (0-based; one micro-batch per step): a forward
+    hook on the final LayerNorm that counts the training-mode forward passes."""
 
     def __init__(self, first, last):
-        self.first, self.last, self.on = first, last, False
+        self.first, self.last, self.calls = first, last, 0
+
+    def hook(self, module, inputs, out):
+        if not module.training:
+            return out
+        self.calls += 1
+        return out * float("nan") if self.first <= self.calls - 1 <= self.last else out
 
     def install(self, monkeypatch):
-        batch, init = pretrain.ShardData.batch, pretrain.GPT.__init__
-        poison = self
-
-        def batch_switch(self, step, micro, rank, world):
-            poison.on = poison.first <= step <= poison.last
-            return batch(self, step, micro, rank, world)
+        init, poison = pretrain.GPT.__init__, self
 
         def init_with_hook(self, cfg):
             init(self, cfg)
-            self.ln_f.register_forward_hook(lambda m, i, out: out * float("nan") if poison.on and m.training else out)
+            self.ln_f.register_forward_hook(poison.hook)
 
-        monkeypatch.setattr(pretrain.ShardData, "batch", batch_switch)
         monkeypatch.setattr(pretrain.GPT, "__init__", init_with_hook)
 
 
 def test_a_non_finite_step_is_skipped(data_dir, tmp_path, monkeypatch, capsys):
-    PoisonAfter(3, 4).install(monkeypatch)
+    Poison(3, 4).install(monkeypatch)
     out = tmp_path / "run"
     run(data_dir, out, "--max_steps", "8", "--save_every", "0")
     log = read_log(out)
@@ -211,7 +213,7 @@ def test_a_non_finite_step_is_skipped(data_dir, tmp_path, monkeypatch, capsys):
 
 
 def test_too_many_non_finite_steps_stop_the_run(data_dir, tmp_path, monkeypatch):
-    PoisonAfter(5, 10**9).install(monkeypatch)
+    Poison(5, 10**9).install(monkeypatch)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
         run(data_dir, out, "--max_steps", "50", "--save_every", "4", "--max_bad_steps", "3")
@@ -223,16 +225,17 @@ def test_too_many_non_finite_steps_stop_the_run(data_dir, tmp_path, monkeypatch)
 
 
 def test_torchrun_two_processes_match_one_process_with_accumulation(data_dir, tmp_path):
+    """2 processes x 2 micro-batches (DDP, gradients averaged on the second) == 1 process x 4 micro-batches."""
     steps = ["--max_steps", "4", "--save_every", "0"]
     one, two = tmp_path / "one", tmp_path / "two"
-    run(data_dir, one, *steps, "--batch_tokens", str(2 * 4 * 32))  # 2 accumulation steps
+    run(data_dir, one, *steps, "--batch_tokens", str(4 * 4 * 32))  # 4 accumulation steps
     proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
                            "--nproc_per_node", "2", "pretrain.py", "--data", str(data_dir), "--out", str(two), *TINY,
-                           *steps, "--batch_tokens", str(2 * 4 * 32)], cwd=ROOT, env=ENV, capture_output=True,
+                           *steps, "--batch_tokens", str(4 * 4 * 32)], cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = [read_log(one), read_log(two)]
-    assert runs[0][0]["grad_accum"] == 2 and runs[1][0]["grad_accum"] == 1 and runs[1][0]["world"] == 2
+    assert runs[0][0]["grad_accum"] == 4 and runs[1][0]["grad_accum"] == 2 and runs[1][0]["world"] == 2
     curves = [[(r["step"], r["tokens"], r["loss"]) for r in log if r["type"] == "train"] for log in runs]
     assert [c[:2] for c in curves[0]] == [c[:2] for c in curves[1]] and len(curves[0]) == 4
     assert np.allclose([c[2] for c in curves[0]], [c[2] for c in curves[1]], rtol=1e-4)
