@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import pretrain
-from checkpoint import load_checkpoint, step_checkpoints
+from checkpoint import export_hf, load_checkpoint, step_checkpoints
 from config import ModelConfig, TrainConfig
 from model import GPT, LinearCrossEntropy
 from shards import write_shard
@@ -299,3 +299,16 @@ def test_cpu_training_loss_matches_plain_cross_entropy(monkeypatch):
         assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
         for k, p in model.named_parameters():
             assert torch.allclose(grads[k], p.grad, atol=1e-6, rtol=1e-4), k
+
+
+@pytest.mark.parametrize("source", ["ours", "huggingface"])
+def test_init_from_continues_from_the_checkpoints_weights(data_dir, reference, tmp_path, source):
+    init = reference  # a run folder: its best checkpoint
+    if source == "huggingface":
+        init = export_hf(load_checkpoint(reference)[0], tmp_path / "hf")
+    out = tmp_path / "run"
+    run(data_dir, out, "--max_steps", "2", "--save_every", "0", "--init-from", str(init))
+    log = read_log(out)
+    assert log[0]["init_from"] == str(init)
+    reference_val = [r["val_loss"] for r in read_log(reference) if r["type"] == "eval"][-1]
+    assert log[1]["type"] == "eval" and log[1]["val_loss"] == pytest.approx(reference_val, abs=1e-4)
