@@ -22,8 +22,23 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 test: setup
 	$(PY) -m pytest -q tests
 
+# The whole pipeline on the built-in data, in about 10 minutes on 2 CPU cores (see BENCHMARKS.md): pretrain the
+# tiny preset on the demo corpus, fine-tune it on the demo dialogs, evaluate it on the held-out dialogs.
+DEMO_PRETRAIN := --preset tiny --data data/demo --out checkpoints/demo-pretrain
+DEMO_FINETUNE := --init checkpoints/demo-pretrain --out checkpoints/demo-chat \
+	--lr 3e-3 --batch_size 32 --max_steps 300 --warmup_steps 20 --eval_every 100 --save_every 100 --eval_batches 4
 demo: setup
-	$(PY) tokenize_data.py --out data/demo
+	@stage() { name=$$1; shift; echo "== $$name: $$*"; s=$$(date +%s); "$$@" || exit 1; \
+		echo "== $$name took $$(( $$(date +%s) - s )) s"; }; \
+	rm -rf checkpoints/demo-pretrain checkpoints/demo-chat && \
+	stage data $(PY) demo_data.py --out data/demo_chat && \
+	stage tokenize $(PY) tokenize_data.py --out data/demo && \
+	stage pretrain $(PY) pretrain.py $(DEMO_PRETRAIN) && \
+	stage finetune $(PY) finetune.py $(DEMO_FINETUNE) && \
+	stage plot $(PY) plot_loss.py checkpoints/demo-pretrain checkpoints/demo-chat --out checkpoints/demo-loss.png && \
+	stage evaluate $(PY) evaluate.py checkpoints/demo-chat --data data/demo && \
+	echo && echo "Losses: checkpoints/demo-loss.png. Evaluation: checkpoints/demo-chat/eval.md." && \
+	echo "Chat with the model: $(PY) serve.py --checkpoint checkpoints/demo-chat  (then open http://127.0.0.1:8000)"
 
 # Optional: Chromium for the web page's browser test (tests/test_serve.py skips it when absent). Debian/Ubuntu, as root.
 chromium:

@@ -1,0 +1,247 @@
+"""Evaluate a checkpoint: validation loss, the instruction-following suite, and sample conversations.
+
+  python evaluate.py checkpoints/demo-chat                         # suite + loss on the held-out demo dialogs
+  python evaluate.py checkpoints/demo-chat --data data/demo        # + loss on token shards (DIR/val/*.bin)
+  python evaluate.py checkpoints/chat --data chats.jsonl --suite false  # loss on a chat file's assistant tokens
+
+CHECKPOINT is a checkpoint of ours (or a run folder: its best checkpoint) or a Hugging Face GPT-2 directory.
+
+  * Loss and perplexity: on token shards (a folder made by tokenize_data.py: its val split, every token predicted)
+    or on a chat file (read by chat_data.py; only the assistant's tokens count, as in fine-tuning). Without --data,
+    on the held-out demo dialogs. Windows / conversations longer than the context are cut as in training.
+  * The instruction-following suite (demo_data.py's "eval" split: fillers never seen in fine-tuning): each
+    conversation without its final answer is rendered with the chat template, the reply is decoded greedily
+    (batched, stopping at <|end|>) and must match the reference answer exactly. Accuracy per task family and
+    overall (over all examples, the same number per family), with every failure listed.
+  * Sample replies to a fixed set of conversations.
+
+Writes eval.md and eval.json into the CHECKPOINT folder given (atomically) and prints a short table.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import chat_format
+import demo_data
+from checkpoint import CheckpointError, load_checkpoint, resolve
+from config import cli
+from shards import ShardError, list_shards, open_shard
+from tokenizer import decode
+
+SAMPLE_PROMPTS = [
+    [{"role": "user", "content": "Repeat exactly: The violin orbit anchor lagoon."}],
+    [{"role": "user", "content": "My name is Marco."}, {"role": "assistant", "content": "Nice to meet you, Marco."},
+     {"role": "user", "content": "What is 3 + 4?"}, {"role": "assistant", "content": "3 + 4 = 7."},
+     {"role": "user", "content": "What is my name?"}],
+    [{"role": "user", "content": "Reverse the list: red, green, blue"}],
+    [{"role": "system", "content": "Always sign your answers with the name Ada."},
+     {"role": "user", "content": "Is 12 greater than 30?"}],
+    [{"role": "user", "content": "Hello! Who are you?"}],
+]
+
+
+@dataclass
+class EvalConfig:
+    data: list[str] = field(default_factory=list)  # token-shard folders or chat files for the loss
+    suite: bool = True  # run the instruction-following suite
+    per_family: int = 50  # suite conversations per task family (at most demo_data.SPLIT_SIZES["eval"])
+    seed: int = 0  # demo_data seed of the suite
+    batch_size: int = 64  # conversations decoded together / sequences per loss batch
+    max_new_tokens: int = 48
+    max_loss_tokens: int = 2_000_000  # cap on the tokens scored per shard folder
+    device: str = "auto"
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return torch.device(name)
+
+
+# ---- loss ---------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def _mean_loss(model, batches) -> tuple[float, int]:
+    """(mean cross-entropy per target token, target tokens) over (x, y) batches."""
+    total, count = 0.0, 0
+    for x, y in batches:
+        n = int((y != -1).sum())
+        if n:
+            total += model(x, y).item() * n
+            count += n
+    return total / max(count, 1), count
+
+
+def shard_batches(data_dir, block_size: int, batch_size: int, max_tokens: int, device):
+    """Consecutive, non-overlapping windows of block_size + 1 tokens over DIR/val (at most max_tokens)."""
+    rows = []
+    budget = max_tokens
+    for path in list_shards(data_dir, "val"):
+        tokens = open_shard(path)
+        for start in range(0, len(tokens) - block_size, block_size):
+            if budget < block_size:
+                break
+            rows.append(torch.from_numpy(tokens[start:start + block_size + 1].astype("int64")))
+            budget -= block_size
+    if not rows:
+        raise ShardError(f"{Path(data_dir) / 'val'}: no window of {block_size + 1} tokens to score")
+    for i in range(0, len(rows), batch_size):
+        xy = torch.stack(rows[i:i + batch_size]).to(device)
+        yield xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
+
+
+def chat_batches(conversations, block_size: int, batch_size: int, device):
+    """Batches of conversations (assistant tokens as targets), cut to the context as in fine-tuning."""
+    from chat_data import collate, encode
+    examples = sorted(encode(conversations, block_size + 1), key=lambda e: len(e[0]))
+    for i in range(0, len(examples), batch_size):
+        x, y = collate(examples[i:i + batch_size], block_size)
+        yield x.to(device), y.to(device)
+
+
+def loss_report(model, source: str, cfg: EvalConfig, device) -> dict:
+    """{"data", "kind", "loss", "perplexity", "tokens"} for a shard folder, a chat file, or the demo eval dialogs."""
+    block = model.config.block_size
+    if source == "demo":
+        kind = "demo eval dialogs (assistant tokens)"
+        batches = chat_batches(demo_data.dialogs("eval", cfg.seed), block, cfg.batch_size, device)
+    elif Path(source).is_dir():
+        kind = "token shards (val split)"
+        batches = shard_batches(source, block, cfg.batch_size, cfg.max_loss_tokens, device)
+    else:
+        from chat_data import read_file
+        kind = "chat file (assistant tokens)"
+        batches = chat_batches(read_file(source), block, cfg.batch_size, device)
+    loss, n = _mean_loss(model, batches)
+    return {"data": source, "kind": kind, "loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": n}
+
+
+# ---- generation and the suite ---------------------------------------------------------------------------------
+
+def reply(model, conversations, max_new_tokens: int = 48, batch_size: int = 64) -> list[str]:
+    """Greedy replies (text up to <|end|>) to conversations that end with a user turn, decoded in batches."""
+    prompts = [chat_format.render(c, add_generation_prompt=True)[0] for c in conversations]
+    room = model.config.block_size - 1
+    prompts = [p[-room:] for p in prompts]  # keep the end of an over-long prompt (the question is there)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths decode together
+    out = [""] * len(prompts)
+    for s in range(0, len(order), batch_size):
+        rows = order[s:s + batch_size]
+        new = model.generate([prompts[i] for i in rows], max_new_tokens, temperature=0.0,
+                             stop_tokens=(chat_format.END,))
+        for i, ids in zip(rows, new):
+            out[i] = decode(ids[:-1] if ids and ids[-1] == chat_format.END else ids)
+    return out
+
+
+def run_suite(model, examples, max_new_tokens: int = 48, batch_size: int = 64) -> dict:
+    """Exact-match accuracy per family and overall, and the failures, on demo_data-style examples."""
+    outputs = reply(model, [e["messages"][:-1] for e in examples], max_new_tokens, batch_size)
+    families, failures = {}, []
+    for e, output in zip(examples, outputs):
+        ok = demo_data.check(e, output)
+        stats = families.setdefault(e["family"], {"correct": 0, "total": 0})
+        stats["correct"] += ok
+        stats["total"] += 1
+        if not ok:
+            failures.append({"family": e["family"], "prompt": e["messages"][-2]["content"],
+                             "expected": e["answer"], "got": output})
+    for stats in families.values():
+        stats["accuracy"] = stats["correct"] / stats["total"]
+    correct = sum(s["correct"] for s in families.values())
+    return {"families": families, "overall": correct / max(len(examples), 1), "correct": correct,
+            "total": len(examples), "failures": failures}
+
+
+# ---- reports --------------------------------------------------------------------------------------------------
+
+def table(report: dict) -> str:
+    lines = []
+    for loss in report["losses"]:
+        lines.append(f"loss {loss['loss']:.4f}  perplexity {loss['perplexity']:.2f}  "
+                     f"({loss['tokens']:,} tokens; {loss['kind']}: {loss['data']})")
+    suite = report.get("suite")
+    if suite:
+        lines.append(f"{'family':<12} {'accuracy':>9} {'correct':>9}")
+        for name, s in suite["families"].items():
+            lines.append(f"{name:<12} {100 * s['accuracy']:>8.1f}% {s['correct']:>4}/{s['total']:<4}")
+        lines.append(f"{'overall':<12} {100 * suite['overall']:>8.1f}% {suite['correct']:>4}/{suite['total']:<4}")
+    return "\n".join(lines)
+
+
+def _render_conversation(messages) -> str:
+    return "\n".join(f"> **{m['role']}**: {m['content']}" for m in messages)
+
+
+def markdown(report: dict) -> str:
+    md = [f"# Evaluation of `{report['checkpoint']}`", "",
+          f"{report['parameters']:,} parameters, evaluated on {report['device']} in {report['seconds']:.1f} s.", ""]
+    md += ["## Loss", "", "| data | kind | loss | perplexity | tokens |", "|---|---|---|---|---|"]
+    md += [f"| {x['data']} | {x['kind']} | {x['loss']:.4f} | {x['perplexity']:.2f} | {x['tokens']:,} |"
+           for x in report["losses"]]
+    suite = report.get("suite")
+    if suite:
+        md += ["", "## Instruction-following suite (held-out demo split, greedy, exact match)", "",
+               "| family | accuracy | correct |", "|---|---|---|"]
+        md += [f"| {k} | {100 * s['accuracy']:.1f}% | {s['correct']}/{s['total']} |" for k, s in suite["families"].items()]
+        md += [f"| **overall** | **{100 * suite['overall']:.1f}%** | {suite['correct']}/{suite['total']} |", "",
+               f"### Failures ({len(suite['failures'])})", ""]
+        md += [f"- {f['family']}: {f['prompt']!r} expected {f['expected']!r}, got {f['got']!r}" for f in suite["failures"]]
+    md += ["", "## Sample conversations (greedy)", ""]
+    for s in report["samples"]:
+        md += [_render_conversation(s["messages"] + [{"role": "assistant", "content": s["reply"]}]), ""]
+    return "\n".join(md) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def evaluate(checkpoint, cfg: EvalConfig) -> dict:
+    """The full report for a checkpoint (see the module docstring); does not write files."""
+    t0 = time.time()
+    device = pick_device(cfg.device)
+    model, _, _ = load_checkpoint(checkpoint, device=device)
+    model.eval()
+    report = {"checkpoint": str(resolve(checkpoint)), "parameters": model.num_params(), "device": str(device),
+              "losses": [loss_report(model, source, cfg, device) for source in (cfg.data or ["demo"])]}
+    if cfg.suite:
+        suite_examples = demo_data.examples("eval", cfg.seed, per_family=cfg.per_family)
+        report["suite"] = run_suite(model, suite_examples, cfg.max_new_tokens, cfg.batch_size)
+    replies = reply(model, SAMPLE_PROMPTS, cfg.max_new_tokens, cfg.batch_size)
+    report["samples"] = [{"messages": m, "reply": r} for m, r in zip(SAMPLE_PROMPTS, replies)]
+    report["seconds"] = time.time() - t0
+    return report
+
+
+def main(argv: list[str]) -> None:
+    cfg = EvalConfig()
+    positionals = cli(argv, [cfg], max_positional=1, usage=__doc__)
+    if not positionals:
+        sys.exit("usage: python evaluate.py CHECKPOINT [--data DIR_OR_FILE ...] [--suite false]  (--help: every option)")
+    checkpoint = Path(positionals[0])
+    try:
+        report = evaluate(checkpoint, cfg)
+    except (CheckpointError, ShardError, ValueError) as e:  # ChatDataError is a ValueError
+        sys.exit(f"error: {e}")
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    _write_atomic(folder / "eval.json", json.dumps(report, indent=2) + "\n")
+    _write_atomic(folder / "eval.md", markdown(report))
+    print(table(report))
+    sample = report["samples"][1]  # a multi-turn conversation: the name must be recalled
+    print("\nsample conversation (greedy):")
+    for m in sample["messages"] + [{"role": "assistant", "content": sample["reply"]}]:
+        print(f"  {m['role']:>9}: {m['content']}")
+    print(f"\nreport: {folder / 'eval.md'} and {folder / 'eval.json'}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
