@@ -1,7 +1,7 @@
 """Plot the losses of one or more training runs: python plot_loss.py RUN_DIR... [--out loss.png] [--x steps|tokens]
 
 For each run (RUN_DIR/log.jsonl, written by train.py): the training loss raw (faint) and smoothed (an exponential
-moving average), the validation loss (markers), and the learning rate (dotted, on the right-hand axis). Several runs
+moving average over the logged points, spanning at most a tenth of them), the validation loss (markers), and the learning rate (dotted, on the right-hand axis). Several runs
 are overlaid. A fine-tuning run whose log's init_from points into another run folder given on the same command
 line (its checkpoint, or the folder itself) is drawn after that run's end: its x values are offset by the last step
 (or token count) of the pretraining run, so the two read as one timeline, with a vertical line where fine-tuning
@@ -85,7 +85,8 @@ def plot_runs(run_dirs, out, x: str = "steps", smooth: float = 0.9) -> dict:
         train = log["train"]
         xs = [r[key] + offset for r in train]
         loss = [r["loss"] for r in train]
-        smoothed = ema(loss, smooth)
+        # the EMA spans about 1 / (1 - beta) points: at most a tenth of the run, or a short run is all lag
+        smoothed = ema(loss, min(smooth, max(0.0, 1 - 10 / max(1, len(loss)))))
         val_x = [r[key] + offset for r in log["eval"]]
         val = [r["val_loss"] for r in log["eval"]]
         lr = [r["lr"] for r in train]
@@ -103,7 +104,7 @@ def plot_runs(run_dirs, out, x: str = "steps", smooth: float = 0.9) -> dict:
     ax.set_ylabel("loss (train: raw faint, smoothed solid; validation: markers)")
     ax_lr.set_ylabel("learning rate (dotted)")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     ax.set_title(", ".join(data))
     fig.tight_layout()
     out = Path(out)
@@ -118,7 +119,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training run folders (with log.jsonl)")
     parser.add_argument("--out", default="loss.png", help="the PNG to write (default: loss.png)")
     parser.add_argument("--x", choices=["steps", "tokens"], default="steps", help="x axis (default: steps)")
-    parser.add_argument("--smooth", type=float, default=0.9, help="EMA factor for the training loss (0 = raw)")
+    parser.add_argument("--smooth", type=float, default=0.9,
+                        help="EMA factor per logged point for the training loss (0 = raw; lowered for short logs)")
     args = parser.parse_args(argv)
     try:
         data = plot_runs(args.runs, args.out, args.x, args.smooth)
