@@ -92,8 +92,9 @@ def bench_train(argv):
     One optimizer step = forward + backward + gradient clipping + AdamW step on one batch of batch_size x block_size
     random tokens, the same shape and batch for both. Ours: train.py's optimizer (fused AdamW), precision (bf16
     autocast on CUDA) and torch.compile (CUDA); theirs: GPT2LMHeadModel with dropout 0 (like ours), its default
-    attention (SDPA), torch.optim.AdamW with defaults, the same autocast. The two alternate in rounds, so both see
-    the same machine load; the figure is the median step time over all rounds.
+    attention (SDPA), torch.optim.AdamW with defaults, the same autocast. A third row is ours with the output layer
+    and loss as plain F.cross_entropy (no compile): what model.LinearCrossEntropy (the CPU path) is worth. The
+    models alternate in rounds, so all see the same machine load; the figure is the median step time.
     """
     import argparse
     import os
@@ -149,8 +150,15 @@ def bench_train(argv):
         return step
 
     compiled = torch.compile(ours) if device.type == "cuda" and tcfg.compile else ours
+    plain = GPT(mcfg).to(device)  # ours with the plain loss: what model.LinearCrossEntropy is worth
+
+    def plain_loss():
+        logits = plain.lm_head(plain.hidden_states(x))
+        return torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+
     steps = {
         "ours (model.py + train.py)": make_step(ours, lambda: compiled(x, y), make_optimizer(ours, tcfg, device)),
+        "ours, plain F.cross_entropy": make_step(plain, plain_loss, make_optimizer(plain, tcfg, device)),
         # labels=x: transformers shifts the labels itself, so it gets the same (B, T) input as ours
         "transformers GPT2LMHeadModel": make_step(theirs, lambda: theirs(input_ids=x, labels=x).loss,
                                                   torch.optim.AdamW(theirs.parameters(), lr=tcfg.lr)),
@@ -172,8 +180,9 @@ def bench_train(argv):
     for name, t in times.items():
         print(f"  {name:32s} {rate[name]:>10,.0f} tokens/s  (median step {statistics.median(t) * 1000:,.0f} ms, "
               f"{len(t)} rounds of {args.steps})")
-    ours_rate, hf_rate = rate.values()
-    print(f"  ratio ours / transformers: {ours_rate / hf_rate:.2f}x; load average after: {os.getloadavg()}")
+    ours_rate, plain_rate, hf_rate = rate.values()
+    print(f"  ratio ours / transformers: {ours_rate / hf_rate:.2f}x (with the plain loss: {plain_rate / hf_rate:.2f}x); "
+          f"load average after: {os.getloadavg()}")
 
 
 def bench_serve(argv):
