@@ -39,9 +39,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tiny_model(seed: int = 0, block_size: int = 128) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size))
+def tiny_model() -> GPT:
+    with torch.random.fork_rng():  # seeded without touching the global RNG other tests see
+        torch.manual_seed(0)
+        model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=128))
     with torch.no_grad():
         # At GPT-2's init scale a random model says the same word whatever the prompt; larger weights make
         # the output depend on the prompt, so mixed-up answers would show.
