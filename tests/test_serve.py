@@ -136,7 +136,8 @@ class ScriptedModel(GPT):
     """Emits `script` over and over (a row restarts it at each prefill), sleeping `delay` s per step."""
 
     def __init__(self, script: list[int], delay: float = 0.0):
-        super().__init__(ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=128))
+        with torch.random.fork_rng():  # its weights are never used: leave the global RNG alone
+            super().__init__(ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=128))
         self.script, self.delay, self.pos = script, delay, {}
 
     def step_logits(self, cache, rows, tokens_list):
