@@ -131,7 +131,14 @@ class Histogram:
 
     def lines(self, name: str) -> list[str]:
         out = [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
-        return out + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6f}", f"{name}_count {self.count}"]
+        out.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
+        return out + [f"{name}_sum {self.sum:.6f}", f"{name}_count {self.count}"]
+
+
+def metric_block(name: str, kind: str, help_: str, samples) -> list[str]:
+    """One metric in Prometheus' text format: samples are (labels, value) or a single value."""
+    rows = samples if isinstance(samples, list) else [("", samples)]
+    return [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", *(f"{name}{labels} {value}" for labels, value in rows)]
 
 
 class Metrics:
@@ -151,25 +158,30 @@ class Metrics:
 
     def render(self, queue_depth: int, active: int, max_batch: int) -> str:
         with self.lock:
-            lines = ["# HELP parley_requests_total HTTP requests by route and status.", "# TYPE parley_requests_total counter"]
-            lines += [f'parley_requests_total{{route="{r}",status="{s}"}} {n}' for (r, s), n in sorted(self.requests.items())]
-            lines += ["# HELP parley_errors_total HTTP responses with status >= 400.", "# TYPE parley_errors_total counter"]
             errors = collections.Counter()
-            for (_, s), n in self.requests.items():
-                if s >= 400:
-                    errors[s] += n
-            lines += [f'parley_errors_total{{status="{s}"}} {n}' for s, n in sorted(errors.items())]
-            lines += ["# TYPE parley_prompt_tokens_total counter", f"parley_prompt_tokens_total {self.prompt_tokens}",
-                      "# TYPE parley_completion_tokens_total counter", f"parley_completion_tokens_total {self.completion_tokens}",
-                      "# HELP parley_cancelled_total Generations stopped because the client went away or timed out.",
-                      "# TYPE parley_cancelled_total counter", f"parley_cancelled_total {self.cancelled}",
-                      "# HELP parley_time_to_first_token_seconds From arrival to the first generated token.",
-                      "# TYPE parley_time_to_first_token_seconds histogram", *self.ttft.lines("parley_time_to_first_token_seconds"),
-                      "# HELP parley_time_per_output_token_seconds Mean time between tokens after the first, per request.",
-                      "# TYPE parley_time_per_output_token_seconds histogram", *self.tpot.lines("parley_time_per_output_token_seconds"),
-                      "# TYPE parley_queue_depth gauge", f"parley_queue_depth {queue_depth}",
-                      "# TYPE parley_active_sequences gauge", f"parley_active_sequences {active}",
-                      "# TYPE parley_batch_slots gauge", f"parley_batch_slots {max_batch}"]
+            for (_, status), n in self.requests.items():
+                if status >= 400:
+                    errors[status] += n
+            requests = [(f'{{route="{r}",status="{s}"}}', n) for (r, s), n in sorted(self.requests.items())]
+            lines = [
+                *metric_block("parley_requests_total", "counter", "HTTP requests by route and status.", requests),
+                *metric_block("parley_errors_total", "counter", "HTTP responses with status >= 400.",
+                              [(f'{{status="{s}"}}', n) for s, n in sorted(errors.items())]),
+                *metric_block("parley_prompt_tokens_total", "counter", "Prompt tokens prefilled.", self.prompt_tokens),
+                *metric_block("parley_completion_tokens_total", "counter", "Tokens generated.", self.completion_tokens),
+                *metric_block("parley_cancelled_total", "counter",
+                              "Generations stopped because the client went away or ran past its deadline.",
+                              self.cancelled),
+                "# HELP parley_time_to_first_token_seconds From arrival to the first generated token.",
+                "# TYPE parley_time_to_first_token_seconds histogram",
+                *self.ttft.lines("parley_time_to_first_token_seconds"),
+                "# HELP parley_time_per_output_token_seconds Mean time between tokens after the first, per request.",
+                "# TYPE parley_time_per_output_token_seconds histogram",
+                *self.tpot.lines("parley_time_per_output_token_seconds"),
+                *metric_block("parley_queue_depth", "gauge", "Sequences waiting for a batch row.", queue_depth),
+                *metric_block("parley_active_sequences", "gauge", "Sequences being generated.", active),
+                *metric_block("parley_batch_slots", "gauge", "Rows of the batch (max_batch).", max_batch),
+            ]
         return "\n".join(lines) + "\n"
 
 
@@ -279,7 +291,8 @@ class Engine:
         for seq in list(self.active.values()) + list(self.waiting):
             if seq.cancelled or now > seq.deadline:
                 if not seq.cancelled:
-                    seq.emit(("error", seq.index, 504, "the request ran past its deadline (request_timeout)", "timeout"))
+                    message = "the request ran past its deadline (request_timeout)"
+                    seq.emit(("error", seq.index, 504, message, "timeout"))
                 self.metrics.add(cancelled=1)
                 if seq.row is None:
                     self.waiting.remove(seq)
@@ -692,7 +705,10 @@ def create_app(cfg: ServeConfig, model=None) -> FastAPI:
 
         def chunk(i, content=None, finish=None, role=False):
             if chat:
-                delta = {"role": "assistant", "content": ""} if role else {} if content is None else {"content": content}
+                if role:
+                    delta = {"role": "assistant", "content": ""}
+                else:
+                    delta = {} if content is None else {"content": content}
                 choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
             else:
                 choice = {"index": i, "text": content or "", "logprobs": None, "finish_reason": finish}
@@ -716,7 +732,8 @@ def create_app(cfg: ServeConfig, model=None) -> FastAPI:
                     completion_tokens += event[3]
                     yield chunk(event[1], finish=event[2])
             if include_usage and not job.open:
-                yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage(job.prompt_tokens, completion_tokens)})}\n\n"
+                final = {**head, "choices": [], "usage": usage(job.prompt_tokens, completion_tokens)}
+                yield f"data: {json.dumps(final)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             job.cancel()

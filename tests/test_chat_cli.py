@@ -30,8 +30,8 @@ def run_chat(args: list[str], stdin: str, timeout: float = 60) -> str:
 
 @pytest.fixture
 def fake_server():
-    """Answers every chat request with a fixed streamed reply (in two pieces, an emoji split between them
-    would be the server's business) or, for a message "fail", a 400 error; records what it was sent."""
+    """Answers every chat request with a fixed reply streamed in pieces or, for the message "fail", a 400
+    error; records what it was sent."""
     received = []
 
     class Handler(BaseHTTPRequestHandler):
@@ -50,7 +50,8 @@ def fake_server():
             self.send_header("Content-Type", "text/event-stream")
             self.end_headers()
             for delta in ({"role": "assistant", "content": ""}, {"content": "Hello "}, {"content": "friend 😀"}, {}):
-                chunk = {"id": "x", "choices": [{"index": 0, "delta": delta, "finish_reason": None if delta else "stop"}]}
+                choice = {"index": 0, "delta": delta, "finish_reason": None if delta else "stop"}
+                chunk = {"id": "x", "choices": [choice]}
                 self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
             self.wfile.write(b"data: [DONE]\n\n")
 

@@ -4,7 +4,6 @@ scripted model (exact tokens, fixed speed) for UTF-8 streaming, disconnects, flo
 import json
 import os
 import random
-import shutil
 import socket
 import subprocess
 import sys
@@ -114,7 +113,8 @@ def server(ckpt, server_log):
     with open(server_log, "w") as log:
         proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--checkpoint", str(ckpt), "--port",
                                  str(port), "--api-key", KEY, "--max-batch", "8", "--max-tokens-cap", "64"],
-                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, AUTH, proc, server_log)
@@ -427,7 +427,8 @@ def test_chat_sessions_keep_the_conversation_and_drop_old_turns(client):
 def test_fit_conversation_keeps_the_system_message():
     msgs = [{"role": "system", "content": "S"}]
     for i in range(6):
-        msgs += [{"role": "user", "content": f"question {i} " * 5}, {"role": "assistant", "content": f"answer {i} " * 5}]
+        msgs += [{"role": "user", "content": f"question {i} " * 5},
+                 {"role": "assistant", "content": f"answer {i} " * 5}]
     msgs.append({"role": "user", "content": "last"})
     full = len(render(msgs, add_generation_prompt=True)[0])
     ids, kept, dropped = fit_conversation(msgs, reserve=3, block_size=full + 1)  # 2 tokens short: one pair goes
@@ -476,7 +477,8 @@ def test_malformed_requests_get_4xx_in_the_error_shape(client):
         r = client.post("/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"})
         assert r.status_code == 400, (raw[:40], r.text)
         assert_error_shape(r)
-    lone_surrogate = b'{"messages": [{"role": "user", "content": "a\\ud800b"}], "max_tokens": 2}'  # valid JSON, odd text
+    # valid JSON with odd text in it
+    lone_surrogate = b'{"messages": [{"role": "user", "content": "a\\ud800b"}], "max_tokens": 2}'
     r = client.post("/v1/chat/completions", content=lone_surrogate, headers={"Content-Type": "application/json"})
     assert r.status_code == 200, r.text
     # random mutations of a valid request, bounded in number: never a 5xx
@@ -562,7 +564,8 @@ def test_disconnect_frees_the_slot(scripted):
 
     before = cancelled()
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100, "stream": True}
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as r:  # streaming: read a bit, hang up
+    # streaming: read a bit, hang up
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as r:
         lines = (line for line in r.iter_lines() if line.startswith("data: "))
         assert '"role"' in next(lines) and '"content"' in next(lines)  # generating
         assert engine.active
@@ -685,7 +688,8 @@ def test_web_page_in_headless_chromium(scripted, tmp_path):
     browser = Chromium(tmp_path / "profile")
     try:
         browser.open(url + "/?q=Hello%20there")  # ?q= sends a first message on load
-        bubbles = "[...document.querySelectorAll('.msg')].map(e => [e.className, e.firstChild ? e.firstChild.textContent : ''])"
+        bubbles = ("[...document.querySelectorAll('.msg')]"
+                   ".map(e => [e.className, e.firstChild ? e.firstChild.textContent : ''])")
         browser.wait_for("document.querySelector('.assistant .meta') !== null")  # the reply has finished
         assert browser.js(bubbles) == [["msg user", "Hello there"], ["msg assistant", scripted_text(100)]]
         # a second turn through the form: the conversation is kept and sent again
