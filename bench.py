@@ -91,15 +91,15 @@ def bench_tokenizer(argv):
                       f"{rss_small_shards:.0f} MB); load {os.getloadavg()[0]:.1f}")
                 best_ref = min(best_ref, (n_ref, wall_ref, cpu_ref), key=lambda x: x[1])
                 best = min(best, (n, wall, cpu_s, rss), key=lambda x: x[1])
-            (n_ref, wall_ref, cpu_ref), (n, wall, cpu_s, rss) = best_ref, best
-            rows.append((name, n, n_ref / wall_ref, n / wall, n_ref / cpu_ref, n / cpu_s, rss, rss_small_shards))
+            (n_ref, wall_ref, _), (n, wall, _, rss) = best_ref, best
+            rows.append((name, n, n_ref / wall_ref, n / wall, rss, rss_small_shards))
     print(f"load average after: {os.getloadavg()}\n")
     print("| input | tokens | tiktoken encode_ordinary_batch | tokenize_data.py, end to end | ratio | "
-          "tiktoken per CPU s | ours per CPU s | peak RSS | peak RSS, 1M-token shards |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, n, ref, rate, ref_cpu, rate_cpu, rss, rss_small_shards in rows:
+          "peak RSS | peak RSS, 1M-token shards |")
+    print("|---|---|---|---|---|---|---|")
+    for name, n, ref, rate, rss, rss_small_shards in rows:
         print(f"| {name} | {n / 1e6:.1f}M | {ref / 1e6:.2f}M tok/s | {rate / 1e6:.2f}M tok/s | {rate / ref:.2f} | "
-              f"{ref_cpu / 1e6:.2f}M | {rate_cpu / 1e6:.2f}M | {rss:.0f} MB | {rss_small_shards:.0f} MB |")
+              f"{rss:.0f} MB | {rss_small_shards:.0f} MB |")
 
 
 def bench_train(argv):
