@@ -106,6 +106,7 @@ def bench_train(argv):
     """Training throughput: our GPT with train.py's settings against transformers' GPT2LMHeadModel.
 
     usage: python bench.py train [--preset tiny] [--device cpu|cuda] [--threads N] [--batch_size N] [--rounds R]
+                                 [--dtype auto|float32|bfloat16] [--compile]
     One optimizer step = forward + backward + gradient clipping + AdamW step on one batch of batch_size x block_size
     random tokens, the same shape and batch for both. Ours: train.py's optimizer (fused AdamW), precision (bf16
     autocast on CUDA) and torch.compile (CUDA); theirs: GPT2LMHeadModel with dropout 0 (like ours), its default
@@ -132,8 +133,10 @@ def bench_train(argv):
     parser.add_argument("--batch_size", type=int, default=0, help="sequences per step (0 = the preset's)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per model per round")
+    parser.add_argument("--dtype", default="auto", help="autocast dtype for all rows (auto: train.py's choice)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile ours on the CPU too")
     args = parser.parse_args(argv)
-    mcfg, tcfg = ModelConfig(), TrainConfig(device=args.device)
+    mcfg, tcfg = ModelConfig(), TrainConfig(device=args.device, dtype=args.dtype)
     apply_overrides([mcfg, tcfg], PRESETS[args.preset], f"preset {args.preset}")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -166,7 +169,7 @@ def bench_train(argv):
             optimizer.zero_grad(set_to_none=True)
         return step
 
-    compiled = torch.compile(ours) if device.type == "cuda" and tcfg.compile else ours
+    compiled = torch.compile(ours) if (device.type == "cuda" and tcfg.compile) or args.compile else ours
     plain = GPT(mcfg).to(device)  # ours with the plain loss: what model.LinearCrossEntropy is worth
 
     def plain_loss():
