@@ -2,8 +2,9 @@
 
 usage: python tokenize_data.py [INPUT ...] [--out DIR] [--field value ...]
 
-INPUT is a .txt or .txt.gz file (the whole file is one document), a .jsonl or .jsonl.gz file (one document per
-line, taken from the field --text_field), or a folder searched recursively for such files, in sorted order.
+INPUT is a .txt or .txt.gz file (the whole file is one document, or with --txt_paragraphs each paragraph, i.e.
+text between blank lines), a .jsonl or .jsonl.gz file (one document per line, taken from the field
+--text_field), or a folder searched recursively for such files, in sorted order.
 With no INPUT the built-in demo corpus (demo_data.pretrain_documents) is tokenized into data/demo.
 
 DIR receives train/train_000000.bin ... and val/val_000000.bin ... (the shards.py format, --shard_tokens tokens
@@ -30,6 +31,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -57,6 +59,7 @@ MAX_SHOWN_BAD = 10  # skipped records printed one by one under --skip_bad; the r
 class TokenizeConfig:
     out: str = ""  # output folder; required with INPUT, data/demo for the demo corpus
     text_field: str = "text"  # the field of a .jsonl record that holds the document
+    txt_paragraphs: bool = False  # a .txt file gives one document per paragraph (blank-line separated), not one
     val_fraction: float = 0.005  # share of documents held out for validation (at least one document)
     shard_tokens: int = 100_000_000  # tokens per shard file (200 MB)
     workers: int = 0  # encoding threads; 0 = one per CPU core
@@ -133,7 +136,7 @@ def parse_jsonl_line(line: bytes, text_field: str) -> str:
     return text
 
 
-def read_file(path: Path, text_field: str, source: dict, bad):
+def read_file(path: Path, text_field: str, txt_paragraphs: bool, source: dict, bad):
     """Yield the documents of one input file; `bad(where, why)` raises or counts. Fills `source` (size, sha256)."""
     try:
         raw = HashingReader(path)
@@ -150,7 +153,7 @@ def read_file(path: Path, text_field: str, source: dict, bad):
                 line = data.count(b"\n", 0, e.start) + 1
                 bad(f"{path}:{line}", f"invalid UTF-8 at byte {e.start} of the file ({e.reason})")
             else:
-                yield text
+                yield from re.split(r"\n(?:[ \t\r]*\n)+", text) if txt_paragraphs else [text]
         else:
             for lineno, line in enumerate(stream, 1):
                 if not line.strip():  # blank lines between records are allowed
@@ -298,7 +301,8 @@ def tokenize(inputs: list[str], cfg: TokenizeConfig) -> dict:
         for path in files or [None]:  # None: the demo corpus
             sources.append({"path": str(path) if path else f"demo_data.pretrain_documents(seed={cfg.seed})",
                             "documents": 0, "bad_records": 0})
-            texts = read_file(path, cfg.text_field, sources[-1], bad) if path else pretrain_documents(seed=cfg.seed)
+            texts = read_file(path, cfg.text_field, cfg.txt_paragraphs, sources[-1], bad) if path \
+                else pretrain_documents(seed=cfg.seed)
             for text in texts:
                 if text:  # an empty document would only add an EOT
                     sources[-1]["documents"] += 1
@@ -327,7 +331,7 @@ def tokenize(inputs: list[str], cfg: TokenizeConfig) -> dict:
                            (f" ({len(skipped)} bad records skipped)" if skipped else ""))
         if train.documents == 0:
             raise BadInput(f"{where}: only {n_docs} document(s), all held out for validation; the train split "
-                           "would be empty (add documents or lower --val_fraction)")
+                           "would be empty (add documents, lower --val_fraction, or for .txt files --txt_paragraphs)")
         meta = {
             "tokenizer": tokenizer.TOKENIZER_NAME,
             "eot_id": tokenizer.EOT_ID,

@@ -110,6 +110,17 @@ def test_tiny_corpus_still_gets_a_val_document(tmp_path):
     assert (meta["splits"]["val"]["documents"], meta["splits"]["train"]["documents"]) == (1, 1)
 
 
+def test_txt_paragraphs_makes_a_document_per_paragraph(tmp_path, capsys):
+    (tmp_path / "play.txt").write_text("First speech.\nStill first.\n\nSecond speech.\n \n\nThird.\n")
+    with pytest.raises(SystemExit) as e:  # one document cannot fill both splits
+        run([tmp_path / "play.txt", "--out", tmp_path / "o"])
+    assert e.value.code == 2 and "--txt_paragraphs" in capsys.readouterr().err
+    meta = run([tmp_path / "play.txt", "--out", tmp_path / "o", "--txt_paragraphs"])
+    assert read_split(tmp_path / "o", "val") + read_split(tmp_path / "o", "train") == \
+        ["First speech.\nStill first.", "Second speech.", "Third.\n"]
+    assert meta["sources"][0]["documents"] == 3
+
+
 def bad_cases(tmp_path):
     """(file to tokenize, text the error must contain)."""
     cases = []
