@@ -341,6 +341,7 @@ def tokenize(inputs: list[str], cfg: TokenizeConfig) -> dict:
             "val_fraction": cfg.val_fraction,
             "seed": cfg.seed,
             "text_field": cfg.text_field,
+            "txt_paragraphs": cfg.txt_paragraphs,
             "splits": {"train": train.summary(), "val": val.summary()},
             "skipped_bad_records": len(skipped),
             "sources": sources,
