@@ -206,7 +206,7 @@ def encode_batch(docs: list[str], key: bytes, val_fraction: float, first_to_val:
 
     Runs in a worker thread: tiktoken releases the GIL while it encodes, so threads use every core without
     pickling text to other processes. encode_to_numpy also skips the Python list of ints that encode_ordinary
-    builds, which is most of why this beats encode_ordinary_batch (BENCHMARKS.md).
+    builds under the GIL, which is what keeps encode_ordinary_batch from scaling with threads (BENCHMARKS.md).
     """
     enc = tokenizer.get_encoding()
     pieces = ([], [])  # train, val
