@@ -21,7 +21,7 @@ from checkpoint import CheckpointError, load_checkpoint
 from config import ModelConfig, TrainConfig, cli, to_dict
 from model import GPT
 from shards import ShardError, list_shards, open_shard, read_header
-from train import fit
+from train import check_config, fit
 
 
 class ShardData:
@@ -85,6 +85,7 @@ def main(argv: list[str]) -> None:
     cli(argv, [train_cfg, model_cfg], usage=__doc__)
     torch.manual_seed(train_cfg.seed)  # the same initial weights on every process
     try:
+        check_config(train_cfg)
         if train_cfg.init_from:
             model, _, _ = load_checkpoint(train_cfg.init_from)
         else:

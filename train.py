@@ -31,12 +31,27 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint, step_checkpoints
-from config import TrainConfig, to_dict
+from config import ConfigError, TrainConfig, to_dict
 from model import GPT
 
 # Dense bf16 tensor-core peak FLOP/s per GPU, for MFU; a GPU not listed (and the CPU) shows no MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
               "RTX 4090": 165e12}
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse values the loop cannot use before any work starts; the message names the field."""
+    choices = {"schedule": ("cosine", "wsd", "constant"), "dtype": ("auto", "float32", "bfloat16", "float16")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(f"field '{name}' expects one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+    minimum = {"batch_size": 1, "log_every": 1, "max_bad_steps": 1, "max_steps": 0, "warmup_steps": 0,
+               "batch_tokens": 0, "eval_every": 0, "eval_batches": 0, "save_every": 0, "keep_last": 0, "lr": 0}
+    for name, low in minimum.items():
+        if getattr(cfg, name) < low:
+            raise ConfigError(f"field '{name}' expects a value >= {low}, got {getattr(cfg, name)!r}")
+    if not 0 <= cfg.decay_fraction <= 1:
+        raise ConfigError(f"field 'decay_fraction' expects a value in [0, 1], got {cfg.decay_fraction!r}")
 
 
 def log(msg: str) -> None:
@@ -88,10 +103,8 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
             return cfg.lr
         progress = (step - decay_start) / max(1, total_steps - decay_start)
         return cfg.lr - (cfg.lr - min_lr) * min(1.0, progress)
-    if cfg.schedule == "cosine":
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-        return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
-    raise ValueError(f"field 'schedule' expects cosine, wsd or constant, got {cfg.schedule!r}")
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))  # cosine
+    return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -194,6 +207,7 @@ def plot_run(out: Path) -> None:
 
 def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict | None = None) -> Path:
     """Train `model` on `data` per `cfg`; returns the best checkpoint's directory (else the final one)."""
+    check_config(cfg)
     device, rank, world, local_rank = setup_device(cfg)
     master = rank == 0
     out = Path(cfg.out)

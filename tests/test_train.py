@@ -261,10 +261,13 @@ def test_data_batches_are_pure_functions_of_step_micro_rank(data_dir, tmp_path):
     assert data.fingerprint == pretrain.ShardData(d, 16, 64, 2, 1).fingerprint
 
 
-def test_pretrain_reports_bad_data_dir(tmp_path, capsys):
+@pytest.mark.parametrize("args, message", [([], "no token shards in"),
+                                           (["--schedule", "linear"], "field 'schedule' expects one of cosine"),
+                                           (["--batch_size", "0"], "field 'batch_size' expects a value >= 1")])
+def test_pretrain_reports_bad_input_with_exit_2(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as e:
-        pretrain.main(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run"), *TINY])
-    assert e.value.code == 2 and "no token shards in" in capsys.readouterr().err
+        pretrain.main(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run"), *TINY, *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_learning_rate_schedules():
