@@ -26,7 +26,8 @@ test: setup
 # tiny preset on the demo corpus, fine-tune it on the demo dialogs, evaluate it on the held-out dialogs.
 DEMO_PRETRAIN := --preset tiny --data data/demo --out checkpoints/demo-pretrain
 DEMO_FINETUNE := --init checkpoints/demo-pretrain --out checkpoints/demo-chat \
-	--lr 3e-3 --batch_size 32 --max_steps 300 --warmup_steps 20 --eval_every 100 --save_every 100 --eval_batches 4
+	--lr 1e-3 --batch_size 16 --max_steps 1500 --warmup_steps 50 --eval_every 250 --save_every 250 --eval_batches 4 \
+	--max_time 480
 demo: setup
 	@stage() { name=$$1; shift; echo "== $$name: $$*"; s=$$(date +%s); "$$@" || exit 1; \
 		echo "== $$name took $$(( $$(date +%s) - s )) s"; }; \

@@ -88,8 +88,8 @@ class ServeConfig:
 
 PRESETS: dict[str, dict] = {
     # Trains on a 2-core CPU in minutes. Most of its FLOPs are in the 50K-wide output layer.
-    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=16,
-                 lr=2e-3, warmup_steps=50, max_steps=600, eval_every=100, save_every=200, eval_batches=10),
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=8,
+                 lr=3e-3, warmup_steps=10, max_steps=100, eval_every=25, save_every=25, eval_batches=4),
     # GPT-2 small, 124M parameters.
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16, batch_tokens=524288,
                  lr=6e-4, warmup_steps=700, max_steps=19000),

@@ -8,10 +8,10 @@
 
 split is "train" or "val" (fine-tuning and its validation loss) or "eval" (the held-out instruction-following
 suite of evaluate.py). Six task families, every answer exactly checkable (`check`):
-  copy       "Repeat exactly: The cup lamp tree."                  -> the sentence itself
-  recall     a fact given turns earlier, other exchanges between,  -> "Your pet is called Rex."
-             then a question about it (several facts per dialog)
-  list       reverse / first / last / count of a list of words      -> "The last item is tree."
+  copy       "Repeat exactly:\nThe cup lamp tree."                 -> the sentence itself
+  recall     a fact, one to three other exchanges, then a question -> "Your pet is called Rex."
+             about the fact
+  list       reverse / first / last / count of a list of words      -> "The list ends with tree."
   arithmetic "What is 7 + 5?" / "What is 12 - 5?"                   -> "7 + 5 = 12."
   compare    "Is 37 greater than 52?" / "... less than ...?"       -> "No." / "Yes."
   system     a system prompt asks to sign every answer with a name -> "<answer> - Mira"
@@ -99,25 +99,26 @@ def _words(rng, p, lo, hi):
 
 
 def _copy(rng, p):
-    sentence = rng.choice(["The", "A", "My", "Our", "This"]) + " " + " ".join(_words(rng, p, 2, 6)) + "."
-    prompt = rng.choice(["Repeat exactly: {}", "Please repeat this exactly: {}", "Say exactly this: {}",
-                         "Copy this text: {}", "Repeat after me: {}"])
+    # The text starts on its own line, so its first word is the same token in the prompt and in the answer.
+    sentence = rng.choice(["The", "A", "My", "Our", "This"]) + " " + " ".join(_words(rng, p, 2, 5)) + "."
+    prompt = rng.choice(["Repeat exactly:\n{}", "Please repeat this exactly:\n{}", "Say exactly this:\n{}",
+                         "Copy this text:\n{}", "Repeat after me:\n{}"])
     return [{"role": "user", "content": prompt.format(sentence)}], sentence
 
 
 def _list(rng, p):
-    items = _words(rng, p, 2, 6)
+    items = _words(rng, p, 2, 5)
     shown = ", ".join(items)
     op = rng.choice(["reverse", "first", "last", "count"])
     if op == "reverse":
         q = rng.choice(["Reverse the list: {}", "Write this list backwards: {}"])
-        a = "The reversed list is: " + ", ".join(reversed(items)) + "."
+        a = "In reverse: " + ", ".join(reversed(items)) + "."
     elif op == "first":
         q = rng.choice(["What is the first item of the list: {}?", "Which item comes first in: {}?"])
-        a = f"The first item is {items[0]}."
+        a = f"The list starts with {items[0]}."
     elif op == "last":
         q = rng.choice(["What is the last item of the list: {}?", "Which item comes last in: {}?"])
-        a = f"The last item is {items[-1]}."
+        a = f"The list ends with {items[-1]}."
     else:
         q = rng.choice(["How many items are in the list: {}?", "Count the items: {}"])
         a = f"There are {len(items)} items."
@@ -159,22 +160,16 @@ FACTS = {
 
 
 def _recall(rng, p):
-    # One to three facts, each in its own exchange, then zero to three other exchanges, then a question
-    # about one of the facts: the answer is only in the conversation, several turns back.
-    kinds = [(pool, fact) for pool, facts in FACTS.items() for fact in facts]
-    chosen = rng.sample(kinds, rng.randint(1, 3))
-    messages, values = [], []
-    for pool, (statement, ack, _, _) in chosen:
-        value = rng.choice([v for v in p[pool] if v not in values])
-        values.append(value)
-        messages += [{"role": "user", "content": statement.format(value)},
-                     {"role": "assistant", "content": ack.format(value)}]
-    for _ in range(rng.randint(0, 3)):
-        turn, answer = rng.choice(SIMPLE)(rng, p)
-        messages += turn + [{"role": "assistant", "content": answer}]
-    i = rng.randrange(len(chosen))
-    (_, (_, _, question, answer)) = chosen[i]
-    return messages + [{"role": "user", "content": question}], answer.format(values[i])
+    # A fact, then one to three other exchanges, then a question about the fact: the answer is only in the
+    # conversation, several turns back. The answer repeats the statement's words before the value ("... name is
+    # Mira."), which the model finds again in the context to copy what followed it.
+    pool, (statement, ack, question, answer) = rng.choice([(pool, f) for pool, facts in FACTS.items() for f in facts])
+    value = rng.choice(p[pool])
+    messages = [{"role": "user", "content": statement.format(value)}, {"role": "assistant", "content": ack.format(value)}]
+    for _ in range(rng.randint(1, 3)):
+        turn, reply = rng.choice(SIMPLE)(rng, p)
+        messages += turn + [{"role": "assistant", "content": reply}]
+    return messages + [{"role": "user", "content": question}], answer.format(value)
 
 
 def _system(rng, p):
