@@ -22,7 +22,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 test: setup
 	$(PY) -m pytest -q tests
 
-# The whole pipeline on the built-in data, in about 10 minutes on 2 CPU cores (see BENCHMARKS.md): pretrain the
+# The whole pipeline on the built-in data, about 15 minutes on 2 shared CPU cores (BENCHMARKS.md): pretrain the
 # tiny preset on the demo corpus, fine-tune it on the demo dialogs, evaluate it on the held-out dialogs.
 DEMO_PRETRAIN := --preset tiny --data data/demo --out checkpoints/demo-pretrain
 DEMO_FINETUNE := --init checkpoints/demo-pretrain --out checkpoints/demo-chat \
@@ -37,7 +37,7 @@ demo: setup
 	stage pretrain $(PY) pretrain.py $(DEMO_PRETRAIN) && \
 	stage finetune $(PY) finetune.py $(DEMO_FINETUNE) && \
 	stage plot $(PY) plot_loss.py checkpoints/demo-pretrain checkpoints/demo-chat --out checkpoints/demo-loss.png && \
-	stage evaluate $(PY) evaluate.py checkpoints/demo-chat --data data/demo && \
+	stage evaluate $(PY) evaluate.py checkpoints/demo-chat --data data/demo data/demo_chat/eval.jsonl && \
 	echo && echo "Losses: checkpoints/demo-loss.png. Evaluation: checkpoints/demo-chat/eval.md." && \
 	echo "Chat with the model: $(PY) serve.py --checkpoint checkpoints/demo-chat  (then open http://127.0.0.1:8000)"
 
