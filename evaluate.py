@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import chat_format
 import demo_data
+from chat_data import collate, encode, read_file
 from checkpoint import CheckpointError, load_checkpoint, resolve
 from config import cli
 from shards import ShardError, list_shards, open_shard
@@ -98,7 +99,6 @@ def shard_batches(data_dir, block_size: int, batch_size: int, max_tokens: int, d
 
 def chat_batches(conversations, block_size: int, batch_size: int, device):
     """Batches of conversations (assistant tokens as targets), cut to the context as in fine-tuning."""
-    from chat_data import collate, encode
     examples = sorted(encode(conversations, block_size + 1), key=lambda e: len(e[0]))
     for i in range(0, len(examples), batch_size):
         x, y = collate(examples[i:i + batch_size], block_size)
@@ -115,7 +115,6 @@ def loss_report(model, source: str, cfg: EvalConfig, device) -> dict:
         kind = "token shards (val split)"
         batches = shard_batches(source, block, cfg.batch_size, cfg.max_loss_tokens, device)
     else:
-        from chat_data import read_file
         kind = "chat file (assistant tokens)"
         batches = chat_batches(read_file(source), block, cfg.batch_size, device)
     loss, n = _mean_loss(model, batches)
