@@ -79,14 +79,7 @@ def wait_ready(url: str, headers=None, proc=None, log=None, timeout: float = 60)
     raise TimeoutError(f"{url} not ready after {timeout} s")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The test process and the server share 2 cores: one thread each avoids oversubscription, which makes
-    small matmuls 10x slower under load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")

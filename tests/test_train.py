@@ -25,14 +25,7 @@ TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32
         "--eval_batches", "2", "--warmup_steps", "2", "--lr", "1e-2", "--log_every", "1", "--eval_every", "0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread, here and in subprocesses (ENV): on a busy 2-core machine two threads mostly wait for each other,
-    and a run must compute exactly the same in and out of process for the bit-for-bit comparisons."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
