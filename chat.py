@@ -43,9 +43,10 @@ def local_replier(cfg: ChatConfig):
     import torch
     from checkpoint import load_checkpoint
     from model import KVCache, sample
-    from serve import STOP_IDS, TextStream, fit_conversation, resolve_device
+    from model import pick_device
+    from serve import STOP_IDS, TextStream, fit_conversation
 
-    model, _, _ = load_checkpoint(cfg.checkpoint, device=resolve_device(cfg.device))
+    model, _, _ = load_checkpoint(cfg.checkpoint, device=pick_device(cfg.device))
     model.eval()
     block, device = model.config.block_size, model.wte.weight.device
     generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed >= 0 else None

@@ -31,6 +31,7 @@ import chat_format
 import demo_data
 from chat_data import collate, encode, read_file
 from checkpoint import CheckpointError, load_checkpoint, resolve
+from model import pick_device
 from config import cli
 from shards import ShardError, list_shards, open_shard
 from tokenizer import decode
@@ -57,12 +58,6 @@ class EvalConfig:
     max_new_tokens: int = 48
     max_loss_tokens: int = 2_000_000  # cap on the tokens scored per shard folder
     device: str = "auto"
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    return torch.device(name)
 
 
 # ---- loss ---------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from chat_data import ChatData, ChatDataError, encode, read_files, split
 from checkpoint import CheckpointError, load_checkpoint
 from config import FinetuneConfig, ModelConfig, TrainConfig, cli, to_dict
 from model import GPT
-from train import fit
+from train import fit, micro_steps
 
 # Fine-tuning starts from a trained model: a smaller learning rate than pretraining, a short warmup, frequent
 # evals (fit keeps RUN/best by validation loss, so over-fitting a small data set costs nothing).
@@ -52,8 +52,8 @@ def load_data(ft: FinetuneConfig, cfg: TrainConfig, block_size: int, world: int)
     counts = {}
     train_ex = encode(train, block_size + 1, ft.train_on_prompt, counts)
     val_ex = encode(val, block_size + 1, ft.train_on_prompt, counts)
-    # micro-batches per optimizer step, as train.fit computes them: consecutive steps then read consecutive batches
-    grad_accum = max(1, cfg.batch_tokens // (cfg.batch_size * block_size * world))
+    # micro-batches per optimizer step, as train.fit counts them: consecutive steps then read consecutive batches
+    grad_accum = micro_steps(cfg, block_size, world)
     data = ChatData(train_ex, val_ex, block_size, cfg.batch_size, cfg.seed, grad_accum, cfg.eval_batches)
     summary.update(counts, **data.stats())
     return data, summary

@@ -248,6 +248,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         return (grad_x * scale).to(ctx.dtypes[0]), (grad_w * scale).to(ctx.dtypes[1]), None
 
 
+def pick_device(name: str = "auto") -> torch.device:
+    """The device for `--device`: auto is CUDA when available, else Apple's MPS, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return torch.device(name)
+
+
 def sample(logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator=None):
     """Next token ids (B,) from logits (B, V). Padding ids of the vocabulary are never chosen."""
     logits = logits.float().clone()

@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chat_format import ASSISTANT, ChatFormatError, render, validate
 from config import ServeConfig, cli
-from model import KVCache, sample
+from model import KVCache, pick_device, sample
 from tokenizer import EOT_ID, N_VOCAB, decode, decode_bytes, encode
 
 log = logging.getLogger("parley.serve")
@@ -571,15 +571,11 @@ class Sessions:
 
 # ---- the app ------------------------------------------------------------------------------------
 
-def resolve_device(name: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-
 def create_app(cfg: ServeConfig, model=None) -> FastAPI:
     """The FastAPI app; `model` (a GPT) is loaded from cfg.checkpoint when not given."""
     if model is None:
         from checkpoint import load_checkpoint
-        model, _, _ = load_checkpoint(cfg.checkpoint, device=resolve_device(cfg.device))
+        model, _, _ = load_checkpoint(cfg.checkpoint, device=pick_device(cfg.device))
     model.eval()
     block = model.config.block_size
     model_id = Path(cfg.checkpoint).name or "parley"

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint, step_checkpoints
 from config import ConfigError, TrainConfig, to_dict
-from model import GPT
+from model import GPT, pick_device
 
 # Dense bf16 tensor-core peak FLOP/s per GPU, for MFU; a GPU not listed (and the CPU) shows no MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
@@ -63,12 +63,9 @@ def setup_device(cfg: TrainConfig):
     """(device, rank, world, local_rank); joins the process group when started by torchrun."""
     rank, world, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), \
         int(os.environ.get("LOCAL_RANK", 0))
-    name = cfg.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda":
-        name = f"cuda:{local_rank}"
-    device = torch.device(name)
+    device = pick_device(cfg.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
@@ -105,6 +102,11 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
         return cfg.lr - (cfg.lr - min_lr) * min(1.0, progress)
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))  # cosine
     return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def micro_steps(cfg: TrainConfig, block_size: int, world: int) -> int:
+    """Micro-batches per optimizer step on each process: enough to reach cfg.batch_tokens (at least one)."""
+    return max(1, cfg.batch_tokens // (cfg.batch_size * block_size * world))
 
 
 def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -219,7 +221,7 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     block = model.config.block_size
-    grad_accum = max(1, cfg.batch_tokens // (cfg.batch_size * block * world))
+    grad_accum = micro_steps(cfg, block, world)
     tokens_per_step = grad_accum * cfg.batch_size * block * world  # nominal: for the schedule's length
     total_steps = cfg.max_steps
     if cfg.max_tokens:
