@@ -106,12 +106,14 @@ def bench_train(argv):
     """Training throughput: our GPT with train.py's settings against transformers' GPT2LMHeadModel.
 
     usage: python bench.py train [--preset tiny] [--device cpu|cuda] [--threads N] [--batch_size N] [--rounds R]
-                                 [--dtype auto|float32|bfloat16] [--compile]
+                                 [--dtype auto|float32|bfloat16] [--compile] [--data_vocab SHARD_DIR]
     One optimizer step = forward + backward + gradient clipping + AdamW step on one batch of batch_size x block_size
     random tokens, the same shape and batch for both. Ours: train.py's optimizer (fused AdamW), precision (bf16
     autocast on CUDA) and torch.compile (CUDA); theirs: GPT2LMHeadModel with dropout 0 (like ours), its default
     attention (SDPA), torch.optim.AdamW with defaults, the same autocast. A third row is ours with the output layer
-    and loss as plain F.cross_entropy (no compile): what model.LinearCrossEntropy (the CPU path) is worth. The
+    and loss as plain F.cross_entropy (no compile): what model.LinearCrossEntropy (the CPU path) is worth. With
+    --data_vocab, a fourth row is ours with the loss over the token ids of those shards (pretrain.py --data_vocab),
+    on random tokens drawn from those ids. The
     models alternate in rounds, so all see the same machine load; the figure is the median step time.
     """
     import argparse
@@ -135,6 +137,7 @@ def bench_train(argv):
     parser.add_argument("--steps", type=int, default=3, help="timed steps per model per round")
     parser.add_argument("--dtype", default="auto", help="autocast dtype for all rows (auto: train.py's choice)")
     parser.add_argument("--compile", action="store_true", help="torch.compile ours on the CPU too")
+    parser.add_argument("--data_vocab", default="", help="also time the loss over the ids of these shards")
     args = parser.parse_args(argv)
     mcfg, tcfg = ModelConfig(), TrainConfig(device=args.device, dtype=args.dtype)
     apply_overrides([mcfg, tcfg], PRESETS[args.preset], f"preset {args.preset}")
@@ -183,6 +186,14 @@ def bench_train(argv):
         "transformers GPT2LMHeadModel": make_step(theirs, lambda: theirs(input_ids=x, labels=x).loss,
                                                   torch.optim.AdamW(theirs.parameters(), lr=tcfg.lr)),
     }
+    if args.data_vocab:
+        from shards import token_ids
+        ids = torch.from_numpy(token_ids(args.data_vocab)).to(device)
+        restricted = GPT(mcfg).to(device)
+        restricted.restrict_output(ids)
+        xr = ids[torch.randint(len(ids), (B, T + 1), device=device)]
+        steps[f"ours, --data_vocab ({len(ids)} ids)"] = make_step(
+            restricted, lambda: restricted(xr[:, :-1], xr[:, 1:]), make_optimizer(restricted, tcfg, device))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for step in steps.values():  # warm-up: allocator, kernels, compilation
         for _ in range(3 if device.type == "cuda" else 1):
@@ -200,7 +211,7 @@ def bench_train(argv):
     for name, t in times.items():
         print(f"  {name:32s} {rate[name]:>10,.0f} tokens/s  (median step {statistics.median(t) * 1000:,.0f} ms, "
               f"{len(t)} rounds of {args.steps})")
-    ours_rate, plain_rate, hf_rate = rate.values()
+    ours_rate, plain_rate, hf_rate = list(rate.values())[:3]
     print(f"  ratio ours / transformers: {ours_rate / hf_rate:.2f}x (with the plain loss: {plain_rate / hf_rate:.2f}x); "
           f"load average after: {os.getloadavg()}")
 

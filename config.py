@@ -25,11 +25,14 @@ class ModelConfig:
     vocab_size: int = 50304  # GPT-2's 50257 + chat special tokens, padded to a multiple of 64
     dropout: float = 0.0
     bias: bool = True
+    rope: bool = False  # rotary position embeddings instead of learned ones (model.py); not exportable to HF GPT-2
+    output_vocab: int = 0  # size of a restricted output layer (GPT.restrict_output; set by pretraining); 0 = all ids
 
 
 @dataclass
 class TrainConfig:
     data: str = "data/demo"  # a folder of token shards (tokenize_data.py) for pretraining
+    data_vocab: bool = False  # pretraining: an output layer over only the token ids in the shards (GPT.restrict_output)
     out: str = "checkpoints/run"
     init_from: str = ""  # a checkpoint of ours or a Hugging Face GPT-2 directory
     resume: bool = False  # continue from the newest valid checkpoint in `out`
@@ -87,8 +90,10 @@ class ServeConfig:
 
 
 PRESETS: dict[str, dict] = {
-    # Trains on a 2-core CPU in minutes. Most of its FLOPs are in the 50K-wide output layer.
-    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=8,
+    # Trains on a 2-core CPU in minutes. Most of its FLOPs are in the 50K-wide output layer (see --data_vocab).
+    # Rotary positions: at this size and training length it learns to copy from its context, which the learned
+    # positions of GPT-2 do not (model.py).
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=8, rope=True,
                  lr=3e-3, warmup_steps=10, max_steps=100, eval_every=25, save_every=25, eval_batches=4),
     # GPT-2 small, 124M parameters.
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16, batch_tokens=524288,

@@ -2,6 +2,12 @@
 
 Module names follow Hugging Face's GPT-2 (wte, wpe, h.N.attn.c_attn, ...) so weights map one to one;
 we use nn.Linear where GPT-2 used Conv1D, so those matrices are transposed on import and export.
+
+One departure is optional: `rope` replaces the learned position embeddings (wpe) with rotary ones, which
+rotate queries and keys by their position so that attention scores depend on relative distance. Small models
+trained briefly learn to look back and copy ("induction") far sooner with it: on the demo corpus a 2-layer
+model learned to copy after ~1,500 steps with rope and not within 3,000 without (BENCHMARKS.md). A rope
+model has no GPT-2 equivalent, so it cannot be exported to Hugging Face.
 """
 
 import math
@@ -33,6 +39,20 @@ class KVCache:
         self.max_len = max_len
 
 
+def rotary_tables(head_dim: int, max_len: int, base: float = 10000.0):
+    """cos and sin of position * frequency, (max_len, head_dim // 2) each: the angles rope rotates by."""
+    freqs = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), freqs)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x, cos, sin):
+    """Rotate the pairs (first half, second half) of x (B, T, nh, hs) by the angles cos/sin (B, T, hs/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos[:, :, None].to(x.dtype), sin[:, :, None].to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -43,12 +63,15 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.residual_projection = True
         self.dropout = cfg.dropout
 
-    def forward(self, x, cache=None, layer=0, rows=None, pos=None):
+    def forward(self, x, rope=None, cache=None, layer=0, rows=None, pos=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, C // self.n_head)
         k = k.view(B, T, self.n_head, C // self.n_head)
         v = v.view(B, T, self.n_head, C // self.n_head)
+        if rope is not None:  # (cos, sin) at each token's position; cached keys are stored rotated
+            q, k = rotate(q, *rope), rotate(k, *rope)
+        q = q.transpose(1, 2)  # (B, nh, T, hs)
         if cache is None:
             y = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
@@ -86,8 +109,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cache=None, layer=0, rows=None, pos=None):
-        x = x + self.attn(self.ln_1(x), cache, layer, rows, pos)
+    def forward(self, x, rope=None, cache=None, layer=0, rows=None, pos=None):
+        x = x + self.attn(self.ln_1(x), rope, cache, layer, rows, pos)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -98,12 +121,17 @@ class GPT(nn.Module):
             raise ValueError(f"vocab_size {cfg.vocab_size} is smaller than the tokenizer's {N_VOCAB} ids")
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.wpe = None if cfg.rope else nn.Embedding(cfg.block_size, cfg.n_embd)
+        if cfg.rope:
+            cos, sin = rotary_tables(cfg.n_embd // cfg.n_head, cfg.block_size)
+            self.register_buffer("rope_cos", cos, persistent=False)  # derived, not saved in checkpoints
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied input and output embeddings
+        self.output_ids = self.rest_ids = None  # see restrict_output
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -120,7 +148,7 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameters counted once (tied weights); non_embedding leaves out the position embeddings."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.wpe.weight.numel() if non_embedding else n
+        return n - self.wpe.weight.numel() if non_embedding and self.wpe is not None else n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward): 6N for the matmuls plus attention's 12*L*C*T."""
@@ -133,10 +161,34 @@ class GPT(nn.Module):
             if idx.size(1) > self.config.block_size:
                 raise ValueError(f"sequence of {idx.size(1)} tokens is longer than the context ({self.config.block_size})")
             pos = torch.arange(idx.size(1), device=idx.device)[None].expand(idx.size(0), -1)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
+        x = self.wte(idx)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(pos)
+        else:
+            rope = self.rope_cos[pos], self.rope_sin[pos]
+        x = self.drop(x)
         for i, block in enumerate(self.h):
-            x = block(x, cache, i, rows, pos)
+            x = block(x, rope, cache, i, rows, pos)
         return self.ln_f(x)
+
+    def restrict_output(self, ids) -> None:
+        """Compute the training loss over the token ids `ids` only (None: over all ids, the default).
+
+        For a corpus that uses a few hundred of the 50K ids (the demo's: 788) this makes the output layer, most of
+        a small model's cost, a hundred times cheaper, and the loss stays the exact full-vocabulary cross-entropy:
+        the embedding rows of all other ids are set to their mean here and stay equal (they get identical
+        gradients), so their logits are one logit plus log(their number). The model stays an ordinary GPT: every
+        id has a logit, and fine-tuning, evaluation and generation need to know nothing of this.
+        """
+        if ids is None:
+            self.output_ids = self.rest_ids = None
+            return
+        keep = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=self.wte.weight.device)
+        keep[torch.as_tensor(ids, device=keep.device)] = True
+        self.output_ids, self.rest_ids = keep.nonzero().squeeze(1), (~keep).nonzero().squeeze(1)
+        with torch.no_grad():
+            self.wte.weight[self.rest_ids] = self.wte.weight[self.rest_ids].mean(0)
 
     def forward(self, idx, targets=None):
         """Logits (B, T, V), or with targets the mean cross-entropy over targets != -1.
@@ -154,9 +206,20 @@ class GPT(nn.Module):
             return x.sum() * 0.0  # no trainable token in this batch: zero loss, graph kept for DDP
         else:
             x, targets = x[keep], targets[keep]
+        weight, bias = self.lm_head.weight, None
+        if self.output_ids is not None:  # the output_ids' logits, then one standing for all the other (equal) rows
+            position = torch.full((self.config.vocab_size,), -1, dtype=torch.long, device=targets.device)
+            position[self.output_ids] = torch.arange(len(self.output_ids), device=targets.device)
+            targets = position[targets]
+            if bool((targets < 0).any()):
+                raise ValueError("a target token is not among the ids the loss is restricted to (restrict_output)")
+            weight = torch.cat([weight[self.output_ids], weight[self.rest_ids].mean(0, keepdim=True)])
+            bias = torch.zeros(len(weight), device=x.device)
+            bias[-1] = math.log(len(self.rest_ids))
         if x.device.type == "cpu" and torch.is_grad_enabled():
-            return LinearCrossEntropy.apply(x, self.lm_head.weight, targets)
-        return F.cross_entropy(self.lm_head(x).float(), targets)
+            return LinearCrossEntropy.apply(x, weight, targets, bias)
+        logits = x @ weight.t()
+        return F.cross_entropy((logits if bias is None else logits + bias).float(), targets)
 
     @torch.no_grad()
     def step_logits(self, cache: KVCache, rows, tokens_list):
@@ -215,7 +278,8 @@ class GPT(nn.Module):
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of the logits x @ weight.T (x: (N, C), weight: (V, C)) against targets (N,), for training
+    """Mean cross-entropy of the logits x @ weight.T + bias (x: (N, C), weight: (V, C), bias: constant (V,) or None)
+    against targets (N,), for training
     on the CPU: a chunk of rows at a time, with the gradients computed in the forward pass. The (N, V) logits and
     their gradient never exist in full: each chunk's stay in cache instead of streaming gigabytes through memory,
     and allocations stay small enough to be reused (see BENCHMARKS.md, training throughput)."""
@@ -223,7 +287,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     CHUNK_ELEMENTS = 1 << 22  # 16 MB of fp32 logits per chunk
 
     @staticmethod
-    def forward(ctx, x, weight, targets):
+    def forward(ctx, x, weight, targets, bias=None):
         xf, wf = x.float(), weight.float()
         n, chunk = x.size(0), max(1, LinearCrossEntropy.CHUNK_ELEMENTS // weight.size(0))
         grad_x, grad_w = torch.empty_like(xf), torch.zeros_like(wf)
@@ -231,7 +295,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             for i in range(0, n, chunk):
                 xc, tc = xf[i:i + chunk], targets[i:i + chunk]
-                logp = torch.log_softmax(xc @ wf.t(), dim=1)
+                logits = xc @ wf.t()
+                logp = torch.log_softmax(logits if bias is None else logits.add_(bias), dim=1)
                 loss -= logp.gather(1, tc[:, None]).sum()
                 probs = logp.exp_()  # d(sum of losses)/d(logits) = softmax - one_hot(target)
                 probs[torch.arange(len(tc), device=x.device), tc] -= 1
@@ -245,7 +310,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
         scale = grad_loss / ctx.n
-        return (grad_x * scale).to(ctx.dtypes[0]), (grad_w * scale).to(ctx.dtypes[1]), None
+        return (grad_x * scale).to(ctx.dtypes[0]), (grad_w * scale).to(ctx.dtypes[1]), None, None
 
 
 def pick_device(name: str = "auto") -> torch.device:

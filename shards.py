@@ -71,3 +71,12 @@ def list_shards(data_dir, split: str) -> list[Path]:
     if not shards:
         raise ShardError(f"no token shards in {d} (run tokenize_data.py first)")
     return shards
+
+
+def token_ids(data_dir) -> np.ndarray:
+    """The sorted token ids that occur in DIR's train and val shards."""
+    seen = np.zeros(1 << 16, dtype=bool)
+    for split in ("train", "val"):
+        for path in list_shards(data_dir, split):
+            seen |= np.bincount(open_shard(path), minlength=1 << 16) > 0
+    return np.flatnonzero(seen)

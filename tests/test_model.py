@@ -30,11 +30,38 @@ def test_shapes_vocab_padding_and_tied_weights(tiny_model):
     assert tiny_model.num_params() == n - 64 * 32
 
 
-def test_causality(tiny_model):
+@pytest.fixture(params=[False, True], ids=["learned-positions", "rope"])
+def any_model(request):
+    """The tiny model with learned position embeddings, and with rotary ones."""
+    torch.manual_seed(0)
+    return GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, rope=request.param)).eval()
+
+
+def test_rotation_depends_only_on_relative_position():
+    from model import rotary_tables, rotate
+    cos, sin = rotary_tables(8, 32)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    at = lambda x, p: rotate(x, cos[p].view(1, 1, -1), sin[p].view(1, 1, -1))  # noqa: E731
+    score = lambda pq, pk: float((at(q, pq) * at(k, pk)).sum())  # noqa: E731
+    assert score(5, 3) == pytest.approx(score(12, 10), abs=1e-5)
+    assert score(5, 3) != pytest.approx(score(5, 4), abs=1e-3)
+    assert score(0, 0) == pytest.approx(float((q * k).sum()), abs=1e-6)  # position 0: no rotation
+
+
+def test_rope_model_has_no_position_table_and_cannot_become_gpt2(tmp_path):
+    from checkpoint import CheckpointError, export_hf
+    m = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, rope=True))
+    assert m.wpe is None and not any(k.startswith("wpe") for k in m.state_dict())
+    assert m.num_params() == m.num_params(non_embedding=False)
+    with pytest.raises(CheckpointError, match="rotary"):
+        export_hf(m, tmp_path / "hf")
+
+
+def test_causality(any_model):
     x = torch.randint(0, N_VOCAB, (1, 16))
     y = x.clone()
     y[0, 10:] = torch.randint(0, N_VOCAB, (6,))
-    a, b = tiny_model(x), tiny_model(y)
+    a, b = any_model(x), any_model(y)
     assert torch.allclose(a[0, :10], b[0, :10], atol=1e-6)
     assert not torch.allclose(a[0, 10:], b[0, 10:])
 
@@ -65,17 +92,17 @@ def test_loss_ignores_masked_targets(tiny_model):
                           torch.nn.functional.cross_entropy(tiny_model(x).view(-1, 50304), y_all.view(-1)), atol=1e-5)
 
 
-def test_kv_cache_greedy_equals_recompute(tiny_model):
+def test_kv_cache_greedy_equals_recompute(any_model):
     prompt = [464, 2068, 7586, 21831, 18045]
-    (out,) = tiny_model.generate([prompt], 20, temperature=0)
-    assert out == reference_greedy(tiny_model, prompt, 20)
+    (out,) = any_model.generate([prompt], 20, temperature=0)
+    assert out == reference_greedy(any_model, prompt, 20)
 
 
-def test_batched_generation_of_different_lengths_equals_one_by_one(tiny_model):
+def test_batched_generation_of_different_lengths_equals_one_by_one(any_model):
     prompts = [[1, 2, 3, 4, 5, 6, 7], [42], [100, 200, 300]]
-    batched = tiny_model.generate(prompts, 12, temperature=0)
-    assert batched == [tiny_model.generate([p], 12, temperature=0)[0] for p in prompts]
-    assert batched[1] == reference_greedy(tiny_model, prompts[1], 12)
+    batched = any_model.generate(prompts, 12, temperature=0)
+    assert batched == [any_model.generate([p], 12, temperature=0)[0] for p in prompts]
+    assert batched[1] == reference_greedy(any_model, prompts[1], 12)
 
 
 def test_stop_tokens_and_context_limit(tiny_model):
@@ -121,3 +148,25 @@ def test_padding_ids_are_never_sampled():
     assert int(sample(logits, 0)) < N_VOCAB
     g = torch.Generator().manual_seed(0)
     assert all(int(sample(logits, 1.0, generator=g)) < N_VOCAB for _ in range(50))
+
+
+def test_restricted_loss_is_the_full_vocabulary_loss_and_keeps_the_other_rows_tied(tiny_model):
+    x, y = torch.tensor([[5, 9, 100, 2000]]), torch.tensor([[9, 100, 2000, 50256]])
+    tiny_model.restrict_output([2000, 9, 5, 100, 9, 50256])
+    assert tiny_model.output_ids.tolist() == [5, 9, 100, 2000, 50256]
+    weight = tiny_model.wte.weight
+    rest = tiny_model.rest_ids
+    assert len(rest) == 50304 - 5 and torch.equal(weight[rest], weight[rest[:1]].expand(len(rest), -1))
+    optimizer = torch.optim.AdamW(tiny_model.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        full = torch.nn.functional.cross_entropy(tiny_model(x)[0], y[0])  # the ordinary full-vocabulary loss
+        loss = tiny_model(x, y)
+        assert loss.item() == pytest.approx(full.item(), abs=1e-4)  # float32 sums of 50K terms
+        with torch.no_grad():
+            assert tiny_model(x, y).item() == pytest.approx(full.item(), abs=1e-4)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert torch.equal(weight[rest], weight[rest[:1]].expand(len(rest), -1))  # still one row
+    with pytest.raises(ValueError, match="not among the ids"):
+        tiny_model(x, torch.full_like(x, 7))

@@ -308,3 +308,21 @@ def test_init_from_continues_from_the_checkpoints_weights(data_dir, reference, t
     assert log[0]["init_from"] == str(init)
     reference_val = [r["val_loss"] for r in read_log(reference) if r["type"] == "eval"][-1]
     assert log[1]["type"] == "eval" and log[1]["val_loss"] == pytest.approx(reference_val, abs=1e-4)
+
+
+def test_data_vocab_trains_on_the_ids_in_the_shards_with_the_full_vocabulary_loss(data_dir, tmp_path):
+    out = tmp_path / "run"
+    run(data_dir, out, "--max_steps", "80", "--save_every", "0", "--data_vocab")
+    model = load_checkpoint(out)[0]  # an ordinary model: the ids the shards never use share one embedding row
+    others = torch.cat([torch.arange(0, 100), torch.arange(164, 50304)])
+    weight = model.wte.weight
+    assert torch.equal(weight[others], weight[others[:1]].expand(len(others), -1))
+    assert not torch.equal(weight[100], weight[101])
+    x, y = pretrain.ShardData(data_dir, 32, 4, 0, 1).val_batches()[0]
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+    assert loss < 1.0  # the cycle was learned, and the other ids' logits are low
+    logged = [r["val_loss"] for r in read_log(out) if r["type"] == "eval"][-1]  # the restricted loss, in training
+    with torch.no_grad():
+        full = [model(*batch).item() for batch in pretrain.ShardData(data_dir, 32, 4, 1337, 2).val_batches()]
+    assert logged == pytest.approx(sum(full) / len(full), abs=1e-4)
