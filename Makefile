@@ -26,7 +26,7 @@ test: setup
 # tiny preset on the demo corpus, fine-tune it on the demo dialogs, evaluate it on the held-out dialogs.
 # Both training stages also stop at a wall-time limit, so the demo ends in time on a slow or busy machine.
 # Pretraining computes its softmax over the corpus's 788 token ids (--data_vocab: the same loss, ~7x faster at
-# this size) and keeps the learning rate up until the last 20% of steps (wsd), which is when it learns to copy.
+# this size) and keeps the learning rate at its peak until the last 20% of steps (wsd; BENCHMARKS.md, Demo).
 DEMO_PRETRAIN := --preset tiny --data data/demo --out checkpoints/demo-pretrain --data_vocab \
 	--batch_size 8 --max_steps 2000 --schedule wsd --warmup_steps 50 --eval_every 250 --save_every 250 --max_time 450
 DEMO_FINETUNE := --init checkpoints/demo-pretrain --out checkpoints/demo-chat \
