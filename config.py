@@ -26,13 +26,12 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = True
     rope: bool = False  # rotary position embeddings instead of learned ones (model.py); not exportable to HF GPT-2
-    output_vocab: int = 0  # size of a restricted output layer (GPT.restrict_output; set by pretraining); 0 = all ids
 
 
 @dataclass
 class TrainConfig:
     data: str = "data/demo"  # a folder of token shards (tokenize_data.py) for pretraining
-    data_vocab: bool = False  # pretraining: an output layer over only the token ids in the shards (GPT.restrict_output)
+    data_vocab: bool = False  # pretraining: the softmax over the ids in the shards, exact (GPT.restrict_output)
     out: str = "checkpoints/run"
     init_from: str = ""  # a checkpoint of ours or a Hugging Face GPT-2 directory
     resume: bool = False  # continue from the newest valid checkpoint in `out`
