@@ -226,9 +226,9 @@ def load_hf(path, device="cpu") -> GPT:
 def export_hf(model: GPT, out_dir, extra_files: dict | None = None) -> Path:
     """Write `model` as a Hugging Face GPT2LMHeadModel directory (vocabulary kept at our padded size)."""
     cfg = model.config
-    if cfg.rope:
-        raise CheckpointError("this model uses rotary position embeddings (rope), which GPT-2 does not have: "
-                              "it cannot be exported as a Hugging Face GPT-2 model")
+    if cfg.rope or cfg.smear:
+        raise CheckpointError(f"this model uses {'rotary position embeddings (rope)' if cfg.rope else 'smear'}, "
+                              "which GPT-2 does not have: it cannot be exported as a Hugging Face GPT-2 model")
     out = Path(out_dir)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -26,6 +26,7 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = True
     rope: bool = False  # rotary position embeddings instead of learned ones (model.py); not exportable to HF GPT-2
+    smear: bool = False  # add a learned share of the previous token's embedding to each input (model.py); not HF
 
 
 @dataclass
@@ -92,7 +93,7 @@ PRESETS: dict[str, dict] = {
     # Trains on a 2-core CPU in minutes. Most of its FLOPs are in the 50K-wide output layer (see --data_vocab).
     # Rotary positions: at this size and training length it learns to copy from its context, which the learned
     # positions of GPT-2 do not (model.py).
-    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=8, rope=True,
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=8, rope=True, smear=True,
                  lr=3e-3, warmup_steps=10, max_steps=100, eval_every=25, save_every=25, eval_batches=4),
     # GPT-2 small, 124M parameters.
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16, batch_tokens=524288,

@@ -6,8 +6,11 @@ we use nn.Linear where GPT-2 used Conv1D, so those matrices are transposed on im
 One departure is optional: `rope` replaces the learned position embeddings (wpe) with rotary ones, which
 rotate queries and keys by their position so that attention scores depend on relative distance. Small models
 trained briefly learn to look back and copy ("induction") far sooner with it: on repeated random phrases a
-2-layer model learned to copy after ~1,500-2,800 steps with rope and not within 3,000 without (BENCHMARKS.md). A rope
-model has no GPT-2 equivalent, so it cannot be exported to Hugging Face.
+2-layer model learned to copy after ~1,500-2,800 steps with rope and not within 3,000 without (BENCHMARKS.md). The other, `smear`,
+adds to each token's input embedding a learned share (per channel) of the previous token's: the first layer
+can then match "the token before this one" directly, the half of induction a model otherwise has to learn
+first (previous-token attention). With both, the tiny model's pretraining loss leaves its plateau earlier
+(BENCHMARKS.md). Models with either have no GPT-2 equivalent, so they cannot be exported to Hugging Face.
 """
 
 import math
@@ -36,6 +39,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.last_token = torch.zeros(batch, dtype=torch.long, device=device)  # each row's newest token (smear)
         self.max_len = max_len
 
 
@@ -122,6 +126,7 @@ class GPT(nn.Module):
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = None if cfg.rope else nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.smear = nn.Parameter(torch.zeros(cfg.n_embd)) if cfg.smear else None  # starts as a no-op
         if cfg.rope:
             cos, sin = rotary_tables(cfg.n_embd // cfg.n_head, cfg.block_size)
             self.register_buffer("rope_cos", cos, persistent=False)  # derived, not saved in checkpoints
@@ -162,6 +167,14 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence of {idx.size(1)} tokens is longer than the context ({self.config.block_size})")
             pos = torch.arange(idx.size(1), device=idx.device)[None].expand(idx.size(0), -1)
         x = self.wte(idx)
+        if self.smear is not None:
+            # Each position also sees the previous token: within idx, or for a cached row's first new token
+            # the newest token already in the cache (none at position 0).
+            if cache is None:
+                first = torch.zeros_like(x[:, :1])
+            else:
+                first = self.wte(cache.last_token[rows])[:, None] * (pos[:, :1, None] > 0)
+            x = x + self.smear * torch.cat([first, x[:, :-1]], dim=1)
         rope = None
         if self.wpe is not None:
             x = x + self.wpe(pos)
@@ -175,7 +188,7 @@ class GPT(nn.Module):
     def restrict_output(self, ids) -> None:
         """Compute the training loss over the token ids `ids` only (None: over all ids, the default).
 
-        For a corpus that uses a few hundred of the 50K ids (the demo's: 788) this makes the output layer, most of
+        For a corpus that uses a few hundred of the 50K ids (the demo's: ~1,070) this makes the output layer, most of
         a small model's cost, ~60 times cheaper, and the loss stays the exact full-vocabulary cross-entropy:
         the embedding rows of all other ids are set to their mean here and stay equal (they get identical
         gradients), so their logits are one logit plus log(their number). The model stays an ordinary GPT: every
@@ -239,8 +252,9 @@ class GPT(nn.Module):
         pos = start[:, None] + torch.arange(n, device=device)[None]
         x = self.hidden_states(idx, cache, rows, pos)
         cache.lengths[rows] = start + new_len
-        last = x[torch.arange(len(tokens_list), device=device), new_len - 1]
-        return self.lm_head(last).float()
+        ends = torch.arange(len(tokens_list), device=device), new_len - 1
+        cache.last_token[rows] = idx[ends]
+        return self.lm_head(x[ends]).float()
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,

@@ -30,11 +30,15 @@ def test_shapes_vocab_padding_and_tied_weights(tiny_model):
     assert tiny_model.num_params() == n - 64 * 32
 
 
-@pytest.fixture(params=[False, True], ids=["learned-positions", "rope"])
+@pytest.fixture(params=[(False, False), (True, False), (True, True)], ids=["learned-positions", "rope", "rope+smear"])
 def any_model(request):
-    """The tiny model with learned position embeddings, and with rotary ones."""
+    """The tiny model with learned position embeddings, with rotary ones, and with rotary ones and smear."""
     torch.manual_seed(0)
-    return GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, rope=request.param)).eval()
+    rope, smear = request.param
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, rope=rope, smear=smear)).eval()
+    if smear:  # trained, it is not zero: make it matter here
+        torch.nn.init.normal_(model.smear, std=1.0)
+    return model
 
 
 def test_rotation_depends_only_on_relative_position():
@@ -55,6 +59,21 @@ def test_rope_model_has_no_position_table_and_cannot_become_gpt2(tmp_path):
     assert m.num_params() == m.num_params(non_embedding=False)
     with pytest.raises(CheckpointError, match="rotary"):
         export_hf(m, tmp_path / "hf")
+
+
+def test_smear_starts_as_a_no_op_and_cannot_become_gpt2(tmp_path):
+    from checkpoint import CheckpointError, export_hf
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)
+    with_smear, without = GPT(ModelConfig(**{**vars(cfg), "smear": True})).eval(), GPT(cfg).eval()
+    without.load_state_dict({k: v for k, v in with_smear.state_dict().items() if k != "smear"})
+    x = torch.randint(0, N_VOCAB, (2, 12))
+    assert torch.equal(with_smear(x), without(x))
+    torch.nn.init.normal_(with_smear.smear)  # trained: the first position is unchanged, the others are not
+    a, b = with_smear(x), without(x)
+    assert torch.allclose(a[:, 0], b[:, 0], atol=1e-5) and not torch.allclose(a[:, 1:], b[:, 1:], atol=1e-3)
+    with pytest.raises(CheckpointError, match="smear"):
+        export_hf(with_smear, tmp_path / "hf")
 
 
 def test_causality(any_model):
