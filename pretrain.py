@@ -9,7 +9,9 @@
 With --init-from (a checkpoint of ours or a Hugging Face GPT-2 directory) the model's shape comes from that
 checkpoint. --data_vocab computes the loss's softmax over the token ids that occur in the shards (plus one logit
 standing for all the others, whose embeddings it ties): for a corpus that uses few of the 50K ids, such as the
-demo's (788), a tiny model trains about 7x faster with the same full-vocabulary loss (GPT.restrict_output). Every config field can be given as --field value; --help lists them.
+demo's (~1,070), a tiny model trains several times faster with the same full-vocabulary loss
+(GPT.restrict_output); the chat tokens keep embeddings of their own for fine-tuning. Every config field can be
+given as --field value; --help lists them.
 """
 
 import hashlib
@@ -23,6 +25,7 @@ from checkpoint import CheckpointError, load_checkpoint
 from config import ModelConfig, TrainConfig, cli, to_dict
 from model import GPT
 from shards import ShardError, list_shards, open_shard, read_header, token_ids
+from tokenizer import CHAT_SPECIAL_TOKENS
 from train import check_config, fit
 
 
@@ -94,13 +97,16 @@ def main(argv: list[str]) -> None:
             model = GPT(model_cfg)
         data = ShardData(train_cfg.data, model.config.block_size, train_cfg.batch_size, train_cfg.seed,
                          train_cfg.eval_batches)
-        model.restrict_output(token_ids(train_cfg.data) if train_cfg.data_vocab else None)
+        if train_cfg.data_vocab:
+            # The chat tokens never occur in pretraining text, but fine-tuning needs them told apart: tied to
+            # the other rows' mean they would enter fine-tuning as one and the same embedding.
+            model.restrict_output(np.union1d(token_ids(train_cfg.data), list(CHAT_SPECIAL_TOKENS.values())))
     except (CheckpointError, ShardError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if model.output_ids is not None:
-        print(f"loss: softmax over the {len(model.output_ids):,} token ids that occur in {train_cfg.data}, plus one "
-              f"logit for the {len(model.rest_ids):,} others (--data_vocab)")
+        print(f"loss: softmax over the {len(model.output_ids):,} token ids that occur in {train_cfg.data} and the "
+              f"chat tokens, plus one logit for the {len(model.rest_ids):,} others (--data_vocab)")
     provenance = {"kind": "pretrain", "init_from": train_cfg.init_from or None, "data_dir": str(train_cfg.data)}
     fit(model, train_cfg, data, provenance, extra_config={"train": to_dict(train_cfg)})
 

@@ -314,10 +314,12 @@ def test_data_vocab_trains_on_the_ids_in_the_shards_with_the_full_vocabulary_los
     out = tmp_path / "run"
     run(data_dir, out, "--max_steps", "80", "--save_every", "0", "--data_vocab")
     model = load_checkpoint(out)[0]  # an ordinary model: the ids the shards never use share one embedding row
-    others = torch.cat([torch.arange(0, 100), torch.arange(164, 50304)])
+    others = torch.cat([torch.arange(0, 100), torch.arange(164, 50257), torch.arange(50261, 50304)])
     weight = model.wte.weight
     assert torch.equal(weight[others], weight[others[:1]].expand(len(others), -1))
     assert not torch.equal(weight[100], weight[101])
+    chat = weight[50257:50261]  # the chat tokens keep rows of their own, for fine-tuning
+    assert not torch.equal(chat[0], weight[0]) and not torch.equal(chat[0], chat[1])
     x, y = pretrain.ShardData(data_dir, 32, 4, 0, 1).val_batches()[0]
     with torch.no_grad():
         loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
