@@ -16,17 +16,21 @@ suite of evaluate.py). Six task families, every answer exactly checkable (`check
   compare    "Is 37 greater than 52?" / "... less than ...?"       -> "No." / "Yes."
   system     a system prompt asks to sign every answer with a name -> "<answer> - Mira"
 
-Held out: the word and name pools are split once (by a hash of the word, whatever the seed) into a training
-part and an evaluation part, and so are the recall numbers and the operand pairs of arithmetic and comparison.
-The "train" and "val" dialogs use only the training part, the "eval" dialogs only the evaluation part, so no
-filler of the evaluation suite (word, name, number, operand pair) ever occurs in a fine-tuning dialog.
+Held out: every dialog of the "eval" split is new (a fresh draw of sentences, lists, facts and signatures, which
+the model must read from the conversation: no answer can be memorized), and the operand pairs of arithmetic and
+comparison are split once (by a hash of the pair, whatever the seed) into a training part and an evaluation
+part, so no sum or comparison that the suite asks about ever occurs in a fine-tuning dialog. The words, names and
+recall numbers are shared: fine-tuning pushes down every token its answers never contain (Adam moves even
+rarely used embedding rows at full speed), and with the words split the tuned model answered with training
+words instead of copying the held-out ones (BENCHMARKS.md, "Demo").
 Every filler is a single GPT-2 token after a space (" tree", " Mira", " 213"), and answers are phrased so
 that fillers are always preceded by a space, so copying a word means copying its token.
 
-The pretraining corpus is different text (stories, repeated phrases, lists, counting, comparisons written out
-as sentences) over ALL words and names of both parts: like a real pretraining corpus, it has seen the words of
-the evaluation suite, but never a task in the chat format, never an evaluation operand pair of the arithmetic
-and comparison families, and never the recall numbers.
+The pretraining corpus is different text (stories, repeated phrases, lists, counting, sums and comparisons
+written out as sentences) over all words and names and ALL operand pairs: like a real pretraining corpus,
+it holds the knowledge the suite asks for (the words and numbers, that 7 + 5 = 12, that 37 is less than 52),
+but never a task in the chat format. So the suite measures whether fine-tuning taught the model
+to follow instructions and use its context and its knowledge, on dialogs and questions it was never tuned on.
 """
 
 import json
@@ -64,32 +68,27 @@ Simon Theo Yuri Zack""".split()
 NAMES = [n for n in NAMES if n not in ("Rose", "Olive")]  # also nouns: a filler belongs to one pool only
 RECALL_NUMBERS = range(100, 360)  # " 100" ... " 359" are single tokens
 OPERANDS = range(0, 21)  # arithmetic operands; sums up to 40 and differences down to 0
-COMPARE_NUMBERS = range(0, 100)
-EVAL_EVERY = 4  # one filler in EVAL_EVERY is held out for the evaluation split
+SUMS = [(a, b, op) for a in OPERANDS for b in OPERANDS for op in "+-" if op == "+" or a >= b]
+PAIRS = [(a, b) for a in range(100) for b in range(100) if a != b]  # comparisons of two numbers below 100
+EVAL_EVERY = 4  # one operand pair in EVAL_EVERY is held out for the evaluation split
 
 FAMILIES = ("copy", "recall", "list", "arithmetic", "compare", "system")
 SPLIT_SIZES = {"train": 3000, "val": 40, "eval": 50}  # dialogs per family
 SPLIT_SEEDS = {"train": 0, "val": 1, "eval": 2}  # combined with the caller's seed
 
 
-def _held_out(key) -> bool:
-    """Whether a filler (word, number or operand pair) belongs to the evaluation part: a fixed hash, not the seed."""
-    return zlib.crc32(repr(key).encode()) % EVAL_EVERY == 0
+def _held_out(pair) -> bool:
+    """Whether an operand pair belongs to the evaluation part: a fixed hash, not the seed."""
+    return zlib.crc32(repr(pair).encode()) % EVAL_EVERY == 0
 
 
 def pools(split: str) -> dict:
-    """The fillers a split may use: its part of every pool."""
+    """The fillers a split may use: all words, names and recall numbers, and its part of the operand pairs."""
     if split not in SPLIT_SEEDS:
         raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLIT_SEEDS)}")
     want = split == "eval"
-    pick = lambda items: [x for x in items if _held_out(x) == want]  # noqa: E731
-    return {
-        "nouns": pick(NOUNS),
-        "names": pick(NAMES),
-        "numbers": pick(RECALL_NUMBERS),
-        "sums": pick([(a, b, op) for a in OPERANDS for b in OPERANDS for op in "+-" if op == "+" or a >= b]),
-        "pairs": pick([(a, b) for a in COMPARE_NUMBERS for b in COMPARE_NUMBERS if a != b]),
-    }
+    return {"nouns": NOUNS, "names": NAMES, "numbers": list(RECALL_NUMBERS),
+            "sums": [x for x in SUMS if _held_out(x) == want], "pairs": [x for x in PAIRS if _held_out(x) == want]}
 
 
 # ---- the task families: each returns (messages, answer); messages end with the answer ------------------------
@@ -254,27 +253,40 @@ def _facts(rng, names, nouns):
             f"Who is the friend of {a}? It is {b}. What does {a} have? A {x} and a {y}.")
 
 
-def _numbers(rng, sums, pairs):
-    # Counting, and sums and comparisons of the training operand pairs only, written as sentences.
-    start = rng.randint(0, 90)
-    a, b, op = rng.choice(sums)
-    c, d = rng.choice(pairs)
-    relation = "more than" if c > d else "less than"
-    return (f"We count: {', '.join(str(i) for i in range(start, start + rng.randint(4, 10)))}. "
-            f"{a} {op} {b} is {a + b if op == '+' else a - b}. {c} is {relation} {d}.")
+def _numbers(rng):
+    # Counting, sums and comparisons written out as sentences, over ALL operand pairs: what the model knows of
+    # numbers comes from here, as a real model's knowledge comes from its pretraining corpus. (A number that
+    # never occurs here would enter fine-tuning with the same embedding as every other unseen id: --data_vocab.)
+    start = rng.randint(0, RECALL_NUMBERS[-1] - 9)  # up to the largest recall number: every number is known
+    sums = [f"{a} {op} {b} = {a + b if op == '+' else a - b}." for a, b, op in rng.sample(SUMS, 4)]
+    comparisons = [f"{c} is {rng.choice(['greater', 'bigger', 'more']) if c > d else rng.choice(['less', 'smaller'])}"
+                   f" than {d}." for c, d in rng.sample(PAIRS, 1)]
+    return " ".join([f"We count: {', '.join(str(i) for i in range(start, start + rng.randint(4, 10)))}.",
+                     *sums, *comparisons])
+
+
+def _said_twice(rng, paragraphs):
+    # Someone states a fact, other paragraphs follow, then the fact is said again: the long look-back of
+    # multi-turn recall (find "lucky number is" a hundred tokens back, copy what followed).
+    pool, (statement, *_) = rng.choice([(pool, f) for pool, facts in FACTS.items() for f in facts])
+    a, fact = rng.choice(NAMES), statement.format(rng.choice({"names": NAMES, "nouns": NOUNS,
+                                                               "numbers": RECALL_NUMBERS}[pool]))
+    return [f'{a} said: "{fact}"', *paragraphs, f'Later {a} said it again: "{fact}"']
 
 
 def pretrain_documents(seed: int = 0, n_docs: int = 6000) -> list[str]:
     """Simple English documents for the demo pretraining corpus: each a few short paragraphs."""
     rng = random.Random(f"pretrain-{seed}")
-    train = pools("train")
-    names, nouns = NAMES, NOUNS  # all words, both parts (see the module docstring)
-    # Copying is what the dialog tasks need most (and what a small model learns last), so half the paragraphs
-    # are repeated phrases.
-    makers = [(_story, 1), (_repeat, 6), (_lists, 2), (_facts, 2)]
-    makers = [lambda f=f: f(rng, names, nouns) for f, weight in makers for _ in range(weight)]
-    makers.append(lambda: _numbers(rng, train["sums"], train["pairs"]))
-    return [" ".join(rng.choice(makers)() for _ in range(rng.randint(3, 8))) for _ in range(n_docs)]
+    # Copying is what the dialog tasks need most (and what a small model learns last), so almost half the
+    # paragraphs are repeated phrases.
+    makers = [(_story, 1), (_repeat, 8), (_lists, 2), (_facts, 2)]
+    makers = [lambda f=f: f(rng, NAMES, NOUNS) for f, weight in makers for _ in range(weight)]
+    makers += [lambda: _numbers(rng)] * 2
+    docs = []
+    for _ in range(n_docs):
+        paragraphs = [rng.choice(makers)() for _ in range(rng.randint(3, 8))]
+        docs.append(" ".join(_said_twice(rng, paragraphs) if rng.random() < 0.5 else paragraphs))
+    return docs
 
 
 def write_jsonl(out_dir, seed: int = 0) -> list[Path]:

@@ -64,18 +64,19 @@ def test_fillers_are_single_tokens():
     assert not set(demo_data.NOUNS) & set(demo_data.NAMES)
 
 
-def test_held_out_fillers_never_occur_in_the_training_split(train, held_out):
+def test_held_out_dialogs_and_operand_pairs_never_occur_in_the_training_split(train, held_out):
     train_pools, eval_pools = demo_data.pools("train"), demo_data.pools("eval")
-    for key in train_pools:
-        assert eval_pools[key] and not set(map(str, train_pools[key])) & set(map(str, eval_pools[key])), key
-    train_text = texts(train) + texts(demo_data.examples("val"))
-    train_words = {w for t in train_text for w in re.findall(r"\w+", t)}
-    eval_words = set(eval_pools["nouns"]) | set(eval_pools["names"]) | {str(n) for n in eval_pools["numbers"]}
-    assert not train_words & eval_words
-    # ... and the held-out split really uses them
-    eval_text_words = {w for t in texts(held_out) for w in re.findall(r"\w+", t)}
-    assert len(eval_text_words & eval_words) > 100
-    # arithmetic and comparison: no operand pair of the held-out split occurs in training
+    for key in ("sums", "pairs"):
+        assert eval_pools[key] and not set(train_pools[key]) & set(eval_pools[key]), key
+    assert len(eval_pools["sums"]) + len(train_pools["sums"]) == len(demo_data.SUMS)
+    tuned = train + demo_data.examples("val")
+    # no held-out dialog was tuned on: the copied sentences, lists and facts are fresh draws
+    seen = {json.dumps(e["messages"]) for e in tuned}
+    assert not any(json.dumps(e["messages"]) in seen for e in held_out)
+    sentences = {m["content"].split("\n")[-1] for e in tuned if e["family"] == "copy" for m in e["messages"][:1]}
+    assert not any(e["answer"] in sentences for e in held_out if e["family"] == "copy")
+    # arithmetic and comparison: no operand pair of the held-out split occurs in a tuned dialog
+    train_text = texts(tuned)
     train_sums = {m for t in train_text for m in SUMS.findall(t)}
     eval_sums = {m for t in texts(held_out) for m in SUMS.findall(t)}
     assert eval_sums and not train_sums & eval_sums
@@ -84,15 +85,17 @@ def test_held_out_fillers_never_occur_in_the_training_split(train, held_out):
     assert eval_pairs and not train_pairs & eval_pairs
 
 
-def test_pretraining_corpus_has_no_held_out_numbers_or_pairs(held_out):
+def test_pretraining_corpus_knows_every_sum_and_number_but_not_the_chat_format():
     docs = demo_data.pretrain_documents(n_docs=1500)
-    eval_sums = {m for t in texts(held_out) for m in SUMS.findall(t)}
-    eval_pairs = {(a, b) for t in texts(held_out) for a, b in COMPARISONS.findall(t)}
-    relation = re.compile(r"(\d+) is (?:more|less) than (\d+)")
+    numbers = {int(n) for doc in docs for n in re.findall(r"\d+", doc)}
+    assert set(demo_data.RECALL_NUMBERS) <= numbers
+    sums = {m for doc in docs for m in re.findall(r"(\d+ [+-] \d+ = \d+)\.", doc)}
+    for a, b, op in demo_data.SUMS[:5] + demo_data.pools("eval")["sums"][:5]:  # written correctly, both parts
+        assert f"{a} {op} {b} = {a + b if op == '+' else a - b}" in sums
+    assert len(sums) == len({s.split(" = ")[0] for s in sums})  # one answer per question
     for doc in docs:
-        assert not set(SUMS.findall(doc)) & eval_sums
-        assert not set(relation.findall(doc)) & eval_pairs
-        assert not set(re.findall(r"\d+", doc)) & {str(n) for n in demo_data.RECALL_NUMBERS}
+        for c, relation, d in re.findall(r"(\d+) is (\w+) than (\d+)", doc):
+            assert (int(c) > int(d)) == (relation in ("greater", "bigger", "more")), (c, relation, d)
         assert "<|" not in doc  # plain text, never the chat format
 
 
