@@ -187,8 +187,8 @@ def bench_train(argv):
                                                   torch.optim.AdamW(theirs.parameters(), lr=tcfg.lr)),
     }
     if args.data_vocab:
-        from shards import token_ids
-        ids = torch.from_numpy(token_ids(args.data_vocab)).to(device)
+        from pretrain import data_vocab_ids
+        ids = torch.from_numpy(data_vocab_ids(args.data_vocab)).to(device)
         restricted = GPT(mcfg).to(device)
         restricted.restrict_output(ids)
         xr = ids[torch.randint(len(ids), (B, T + 1), device=device)]

@@ -91,8 +91,8 @@ class ServeConfig:
 
 PRESETS: dict[str, dict] = {
     # Trains on a 2-core CPU in minutes. Most of its FLOPs are in the 50K-wide output layer (see --data_vocab).
-    # Rotary positions: at this size and training length it learns to copy from its context, which the learned
-    # positions of GPT-2 do not (model.py).
+    # Rotary positions and smear: at this size and training length it learns to copy from its context, which
+    # with GPT-2's learned positions it does not (model.py).
     "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=8, rope=True, smear=True,
                  lr=3e-3, warmup_steps=10, max_steps=100, eval_every=25, save_every=25, eval_batches=4),
     # GPT-2 small, 124M parameters.

@@ -157,12 +157,14 @@ FACTS = {
                 ("The door code is {}.", "Got it.", "What is the door code?", "The door code is {}.")],
 }
 
+POOLED_FACTS = [(pool, fact) for pool, facts in FACTS.items() for fact in facts]  # (pool of the filler, fact)
+
 
 def _recall(rng, p):
     # A fact, then one to three other exchanges, then a question about the fact: the answer is only in the
     # conversation, several turns back. The answer repeats the statement's words before the value ("... name is
     # Mira."), which the model finds again in the context to copy what followed it.
-    pool, (statement, ack, question, answer) = rng.choice([(pool, f) for pool, facts in FACTS.items() for f in facts])
+    pool, (statement, ack, question, answer) = rng.choice(POOLED_FACTS)
     value = rng.choice(p[pool])
     messages = [{"role": "user", "content": statement.format(value)}, {"role": "assistant", "content": ack.format(value)}]
     for _ in range(rng.randint(1, 3)):
@@ -265,18 +267,18 @@ def _numbers(rng):
                      *sums, *comparisons])
 
 
-def _said_twice(rng, paragraphs):
+def _said_twice(rng, p, paragraphs):
     # Someone states a fact, other paragraphs follow, then the fact is said again: the long look-back of
     # multi-turn recall (find "lucky number is" a hundred tokens back, copy what followed).
-    pool, (statement, *_) = rng.choice([(pool, f) for pool, facts in FACTS.items() for f in facts])
-    a, fact = rng.choice(NAMES), statement.format(rng.choice({"names": NAMES, "nouns": NOUNS,
-                                                               "numbers": RECALL_NUMBERS}[pool]))
+    pool, (statement, *_) = rng.choice(POOLED_FACTS)
+    a, fact = rng.choice(NAMES), statement.format(rng.choice(p[pool]))
     return [f'{a} said: "{fact}"', *paragraphs, f'Later {a} said it again: "{fact}"']
 
 
 def pretrain_documents(seed: int = 0, n_docs: int = 6000) -> list[str]:
     """Simple English documents for the demo pretraining corpus: each a few short paragraphs."""
     rng = random.Random(f"pretrain-{seed}")
+    p = pools("train")  # its words, names and numbers are all of them (see the module docstring)
     # Copying is what the dialog tasks need most (and what a small model learns last), so almost half the
     # paragraphs are repeated phrases.
     makers = [(_story, 1), (_repeat, 8), (_lists, 2), (_facts, 2)]
@@ -285,7 +287,7 @@ def pretrain_documents(seed: int = 0, n_docs: int = 6000) -> list[str]:
     docs = []
     for _ in range(n_docs):
         paragraphs = [rng.choice(makers)() for _ in range(rng.randint(3, 8))]
-        docs.append(" ".join(_said_twice(rng, paragraphs) if rng.random() < 0.5 else paragraphs))
+        docs.append(" ".join(_said_twice(rng, p, paragraphs) if rng.random() < 0.5 else paragraphs))
     return docs
 
 

@@ -31,8 +31,8 @@ import chat_format
 import demo_data
 from chat_data import collate, encode, read_file
 from checkpoint import CheckpointError, load_checkpoint, resolve
-from model import pick_device
 from config import cli
+from model import pick_device
 from shards import ShardError, list_shards, open_shard
 from tokenizer import decode
 

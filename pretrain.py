@@ -85,6 +85,13 @@ def fingerprint(data_dir) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def data_vocab_ids(data_dir) -> np.ndarray:
+    """The ids --data_vocab computes the softmax over: those in the shards, and the chat tokens. These never occur
+    in pretraining text, but fine-tuning needs them told apart: tied to the other rows' mean they would enter
+    fine-tuning as one and the same embedding."""
+    return np.union1d(token_ids(data_dir), list(CHAT_SPECIAL_TOKENS.values()))
+
+
 def main(argv: list[str]) -> None:
     train_cfg, model_cfg = TrainConfig(), ModelConfig()
     cli(argv, [train_cfg, model_cfg], usage=__doc__)
@@ -98,9 +105,7 @@ def main(argv: list[str]) -> None:
         data = ShardData(train_cfg.data, model.config.block_size, train_cfg.batch_size, train_cfg.seed,
                          train_cfg.eval_batches)
         if train_cfg.data_vocab:
-            # The chat tokens never occur in pretraining text, but fine-tuning needs them told apart: tied to
-            # the other rows' mean they would enter fine-tuning as one and the same embedding.
-            model.restrict_output(np.union1d(token_ids(train_cfg.data), list(CHAT_SPECIAL_TOKENS.values())))
+            model.restrict_output(data_vocab_ids(train_cfg.data))
     except (CheckpointError, ShardError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
