@@ -68,6 +68,8 @@ class FinetuneConfig:
     data: list[str] = field(default_factory=list)  # chat/instruction files; empty = built-in demo dialogs
     val_fraction: float = 0.05
     train_on_prompt: bool = False  # also train on system and user tokens
+    rehearse: str = ""  # token shards (tokenize_data.py) whose text is mixed into every batch (finetune.py)
+    rehearse_rows: int = 2  # windows of that text per batch, each as long as the batch's dialogs
 
 
 @dataclass

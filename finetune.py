@@ -12,6 +12,9 @@ model's shape comes from it (of the model fields only --dropout applies, default
 plain or .gz (see chat_data.py); a pattern such as 'dir/*.jsonl.gz' is expanded here too (useful in --config
 files). Only the assistant's tokens are trained on unless --train-on-prompt. A conversation longer than the
 context loses its oldest exchanges (the system message stays); one whose last exchange does not fit is dropped.
+--rehearse DIR adds --rehearse_rows windows of pretraining text (token shards) to every batch, all their tokens
+trained: a narrow fine-tuning set otherwise overwrites what pretraining taught (BENCHMARKS.md, Demo). An init
+pretrained with --data_vocab keeps its softmax restricted to the ids it or the data uses: the same loss, cheaper.
 The chat template is stored in every checkpoint (config.json "chat_template"). Every field: --help.
 """
 
@@ -20,11 +23,16 @@ import os
 import sys
 from dataclasses import replace
 
+import numpy as np
+import torch
+
 import chat_format
 from chat_data import ChatData, ChatDataError, encode, read_files, split
 from checkpoint import CheckpointError, load_checkpoint
 from config import FinetuneConfig, ModelConfig, TrainConfig, cli, to_dict
 from model import GPT
+from pretrain import ShardData, data_vocab_ids
+from shards import ShardError
 from train import fit, micro_steps
 
 # Fine-tuning starts from a trained model: a smaller learning rate than pretraining, a short warmup, frequent
@@ -59,6 +67,39 @@ def load_data(ft: FinetuneConfig, cfg: TrainConfig, block_size: int, world: int)
     return data, summary
 
 
+class Rehearsal:
+    """Chat batches with windows of pretraining text appended, every token of them trained, as long as the
+    batch's dialogs. The validation batches are the chat data's alone: the best checkpoint is the best at chat."""
+
+    def __init__(self, chat: ChatData, text: ShardData):
+        self.chat, self.text = chat, text
+        self.fingerprint = f"{chat.fingerprint}+rehearse-{text.fingerprint}"
+
+    def batch(self, step: int, micro: int = 0, rank: int = 0, world: int = 1):
+        x, y = self.chat.batch(step, micro, rank, world)
+        xr, yr = self.text.batch(step, micro, rank, world)
+        return torch.cat([x, xr[:, :x.size(1)]]), torch.cat([y, yr[:, :y.size(1)]])
+
+    def val_batches(self):
+        return self.chat.val_batches()
+
+
+def restrict_to_used_ids(model: GPT, data: ChatData, rehearse: str) -> int:
+    """After a --data_vocab pretraining, the ids that never occurred share one embedding row (GPT.shared_rows);
+    the loss's softmax is then restricted to the others and to every id the data uses (which may move away from
+    the shared row): the same loss, at a fraction of the output layer's cost. Returns the number of shared rows
+    left (0: nothing restricted)."""
+    shared = model.shared_rows()
+    if len(shared) == 0:
+        return 0
+    keep = torch.ones(model.config.vocab_size, dtype=torch.bool)
+    keep[shared.cpu()] = False
+    used = [ids for ids, _ in data.train + data.val] + ([data_vocab_ids(rehearse)] if rehearse else [])
+    keep[torch.from_numpy(np.unique(np.concatenate(used)).astype(np.int64))] = True
+    model.restrict_output(keep.nonzero().squeeze(1))
+    return len(model.rest_ids)
+
+
 def report(summary: dict, cfg: TrainConfig, data: ChatData, world: int) -> None:
     s = summary
     skipped = {k: s[k] for k in ("trailing_user_removed", "skipped_no_reply", "skipped_empty") if s.get(k)}
@@ -87,7 +128,9 @@ def main(argv: list[str]) -> None:
     try:
         model, init_config, _ = load_checkpoint(init)
         data, summary = load_data(ft, train_cfg, model.config.block_size, world)
-    except (CheckpointError, ChatDataError) as e:
+        text = ShardData(ft.rehearse, model.config.block_size, ft.rehearse_rows, train_cfg.seed, 0) \
+            if ft.rehearse else None
+    except (CheckpointError, ChatDataError, ShardError) as e:
         sys.exit(f"error: {e}")
     if model.config.dropout != model_cfg.dropout:  # dropout is a constructor setting: rebuild with the weights
         state = model.state_dict()
@@ -96,10 +139,19 @@ def main(argv: list[str]) -> None:
     if master:
         print(f"init: {init} ({model.num_params():,} parameters, context {model.config.block_size})")
         report(summary, train_cfg, data, world)
+    shared = restrict_to_used_ids(model, data, ft.rehearse)
+    if master and shared:
+        print(f"loss: softmax over the {len(model.output_ids):,} token ids that the init trained or the data uses, "
+              f"plus one logit for the {shared:,} others (the init was pretrained with --data_vocab)")
+    if text is not None:
+        if master:
+            print(f"rehearsal: {ft.rehearse_rows} windows of {ft.rehearse} text in every batch")
+        data = Rehearsal(data, text)
     provenance = {"kind": "finetune", "init_from": str(init), "data_files": summary["files"],
                   "init_provenance": init_config.get("provenance") or {"source": init_config.get("source")}}
     finetune_info = {"files": summary["files"], "demo_dialogs": not summary["files"],
                      "train_on_prompt": ft.train_on_prompt, "val_fraction": ft.val_fraction,
+                     "rehearse": ft.rehearse or None, "rehearse_rows": ft.rehearse_rows if ft.rehearse else 0,
                      "counts": {k: v for k, v in summary.items() if k not in ("files", "skipped_where")}}
     fit(model, train_cfg, data, provenance,
         extra_config={"chat_template": chat_format.JINJA_TEMPLATE, "finetune": finetune_info,

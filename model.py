@@ -204,6 +204,19 @@ class GPT(nn.Module):
         with torch.no_grad():
             self.wte.weight[self.rest_ids] = self.wte.weight[self.rest_ids].mean(0)
 
+    def shared_rows(self) -> torch.Tensor:
+        """The ids of the largest group of identical embedding rows, if it has at least two (else empty): after a
+        --data_vocab pretraining, the ids that never occurred, which restrict_output set equal and training kept
+        equal. Fine-tuning restricts its loss to the other ids (finetune.py): the same loss, far cheaper."""
+        w = self.wte.weight.detach()
+        # equal rows have equal projections; the most common projection is checked, since unequal rows may collide
+        direction = torch.randn(w.size(1), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        probe = w.double() @ direction.to(w.device)
+        values, counts = probe.unique(return_counts=True)
+        first = int((probe == values[counts.argmax()]).nonzero()[0])
+        rows = (w == w[first]).all(dim=1).nonzero().squeeze(1)
+        return rows if len(rows) > 1 else rows[:0]
+
     def forward(self, idx, targets=None):
         """Logits (B, T, V), or with targets the mean cross-entropy over targets != -1.
 

@@ -10,10 +10,13 @@ import torch
 import torch.nn.functional as F
 
 import finetune
+import pretrain
 from chat_data import ChatData, ChatDataError, collate, encode, fit_context, read_file, read_files, split
 from chat_format import ASSISTANT, END, SYSTEM, USER, render
 from checkpoint import export_hf, load_checkpoint, save_checkpoint
+from config import FinetuneConfig, TrainConfig
 from conftest import SHARED_DATA
+from shards import write_shard
 from tokenizer import EOT_ID, decode, encode as tok
 
 U, A, S = "user", "assistant", "system"
@@ -302,6 +305,39 @@ def test_finetune_end_to_end_from_a_hugging_face_gpt2_dir(tiny_model, tmp_path, 
     first = json.loads((out / "log.jsonl").read_text().splitlines()[0])
     assert first["kind"] == "finetune" and first["config"]["lr"] == finetune.FINETUNE_DEFAULTS["lr"]
     assert not torch.equal(model.wte.weight, tiny_model.wte.weight)  # it trained
+
+
+def test_finetune_restricts_the_loss_after_data_vocab_pretraining_and_rehearses_text(tiny_model, tmp_path, capsys):
+    text = tmp_path / "text"  # pretraining shards: a cycle of ids 100..163
+    for part in ("train", "val"):
+        (text / part).mkdir(parents=True)
+        write_shard(text / part / "000.bin", np.tile(np.arange(100, 164), 40))
+    tiny_model.restrict_output(pretrain.data_vocab_ids(text))  # as pretrain.py --data_vocab leaves the model
+    init = save_checkpoint(tmp_path / "init", tiny_model)
+    records = [{"messages": exchanges(1 + i % 2, start=i)} for i in range(20)]
+    data = write(tmp_path / "chat.jsonl", records)
+    args = ["--init", str(init), "--data", str(data), "--batch-size", "4", "--eval-every", "2", "--eval-batches", "1",
+            "--val-fraction", "0.2", "--lr", "1e-2", "--max-steps", "2"]
+    finetune.main(args + ["--out", str(tmp_path / "chat"), "--rehearse", str(text), "--rehearse-rows", "3"])
+    printed = capsys.readouterr().out
+    assert "plus one logit for the" in printed and "rehearsal: 3 windows" in printed
+    model, config, _ = load_checkpoint(tmp_path / "chat" / "step_0000002")
+    assert config["finetune"]["rehearse"] == str(text) and config["finetune"]["rehearse_rows"] == 3
+    # The restricted loss is the full-vocabulary loss: the logged validation loss is what the saved model computes.
+    logged = [json.loads(r) for r in (tmp_path / "chat" / "log.jsonl").read_text().splitlines()]
+    logged = [r["val_loss"] for r in logged if r["type"] == "eval"][-1]
+    ft, cfg = FinetuneConfig(data=[str(data)], val_fraction=0.2), TrainConfig(batch_size=4, eval_batches=1)
+    chat, _ = finetune.load_data(ft, cfg, 64, 1)
+    x, y = chat.val_batches()[0]
+    with torch.no_grad():
+        full = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-1).item()
+    assert logged == pytest.approx(full, abs=1e-4)
+    # A rehearsal batch: the chat rows, then 3 windows of the text cut to their length, every token trained.
+    batch_x, batch_y = finetune.Rehearsal(chat, pretrain.ShardData(text, 64, 3, 0, 0)).batch(0)
+    cx, cy = chat.batch(0)
+    assert batch_x.shape == (4 + 3, cx.size(1)) and torch.equal(batch_x[:4], cx) and torch.equal(batch_y[:4], cy)
+    window_x, window_y = batch_x[4:], batch_y[4:]
+    assert torch.equal(window_y, (window_x - 100 + 1) % 64 + 100)  # the next token of the cycle, none masked
 
 
 def test_finetune_reports_bad_data_and_missing_init(tiny_model, tmp_path):

@@ -169,6 +169,14 @@ def test_padding_ids_are_never_sampled():
     assert all(int(sample(logits, 1.0, generator=g)) < N_VOCAB for _ in range(50))
 
 
+def test_shared_rows_finds_the_rows_restrict_output_tied(tiny_model):
+    assert len(tiny_model.shared_rows()) == 0  # random rows: none equal
+    tiny_model.restrict_output([5, 9, 100])
+    fresh = GPT(tiny_model.config)  # as loaded from a checkpoint: no restriction, only the equal rows
+    fresh.load_state_dict(tiny_model.state_dict())
+    assert fresh.output_ids is None and fresh.shared_rows().tolist() == tiny_model.rest_ids.tolist()
+
+
 def test_restricted_loss_is_the_full_vocabulary_loss_and_keeps_the_other_rows_tied(tiny_model):
     x, y = torch.tensor([[5, 9, 100, 2000]]), torch.tensor([[9, 100, 2000, 50256]])
     tiny_model.restrict_output([2000, 9, 5, 100, 9, 50256])
