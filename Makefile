@@ -22,18 +22,20 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 test: setup
 	$(PY) -m pytest -q tests
 
-# The whole pipeline on the built-in data, about 15 minutes on 2 shared CPU cores (BENCHMARKS.md): pretrain the
+# The whole pipeline on the built-in data, about 14 minutes on 2 shared CPU cores (BENCHMARKS.md): pretrain the
 # tiny preset on the demo corpus, fine-tune it on the demo dialogs, evaluate it on the held-out dialogs.
 # Both training stages also stop at a wall-time limit, so the demo ends in time on a slow or busy machine.
-# Pretraining computes its softmax over the ~1,070 token ids of the corpus (--data_vocab: the same loss, several
+# Pretraining computes its softmax over the ~1,100 token ids of the corpus (--data_vocab: the same loss, several
 # times faster at this size), takes small batches (more steps: the model learns to copy from its context after
-# ~2,000 of them) and keeps the learning rate at its peak until the last 20% of steps (wsd; BENCHMARKS.md, Demo).
-# 2,600 steps take ~450 s on 2 cores; --max_time stops a slower machine in time (before the decay ends).
+# ~1,500 of them) and keeps the learning rate at its peak until the last 20% of steps (wsd; BENCHMARKS.md, Demo).
+# 3,200 steps take ~400-510 s on 2 cores; --max_time stops a slower machine in time (before the decay ends).
+# Fine-tuning keeps that restricted softmax (finetune.py) and rehearses: 2 windows of pretraining text in every
+# batch keep what pretraining taught (the sums, copying numbers) from being overwritten by the narrow dialogs.
 DEMO_PRETRAIN := --preset tiny --data data/demo --out checkpoints/demo-pretrain --data_vocab \
-	--batch_size 4 --max_steps 2600 --schedule wsd --warmup_steps 50 --eval_every 300 --save_every 300 --max_time 465
-DEMO_FINETUNE := --init checkpoints/demo-pretrain --out checkpoints/demo-chat \
+	--batch_size 4 --max_steps 3200 --schedule wsd --warmup_steps 50 --eval_every 400 --save_every 400 --max_time 530
+DEMO_FINETUNE := --init checkpoints/demo-pretrain --out checkpoints/demo-chat --rehearse data/demo --rehearse_rows 2 \
 	--lr 1e-3 --batch_size 16 --max_steps 1400 --warmup_steps 50 --eval_every 250 --save_every 250 --eval_batches 4 \
-	--max_time 260
+	--max_time 220
 demo: setup
 	@stage() { name=$$1; shift; echo "== $$name: $$*"; s=$$(date +%s); "$$@" || exit 1; \
 		echo "== $$name took $$(( $$(date +%s) - s )) s"; }; \

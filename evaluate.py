@@ -9,7 +9,7 @@ CHECKPOINT is a checkpoint of ours (or a run folder: its best checkpoint) or a H
   * Loss and perplexity: on token shards (a folder made by tokenize_data.py: its val split, every token predicted)
     or on a chat file (read by chat_data.py; only the assistant's tokens count, as in fine-tuning). Without --data,
     on the held-out demo dialogs. Windows / conversations longer than the context are cut as in training.
-  * The instruction-following suite (demo_data.py's "eval" split: fillers never seen in fine-tuning): each
+  * The instruction-following suite (demo_data.py's "eval" split: new dialogs, sums never tuned on): each
     conversation without its final answer is rendered with the chat template, the reply is decoded greedily
     (batched, stopping at <|end|>) and must match the reference answer exactly. Accuracy per task family and
     overall (over all examples, the same number per family), with every failure listed.

@@ -93,6 +93,11 @@ def test_pretraining_corpus_knows_every_sum_and_number_but_not_the_chat_format()
     for a, b, op in demo_data.SUMS[:5] + demo_data.pools("eval")["sums"][:5]:  # written correctly, both parts
         assert f"{a} {op} {b} = {a + b if op == '+' else a - b}" in sums
     assert len(sums) == len({s.split(" = ")[0] for s in sums})  # one answer per question
+    # sums also follow their own expression, as a dialog's answer follows its question
+    assert sum(bool(re.search(r"(\d+ [+-] \d+)[.:] \1 = \d+\.", doc)) for doc in docs) > len(docs) // 4
+    # repeated phrases hold numbers too: copying a number is practised, not only copying a word
+    repeated = r"the words ([a-z ]*\d{3}[a-z0-9 ]*)\. Then \w+ wrote the same words: \1\."
+    assert any(re.search(repeated, doc) for doc in docs)
     for doc in docs:
         for c, relation, d in re.findall(r"(\d+) is (\w+) than (\d+)", doc):
             assert (int(c) > int(d)) == (relation in ("greater", "bigger", "more")), (c, relation, d)
