@@ -123,6 +123,8 @@ def main(argv: list[str]) -> None:
     init = ft.init or train_cfg.init_from
     if not init:
         sys.exit("error: --init CHECKPOINT_DIR is required (a checkpoint of ours or a Hugging Face GPT-2 directory)")
+    if ft.rehearse and ft.rehearse_rows < 1:
+        sys.exit(f"error: field 'rehearse_rows' expects a value >= 1 with --rehearse, got {ft.rehearse_rows}")
     world = int(os.environ.get("WORLD_SIZE", 1))
     master = int(os.environ.get("RANK", 0)) == 0
     try:

@@ -347,3 +347,8 @@ def test_finetune_reports_bad_data_and_missing_init(tiny_model, tmp_path):
         finetune.main(["--init", str(init), "--data", str(bad), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="--init"):
         finetune.main(["--data", str(bad)])
+    good = write(tmp_path / "good.jsonl", [GOOD, GOOD])
+    with pytest.raises(SystemExit, match=f"no token shards in {tmp_path / 'missing'}"):
+        finetune.main(["--init", str(init), "--data", str(good), "--rehearse", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="'rehearse_rows' expects a value >= 1"):
+        finetune.main(["--init", str(init), "--data", str(good), "--rehearse", "x", "--rehearse_rows", "0"])

@@ -46,6 +46,13 @@ def test_six_families_in_every_split(train, held_out):
     assert {"copy", "recall", "list", "arithmetic", "compare", "system"} == set(demo_data.FAMILIES)
 
 
+def test_recall_asks_one_to_three_exchanges_later_and_fine_tuning_also_right_away(train, held_out):
+    def gaps(examples):  # exchanges between the fact (and its acknowledgement) and the question
+        return {(len(e["messages"]) - 4) // 2 for e in examples if e["family"] == "recall"}
+    assert gaps(held_out) == {1, 2, 3}
+    assert gaps(train) == {0, 1, 2, 3}
+
+
 def test_dialogs_are_valid_and_fit_the_tiny_context(train, held_out):
     block = PRESETS["tiny"]["block_size"]
     for e in train[:3000] + held_out:
@@ -98,6 +105,10 @@ def test_pretraining_corpus_knows_every_sum_and_number_but_not_the_chat_format()
     # repeated phrases hold numbers too: copying a number is practised, not only copying a word
     repeated = r"the words ([a-z ]*\d{3}[a-z0-9 ]*)\. Then \w+ wrote the same words: \1\."
     assert any(re.search(repeated, doc) for doc in docs)
+    # most documents say a fact again within a training window, as a dialog asks about it a few turns later
+    gaps = [len(encode(m.group(3))) for doc in docs
+            if (m := re.search(r'(\w+) said: "([^"]+)"(.*?)Later \1 said it again: "\2"', doc))]
+    assert len(gaps) > 0.6 * len(docs) and max(gaps) < PRESETS["tiny"]["block_size"]
     for doc in docs:
         for c, relation, d in re.findall(r"(\d+) is (\w+) than (\d+)", doc):
             assert (int(c) > int(d)) == (relation in ("greater", "bigger", "more")), (c, relation, d)
