@@ -22,7 +22,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 test: setup
 	$(PY) -m pytest -q tests
 
-# The whole pipeline on the built-in data, about 14 minutes on 2 shared CPU cores (BENCHMARKS.md): pretrain the
+# The whole pipeline on the built-in data, 10-13 minutes on 2 shared CPU cores (BENCHMARKS.md): pretrain the
 # tiny preset on the demo corpus, fine-tune it on the demo dialogs, evaluate it on the held-out dialogs.
 # Both training stages also stop at a wall-time limit, so the demo ends in time on a slow or busy machine.
 # Pretraining computes its softmax over the ~1,100 token ids of the corpus (--data_vocab: the same loss, several

@@ -36,10 +36,14 @@ from model import pick_device
 from shards import ShardError, list_shards, open_shard
 from tokenizer import decode
 
+# Fixed conversations answered in every report. Some use words outside the demo corpus (violin, Marco, red): the
+# demo model has trained embeddings for its corpus's ~1,100 token ids only, and these show what it does elsewhere.
 SAMPLE_PROMPTS = [
     [{"role": "user", "content": "Repeat exactly: The violin orbit anchor lagoon."}],
-    [{"role": "user", "content": "My name is Marco."}, {"role": "assistant", "content": "Nice to meet you, Marco."},
+    [{"role": "user", "content": "My name is Nina."}, {"role": "assistant", "content": "Nice to meet you, Nina."},
      {"role": "user", "content": "What is 3 + 4?"}, {"role": "assistant", "content": "3 + 4 = 7."},
+     {"role": "user", "content": "What is my name?"}],
+    [{"role": "user", "content": "My name is Marco."}, {"role": "assistant", "content": "Nice to meet you, Marco."},
      {"role": "user", "content": "What is my name?"}],
     [{"role": "user", "content": "Reverse the list: red, green, blue"}],
     [{"role": "system", "content": "Always sign your answers with the name Ada."},

@@ -189,7 +189,7 @@ class GPT(nn.Module):
     def restrict_output(self, ids) -> None:
         """Compute the training loss over the token ids `ids` only (None: over all ids, the default).
 
-        For a corpus that uses a few hundred of the 50K ids (the demo's: ~1,070) this makes the output layer, most of
+        For a corpus that uses a few hundred of the 50K ids (the demo's: ~1,100) this makes the output layer, most of
         a small model's cost, ~50 times cheaper, and the loss stays the exact full-vocabulary cross-entropy:
         the embedding rows of all other ids are set to their mean here and stay equal (they get identical
         gradients), so their logits are one logit plus log(their number). The model stays an ordinary GPT: every

@@ -9,7 +9,7 @@
 With --init-from (a checkpoint of ours or a Hugging Face GPT-2 directory) the model's shape comes from that
 checkpoint. --data_vocab computes the loss's softmax over the token ids that occur in the shards (plus one logit
 standing for all the others, whose embeddings it ties): for a corpus that uses few of the 50K ids, such as the
-demo's (~1,070), a tiny model trains several times faster with the same full-vocabulary loss
+demo's (~1,100), a tiny model trains several times faster with the same full-vocabulary loss
 (GPT.restrict_output); the chat tokens keep embeddings of their own for fine-tuning. Every config field can be
 given as --field value; --help lists them.
 """
