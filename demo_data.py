@@ -283,7 +283,7 @@ def _numbers(rng):
 def _said_twice(rng, p, paragraphs):
     # Someone states a fact, one to three other paragraphs follow, then the fact is said again: the look-back of
     # multi-turn recall (find "lucky number is" 30-150 tokens back, copy what followed). Spread over a whole
-    # document the gap was mostly longer than a 256-token window and the pretrained model never learned it.
+    # document the gap was mostly longer than a 256-token window, where it teaches nothing.
     pool, (statement, *_) = rng.choice(POOLED_FACTS)
     a, fact = rng.choice(NAMES), statement.format(rng.choice(p[pool]))
     start = rng.randint(0, len(paragraphs) - 1)
