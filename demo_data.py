@@ -83,7 +83,8 @@ def _held_out(pair) -> bool:
 
 
 def pools(split: str) -> dict:
-    """The fillers a split may use: all words, names and recall numbers, and its part of the operand pairs."""
+    """The fillers a split may use (all words, names and recall numbers, and its part of the operand pairs), and
+    how many other exchanges its recall dialogs put between a fact and the question about it."""
     if split not in SPLIT_SEEDS:
         raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLIT_SEEDS)}")
     want = split == "eval"
@@ -165,9 +166,9 @@ POOLED_FACTS = [(pool, fact) for pool, facts in FACTS.items() for fact in facts]
 
 
 def _recall(rng, p):
-    # A fact, then one to three other exchanges, then a question about the fact: the answer is only in the
-    # conversation, several turns back. The answer repeats the statement's words before the value ("... name is
-    # Mira."), which the model finds again in the context to copy what followed it.
+    # A fact, then one to three other exchanges (fine-tuning: zero to three, pools), then a question about the
+    # fact: the answer is only in the conversation, several turns back. The answer repeats the statement's words
+    # before the value ("... name is Mira."), which the model finds again in the context to copy what followed it.
     pool, (statement, ack, question, answer) = rng.choice(POOLED_FACTS)
     value = rng.choice(p[pool])
     messages = [{"role": "user", "content": statement.format(value)}, {"role": "assistant", "content": ack.format(value)}]

@@ -208,13 +208,8 @@ class GPT(nn.Module):
         """The ids of the largest group of identical embedding rows, if it has at least two (else empty): after a
         --data_vocab pretraining, the ids that never occurred, which restrict_output set equal and training kept
         equal. Fine-tuning restricts its loss to the other ids (finetune.py): the same loss, far cheaper."""
-        w = self.wte.weight.detach()
-        # equal rows have equal projections; the most common projection is checked, since unequal rows may collide
-        direction = torch.randn(w.size(1), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-        probe = w.double() @ direction.to(w.device)
-        values, counts = probe.unique(return_counts=True)
-        first = int((probe == values[counts.argmax()]).nonzero()[0])
-        rows = (w == w[first]).all(dim=1).nonzero().squeeze(1)
+        _, group, counts = torch.unique(self.wte.weight.detach(), dim=0, return_inverse=True, return_counts=True)
+        rows = (group == counts.argmax()).nonzero().squeeze(1)
         return rows if len(rows) > 1 else rows[:0]
 
     def forward(self, idx, targets=None):
