@@ -42,9 +42,9 @@ class TrainConfig:
     compile: bool = True  # torch.compile on CUDA (ignored on CPU, where it does not pay off for short runs)
     batch_size: int = 8  # sequences per micro-batch per process
     batch_tokens: int = 0  # target tokens per optimizer step; 0 = one micro-batch per process
-    max_steps: int = 1000
+    max_steps: int = 1000  # 0 = no step limit; lifted when --max_time or --max_tokens is given alone (parse_args)
     max_tokens: int = 0  # stop after this many tokens (0 = no limit)
-    max_time: float = 0.0  # stop after this many seconds of training (0 = no limit)
+    max_time: float = 0.0  # stop after this many seconds of training (0 = no limit); the schedule fits it (train.py)
     lr: float = 6e-4
     min_lr_ratio: float = 0.1  # final learning rate as a fraction of lr
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
@@ -185,7 +185,7 @@ def parse_args(argv: list[str], sections: list, max_positional: int | None = 0, 
     A bool field given without a value (`--resume`) means true; a list field takes every value up to the
     next option (`--data a.jsonl b.jsonl`). When two sections share a field name the first section wins.
     """
-    preset, config_file, overrides, positionals = None, None, {}, []
+    preset, config_file, overrides, positionals, from_file = None, None, {}, [], {}
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -241,9 +241,22 @@ def parse_args(argv: list[str], sections: list, max_positional: int | None = 0, 
             raise ConfigError(f"--config {config_file}: expected a JSON object of field -> value")
         apply_overrides(sections, from_file, config_file)
     apply_overrides(sections, overrides, "command line")
+    lift_step_limit(sections, {k.replace("-", "_") for k in [*overrides, *from_file]})
     if max_positional is not None and len(positionals) > max_positional:
         raise ConfigError(f"unexpected argument(s): {' '.join(positionals[max_positional:])}")
     return positionals
+
+
+def lift_step_limit(sections: list, given: set[str]) -> None:
+    """The limit rule: a run stops at the first limit the user gave. A max_steps that came from a preset or a
+    default is a step limit the user never asked for, so giving --max_time or --max_tokens without --max_steps
+    removes it (max_steps 0): `--preset tiny --max_time 300` trains for 300 s, not for the preset's 100 steps."""
+    if "max_steps" in given or not given & {"max_time", "max_tokens"}:
+        return
+    for section in sections:
+        if "max_steps" in _fields(section):
+            section.max_steps = 0
+            return
 
 
 def cli(argv: list[str], sections: list, max_positional: int | None = 0, usage: str = "") -> list[str]:

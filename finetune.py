@@ -113,8 +113,9 @@ def report(summary: dict, cfg: TrainConfig, data: ChatData, world: int) -> None:
           f"({s['train_trained_tokens']:,} trained on)")
     print(f"  val:   {s['val_examples']:,} examples, {s['val_tokens']:,} tokens "
           f"({s['val_trained_tokens']:,} trained on)")
-    epochs = cfg.max_steps * data.micro_steps * world / data.batches_per_epoch
-    print(f"  {cfg.max_steps:,} steps x {data.micro_steps * world} batches of {cfg.batch_size} = {epochs:.3g} epochs")
+    if cfg.max_steps:
+        epochs = cfg.max_steps * data.micro_steps * world / data.batches_per_epoch
+        print(f"  {cfg.max_steps:,} steps x {data.micro_steps * world} batches of {cfg.batch_size} = {epochs:.3g} epochs")
 
 
 def main(argv: list[str]) -> None:

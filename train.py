@@ -50,6 +50,8 @@ def check_config(cfg: TrainConfig) -> None:
     for name, low in minimum.items():
         if getattr(cfg, name) < low:
             raise ConfigError(f"field '{name}' expects a value >= {low}, got {getattr(cfg, name)!r}")
+    if not (cfg.max_steps or cfg.max_tokens or cfg.max_time):
+        raise ConfigError("no limit: set max_steps, max_tokens or max_time (one of them > 0)")
     if not 0 <= cfg.decay_fraction <= 1:
         raise ConfigError(f"field 'decay_fraction' expects a value in [0, 1], got {cfg.decay_fraction!r}")
 
@@ -86,16 +88,27 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+def planned_steps(step: int, cfg: TrainConfig, step_limit: float, elapsed: float, sec_per_step: float | None) -> float:
+    """The run's length in steps, for the schedule: the step limit (max_steps, max_tokens; math.inf if neither),
+    or with max_time the steps that fit the time left at the current pace, if fewer. So the learning rate
+    always finishes its decay by the time limit, on a slow or busy machine too; where the step limit comes first
+    the schedule is exactly that of the steps alone."""
+    if cfg.max_time and sec_per_step:
+        return min(step_limit, step + max(0.0, cfg.max_time - elapsed) / sec_per_step)
+    return step_limit
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: float) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine decay to min_lr_ratio * lr,
-    or warmup-stable-decay (constant, then linear decay over the last decay_fraction of the steps), or constant."""
+    or warmup-stable-decay (constant, then linear decay over the last decay_fraction of the steps), or constant.
+    total_steps may be fractional (planned_steps) or math.inf (no decay yet)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
     min_lr = cfg.lr * cfg.min_lr_ratio
     if cfg.schedule == "wsd":
-        decay_start = int(total_steps * (1 - cfg.decay_fraction))
+        decay_start = total_steps * (1 - cfg.decay_fraction)
         if step < decay_start:
             return cfg.lr
         progress = (step - decay_start) / max(1, total_steps - decay_start)
@@ -223,9 +236,9 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
     block = model.config.block_size
     grad_accum = micro_steps(cfg, block, world)
     tokens_per_step = grad_accum * cfg.batch_size * block * world  # nominal: for the schedule's length
-    total_steps = cfg.max_steps
+    step_limit = cfg.max_steps or math.inf  # max_steps 0: no step limit
     if cfg.max_tokens:
-        total_steps = min(total_steps, math.ceil(cfg.max_tokens / tokens_per_step))
+        step_limit = min(step_limit, math.ceil(cfg.max_tokens / tokens_per_step))
 
     # Resume: weights, optimizer, counters; the data position is the step, since batches are a function of it.
     step, tokens, elapsed, best_val, bad_steps, n_skipped = 0, 0, 0.0, float("inf"), 0, 0
@@ -328,21 +341,23 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
     if master:
         log(f"training {raw_model.num_params():,} parameters on {world} x {device} ({str(dtype).split('.')[-1]}), "
             f"{tokens_per_step:,} tokens per step ({grad_accum} x {cfg.batch_size} x {block} x {world}), "
-            f"until step {total_steps}" + (f" or {cfg.max_time:.0f} s" if cfg.max_time else ""))
+            "until " + " or ".join(([f"step {step_limit}"] if step_limit < math.inf else [])
+                                   + ([f"{cfg.max_time:.0f} s"] if cfg.max_time else [])))
     last_val = None
-    bar = tqdm(total=total_steps, initial=step, disable=not master, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=step_limit if step_limit < math.inf else None, initial=step, disable=not master, unit="step", dynamic_ncols=True)
     if state is None:
         run_eval()
     last_saved = step if state is not None else -1
     time_up = bool(cfg.max_time) and elapsed >= cfg.max_time
     model.train()
     stop_reason = ""
-    tok_rate = None
+    tok_rate = sec_per_step = None  # sec_per_step: the pace for planned_steps, from this process's second step on
+    first_step = step
     batch = load(step, 0)
     with StopFlag() as stop:
         while True:
-            if step >= total_steps:
-                stop_reason = f"reached max_steps ({total_steps})"
+            if step >= step_limit:
+                stop_reason = f"reached max_steps ({step_limit})"
             elif cfg.max_tokens and tokens >= cfg.max_tokens:
                 stop_reason = f"reached max_tokens ({cfg.max_tokens:,})"
             elif time_up:
@@ -351,7 +366,7 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
                 break
             t0 = time.perf_counter()
             torch.manual_seed(cfg.seed + 1_000_003 * step + 1009 * rank)  # dropout: a function of (step, rank)
-            lr = lr_at(step, cfg, total_steps)
+            lr = lr_at(step, cfg, planned_steps(step, cfg, step_limit, elapsed, sec_per_step))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # [summed micro-batch losses, tokens, target tokens, stop requested, time is up], all-reduced so that
@@ -393,6 +408,8 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
             tokens += int(stats[1].item())
             dt = time.perf_counter() - t0
             elapsed += dt
+            if step > first_step + 1:  # the first step of a process includes warm-up (torch.compile on CUDA)
+                sec_per_step = dt if sec_per_step is None else 0.9 * sec_per_step + 0.1 * dt
             time_up = bool(stats[4] > 0)
             if bad_steps >= cfg.max_bad_steps:
                 bar.close()

@@ -66,3 +66,18 @@ def test_config_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown field 'colour'.*wrong2.json"):
         (tmp_path / "wrong2.json").write_text('{"colour": 1}')
         parse(["--config", str(tmp_path / "wrong2.json")])
+
+
+def test_a_time_or_token_limit_lifts_the_presets_step_limit(tmp_path):
+    (train, _), _ = parse(["--preset", "tiny", "--max_time", "300"])
+    assert train.max_steps == 0 and train.max_time == 300  # the preset's 100 steps would stop it first
+    (train, _), _ = parse(["--preset", "tiny", "--max_tokens", "1e6"])
+    assert train.max_steps == 0
+    (train, _), _ = parse(["--preset", "tiny", "--max_time", "300", "--max_steps", "50"])
+    assert train.max_steps == 50  # both given: the first reached stops the run
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"max_time": 60}))
+    (train, _), _ = parse(["--preset", "tiny", "--config", str(f)])
+    assert train.max_steps == 0
+    (train, _), _ = parse(["--preset", "tiny"])
+    assert train.max_steps == PRESETS["tiny"]["max_steps"]

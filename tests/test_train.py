@@ -17,7 +17,7 @@ from checkpoint import export_hf, load_checkpoint, step_checkpoints
 from config import ModelConfig, TrainConfig
 from model import GPT, LinearCrossEntropy
 from shards import write_shard
-from train import lr_at
+from train import lr_at, planned_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -273,6 +273,17 @@ def test_learning_rate_schedules():
     assert lr_at(99, cfg, 110) == pytest.approx(0.55) and lr_at(110, cfg, 110) == pytest.approx(0.1)
     cfg.schedule = "constant"
     assert lr_at(5, cfg, 110) == pytest.approx(0.6) and lr_at(100, cfg, 110) == 1.0
+
+
+def test_the_schedule_fits_a_time_limit():
+    """With max_time, the schedule's length is the steps that fit at the current pace, so the decay ends in time."""
+    cfg = TrainConfig(lr=1.0, warmup_steps=0, min_lr_ratio=0.1, max_time=100.0)
+    assert planned_steps(10, cfg, 1000, elapsed=10.0, sec_per_step=1.0) == 100  # 90 s left at 1 s a step
+    assert planned_steps(10, cfg, 50, elapsed=10.0, sec_per_step=1.0) == 50  # the step limit comes first: exact
+    assert planned_steps(10, cfg, math.inf, elapsed=10.0, sec_per_step=None) == math.inf  # no pace yet
+    assert lr_at(99, cfg, planned_steps(99, cfg, 1000, elapsed=99.9, sec_per_step=1.0)) == pytest.approx(0.1, abs=1e-3)
+    cfg.schedule = "wsd"
+    assert lr_at(5, cfg, math.inf) == 1.0
 
 
 def test_cpu_training_loss_matches_plain_cross_entropy(monkeypatch):
