@@ -187,7 +187,7 @@ def bench_train(argv):
                                                   torch.optim.AdamW(theirs.parameters(), lr=tcfg.lr)),
     }
     if args.data_vocab:
-        from pretrain import data_vocab_ids
+        from shard_data import data_vocab_ids
         ids = torch.from_numpy(data_vocab_ids(args.data_vocab)).to(device)
         restricted = GPT(mcfg).to(device)
         restricted.restrict_output(ids)

@@ -356,3 +356,21 @@ class ChatData:
         return {"train_examples": len(self.train), "val_examples": len(self.val),
                 "train_tokens": tok(self.train), "train_trained_tokens": trained(self.train),
                 "val_tokens": tok(self.val), "val_trained_tokens": trained(self.val)}
+
+
+class Rehearsal:
+    """Chat batches with windows of pretraining text appended (finetune.py --rehearse), every token of them trained,
+    as long as the batch's dialogs. `text` is a pretraining data source (shard_data.ShardData). The validation
+    batches are the chat data's alone: the best checkpoint is the best at chat."""
+
+    def __init__(self, chat: ChatData, text):
+        self.chat, self.text = chat, text
+        self.fingerprint = f"{chat.fingerprint}+rehearse-{text.fingerprint}"
+
+    def batch(self, step: int, micro: int = 0, rank: int = 0, world: int = 1):
+        x, y = self.chat.batch(step, micro, rank, world)
+        xr, yr = self.text.batch(step, micro, rank, world)
+        return torch.cat([x, xr[:, :x.size(1)]]), torch.cat([y, yr[:, :y.size(1)]])
+
+    def val_batches(self):
+        return self.chat.val_batches()

@@ -13,8 +13,9 @@ plain or .gz (see chat_data.py); a pattern such as 'dir/*.jsonl.gz' is expanded 
 files). Only the assistant's tokens are trained on unless --train-on-prompt. A conversation longer than the
 context loses its oldest exchanges (the system message stays); one whose last exchange does not fit is dropped.
 --rehearse DIR adds --rehearse_rows windows of pretraining text (token shards) to every batch, all their tokens
-trained: a narrow fine-tuning set otherwise overwrites what pretraining taught (BENCHMARKS.md, Demo). An init
-pretrained with --data_vocab keeps its softmax restricted to the ids it or the data uses: the same loss, cheaper.
+trained (chat_data.Rehearsal): a narrow fine-tuning set otherwise overwrites what pretraining taught
+(BENCHMARKS.md, Demo). An init pretrained with --data_vocab keeps its softmax restricted to the ids it or the
+data uses: the same loss, cheaper.
 The chat template is stored in every checkpoint (config.json "chat_template"). Every field: --help.
 """
 
@@ -27,11 +28,11 @@ import numpy as np
 import torch
 
 import chat_format
-from chat_data import ChatData, ChatDataError, encode, read_files, split
+from chat_data import ChatData, ChatDataError, Rehearsal, encode, read_files, split
 from checkpoint import CheckpointError, load_checkpoint
 from config import FinetuneConfig, ModelConfig, TrainConfig, cli, to_dict
 from model import GPT
-from pretrain import ShardData, data_vocab_ids
+from shard_data import ShardData, data_vocab_ids
 from shards import ShardError
 from train import fit, micro_steps
 
@@ -65,23 +66,6 @@ def load_data(ft: FinetuneConfig, cfg: TrainConfig, block_size: int, world: int)
     data = ChatData(train_ex, val_ex, block_size, cfg.batch_size, cfg.seed, grad_accum, cfg.eval_batches)
     summary.update(counts, **data.stats())
     return data, summary
-
-
-class Rehearsal:
-    """Chat batches with windows of pretraining text appended, every token of them trained, as long as the
-    batch's dialogs. The validation batches are the chat data's alone: the best checkpoint is the best at chat."""
-
-    def __init__(self, chat: ChatData, text: ShardData):
-        self.chat, self.text = chat, text
-        self.fingerprint = f"{chat.fingerprint}+rehearse-{text.fingerprint}"
-
-    def batch(self, step: int, micro: int = 0, rank: int = 0, world: int = 1):
-        x, y = self.chat.batch(step, micro, rank, world)
-        xr, yr = self.text.batch(step, micro, rank, world)
-        return torch.cat([x, xr[:, :x.size(1)]]), torch.cat([y, yr[:, :y.size(1)]])
-
-    def val_batches(self):
-        return self.chat.val_batches()
 
 
 def restrict_to_used_ids(model: GPT, data: ChatData, rehearse: str) -> int:

@@ -5,13 +5,16 @@ we use nn.Linear where GPT-2 used Conv1D, so those matrices are transposed on im
 
 One departure is optional: `rope` replaces the learned position embeddings (wpe) with rotary ones, which
 rotate queries and keys by their position so that attention scores depend on relative distance. Small models
-trained briefly learn to look back and copy ("induction") far sooner with it: on repeated random phrases a
-2-layer model learned to copy after ~1,500-2,800 steps with rope and not within 3,000 without (BENCHMARKS.md).
-The other, `smear`, adds to each token's input embedding a learned share (per channel) of the previous
-token's: the first layer can then match "the token before this one" directly, the half of induction a model
-otherwise has to learn first (previous-token attention). With it, the tiny model's pretraining loss falls much
-further once it leaves its plateau (1.26 against 1.92 on the demo corpus, BENCHMARKS.md). Models with either
-have no GPT-2 equivalent, so they cannot be exported to Hugging Face.
+trained briefly learn to look back and copy ("induction") far sooner with it. The other, `smear`, adds to each
+token's input embedding a learned share (per channel) of the previous token's: the first layer can then match
+"the token before this one" directly, the half of induction a model otherwise has to learn first
+(previous-token attention), and the tiny model's pretraining loss falls further once it leaves its plateau.
+BENCHMARKS.md has the measurements ("Training throughput" for rope, "Demo" for smear). Models with either have no
+GPT-2 equivalent, so they cannot be exported to Hugging Face.
+
+The training loss is the plain cross-entropy of GPT.forward; `faster_loss`, below the model, computes the same
+loss faster where it can (a restricted output layer, GPT.restrict_output; skipped masked rows and a chunked
+output layer on the CPU).
 """
 
 import math
@@ -137,7 +140,8 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied input and output embeddings
-        self.output_ids = self.rest_ids = None  # see restrict_output
+        for name in ("output_ids", "rest_ids", "target_index", "output_bias"):  # set by restrict_output
+            self.register_buffer(name, None, persistent=False)  # buffers: they follow .to(device)
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -157,9 +161,13 @@ class GPT(nn.Module):
         return n - self.wpe.weight.numel() if non_embedding and self.wpe is not None else n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward): 6N for the matmuls plus attention's 12*L*C*T."""
+        """Training FLOPs per token (forward + backward) at sequences of seq_len tokens (default: the context): 6N
+        for the matmuls plus attention's 12*L*C*T. N counts the output layer as wide as restrict_output left it."""
         cfg, T = self.config, seq_len or self.config.block_size
-        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * T
+        n = self.num_params()
+        if self.output_ids is not None:
+            n -= (cfg.vocab_size - len(self.output_ids) - 1) * cfg.n_embd
+        return 6 * n + 12 * cfg.n_layer * cfg.n_embd * T
 
     def hidden_states(self, idx, cache=None, rows=None, pos=None):
         """Final-LayerNorm hidden states (B, T, C). With a cache, `pos` gives each token's position."""
@@ -189,18 +197,24 @@ class GPT(nn.Module):
     def restrict_output(self, ids) -> None:
         """Compute the training loss over the token ids `ids` only (None: over all ids, the default).
 
-        For a corpus that uses a few hundred of the 50K ids (the demo's: ~1,100) this makes the output layer, most of
-        a small model's cost, ~50 times cheaper, and the loss stays the exact full-vocabulary cross-entropy:
-        the embedding rows of all other ids are set to their mean here and stay equal (they get identical
-        gradients), so their logits are one logit plus log(their number). The model stays an ordinary GPT: every
-        id has a logit, and fine-tuning, evaluation and generation need to know nothing of this.
+        For a corpus that uses a small part of the 50K ids this makes the output layer, most of a small model's
+        cost, far cheaper, and the loss stays the exact full-vocabulary cross-entropy: the embedding rows of all
+        other ids are set to their mean here and stay equal (they get identical gradients), so their logits are
+        one logit plus log(their number). The model stays an ordinary GPT: every id has a logit, and fine-tuning,
+        evaluation and generation need to know nothing of this.
         """
         if ids is None:
-            self.output_ids = self.rest_ids = None
+            self.output_ids = self.rest_ids = self.target_index = self.output_bias = None
             return
-        keep = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=self.wte.weight.device)
-        keep[torch.as_tensor(ids, device=keep.device)] = True
+        device = self.wte.weight.device
+        keep = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=device)
+        keep[torch.as_tensor(ids, device=device)] = True
         self.output_ids, self.rest_ids = keep.nonzero().squeeze(1), (~keep).nonzero().squeeze(1)
+        # target id -> its column in the restricted output; -2 for the tied ids, which are never targets
+        self.target_index = torch.full((self.config.vocab_size,), -2, dtype=torch.long, device=device)
+        self.target_index[self.output_ids] = torch.arange(len(self.output_ids), device=device)
+        self.output_bias = torch.zeros(len(self.output_ids) + 1, device=device)
+        self.output_bias[-1] = math.log(len(self.rest_ids))  # the one logit stands for that many equal ones
         with torch.no_grad():
             self.wte.weight[self.rest_ids] = self.wte.weight[self.rest_ids].mean(0)
 
@@ -213,35 +227,14 @@ class GPT(nn.Module):
         return rows if len(rows) > 1 else rows[:0]
 
     def forward(self, idx, targets=None):
-        """Logits (B, T, V), or with targets the mean cross-entropy over targets != -1.
-
-        With targets, the output layer is applied only where a target is set: for fine-tuning, where the
-        prompt is masked, this skips most of the 50K-wide matmul that dominates a small model's cost.
-        """
+        """Logits (B, T, V), or with targets (B, T) the mean cross-entropy over the targets that are not -1."""
         x = self.hidden_states(idx)
         if targets is None:
             return self.lm_head(x)
-        keep = targets != -1
-        if bool(keep.all()):
-            x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
-        elif not bool(keep.any()):
-            return x.sum() * 0.0  # no trainable token in this batch: zero loss, graph kept for DDP
-        else:
-            x, targets = x[keep], targets[keep]
-        weight, bias = self.lm_head.weight, None
-        if self.output_ids is not None:  # the output_ids' logits, then one standing for all the other (equal) rows
-            position = torch.full((self.config.vocab_size,), -1, dtype=torch.long, device=targets.device)
-            position[self.output_ids] = torch.arange(len(self.output_ids), device=targets.device)
-            targets = position[targets]
-            if bool((targets < 0).any()):
-                raise ValueError("a target token is not among the ids the loss is restricted to (restrict_output)")
-            weight = torch.cat([weight[self.output_ids], weight[self.rest_ids].mean(0, keepdim=True)])
-            bias = torch.zeros(len(weight), device=x.device)
-            bias[-1] = math.log(len(self.rest_ids))
-        if x.device.type == "cpu" and torch.is_grad_enabled():
-            return LinearCrossEntropy.apply(x, weight, targets, bias)
-        logits = x @ weight.t()
-        return F.cross_entropy((logits if bias is None else logits + bias).float(), targets)
+        if self.output_ids is not None or cpu_speedups(x):
+            return faster_loss(self, x, targets)  # the same loss, computed faster
+        logits = self.lm_head(x).float()
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
 
     @torch.no_grad()
     def step_logits(self, cache: KVCache, rows, tokens_list):
@@ -298,6 +291,41 @@ class GPT(nn.Module):
             act = torch.tensor(active, device=device)
             logits = self.step_logits(cache, act, [[out[r][-1]] for r in active])
         return out
+
+
+# ---- the loss, computed faster ---------------------------------------------------------------------------
+
+def cpu_speedups(x) -> bool:
+    """Whether the loss skips the rows without a target and (training) chunks the output layer: on the CPU, eagerly.
+    Picking the rows reads the target mask on the host: on a GPU that is a sync, under torch.compile a graph break
+    and a data-dependent shape, so there every row goes through one full-shape cross-entropy (as in nanoGPT)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def faster_loss(model: "GPT", x, targets):
+    """GPT.forward's loss for hidden states x (B, T, C), computed faster: with a restricted output (restrict_output),
+    over the output ids' logits and one that stands for all the other (equal) rows; on the CPU (cpu_speedups),
+    over the rows whose target is set, training through LinearCrossEntropy. No host sync off the CPU."""
+    x, targets = x.flatten(0, 1), targets.flatten()
+    weight, bias = model.lm_head.weight, None
+    if model.output_ids is not None:
+        # The mean of the tied rows, not one of them: each then gets its share of the gradient, so they stay equal.
+        weight = torch.cat([weight[model.output_ids], weight[model.rest_ids].mean(0, keepdim=True)])
+        bias = model.output_bias
+        targets = torch.where(targets != -1, model.target_index[targets.clamp(min=0)], -1)
+        if cpu_speedups(x):
+            if bool((targets < -1).any()):
+                raise ValueError("a target token is not among the ids the loss is restricted to (restrict_output)")
+        else:  # checked on the device, without waiting for it
+            torch._assert_async((targets >= -1).all(), "a target token is not among the ids of restrict_output")
+    if cpu_speedups(x):
+        keep = targets != -1
+        if not bool(keep.all()):
+            x, targets = x[keep], targets[keep]
+        if torch.is_grad_enabled():
+            return LinearCrossEntropy.apply(x, weight, targets, bias)
+    logits = (x @ weight.t()).float()
+    return F.cross_entropy(logits if bias is None else logits + bias, targets, ignore_index=-1)
 
 
 class LinearCrossEntropy(torch.autograd.Function):

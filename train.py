@@ -12,17 +12,21 @@ learning rate, accumulates gradients up to cfg.batch_tokens, clips them, and ski
 is not finite. It never loses a run: RUN/step_NNNNNNN checkpoints every cfg.save_every steps and at the end
 (the last cfg.keep_last are kept), RUN/best by validation loss, SIGINT/SIGTERM finish the step, save and return,
 and cfg.resume continues exactly from the newest valid checkpoint (a corrupted one is skipped with a warning).
-Only rank 0 writes: checkpoints, RUN/log.jsonl (one JSON record per line) and RUN/loss.png.
+Only rank 0 writes: checkpoints, RUN/log.jsonl (one JSON record per line) and RUN/loss.png (drawn by
+plot_loss.py in a background process). `python train.py` only says which script to run.
 """
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -61,8 +65,10 @@ def log(msg: str) -> None:
     tqdm.write(msg, file=sys.stderr)
 
 
+# ---- setup ------------------------------------------------------------------------------------------------------
+
 def setup_device(cfg: TrainConfig):
-    """(device, rank, world, local_rank); joins the process group when started by torchrun."""
+    """(device, rank, world); joins the process group when started by torchrun."""
     rank, world, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), \
         int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(cfg.device)
@@ -72,7 +78,7 @@ def setup_device(cfg: TrainConfig):
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device, rank, world, local_rank
+    return device, rank, world
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
@@ -81,11 +87,27 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
 
 
+def setup_precision(cfg: TrainConfig, device: torch.device):
+    """(dtype, autocast context for the forward passes, gradient scaler: enabled for float16 only); TF32 on CUDA."""
+    dtype = autocast_dtype(cfg, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    return dtype, autocast, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     if device.type != "cuda" or dtype == torch.float32:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def step_limit_of(cfg: TrainConfig, tokens_per_step: int) -> float:
+    """The steps max_steps and max_tokens allow (math.inf if neither is set)."""
+    limit = cfg.max_steps or math.inf  # max_steps 0: no step limit
+    return min(limit, math.ceil(cfg.max_tokens / tokens_per_step)) if cfg.max_tokens else limit
 
 
 def planned_steps(step: int, cfg: TrainConfig, step_limit: float, elapsed: float, sec_per_step: float | None) -> float:
@@ -131,12 +153,30 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cuda", "cpu"))
 
 
-def latest_checkpoint(out: Path, model: GPT):
-    """(train_state, path) of the newest checkpoint that loads, after copying its weights into `model`; corrupted
-    ones are skipped with a warning. (None, None) when there is none."""
+# ---- the run folder -----------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainState:
+    """The counters a checkpoint keeps for an exact resume. The data position is the step (batches are a function
+    of it) and the dropout RNG is reseeded from (seed, step, rank) every step, so no RNG state is saved."""
+    step: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0  # seconds of training
+    best_val: float = math.inf  # the lowest validation loss so far (RUN/best)
+    bad_steps: int = 0  # non-finite steps in a row
+    skipped_steps: int = 0  # non-finite steps in all
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict) -> "TrainState":
+        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls)})
+
+
+def resume(out: Path, model: GPT, optimizer, scaler, master: bool) -> tuple[TrainState, Path | None]:
+    """(counters, checkpoint) of the newest checkpoint in `out` that loads, after loading its weights and optimizer
+    state; corrupted ones are skipped with a warning. A fresh TrainState and None when there is none."""
     for ckpt in reversed(step_checkpoints(out)):
         try:
-            loaded, config, state = load_checkpoint(ckpt, train_state=True)
+            loaded, config, saved = load_checkpoint(ckpt, train_state=True)
         except CheckpointError as e:
             log(f"warning: skipping checkpoint {ckpt}: {e}")
             continue
@@ -144,8 +184,16 @@ def latest_checkpoint(out: Path, model: GPT):
             raise CheckpointError(f"{ckpt}: model config {to_dict(loaded.config)} does not match this run's "
                                   f"{to_dict(model.config)}")
         model.load_state_dict(loaded.state_dict())
+        optimizer.load_state_dict(saved["optimizer"])
+        if saved["scaler"]:  # empty when saved without fp16
+            scaler.load_state_dict(saved["scaler"])
+        state = TrainState.from_checkpoint(saved)
+        if master:
+            log(f"resuming from {ckpt} (step {state.step}, {state.tokens:,} tokens)")
         return state, ckpt
-    return None, None
+    if master:
+        log(f"--resume: no checkpoint in {out}, starting from the beginning")
+    return TrainState(), None
 
 
 def remove_dir(d: Path) -> None:
@@ -155,37 +203,108 @@ def remove_dir(d: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+def prepare_run_dir(out: Path, resuming: bool) -> None:
+    """Create RUN. A new run there deletes an earlier run's checkpoints (with a warning); what a run killed while
+    saving or deleting left behind goes too."""
+    out.mkdir(parents=True, exist_ok=True)
+    earlier = step_checkpoints(out) + ([out / "best"] if (out / "best").is_dir() else [])
+    if not resuming and earlier:
+        log(f"warning: a new run in {out}: deleting the {len(earlier)} checkpoints of the earlier run there "
+            f"(--resume continues a run instead)")
+        for d in earlier:
+            remove_dir(d)
+    for stale in [*out.glob("*.tmp-*"), *out.glob("*.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 class Log:
     """RUN/log.jsonl, one JSON object per line; written by rank 0 only."""
 
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = path, enabled
 
-    def restart(self) -> None:
+    def start(self, record: dict) -> None:
+        """A new run: an earlier run's records go."""
         if self.enabled:
             self.path.unlink(missing_ok=True)
+        self.write(record)
 
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop the records of steps past the checkpoint, which the resumed run will redo (and a line
-        cut short by a kill)."""
-        if not self.enabled or not self.path.exists():
-            return
-        keep = []
-        with open(self.path) as f:
-            for line in f:
-                try:
-                    if json.loads(line).get("step", 0) <= step:
-                        keep.append(line)
-                except json.JSONDecodeError:
-                    continue
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(keep))
-        os.replace(tmp, self.path)
+    def resume(self, state: "TrainState", checkpoint: Path) -> None:
+        """Drop the records of steps past the checkpoint, which the resumed run will redo (and a line cut short by
+        a kill), then note the resumption."""
+        step = state.step
+        if self.enabled and self.path.exists():
+            keep = []
+            with open(self.path) as f:
+                for line in f:
+                    try:
+                        if json.loads(line).get("step", 0) <= step:
+                            keep.append(line)
+                    except json.JSONDecodeError:
+                        continue
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(keep))
+            os.replace(tmp, self.path)
+        self.write({"type": "resume", "step": step, "tokens": state.tokens, "from": str(checkpoint)})
 
     def write(self, record: dict) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+class Checkpoints:
+    """Rank 0's checkpoints: RUN/step_NNNNNNN with the training state (the newest keep_last are kept) and RUN/best,
+    the weights with the lowest validation loss."""
+
+    def __init__(self, out: Path, model: GPT, optimizer, scaler, cfg: TrainConfig, provenance: dict,
+                 extra_config: dict | None, enabled: bool):
+        self.out, self.model, self.optimizer, self.scaler = out, model, optimizer, scaler
+        self.keep_last, self.provenance, self.extra_config = cfg.keep_last, provenance, extra_config
+        self.enabled = enabled
+
+    def _save(self, name: str, state: TrainState, with_state: bool, val_loss: float | None = None) -> Path:
+        provenance = {**self.provenance, "step": state.step, "tokens": state.tokens}
+        if val_loss is not None:
+            provenance["val_loss"] = val_loss
+        train_state = None
+        if with_state:
+            train_state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                           **dataclasses.asdict(state)}
+        return save_checkpoint(self.out / name, self.model, provenance, train_state, self.extra_config)
+
+    def save_step(self, state: TrainState) -> None:
+        if self.enabled:
+            self._save(f"step_{state.step:07d}", state, with_state=True)
+            for old in step_checkpoints(self.out)[:-self.keep_last] if self.keep_last > 0 else []:
+                remove_dir(old)
+
+    def save_best(self, state: TrainState, val_loss: float) -> None:
+        if self.enabled:
+            self._save("best", state, with_state=False, val_loss=val_loss)
+
+
+class Plotter:
+    """RUN/loss.png, redrawn by `python plot_loss.py RUN` in a background process, so that training neither waits
+    for matplotlib nor imports a script; a plotting failure is a warning, never the end of a run."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.out, self.enabled, self.proc = out, enabled, None
+
+    def start(self) -> None:
+        self.wait()
+        if not self.enabled:
+            return
+        script = Path(__file__).resolve().parent / "plot_loss.py"
+        self.proc = subprocess.Popen([sys.executable, str(script), str(self.out), "--out", str(self.out / "loss.png")],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def wait(self) -> None:
+        if self.proc is not None:
+            _, err = self.proc.communicate()
+            if self.proc.returncode != 0:
+                log(f"warning: could not plot {self.out / 'loss.png'}: {err.strip().splitlines()[-1:] or ''}")
+            self.proc = None
 
 
 class StopFlag:
@@ -211,174 +330,182 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def plot_run(out: Path) -> None:
-    """Refresh RUN/loss.png; a plotting failure must never stop training."""
-    try:
-        from plot_loss import plot_runs
-        plot_runs([out], out / "loss.png")
-    except Exception as e:  # noqa: BLE001 - the plot is a convenience, the run is what matters
-        log(f"warning: could not plot {out / 'loss.png'}: {e}")
+# ---- the loop -----------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, batches, device, autocast, rank: int, world: int) -> float | None:
+    """The mean loss over the fixed validation batches (each rank evaluates its share), or None without any."""
+    if not batches:
+        return None
+    model.eval()
+    total = torch.zeros(2, device=device)
+    with autocast:
+        for i in range(rank, len(batches), world):
+            x, y = (t.to(device) for t in batches[i])
+            total += torch.stack([model(x, y).float(), torch.ones((), device=device)])
+    if world > 1:
+        dist.all_reduce(total)
+    model.train()
+    return (total[0] / total[1]).item()
 
 
-def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict | None = None) -> Path:
-    """Train `model` on `data` per `cfg`; returns the best checkpoint's directory (else the final one)."""
-    check_config(cfg)
-    device, rank, world, local_rank = setup_device(cfg)
-    master = rank == 0
-    out = Path(cfg.out)
-    dtype = autocast_dtype(cfg, device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+def stop_reason(state: TrainState, cfg: TrainConfig, step_limit: float, time_up: bool, interrupted: bool) -> str:
+    """Why the run stops before this step ("" if it does not)."""
+    if interrupted:
+        return "interrupted"
+    if state.step >= step_limit:
+        return f"reached max_steps ({step_limit})"
+    if cfg.max_tokens and state.tokens >= cfg.max_tokens:
+        return f"reached max_tokens ({cfg.max_tokens:,})"
+    return f"reached max_time ({cfg.max_time:.0f} s)" if time_up else ""
 
-    block = model.config.block_size
-    grad_accum = micro_steps(cfg, block, world)
-    tokens_per_step = grad_accum * cfg.batch_size * block * world  # nominal: for the schedule's length
-    step_limit = cfg.max_steps or math.inf  # max_steps 0: no step limit
-    if cfg.max_tokens:
-        step_limit = min(step_limit, math.ceil(cfg.max_tokens / tokens_per_step))
 
-    # Resume: weights, optimizer, counters; the data position is the step, since batches are a function of it.
-    step, tokens, elapsed, best_val, bad_steps, n_skipped = 0, 0, 0.0, float("inf"), 0, 0
-    state, resumed_from = (latest_checkpoint(out, model) if cfg.resume else (None, None))
-    if cfg.resume and state is None and master:
-        log(f"--resume: no checkpoint in {out}, starting from the beginning")
-    model.to(device)
-    optimizer = make_optimizer(model, cfg, device)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
-        best_val, bad_steps, n_skipped = state["best_val"], state["bad_steps"], state["skipped_steps"]
-        if master:
-            log(f"resuming from {resumed_from} (step {step}, {tokens:,} tokens)")
+def every(n: int, step: int) -> bool:
+    return n > 0 and step % n == 0
 
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        earlier = step_checkpoints(out) + ([out / "best"] if (out / "best").is_dir() else [])
-        if state is None and earlier:
-            log(f"warning: a new run in {out}: deleting the {len(earlier)} checkpoints of the earlier run there "
-                f"(--resume continues a run instead)")
-            for d in earlier:
-                remove_dir(d)
-        for stale in [*out.glob("*.tmp-*"), *out.glob("*.old-*")]:  # left by a run killed while saving or deleting
-            shutil.rmtree(stale, ignore_errors=True)
-    run_log = Log(out / "log.jsonl", master)
-    kind = provenance.get("kind", "finetune" if "finetune" in (extra_config or {}) else "pretrain")
-    if state is None:
-        run_log.restart()
-        run_log.write({"type": "run", "kind": kind, "init_from": provenance.get("init_from") or cfg.init_from or None,
-                       "config": {**to_dict(cfg), "model": to_dict(model.config)}, "world": world,
-                       "grad_accum": grad_accum, "tokens_per_step": tokens_per_step})
-    else:
-        run_log.truncate_after(step)
-        run_log.write({"type": "resume", "step": step, "tokens": tokens, "from": str(resumed_from)})
 
+def wrap(model: GPT, cfg: TrainConfig, device: torch.device, world: int):
+    """(raw model, the model to evaluate, the model to train): compiled on CUDA, under DDP with several processes."""
     raw_model = model
     if device.type == "cuda" and cfg.compile:
         model = torch.compile(model)
     eval_model = model
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    flops_per_token = raw_model.flops_per_token(block)
-    peak = peak_flops(device, dtype)
+    return raw_model, eval_model, model
 
-    def load(s: int, micro: int):
-        x, y = data.batch(s, micro, rank, world)
-        if device.type == "cuda":  # pinned memory lets the copy overlap the GPU's work on the previous batch
-            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        return x.to(device), y.to(device)
 
-    def evaluate() -> float | None:
-        batches = data.val_batches()
-        if not batches:
-            return None
-        eval_model.eval()
-        total = torch.zeros(2, device=device)
-        with torch.no_grad(), autocast:
-            for i in range(rank, len(batches), world):  # each rank evaluates its share of the fixed batches
-                x, y = (t.to(device) for t in batches[i])
-                total += torch.stack([eval_model(x, y).float(), torch.ones((), device=device)])
-        if world > 1:
-            dist.all_reduce(total)
-        eval_model.train()
-        return (total[0] / total[1]).item()
+class Meter:
+    """The pace: seconds per step (for planned_steps, from a process's second step on: its first includes warm-up,
+    torch.compile on CUDA), tokens per second (a moving average over steps) and, on a GPU with a known peak, MFU."""
 
-    def save(name: str, with_state: bool, val_loss: float | None = None) -> Path:
-        prov = {**provenance, "kind": kind, "data": data.fingerprint, "step": step, "tokens": tokens}
-        if val_loss is not None:
-            prov["val_loss"] = val_loss
-        train_state = None
-        if with_state:  # no RNG state needed: the dropout RNG is reseeded from (seed, step, rank) every step
-            train_state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                           "tokens": tokens, "elapsed": elapsed, "best_val": best_val, "bad_steps": bad_steps,
-                           "skipped_steps": n_skipped}
-        return save_checkpoint(out / name, raw_model, prov, train_state, extra_config)
+    def __init__(self, model: GPT, device: torch.device, dtype: torch.dtype, world: int):
+        self.flops_per_token, self.peak, self.world = model.flops_per_token(), peak_flops(device, dtype), world
+        self.steps, self.sec_per_step, self.tok_rate, self.mfu = 0, None, None, None
 
-    def checkpoint_step() -> Path:
-        path = save(f"step_{step:07d}", with_state=True)
-        for old in step_checkpoints(out)[:-cfg.keep_last] if cfg.keep_last > 0 else []:
-            remove_dir(old)
-        return path
+    def update(self, tokens: float, dt: float) -> tuple[float, float | None]:
+        """(tokens/s, MFU or None) after a step of `tokens` (all ranks) in dt seconds."""
+        self.steps += 1
+        if self.steps > 1:
+            self.sec_per_step = dt if self.sec_per_step is None else 0.9 * self.sec_per_step + 0.1 * dt
+        self.tok_rate = tokens / dt if self.tok_rate is None else 0.9 * self.tok_rate + 0.1 * tokens / dt
+        self.mfu = self.flops_per_token * self.tok_rate / (self.peak * self.world) if self.peak else None
+        return self.tok_rate, self.mfu
 
-    def run_eval() -> None:
-        nonlocal best_val, last_val
-        val_loss = evaluate()
-        if val_loss is None:
-            return
-        run_log.write({"type": "eval", "step": step, "tokens": tokens, "val_loss": val_loss})
-        if master:
-            if val_loss < best_val:
-                save("best", with_state=False, val_loss=val_loss)
-            if step > 0:  # a plot needs training records
-                plot_run(out)
-        best_val = min(best_val, val_loss)
-        last_val = val_loss
+    def text(self, loss: float, lr: float, val_loss: float | None) -> str:
+        """The progress bar's summary of the last step."""
+        return (f"loss {loss:.4f} lr {lr:.2e} {self.tok_rate:,.0f} tok/s"
+                + (f" MFU {100 * self.mfu:.1f}%" if self.mfu is not None else "")
+                + (f" val {val_loss:.4f}" if val_loss is not None else ""))
 
+
+def to_device(batch, device: torch.device):
+    """A batch (x, y) on the device; on CUDA from pinned memory, so that the copy overlaps the GPU's work."""
+    if device.type == "cuda":
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
+    return tuple(t.to(device) for t in batch)
+
+
+def describe(model: GPT, cfg: TrainConfig, device, dtype, world: int, grad_accum: int, step_limit: float) -> str:
+    block = model.config.block_size
+    return (f"training {model.num_params():,} parameters on {world} x {device} ({str(dtype).split('.')[-1]}), "
+            f"{grad_accum * cfg.batch_size * block * world:,} tokens per step ({grad_accum} x {cfg.batch_size} x "
+            f"{block} x {world}), until " + " or ".join(([f"step {step_limit}"] if step_limit < math.inf else [])
+                                                      + ([f"{cfg.max_time:.0f} s"] if cfg.max_time else [])))
+
+
+def record_eval(state: TrainState, val_loss: float | None, run_log: Log, checkpoints: Checkpoints,
+                plotter: Plotter) -> None:
+    """Log a validation loss, keep the best weights, redraw the plot."""
+    if val_loss is None:
+        return
+    run_log.write({"type": "eval", "step": state.step, "tokens": state.tokens, "val_loss": val_loss})
+    if val_loss < state.best_val:
+        checkpoints.save_best(state, val_loss)
+    state.best_val = min(state.best_val, val_loss)
+    if state.step > 0:  # a plot needs training records
+        plotter.start()
+
+
+def is_finite(state: TrainState, cfg: TrainConfig, loss: float, grad_norm: float, fp16: bool) -> bool:
+    """Whether to take the step: its loss and gradient norm are finite (with fp16 an overflowing gradient is the
+    gradient scaler's to skip). A step not taken is counted and reported."""
+    if math.isfinite(loss) and (math.isfinite(grad_norm) or fp16):
+        state.bad_steps = 0
+        return True
+    state.bad_steps += 1
+    state.skipped_steps += 1
+    log(f"step {state.step}: non-finite loss ({loss}) or gradient norm ({grad_norm}): step skipped "
+        f"({state.bad_steps} in a row, the limit is max_bad_steps={cfg.max_bad_steps})")
+    return False
+
+
+def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict | None = None) -> None:
+    """Train `model` on `data` per `cfg` (see the module docstring); `provenance` goes into every checkpoint."""
+    check_config(cfg)
+    device, rank, world = setup_device(cfg)
+    master, out = rank == 0, Path(cfg.out)
+    dtype, autocast, scaler = setup_precision(cfg, device)
+    grad_accum = micro_steps(cfg, model.config.block_size, world)
+    tokens_per_step = grad_accum * cfg.batch_size * model.config.block_size * world  # nominal: the schedule's length
+    step_limit = step_limit_of(cfg, tokens_per_step)
+
+    # Resume (weights, optimizer, counters) or start afresh; rank 0 keeps the run folder.
+    model.to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    state, resumed_from = resume(out, model, optimizer, scaler, master) if cfg.resume else (TrainState(), None)
     if master:
-        log(f"training {raw_model.num_params():,} parameters on {world} x {device} ({str(dtype).split('.')[-1]}), "
-            f"{tokens_per_step:,} tokens per step ({grad_accum} x {cfg.batch_size} x {block} x {world}), "
-            "until " + " or ".join(([f"step {step_limit}"] if step_limit < math.inf else [])
-                                   + ([f"{cfg.max_time:.0f} s"] if cfg.max_time else [])))
-    last_val = None
-    bar = tqdm(total=step_limit if step_limit < math.inf else None, initial=step, disable=not master, unit="step", dynamic_ncols=True)
-    if state is None:
-        run_eval()
-    last_saved = step if state is not None else -1
-    time_up = bool(cfg.max_time) and elapsed >= cfg.max_time
+        prepare_run_dir(out, resuming=resumed_from is not None)
+    run_log = Log(out / "log.jsonl", master)
+    if resumed_from is None:
+        run_log.start({"type": "run", "kind": provenance.get("kind"), "init_from": provenance.get("init_from")
+                       or cfg.init_from or None, "config": {**to_dict(cfg), "model": to_dict(model.config)},
+                       "world": world, "grad_accum": grad_accum, "tokens_per_step": tokens_per_step})
+    else:
+        run_log.resume(state, resumed_from)
+    checkpoints = Checkpoints(out, model, optimizer, scaler, cfg, {**provenance, "data": data.fingerprint},
+                              extra_config, enabled=master)
+    plotter = Plotter(out, enabled=master)
+    raw_model, eval_model, model = wrap(model, cfg, device, world)
+    meter = Meter(raw_model, device, dtype, world)
+    if master:
+        log(describe(raw_model, cfg, device, dtype, world, grad_accum, step_limit))
+
+    def load(step: int, micro: int):
+        return to_device(data.batch(step, micro, rank, world), device)
+
+    bar = tqdm(total=step_limit if step_limit < math.inf else None, initial=state.step, disable=not master,
+               unit="step", dynamic_ncols=True)
+    done = state.step if resumed_from else -1  # a resumed run's first step: evaluated and saved before it stopped
+    time_up, interrupted, last_val = bool(cfg.max_time) and state.elapsed >= cfg.max_time, False, None
+    batch = load(state.step, 0)
     model.train()
-    stop_reason = ""
-    tok_rate = sec_per_step = None  # sec_per_step: the pace for planned_steps, from this process's second step on
-    first_step = step
-    batch = load(step, 0)
     with StopFlag() as stop:
         while True:
-            if step >= step_limit:
-                stop_reason = f"reached max_steps ({step_limit})"
-            elif cfg.max_tokens and tokens >= cfg.max_tokens:
-                stop_reason = f"reached max_tokens ({cfg.max_tokens:,})"
-            elif time_up:
-                stop_reason = f"reached max_time ({cfg.max_time:.0f} s)"
-            if stop_reason:
+            reason = stop_reason(state, cfg, step_limit, time_up, interrupted)
+            # Once in a while, and at the end: evaluate (keep the best weights), save a checkpoint.
+            if state.step != done and (state.step == 0 or every(cfg.eval_every, state.step)
+                                       or reason not in ("", "interrupted")):
+                last_val = evaluate(eval_model, data.val_batches(), device, autocast, rank, world)
+                record_eval(state, last_val, run_log, checkpoints, plotter)
+            if state.step != done and (reason or (every(cfg.save_every, state.step) and state.step > 0)):
+                checkpoints.save_step(state)
+            if reason:
                 break
+
             t0 = time.perf_counter()
-            torch.manual_seed(cfg.seed + 1_000_003 * step + 1009 * rank)  # dropout: a function of (step, rank)
-            lr = lr_at(step, cfg, planned_steps(step, cfg, step_limit, elapsed, sec_per_step))
+            torch.manual_seed(cfg.seed + 1_000_003 * state.step + 1009 * rank)  # dropout: a function of (step, rank)
+            lr = lr_at(state.step, cfg, planned_steps(state.step, cfg, step_limit, state.elapsed, meter.sec_per_step))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # [summed micro-batch losses, tokens, target tokens, stop requested, time is up], all-reduced so that
-            # every rank takes the same decisions
+            # Micro-steps, reading the next batch while the device works. [summed losses, tokens, target tokens, stop
+            # requested, time is up] are all-reduced, so that every rank takes the same decisions.
             stats = torch.zeros(5, device=device)
             for micro in range(grad_accum):
                 x, y = batch
-                # the next micro-batch (or the next step's first) is read while the GPU works on this one
-                batch = load(step, micro + 1) if micro + 1 < grad_accum else load(step + 1, 0)
+                batch = load(state.step, micro + 1) if micro + 1 < grad_accum else load(state.step + 1, 0)
                 # DDP averages gradients across processes only on the last micro-batch of the step
-                sync = micro == grad_accum - 1 or world == 1
-                with contextlib.nullcontext() if sync else model.no_sync():
+                with model.no_sync() if world > 1 and micro < grad_accum - 1 else contextlib.nullcontext():
                     with autocast:
                         loss = model(x, y)
                     scaler.scale(loss / grad_accum).backward()
@@ -386,73 +513,59 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
                 stats[1] += x.numel()
                 stats[2] += (y != -1).sum()
             stats[3] = float(stop.set)
-            stats[4] = float(bool(cfg.max_time) and elapsed + time.perf_counter() - t0 >= cfg.max_time)
+            stats[4] = float(bool(cfg.max_time) and state.elapsed + time.perf_counter() - t0 >= cfg.max_time)
             if world > 1:
                 dist.all_reduce(stats)
             loss_val = stats[0].item() / (grad_accum * world)
+
+            # Clip, then step unless the loss or the gradient is not finite.
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
                                                        cfg.grad_clip if cfg.grad_clip > 0 else float("inf")).item()
-            finite = math.isfinite(loss_val) and (math.isfinite(grad_norm) or scaler.is_enabled())
-            if finite:
+            if is_finite(state, cfg, loss_val, grad_norm, fp16=scaler.is_enabled()):
                 scaler.step(optimizer)  # with fp16, the scaler itself skips steps whose gradients overflowed
                 scaler.update()
-                bad_steps = 0
-            else:
-                bad_steps += 1
-                n_skipped += 1
-                log(f"step {step}: non-finite loss ({loss_val}) or gradient norm ({grad_norm}): step skipped "
-                    f"({bad_steps} in a row, the limit is max_bad_steps={cfg.max_bad_steps})")
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens += int(stats[1].item())
             dt = time.perf_counter() - t0
-            elapsed += dt
-            if step > first_step + 1:  # the first step of a process includes warm-up (torch.compile on CUDA)
-                sec_per_step = dt if sec_per_step is None else 0.9 * sec_per_step + 0.1 * dt
-            time_up = bool(stats[4] > 0)
-            if bad_steps >= cfg.max_bad_steps:
-                bar.close()
-                kept = step_checkpoints(out)
-                msg = (f"error: {bad_steps} steps in a row had a non-finite loss or gradient (max_bad_steps="
-                       f"{cfg.max_bad_steps}); stopping. The last good checkpoint is "
-                       f"{kept[-1] if kept else '(none yet)'}. Try a lower --lr, a longer warmup, or check the data.")
-                run_log.write({"type": "stopped", "step": step, "reason": "non-finite loss"})
-                if world > 1:
-                    dist.destroy_process_group()
-                raise SystemExit(msg)
+            state.step, state.tokens, state.elapsed = state.step + 1, state.tokens + int(stats[1]), state.elapsed + dt
+            time_up, interrupted = bool(stats[4] > 0), bool(stats[3] > 0)
 
-            tok_rate = stats[1].item() / dt if tok_rate is None else 0.9 * tok_rate + 0.1 * stats[1].item() / dt
-            mfu = flops_per_token * tok_rate / (peak * world) if peak else None
+            # Log, and stop after too many bad steps.
+            tok_rate, mfu = meter.update(stats[1].item(), dt)
             bar.update(1)
-            bar.set_postfix_str(f"loss {loss_val:.4f} lr {lr:.2e} {tok_rate:,.0f} tok/s"
-                                + (f" MFU {100 * mfu:.1f}%" if mfu is not None else "")
-                                + (f" val {last_val:.4f}" if last_val is not None else ""), refresh=False)
-            if step % cfg.log_every == 0 or step == 1:
-                run_log.write({"type": "train", "step": step, "tokens": tokens, "loss": loss_val, "lr": lr,
-                               "grad_norm": grad_norm, "tok_per_s": tok_rate, "mfu": mfu, "elapsed": elapsed,
+            bar.set_postfix_str(meter.text(loss_val, lr, last_val), refresh=False)
+            if every(cfg.log_every, state.step) or state.step == 1:
+                run_log.write({"type": "train", "step": state.step, "tokens": state.tokens, "loss": loss_val, "lr": lr,
+                               "grad_norm": grad_norm, "tok_per_s": tok_rate, "mfu": mfu, "elapsed": state.elapsed,
                                "target_tokens": int(stats[2].item())})
-            if cfg.eval_every and step % cfg.eval_every == 0:
-                run_eval()
-            if master and cfg.save_every and step % cfg.save_every == 0:
-                checkpoint_step()
-                last_saved = step
-            if stats[3] > 0:
-                stop_reason = "interrupted"
-                break
+            if state.bad_steps >= cfg.max_bad_steps:
+                stop_on_bad_steps(state, cfg, out, run_log, world, bar)
     bar.close()
-
-    if stop_reason != "interrupted" and not (cfg.eval_every and step % cfg.eval_every == 0):
-        run_eval()  # the final model's validation loss
-    final = None
+    plotter.wait()
+    run_log.write({"type": "end", "step": state.step, "tokens": state.tokens, "reason": reason,
+                   "elapsed": state.elapsed, "skipped_steps": state.skipped_steps})
     if master:
-        final = checkpoint_step() if last_saved != step else out / f"step_{step:07d}"
-        run_log.write({"type": "end", "step": step, "tokens": tokens, "reason": stop_reason, "elapsed": elapsed,
-                       "skipped_steps": n_skipped})
-        how = "resume with --resume" if stop_reason == "interrupted" else "done"
-        log(f"{stop_reason} at step {step}: saved {final} ({how})")
+        log(f"{reason} at step {state.step}: saved {out / f'step_{state.step:07d}'} "
+            f"({'resume with --resume' if reason == 'interrupted' else 'done'})")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    best = out / "best"
-    return best if best.is_dir() else (final or out / f"step_{step:07d}")
+
+
+def stop_on_bad_steps(state: TrainState, cfg: TrainConfig, out: Path, run_log: Log, world: int, bar) -> None:
+    """Too many non-finite steps in a row: stop the run with an error naming the last good checkpoint."""
+    bar.close()
+    kept = step_checkpoints(out)
+    run_log.write({"type": "stopped", "step": state.step, "reason": "non-finite loss"})
+    if world > 1:
+        dist.destroy_process_group()
+    raise SystemExit(f"error: {state.bad_steps} steps in a row had a non-finite loss or gradient (max_bad_steps="
+                     f"{cfg.max_bad_steps}); stopping. The last good checkpoint is "
+                     f"{kept[-1] if kept else '(none yet)'}. Try a lower --lr, a longer warmup, or check the data.")
+
+
+if __name__ == "__main__":
+    print("train.py is the training loop that pretrain.py and finetune.py share; run one of them:\n"
+          "  python pretrain.py --preset tiny --data data/demo --out checkpoints/pretrain   (--help: every option)\n"
+          "  python finetune.py --init checkpoints/pretrain --out checkpoints/chat", file=sys.stderr)
+    sys.exit(2)

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 
 import finetune
-import pretrain
-from chat_data import ChatData, ChatDataError, collate, encode, fit_context, read_file, read_files, split
+from chat_data import ChatData, ChatDataError, Rehearsal, collate, encode, fit_context, read_file, read_files, split
 from chat_format import ASSISTANT, END, SYSTEM, USER, render
 from checkpoint import export_hf, load_checkpoint, save_checkpoint
 from config import FinetuneConfig, TrainConfig
 from conftest import SHARED_DATA
+from shard_data import ShardData, data_vocab_ids
 from shards import write_shard
 from tokenizer import EOT_ID, decode, encode as tok
 
@@ -312,7 +312,7 @@ def test_finetune_restricts_the_loss_after_data_vocab_pretraining_and_rehearses_
     for part in ("train", "val"):
         (text / part).mkdir(parents=True)
         write_shard(text / part / "000.bin", np.tile(np.arange(100, 164), 40))
-    tiny_model.restrict_output(pretrain.data_vocab_ids(text))  # as pretrain.py --data_vocab leaves the model
+    tiny_model.restrict_output(data_vocab_ids(text))  # as pretrain.py --data_vocab leaves the model
     init = save_checkpoint(tmp_path / "init", tiny_model)
     records = [{"messages": exchanges(1 + i % 2, start=i)} for i in range(20)]
     data = write(tmp_path / "chat.jsonl", records)
@@ -333,7 +333,7 @@ def test_finetune_restricts_the_loss_after_data_vocab_pretraining_and_rehearses_
         full = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-1).item()
     assert logged == pytest.approx(full, abs=1e-4)
     # A rehearsal batch: the chat rows, then 3 windows of the text cut to their length, every token trained.
-    batch_x, batch_y = finetune.Rehearsal(chat, pretrain.ShardData(text, 64, 3, 0, 0)).batch(0)
+    batch_x, batch_y = Rehearsal(chat, ShardData(text, 64, 3, 0, 0)).batch(0)
     cx, cy = chat.batch(0)
     assert batch_x.shape == (4 + 3, cx.size(1)) and torch.equal(batch_x[:4], cx) and torch.equal(batch_y[:4], cy)
     window_x, window_y = batch_x[4:], batch_y[4:]

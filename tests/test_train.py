@@ -16,6 +16,7 @@ import pretrain
 from checkpoint import export_hf, load_checkpoint, step_checkpoints
 from config import ModelConfig, TrainConfig
 from model import GPT, LinearCrossEntropy
+from shard_data import ShardData
 from shards import write_shard
 from train import lr_at, planned_steps
 
@@ -95,7 +96,7 @@ def test_keep_last_prunes_old_checkpoints_and_a_new_run_replaces_the_old(data_di
 def test_sigterm_then_resume_is_bit_for_bit(data_dir, reference, tmp_path, monkeypatch):
     """SIGTERM while step 6's batch is read (prefetched during step 5) finishes step 5 and saves its result,
     step_0000006; resuming from there gives the uninterrupted run's weights."""
-    batch = pretrain.ShardData.batch
+    batch = ShardData.batch
 
     def batch_then_sigterm(self, step, micro, rank, world):
         if step == 6:
@@ -103,14 +104,14 @@ def test_sigterm_then_resume_is_bit_for_bit(data_dir, reference, tmp_path, monke
         return batch(self, step, micro, rank, world)
 
     out = tmp_path / "run"
-    monkeypatch.setattr(pretrain.ShardData, "batch", batch_then_sigterm)
+    monkeypatch.setattr(ShardData, "batch", batch_then_sigterm)
     run(data_dir, out, "--max_steps", "12", "--save_every", "4")
     assert [p.name for p in step_checkpoints(out)] == ["step_0000004", "step_0000006"]
     end = read_log(out)[-1]
     assert (end["type"], end["step"], end["reason"]) == ("end", 6, "interrupted")
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is uninstalled afterwards
 
-    monkeypatch.setattr(pretrain.ShardData, "batch", batch)
+    monkeypatch.setattr(ShardData, "batch", batch)
     run(data_dir, out, "--max_steps", "12", "--save_every", "4", "--resume")
     assert_same_weights(final_weights(out), final_weights(reference))
     steps = [r["step"] for r in read_log(out) if r["type"] == "train"]
@@ -243,7 +244,7 @@ def test_data_batches_are_pure_functions_of_step_micro_rank(data_dir, tmp_path):
     write_shard(d / "train" / "a.bin", np.full(100, 7))
     write_shard(d / "train" / "b.bin", np.full(100, 9))
     write_shard(d / "val" / "a.bin", np.arange(50))
-    data = pretrain.ShardData(d, block_size=16, batch_size=64, seed=1, eval_batches=3)
+    data = ShardData(d, block_size=16, batch_size=64, seed=1, eval_batches=3)
     x, y = data.batch(5, 1, 0, 1)
     assert torch.equal(x, data.batch(5, 1, 0, 1)[0]) and not torch.equal(x, data.batch(6, 1, 0, 1)[0])
     assert torch.equal(x, data.batch(5, 0, 1, 2)[0])  # micro 1 on one process == micro 0 of rank 1 on two
@@ -251,7 +252,7 @@ def test_data_batches_are_pure_functions_of_step_micro_rank(data_dir, tmp_path):
     assert set(x[:, 0].tolist()) == {7, 9} and all(len(set(row.tolist())) == 1 for row in x)  # no window spans shards
     val = data.val_batches()
     assert len(val) == 3 and torch.equal(val[0][1][:, :-1], val[0][0][:, 1:])  # y is x shifted by one
-    assert data.fingerprint == pretrain.ShardData(d, 16, 64, 2, 1).fingerprint
+    assert data.fingerprint == ShardData(d, 16, 64, 2, 1).fingerprint
 
 
 @pytest.mark.parametrize("args, message", [([], "no token shards in"),
@@ -331,11 +332,16 @@ def test_data_vocab_trains_on_the_ids_in_the_shards_with_the_full_vocabulary_los
     assert not torch.equal(weight[100], weight[101])
     chat = weight[50257:50261]  # the chat tokens keep rows of their own, for fine-tuning
     assert not torch.equal(chat[0], weight[0]) and not torch.equal(chat[0], chat[1])
-    x, y = pretrain.ShardData(data_dir, 32, 4, 0, 1).val_batches()[0]
+    x, y = ShardData(data_dir, 32, 4, 0, 1).val_batches()[0]
     with torch.no_grad():
         loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
     assert loss < 1.0  # the cycle was learned, and the other ids' logits are low
     logged = [r["val_loss"] for r in read_log(out) if r["type"] == "eval"][-1]  # the restricted loss, in training
     with torch.no_grad():
-        full = [model(*batch).item() for batch in pretrain.ShardData(data_dir, 32, 4, 1337, 2).val_batches()]
+        full = [model(*batch).item() for batch in ShardData(data_dir, 32, 4, 1337, 2).val_batches()]
     assert logged == pytest.approx(sum(full) / len(full), abs=1e-4)
+
+
+def test_running_train_py_says_which_script_to_run():
+    proc = subprocess.run([sys.executable, "train.py"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "pretrain.py" in proc.stderr and "finetune.py" in proc.stderr
