@@ -7,9 +7,9 @@
     fingerprint: str                           identifies the data in checkpoint provenance.
 
 fit() picks the device and precision (bf16 autocast, TF32 and torch.compile on CUDA; fp32 on CPU), runs data
-parallel under torchrun (DDP: NCCL on CUDA, gloo on CPU), steps AdamW (or Muon with AdamW: optim.py) with warmup
-+ cosine / wsd / constant learning rate, accumulates gradients up to cfg.batch_tokens, clips them, skips (and counts)
-steps whose loss is not finite. It never loses a run: RUN/step_NNNNNNN checkpoints every cfg.save_every steps and at the end
+parallel under torchrun (DDP: NCCL on CUDA, gloo on CPU), steps the optimizer (optim.py) with warmup + cosine / wsd /
+constant learning rate, accumulates gradients up to cfg.batch_tokens, clips them, and skips (and counts) steps whose loss
+is not finite. It never loses a run: RUN/step_NNNNNNN checkpoints every cfg.save_every steps and at the end
 (the last cfg.keep_last are kept), RUN/best by validation loss, SIGINT/SIGTERM finish the step, save and return,
 and cfg.resume continues exactly from the newest valid checkpoint (a corrupted one is skipped with a warning).
 Only rank 0 writes: checkpoints, RUN/log.jsonl (one JSON record per line) and RUN/loss.png.
