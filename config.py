@@ -54,6 +54,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    optimizer: str = "adamw"  # adamw | muon: Muon for the blocks' matrices, AdamW for the rest (optim.py)
+    muon_lr: float = 0.02  # muon: the matrices' peak learning rate, on the same schedule as lr
+    muon_momentum: float = 0.95  # muon: Nesterov momentum of the matrices
     eval_every: int = 250
     eval_batches: int = 20
     save_every: int = 500

@@ -7,8 +7,8 @@
     fingerprint: str                           identifies the data in checkpoint provenance.
 
 fit() picks the device and precision (bf16 autocast, TF32 and torch.compile on CUDA; fp32 on CPU), runs data
-parallel under torchrun (DDP: NCCL on CUDA, gloo on CPU), steps AdamW with warmup + cosine / wsd / constant
-learning rate, accumulates gradients up to cfg.batch_tokens, clips them, and skips (and counts) steps whose loss
+parallel under torchrun (DDP: NCCL on CUDA, gloo on CPU), steps the optimizer (optim.py) with warmup + cosine / wsd /
+constant learning rate, accumulates gradients up to cfg.batch_tokens, clips them, and skips (and counts) steps whose loss
 is not finite. It never loses a run: RUN/step_NNNNNNN checkpoints every cfg.save_every steps and at the end
 (the last cfg.keep_last are kept), RUN/best by validation loss, SIGINT/SIGTERM finish the step, save and return,
 and cfg.resume continues exactly from the newest valid checkpoint (a corrupted one is skipped with a warning).
@@ -37,6 +37,7 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint, step_checkpoints
 from config import ConfigError, TrainConfig, to_dict
 from model import GPT, pick_device
+from optim import check_optimizer, make_optimizer
 
 # Dense bf16 tensor-core peak FLOP/s per GPU, for MFU; a GPU not listed (and the CPU) shows no MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
@@ -58,6 +59,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError("no limit: set max_steps, max_tokens or max_time (one of them > 0)")
     if not 0 <= cfg.decay_fraction <= 1:
         raise ConfigError(f"field 'decay_fraction' expects a value in [0, 1], got {cfg.decay_fraction!r}")
+    check_optimizer(cfg)
 
 
 def log(msg: str) -> None:
@@ -142,15 +144,6 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: float) -> float:
 def micro_steps(cfg: TrainConfig, block_size: int, world: int) -> int:
     """Micro-batches per optimizer step on each process: enough to reach cfg.batch_tokens (at least one)."""
     return max(1, cfg.batch_tokens // (cfg.batch_size * block_size * world))
-
-
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    # Weight decay on matrices and embeddings only; biases and LayerNorm gains are not shrunk towards zero.
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    # The fused kernel does the whole update in one pass over the parameters (CUDA and CPU).
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cuda", "cpu"))
 
 
 # ---- the run folder -----------------------------------------------------------------------------------------------
