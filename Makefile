@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # A CPU build of torch unless told otherwise: e.g. `make setup TORCH=torch` on a CUDA box.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup test demo bench chromium clean
+.PHONY: setup test demo bench chromium clean gpu-reference
 
 setup: $(VENV)/.installed .cache/tiktoken/r50k_base.tiktoken
 
@@ -48,6 +48,13 @@ demo: setup
 	stage evaluate $(PY) evaluate.py checkpoints/demo-chat --data data/demo data/demo_chat/eval.jsonl && \
 	echo && echo "Losses: checkpoints/demo-loss.png. Evaluation: checkpoints/demo-chat/eval.md." && \
 	echo "Chat with the model: $(PY) serve.py --checkpoint checkpoints/demo-chat  (then open http://127.0.0.1:8000)"
+
+# The GPU reference run (gpu_reference.py; README, GPU): every stage on one GPU in about ten minutes, its report in
+# checkpoints/gpu-reference/report. SMOKE=1: the same stages at toy sizes on the CPU. On a GPU machine without
+# internet, with the machine's own python and torch: make gpu-reference PY=python3 (no setup), after
+# pack_gpu_run.py's carry is unpacked; GPU_REFERENCE_ARGS passes more options (e.g. --data_root, --report).
+gpu-reference: $(if $(filter $(VENV)/bin/python,$(PY)),setup)
+	$(PY) gpu_reference.py $(if $(SMOKE),--smoke) $(GPU_REFERENCE_ARGS)
 
 # Optional: Chromium for the web page's browser test (tests/test_serve.py skips it when absent). Debian/Ubuntu, as root.
 chromium:

@@ -1,0 +1,74 @@
+"""gpu_reference.py: the smoke run (every stage of the GPU reference run at toy sizes on the CPU) and its report."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, SHARED_DATA
+
+needs_data = pytest.mark.skipif(not (SHARED_DATA / "pretrain" / "gutenberg_top100_authors").is_dir(),
+                                reason=f"the shared data ({SHARED_DATA}) is not here")
+
+
+def test_missing_data_is_named(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "gpu_reference.py"), "--smoke", "--data_root", str(tmp_path),
+                          "--work", str(tmp_path / "work")], capture_output=True, text=True)
+    assert run.returncode == 2
+    assert f"{tmp_path}: no Gutenberg train shards, instruct/mix, dialog/oasst1_en_validation, MT-bench" in run.stderr
+
+
+@pytest.mark.slow
+@needs_data
+def test_smoke_run_reports_every_stage(tmp_path):
+    work, report_dir = tmp_path / "work", tmp_path / "report"
+    run = subprocess.run([sys.executable, str(ROOT / "gpu_reference.py"), "--smoke", "--work", str(work),
+                          "--report", str(report_dir)], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads((report_dir / "report.json").read_text())
+    st = report["stages"]
+    assert [(name, s["status"]) for name, s in st.items()] == [(name, "ok") for name in (
+        "env", "tokenize", "pretrain", "plot_pretrain", "bench", "finetune", "plot", "evaluate", "samples", "serve")]
+    assert report["finished"] and report["profile"] == "smoke"
+
+    meta = json.loads((work / "gutenberg" / "meta.json").read_text())
+    assert st["tokenize"]["tokens"] == sum(s["tokens"] for s in meta["splits"].values()) > 100_000
+    assert st["tokenize"]["tok_per_s"] == pytest.approx(st["tokenize"]["tokens"] / st["tokenize"]["seconds"])
+
+    pre = st["pretrain"]
+    assert pre["first_val_loss"] == pytest.approx(math.log(50304), abs=0.5)  # a fresh model: about uniform
+    assert pre["final_val_loss"] < pre["first_val_loss"] - 0.5
+    assert pre["steps"] >= 3 and pre["tokens"] == pre["steps"] * 4 * 256 and "max_time" in pre["stop_reason"]
+    assert pre["steady_tok_per_s"] > 0 and pre["mfu"] is None  # no MFU on the CPU
+
+    rates = st["bench"]["tok_per_s"]
+    assert set(rates) >= {"ours (model.py + train.py)", "transformers GPT2LMHeadModel"}
+    ratio = rates["ours (model.py + train.py)"] / rates["transformers GPT2LMHeadModel"]
+    assert st["bench"]["ratio"] == pytest.approx(ratio, abs=0.01)
+
+    ft = st["finetune"]
+    assert ft["train_examples"] > 1000 and ft["val_examples"] > 0 and ft["final_val_loss"] < ft["first_val_loss"]
+    (held_out,) = st["evaluate"]["losses"]
+    assert held_out["data"].endswith("oasst1_en_validation.jsonl") and held_out["tokens"] > 1000
+    assert held_out["perplexity"] == pytest.approx(math.exp(held_out["loss"]), rel=1e-6)
+
+    answers = st["samples"]["answers"]
+    assert [a["question_id"] for a in answers] == [81, 82, 83, 84]
+    assert all(1 <= a["tokens"] <= 16 and isinstance(a["answer"], str) for a in answers)
+
+    serve = st["serve"]
+    assert serve["identical_to_transformers"] is True
+    assert set(serve["aggregate_tok_per_s"]) >= {"16", "64"} and min(serve["aggregate_tok_per_s"].values()) > 0
+    assert serve["single_stream"]["ours, GPT.generate in process"]["decode_tok_per_s"] > 0
+
+    md = (report_dir / "report.md").read_text()
+    assert f"| tokenize | ok | {st['tokenize']['seconds']:.1f} |" in md
+    assert f"{pre['first_val_loss']:.3f} -> {pre['final_val_loss']:.3f}" in md
+    assert f"| 64 | {serve['aggregate_tok_per_s']['64']:,.0f} |" in md
+    assert "![losses: pretraining, then fine-tuning](loss.png)" in md and answers[0]["question"] in md
+    assert (report_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "$ " in (report_dir / "run.log").read_text()
