@@ -12,6 +12,10 @@ from config import ModelConfig  # noqa: E402
 from model import GPT  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a test over ~20 s; `make test` runs it, `pytest -m 'not slow'` skips it")
+
+
 @pytest.fixture
 def tiny_model():
     """A 2-layer, 32-wide GPT with the full 50K vocabulary and a 64-token context, fixed seed."""
