@@ -52,7 +52,8 @@ demo: setup
 # The GPU reference run (gpu_reference.py; README, GPU): every stage on one GPU in about ten minutes, its report in
 # checkpoints/gpu-reference/report. SMOKE=1: the same stages at toy sizes on the CPU. On a GPU machine without
 # internet, with the machine's own python and torch: make gpu-reference PY=python3 (no setup), after
-# pack_gpu_run.py's carry is unpacked; GPU_REFERENCE_ARGS passes more options (e.g. --data_root, --report).
+# pack_gpu_run.py's carry is unpacked; GPU_REFERENCE_ARGS passes more options (e.g. --data_root, --report, and
+# --deadline 540 inside a 600 s call: stages share the time and the report is always written).
 gpu-reference: $(if $(filter $(VENV)/bin/python,$(PY)),setup)
 	$(PY) gpu_reference.py $(if $(SMOKE),--smoke) $(GPU_REFERENCE_ARGS)
 

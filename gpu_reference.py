@@ -59,6 +59,10 @@ class Profile:
     toy_chars: int = 0
     toy_chats: int = 0  # smoke: the first toy_chats records of every chat file
     timeouts: dict = field(default_factory=dict)  # seconds per stage, beyond which it is stopped
+    # With --deadline: the least time each stage needs (start-up, compilation, a few steps), kept free for the
+    # stages still to come; a training stage's --max_time shrinks to its share minus its start-up (`overhead`).
+    reserves: dict = field(default_factory=dict)
+    overhead: float = 0.0
 
 
 GPU = Profile(
@@ -77,6 +81,9 @@ GPU = Profile(
     evaluate=["--suite", "false", "--batch_size", "16"],  # evaluate.py holds a batch's fp32 logits over the vocabulary
     timeouts={"env": 60, "tokenize": 180, "pretrain": 420, "bench": 300, "finetune": 300, "evaluate": 180,
               "samples": 180, "serve": 360, "plot": 60},
+    reserves={"env": 10, "tokenize": 45, "pretrain": 150, "plot_pretrain": 15, "bench": 60, "finetune": 110,
+              "plot": 15, "evaluate": 30, "samples": 45, "serve": 75},
+    overhead=75,  # python, CUDA and torch.compile's first graphs
 )
 
 SMOKE = Profile(
@@ -94,7 +101,11 @@ SMOKE = Profile(
     toy_docs=40, toy_chars=20_000, toy_chats=200,
     timeouts={"env": 60, "tokenize": 120, "pretrain": 180, "bench": 240, "finetune": 180, "evaluate": 120,
               "samples": 120, "serve": 300, "plot": 60},
+    reserves={"env": 5, "tokenize": 10, "pretrain": 20, "plot_pretrain": 5, "bench": 20, "finetune": 20,
+              "plot": 5, "evaluate": 10, "samples": 10, "serve": 30},
+    overhead=8,
 )
+STAGES = ("env", "tokenize", "pretrain", "plot_pretrain", "bench", "finetune", "plot", "evaluate", "samples", "serve")
 
 
 # ---- running a stage -------------------------------------------------------------------------------------------
@@ -276,21 +287,42 @@ def parse_finetune_counts(output: str) -> dict:
 class Reference:
     """The run: stages in order, each recorded in report.json and report.md as soon as it ends."""
 
-    def __init__(self, profile: Profile, data_root: Path, work: Path, report_dir: Path):
+    def __init__(self, profile: Profile, data_root: Path, work: Path, report_dir: Path, deadline: float = 0):
         self.profile, self.data_root, self.work, self.dir = profile, data_root, work, report_dir
         self.log = report_dir / "run.log"
-        self.start = time.time()
+        self.start, self.deadline = time.time(), deadline
         self.report = {"profile": profile.name, "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                       "commit": commit(), "data_root": str(data_root), "work": str(work), "stages": {}}
+                       "commit": commit(), "data_root": str(data_root), "work": str(work),
+                       "deadline_s": deadline or None, "stages": {}}
+
+    def budget(self, name: str) -> float:
+        """Seconds stage `name` may run: its timeout, and with a deadline no more than the time left after
+        reserving the later stages' least needs (so one slow stage cannot starve the rest of the report)."""
+        timeout = self.profile.timeouts.get(name.split("_")[0], 600)
+        if not self.deadline:
+            return timeout
+        later = sum(self.profile.reserves.get(n, 0) for n in STAGES[STAGES.index(name) + 1:])
+        return min(timeout, self.deadline - (time.time() - self.start) - later)
+
+    def fit_max_time(self, cmd: list[str], budget: float) -> list[str]:
+        """cmd with its --max_time cut to the budget less start-up, so training stops in time and saves."""
+        if not self.deadline or "--max_time" not in cmd:
+            return cmd
+        i = cmd.index("--max_time") + 1
+        return cmd[:i] + [str(int(max(1, min(float(cmd[i]), budget - self.profile.overhead))))] + cmd[i + 1:]
 
     def stage(self, name: str, cmd: list[str], parse=None, needs: tuple = ()) -> bool:
         """Run one stage (unless a stage it needs did not succeed), record it and rewrite the report."""
         failed = [n for n in needs if self.report["stages"].get(n, {}).get("status") != "ok"]
+        budget = self.budget(name)
         if failed:
             entry = {"status": "skipped", "reason": f"needs {', '.join(failed)}"}
+        elif budget < self.profile.reserves.get(name, 0) / 2:
+            entry = {"status": "skipped", "reason": f"{budget:.0f} s left of the {self.deadline:.0f} s deadline"}
         else:
+            cmd = self.fit_max_time(cmd, budget)
             print(f"\n== {name}: {shown(cmd)}", flush=True)
-            result = run(cmd, self.log, self.profile.timeouts.get(name.split("_")[0], 600))
+            result = run(cmd, self.log, budget)
             ok = result["rc"] == 0 and not result["timed_out"]
             entry = {"status": "ok" if ok else "failed", "command": shown(cmd),
                      **{k: result[k] for k in ("rc", "seconds", "peak_rss_mb", "peak_gpu_mb", "timed_out")}}
@@ -544,6 +576,10 @@ def main(argv: list[str]) -> None:
     p.add_argument("--work", default="",
                    help="token shards and checkpoints (default checkpoints/gpu-reference, -smoke for --smoke)")
     p.add_argument("--report", default="", help="report.md, report.json, loss.png, run.log (default WORK/report)")
+    p.add_argument("--deadline", type=float, default=0,
+                   help="seconds for the whole run (0: none); training stages shrink their --max_time to fit and "
+                        "a stage with too little time left is skipped, so a time-limited call still ends with "
+                        "its report (e.g. 540 inside a 600 s device call)")
     a = p.parse_args(argv)
     profile = SMOKE if a.smoke else GPU
     work = Path(a.work or ROOT / "checkpoints" / ("gpu-reference-smoke" if a.smoke else "gpu-reference")).resolve()
@@ -552,7 +588,7 @@ def main(argv: list[str]) -> None:
         d.mkdir(parents=True, exist_ok=True)
     (report_dir / "run.log").unlink(missing_ok=True)
     paths = inputs(Path(a.data_root), profile, work)
-    ref = Reference(profile, Path(a.data_root), work, report_dir)
+    ref = Reference(profile, Path(a.data_root), work, report_dir, a.deadline)
     ok = ref.run_all(paths)
     ref.report["finished"] = True
     ref.write()

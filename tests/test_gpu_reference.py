@@ -21,19 +21,37 @@ def test_missing_data_is_named(tmp_path):
     assert f"{tmp_path}: no Gutenberg train shards, instruct/mix, dialog/oasst1_en_validation, MT-bench" in run.stderr
 
 
+def test_deadline_shares_time_and_skips_what_cannot_fit(tmp_path, monkeypatch):
+    import gpu_reference as g
+    ref = g.Reference(g.SMOKE, tmp_path, tmp_path, tmp_path, deadline=200)
+    later = sum(g.SMOKE.reserves[n] for n in g.STAGES[g.STAGES.index("pretrain") + 1:])
+    assert ref.budget("pretrain") == pytest.approx(200 - later, abs=1)  # under the stage's own 180 s timeout
+    assert ref.budget("serve") == pytest.approx(200, abs=1)  # the last stage: all the time left
+    cmd = ["python", "pretrain.py", "--max_time", "12", "--log_every", "2"]
+    assert ref.fit_max_time(cmd, 100) == cmd  # it fits: unchanged
+    assert ref.fit_max_time(cmd, 15) == ["python", "pretrain.py", "--max_time", "7", "--log_every", "2"]
+    assert g.Reference(g.SMOKE, tmp_path, tmp_path, tmp_path).fit_max_time(cmd, 15) == cmd  # no deadline
+
+    monkeypatch.setattr(ref, "start", ref.start - 190)  # 10 s left: too little for the finetune reserve
+    assert not ref.stage("finetune", ["false"])
+    assert ref.report["stages"]["finetune"]["status"] == "skipped"
+    assert "deadline" in ref.report["stages"]["finetune"]["reason"]
+    assert json.loads((tmp_path / "report.json").read_text())["deadline_s"] == 200
+
+
 @pytest.mark.slow
 @needs_data
 def test_smoke_run_reports_every_stage(tmp_path):
     work, report_dir = tmp_path / "work", tmp_path / "report"
     run = subprocess.run([sys.executable, str(ROOT / "gpu_reference.py"), "--smoke", "--work", str(work),
-                          "--report", str(report_dir)], capture_output=True, text=True,
+                          "--report", str(report_dir), "--deadline", "1200"], capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((report_dir / "report.json").read_text())
     st = report["stages"]
     assert [(name, s["status"]) for name, s in st.items()] == [(name, "ok") for name in (
         "env", "tokenize", "pretrain", "plot_pretrain", "bench", "finetune", "plot", "evaluate", "samples", "serve")]
-    assert report["finished"] and report["profile"] == "smoke"
+    assert report["finished"] and report["profile"] == "smoke" and report["deadline_s"] == 1200
 
     meta = json.loads((work / "gutenberg" / "meta.json").read_text())
     assert st["tokenize"]["tokens"] == sum(s["tokens"] for s in meta["splits"].values()) > 100_000
