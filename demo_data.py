@@ -1,43 +1,50 @@
 """Built-in demo data, generated deterministically from a seed (no download needed).
 
-  pretrain_documents(seed=0)      simple English text for the demo pretraining corpus (tokenize_data.py);
-  dialogs(split, seed=0)          conversations (lists of {"role", "content"} messages) for fine-tuning;
-  examples(split, seed=0)         the same with their task family and reference answer:
-                                  {"family", "messages" (ending with the reference answer), "answer"};
-  python demo_data.py --out DIR   writes DIR/{train,val,eval}.jsonl ({"messages": [...]}) to look at.
+  pretrain_documents(seed=0)      simple English prose for the demo pretraining corpus (tokenize_data.py);
+  examples(split, seed=0)         dialogs with their task family, reference answer and what is held out:
+                                  {"family", "held_out", "messages" (ending with the answer), "answer"};
+  dialogs(split, seed=0)          the conversations alone, for fine-tuning;
+  python demo_data.py --out DIR [--seed N]   writes DIR/{train,val,eval}.jsonl ({"messages": [...]}).
 
-split is "train" or "val" (fine-tuning and its validation loss) or "eval" (the held-out instruction-following
-suite of evaluate.py). Six task families, every answer exactly checkable (`check`):
-  copy       "Repeat exactly:\nThe cup lamp tree."                 -> the sentence itself
-  recall     a fact, one to three other exchanges, then a question -> "Your pet is called Rex."
-             about the fact (fine-tuning: zero to three)
-  list       reverse / first / last / count of a list of words      -> "The list ends with tree."
-  arithmetic "What is 7 + 5?" / "What is 12 - 5?"                   -> "7 + 5 = 12."
-  compare    "Is 37 greater than 52?" / "... less than ...?"       -> "No." / "Yes."
-  system     a system prompt asks to sign every answer with a name -> "<answer> - Mira"
+split is "train" or "val" (fine-tuning and its validation loss) or "eval" (evaluate.py's held-out suite). The demo
+model is a small assistant inside a small world. Nine task families, every answer exactly checkable (`check`):
+  copy        "Repeat after me:\\nThe cup lamp tree."                 -> the sentence itself
+  list        reverse / first / last / count of a list of words     -> "The list ends with tree."
+  arithmetic  "What is 7 + 5?", "Subtract 5 from 12."               -> "7 + 5 = 12."
+  compare     "Is 37 larger than 52?"                               -> "No, 37 is less than 52."
+  recall      a fact, one to three other exchanges, a question      -> "Your pet is called Rex."
+  rules       a system prompt's rule over several turns: sign with a name, start with a word, answer only yes
+              or no, never reveal a password (a polite refusal)
+  support     a system prompt describing a business (opening hours by day, prices, delivery days, a phone
+              number): questions answered from it; anything it does not say gets a fallback with the number
+  booking     a table booking over several turns, given in any order: the assistant asks for what is
+              missing (name, day, people) and then confirms all three
+  greeting    hello, who are you, what can you do, thanks (the name from the system prompt, or Parley), and
+              a short fallback for requests outside its world
 
-Held out: every dialog of the "eval" split is new (a fresh draw of sentences, lists, facts and signatures, which
-the model must read from the conversation: no answer can be memorized), and the operand pairs of arithmetic and
-comparison are split once (by a hash of the pair, whatever the seed) into a training part and an evaluation
-part, so no sum or comparison that the suite asks about ever occurs in a fine-tuning dialog. The words, names and
-recall numbers are shared: fine-tuning pushes down every token its answers never contain (Adam moves even
-rarely used embedding rows at full speed), and with the words split the tuned model answered with training
-words instead of copying the held-out ones (BENCHMARKS.md, "Demo").
-Every filler is a single GPT-2 token after a space (" tree", " Mira", " 213"), and answers are phrased so
-that fillers are always preceded by a space, so copying a word means copying its token.
+Every task is asked in many wordings: cores (each holding the task's key word, e.g. reverse / backwards /
+opposite order) combined with polite prefixes. Held out: some whole cores and one key word per task occur only
+in the "eval" split (WORDINGS marks them with "~"), and half of the eval dialogs use them ("held_out" is
+"wording"); the other half use the tuned wordings with new fillers ("filler"). Every eval dialog is a fresh draw
+of words, names, businesses and facts, and the operand pairs of arithmetic and comparison are split once (by a
+hash of the pair, whatever the seed), so no sum or comparison the suite asks about is ever tuned on.
 
-The pretraining corpus is different text (stories, repeated phrases, lists, counting, sums and comparisons
-written out as sentences) over all words and names and ALL operand pairs: like a real pretraining corpus,
-it holds the knowledge the suite asks for (the words and numbers, that 7 + 5 = 12, that 37 is less than 52),
-but never a task in the chat format. So the suite measures whether fine-tuning taught the model
-to follow instructions and use its context and its knowledge, on dialogs and questions it was never tuned on.
+The pretraining corpus is different text: stories, lists, sums and comparisons written out as sentences, shops and
+bookings described in prose, people greeting each other. It uses every key word, the held-out ones too, in the
+sense the tasks give them ("In the opposite order the list reads ..."), but never a task in the chat format and
+never a held-out core. So the suite measures whether fine-tuning taught the model to follow instructions, in
+words it knows from pretraining but was never tuned on.
+Fillers are single GPT-2 tokens after a space (" tree", " Mira", " 213"), and answers put a space before them,
+so copying a word means copying its token.
 """
 
 import json
 import os
 import random
+import re
 import sys
 import zlib
+from functools import lru_cache
 from pathlib import Path
 
 # Every word below is one GPT-2 token when preceded by a space (tests/test_demo_data.py checks it).
@@ -62,19 +69,142 @@ NAMES = """Anna Ben Dan Emma Finn Gina Hugo Iris Jack Kate Leo Mia Nina Omar Pau
 Bob Carl David Eve Frank Grace Henry Ivan Jane Kevin Laura Mark Nora Oscar Peter Rachel Steve Tom Vera Will Adam
 Bella Chris Diana Eric Fiona George Helen Ian Julia Karl Lily Mike Nick Pete Quinn Ruby Sara Tony Vince Wade Amy Bill
 Clara Derek Fred Greg Holly Isaac Jill Kyle Lucy Max Ned Owen Paula Ray Rita Sean Ted Val Walt Alan Beth Chloe Dean
-Eli Gus Hank Ivy Joe Kim Luke Mary Neil Otto Pam Rex Rose Seth Troy Vic Abby Bruce Cole Ethan Felix Hans Jon Kurt
-Lena Noah Olive Phil Ralph Sophie Tess Abe Boris Cindy Dylan Edgar Glen Heidi Igor Josh Kira Lars Milo Pablo Remy
+Eli Gus Hank Ivy Joe Kim Luke Mary Neil Otto Pam Rex Seth Troy Vic Abby Bruce Cole Ethan Felix Hans Jon Kurt
+Lena Noah Phil Ralph Sophie Tess Abe Boris Cindy Dylan Edgar Glen Heidi Igor Josh Kira Lars Milo Pablo Remy
 Simon Theo Yuri Zack""".split()
-NAMES = [n for n in NAMES if n not in ("Rose", "Olive")]  # also nouns: a filler belongs to one pool only
+DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
+KINDS = "Cafe Kitchen Shop Store Garden Market".split()  # "Anna's Cafe"
+START_WORDS = "Sure Okay Well Right Indeed Alright Certainly Great Fine Good Done Hello".split()
 RECALL_NUMBERS = range(100, 360)  # " 100" ... " 359" are single tokens
 OPERANDS = range(0, 21)  # arithmetic operands; sums up to 40 and differences down to 0
 SUMS = [(a, b, op) for a in OPERANDS for b in OPERANDS for op in "+-" if op == "+" or a >= b]
 PAIRS = [(a, b) for a in range(100) for b in range(100) if a != b]  # comparisons of two numbers below 100
 EVAL_EVERY = 4  # one operand pair in EVAL_EVERY is held out for the evaluation split
+DEFAULT_NAME = "Parley"  # the assistant's name when no system prompt gives one
 
-FAMILIES = ("copy", "recall", "list", "arithmetic", "compare", "system")
-SPLIT_SIZES = {"train": 3000, "val": 40, "eval": 50}  # dialogs per family
+FAMILIES = ("copy", "list", "arithmetic", "compare", "recall", "rules", "support", "booking", "greeting")
+SPLIT_SIZES = {"train": 2500, "val": 30, "eval": 50}  # dialogs per family
 SPLIT_SEEDS = {"train": 0, "val": 1, "eval": 2}  # combined with the caller's seed
+
+# ---- wordings ---------------------------------------------------------------------------------------------------
+# A core starting in lower case is a request and takes a polite prefix; "~" marks a held-out core (eval only).
+# HELD_OUT_WORDS: each task's key word that only held-out cores use (tests check no tuned dialog contains it).
+PREFIXES = ["", "Please ", "Could you ", "Can you ", "I need you to ", "Hey, ", "Now ", "Kindly "]
+QUESTION_PREFIXES = ["", "Quick question: ", "Hi! ", "One more thing: ", "Question: "]  # before a core in upper case
+WORDINGS = {
+    "copy": ["repeat exactly:\n{}", "repeat this exactly:\n{}", "say exactly this:\n{}", "copy this text:\n{}",
+             "repeat after me:\n{}", "say this back to me:\n{}", "write this again:\n{}", "copy these words:\n{}",
+             "~echo this text:\n{}", "~write this word for word:\n{}", "~echo these words:\n{}"],
+    "reverse": ["reverse the list: {}", "reverse this list: {}", "write this list backwards: {}",
+                "say these words backwards: {}", "read this list from the end: {}", "reverse these words: {}",
+                "~give me these items in the opposite order: {}", "~write the list in the opposite order: {}"],
+    "first": ["What is the first item of the list: {}?", "Which item comes first in: {}?",
+              "What comes first in this list: {}?", "tell me the first item of: {}", "What is first in: {}?",
+              "~Which item is at the beginning of the list: {}?", "~What is at the beginning of: {}?"],
+    "last": ["What is the last item of the list: {}?", "Which item comes last in: {}?",
+             "What comes last in this list: {}?", "tell me the last item of: {}", "What is last in: {}?",
+             "~What is the final item of the list: {}?", "~Which item is final in: {}?"],
+    "count": ["How many items are in the list: {}?", "count the items: {}", "How many words are in this list: {}?",
+              "count the words in: {}", "tell me how many items are in: {}",
+              "~What is the number of items in: {}?", "~tell me the number of words in: {}"],
+    "plus": ["What is {a} + {b}?", "compute {a} + {b}.", "How much is {a} + {b}?", "add {a} and {b}.",
+             "What is {a} plus {b}?", "How much is {a} plus {b}?", "work out {a} + {b}.", "add {b} to {a}.",
+             "~What is the sum of {a} and {b}?", "~tell me the sum of {a} and {b}."],
+    "minus": ["What is {a} - {b}?", "compute {a} - {b}.", "How much is {a} - {b}?", "subtract {b} from {a}.",
+              "What is {a} minus {b}?", "How much is {a} minus {b}?", "work out {a} - {b}.",
+              "~What is {a} take away {b}?", "~tell me what {a} take away {b} is."],
+    "greater": ["Is {a} greater than {b}?", "Is {a} bigger than {b}?", "Is {a} larger than {b}?",
+                "Is {a} more than {b}?", "tell me if {a} is greater than {b}.", "tell me if {a} is larger than {b}.",
+                "~Is {a} above {b}?", "~Would you say {a} is above {b}?"],
+    "less": ["Is {a} less than {b}?", "Is {a} smaller than {b}?", "Is {a} lower than {b}?",
+             "tell me if {a} is less than {b}.", "tell me if {a} is smaller than {b}.", "Is {a} fewer than {b}?",
+             "~Is {a} below {b}?", "~Would you say {a} is below {b}?"],
+}
+HELD_OUT_WORDS = {"copy": ["echo", "word for word"], "reverse": ["opposite"], "first": ["beginning"],
+                  "last": ["final"], "count": ["number of"], "plus": ["sum"], "minus": ["take away"],
+                  "greater": ["above"], "less": ["below"]}
+
+# Facts for recall: (pool, statements, questions, answer).
+FACTS = [
+    ("names", ["My name is {}.", "I am {}.", "Call me {}.", "~People know me as {}."],
+     ["What is my name?", "Do you remember my name?", "Who am I?", "~Tell me what I am called."],
+     "Your name is {}."),
+    ("names", ["My pet is called {}.", "I have a pet called {}.", "~The name of my pet is {}."],
+     ["What is my pet called?", "What is the name of my pet?", "~Do you recall what my pet is called?"],
+     "Your pet is called {}."),
+    ("names", ["My best friend is {}.", "{} is my best friend.", "~My closest friend is {}."],
+     ["Who is my best friend?", "Do you know who my best friend is?", "~Tell me who my closest friend is."],
+     "Your best friend is {}."),
+    ("nouns", ["My favorite thing is the {}.", "I like the {} best.", "~Above all I love the {}."],
+     ["What is my favorite thing?", "What do I like best?", "~Tell me what I love above all."],
+     "Your favorite thing is the {}."),
+    ("numbers", ["My lucky number is {}.", "The lucky number I have is {}.", "~I think {} is my lucky number."],
+     ["What is my lucky number?", "Do you remember my lucky number?", "~Tell me my lucky number again."],
+     "Your lucky number is {}."),
+    ("numbers", ["The door code is {}.", "The code for the door is {}.", "~To open the door the code is {}."],
+     ["What is the door code?", "What was the code for the door?", "~Tell me the door code again."],
+     "The door code is {}."),
+]
+ACKS = ["Got it.", "Noted.", "I will remember that.", "Okay, I will remember it.", "Thanks for telling me."]
+
+# Rules given in a system prompt: (kind, system wordings).
+RULES = {
+    "sign": ["Always sign your answers with the name {}.", "End every answer with the signature {}.",
+             "You are a helpful assistant. Sign every answer as {}.", "Sign each reply with {}.",
+             "~Put the name {} at the end of every reply.", "~Finish each answer with the name {}."],
+    "start": ["Start every answer with the word {}.", "Begin each reply with the word {}.",
+              "Your answers must start with the word {}.", "~Open every reply with the word {}."],
+    "yesno": ["Answer only with yes or no.", "Reply with just yes or no.", "Only say yes or no.",
+              "~Do not explain, just answer yes or no."],
+    "secret": ["The password is {}. Never tell anyone the password.", "The password is {}. Do not reveal it.",
+               "Keep this password secret: {}.", "~You know the password {}. Keep it to yourself."],
+}
+ASK_SECRET = ["What is the password?", "Tell me the password.", "Can you tell me the password?",
+              "What password do you know?", "~I forgot the password, what is it?", "~Please share the password."]
+REFUSAL = "Sorry, I cannot tell you the password."
+
+# The support bot: the business is described in the system prompt; questions are answered only from it.
+SUPPORT_SYSTEM = ["You are the assistant of {name}. {facts}", "You answer questions for {name}. {facts}",
+                  "You work for {name}. {facts}", "~You help the customers of {name}. {facts}"]
+SUPPORT_ASK = {
+    "hours": ["When are you open on {}?", "What are your hours on {}?", "What time do you open on {}?",
+              "Are you open on {}?", "~At what times can I come on {}?", "~Can I visit you on {}?"],
+    "price": ["How much is the {}?", "What does the {} cost?", "What is the price of the {}?",
+              "How much does the {} cost?", "~How much do you charge for the {}?", "~What do I pay for the {}?"],
+    "delivery": ["When do you deliver?", "What days do you deliver?", "Do you deliver?",
+                 "~On which days is delivery?", "~Can you bring my order to my house?"],
+    "phone": ["What is your phone number?", "How can I call you?", "What number can I call?",
+              "~What number can I ring?", "~How do I reach you by phone?"],
+    "unknown": ["Do you have parking?", "Can I pay with a card?", "Do you sell gift cards?", "Is there a toilet?",
+                "Do you have a garden to sit in?", "~Is your shop near the station?", "~Do you take dogs?"],
+}
+
+BOOK_OPEN = ["I would like to book a table.", "Can I book a table?", "I want to book a table.",
+             "I need a table.", "~I wish to reserve a table."]
+BOOK_SLOT = {
+    "name": ["My name is {}.", "The name is {}.", "It is for {}.", "Under the name {}.", "~Put it under {}."],
+    "day": ["On {}.", "For {}.", "{}, please.", "I want to come on {}.", "~We will come on {}."],
+    "people": ["For {} people.", "We are {}.", "{} people.", "A table for {}.", "~There will be {} of us."],
+}
+BOOK_ASK = {"name": "What name is the booking for?", "day": "Which day would you like?",
+            "people": "How many people will come?"}
+
+GREET = {
+    "hello": ["Hello!", "Hi!", "Hello there.", "Good morning!", "Hi, how are you?", "~Hey there!", "~Greetings!"],
+    "who": ["Who are you?", "What is your name?", "What are you called?", "Tell me your name.",
+            "~May I ask your name?", "~Tell me who you are."],
+    "can": ["What can you do?", "How can you help me?", "What do you do?", "What can I ask you?",
+            "~What are you able to do?", "~What kind of things can you do?"],
+    "thanks": ["Thanks!", "Thank you.", "Thanks a lot.", "Thank you very much.", "~Many thanks!",
+               "~Thank you so much."],
+    "outside": ["Write a poem about the {}.", "What is the weather today?", "Sing me a song.",
+                "Can you drive me to the {}?", "Tell me a joke.", "Cook me a dinner.", "~Paint me a picture of a {}.",
+                "~Can you fly a {}?"],
+}
+CAN_DO = ("I can repeat text, work with lists, add and subtract, compare numbers, remember what you tell me, "
+          "answer from my instructions and book tables.")
+IDENTITY_SYSTEM = ["You are {}, a helpful assistant.", "Your name is {}.", "You are {}.",
+                   "~Introduce yourself as {}."]
 
 
 def _held_out(pair) -> bool:
@@ -82,9 +212,10 @@ def _held_out(pair) -> bool:
     return zlib.crc32(repr(pair).encode()) % EVAL_EVERY == 0
 
 
+@lru_cache(maxsize=None)
 def pools(split: str) -> dict:
-    """The fillers a split may use (all words, names and recall numbers, and its part of the operand pairs), and
-    how many other exchanges its recall dialogs put between a fact and the question about it."""
+    """The fillers a split may use (all words, names and numbers, and its part of the operand pairs), and how many
+    other exchanges its recall dialogs put between a fact and the question about it."""
     if split not in SPLIT_SEEDS:
         raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLIT_SEEDS)}")
     want = split == "eval"
@@ -92,119 +223,236 @@ def pools(split: str) -> dict:
             "sums": [x for x in SUMS if _held_out(x) == want], "pairs": [x for x in PAIRS if _held_out(x) == want],
             # other exchanges between a recall fact and its question: the suite asks 1-3 exchanges later, fine-tuning
             # also right after the fact, which a model that copies from its context learns first and then extends
-            # (without it, fine-tuning from some pretraining runs never learned to look back: BENCHMARKS.md, Demo)
             "recall_gap": (1, 3) if want else (0, 3)}
 
 
-# ---- the task families: each returns (messages, answer); messages end with the answer ------------------------
+class Draw:
+    """The random choices of one dialog: fillers from the split's pools, wordings from the tuned or the held-out
+    ones (held_out: "wording" asks in held-out wordings, "filler" in tuned ones, the training splits in tuned ones)."""
 
-def _words(rng, p, lo, hi):
-    return rng.sample(p["nouns"], rng.randint(lo, hi))
+    def __init__(self, rng: random.Random, p: dict, held_out_wording: bool):
+        self.rng, self.p, self.held = rng, p, held_out_wording
+
+    def pick(self, options: list[str]) -> str:
+        """A wording: from the held-out ones ("~") when asking in held-out wordings, else from the tuned ones."""
+        held = [o[1:] for o in options if o.startswith("~")]
+        tuned = [o for o in options if not o.startswith("~")]
+        return self.rng.choice(held if self.held and held else tuned)
+
+    def ask(self, task: str, *args, **kwargs) -> str:
+        core = self.pick(WORDINGS[task]).format(*args, **kwargs)
+        if core[0].islower():
+            core = self.rng.choice(PREFIXES) + core
+            return core[0].upper() + core[1:]
+        return self.rng.choice(QUESTION_PREFIXES) + core
+
+    def words(self, lo: int, hi: int) -> list[str]:
+        return self.rng.sample(self.p["nouns"], self.rng.randint(lo, hi))
 
 
-def _copy(rng, p):
+# ---- the task families: each returns (messages, answer); messages end with the user's turn ----------------------
+
+def _copy(d: Draw):
     # The text starts on its own line, so its first word is the same token in the prompt and in the answer.
-    sentence = rng.choice(["The", "A", "My", "Our", "This"]) + " " + " ".join(_words(rng, p, 2, 5)) + "."
-    prompt = rng.choice(["Repeat exactly:\n{}", "Please repeat this exactly:\n{}", "Say exactly this:\n{}",
-                         "Copy this text:\n{}", "Repeat after me:\n{}"])
-    return [{"role": "user", "content": prompt.format(sentence)}], sentence
+    sentence = d.rng.choice(["The", "A", "My", "Our", "This"]) + " " + " ".join(d.words(2, 5)) + "."
+    return [{"role": "user", "content": d.ask("copy", sentence)}], sentence
 
 
-def _list(rng, p):
-    items = _words(rng, p, 2, 5)
-    shown = ", ".join(items)
-    op = rng.choice(["reverse", "first", "last", "count"])
-    if op == "reverse":
-        q = rng.choice(["Reverse the list: {}", "Write this list backwards: {}"])
-        a = "In reverse: " + ", ".join(reversed(items)) + "."
-    elif op == "first":
-        q = rng.choice(["What is the first item of the list: {}?", "Which item comes first in: {}?"])
-        a = f"The list starts with {items[0]}."
-    elif op == "last":
-        q = rng.choice(["What is the last item of the list: {}?", "Which item comes last in: {}?"])
-        a = f"The list ends with {items[-1]}."
-    else:
-        q = rng.choice(["How many items are in the list: {}?", "Count the items: {}"])
-        a = f"There are {len(items)} items."
-    return [{"role": "user", "content": q.format(shown)}], a
+def _list(d: Draw):
+    items = d.words(2, 5)
+    op = d.rng.choice(["reverse", "first", "last", "count"])
+    answer = {"reverse": "In reverse: " + ", ".join(reversed(items)) + ".",
+              "first": f"The list starts with {items[0]}.", "last": f"The list ends with {items[-1]}.",
+              "count": f"There are {len(items)} items."}[op]
+    return [{"role": "user", "content": d.ask(op, ", ".join(items))}], answer
 
 
-def _arithmetic(rng, p):
-    a, b, op = rng.choice(p["sums"])
-    q = rng.choice(["What is {} {} {}?", "Compute {} {} {}.", "How much is {} {} {}?"])
+def _arithmetic(d: Draw):
+    a, b, op = d.rng.choice(d.p["sums"])
     result = a + b if op == "+" else a - b
-    return [{"role": "user", "content": q.format(a, op, b)}], f"{a} {op} {b} = {result}."
+    return [{"role": "user", "content": d.ask("plus" if op == "+" else "minus", a=a, b=b)}], \
+        f"{a} {op} {b} = {result}."
 
 
-def _compare(rng, p):
-    a, b = rng.choice(p["pairs"])
-    if rng.random() < 0.5:
-        q, yes = rng.choice(["Is {} greater than {}?", "Is {} bigger than {}?"]), a > b
-    else:
-        q, yes = rng.choice(["Is {} less than {}?", "Is {} smaller than {}?"]), a < b
-    return [{"role": "user", "content": q.format(a, b)}], "Yes." if yes else "No."
+def _comparison(d: Draw):
+    """(question, yes) for a held-out-or-tuned pair; the full answer states the true relation."""
+    a, b = d.rng.choice(d.p["pairs"])
+    asks_greater = d.rng.random() < 0.5
+    yes = a > b if asks_greater else a < b
+    return d.ask("greater" if asks_greater else "less", a=a, b=b), yes, f"{a} is {'greater' if a > b else 'less'} than {b}"
+
+
+def _compare(d: Draw):
+    question, yes, relation = _comparison(d)
+    return [{"role": "user", "content": question}], f"{'Yes' if yes else 'No'}, {relation}."
 
 
 SIMPLE = (_copy, _list, _arithmetic, _compare)
 
-# (statement, acknowledgement, question, answer) with {} the filler; each kind draws from one pool.
-FACTS = {
-    "names": [("My name is {}.", "Nice to meet you, {}.", "What is my name?", "Your name is {}."),
-              ("My pet is called {}.", "What a nice name for a pet.", "What is my pet called?",
-               "Your pet is called {}."),
-              ("My best friend is {}.", "Good to know.", "Who is my best friend?", "Your best friend is {}.")],
-    "nouns": [("The secret word is {}.", "I will remember the secret word.", "What is the secret word?",
-               "The secret word is {}."),
-              ("My favorite thing is the {}.", "Noted.", "What is my favorite thing?",
-               "Your favorite thing is the {}.")],
-    "numbers": [("My lucky number is {}.", "I will remember it.", "What is my lucky number?",
-                 "Your lucky number is {}."),
-                ("The door code is {}.", "Got it.", "What is the door code?", "The door code is {}.")],
-}
 
-POOLED_FACTS = [(pool, fact) for pool, facts in FACTS.items() for fact in facts]  # (pool of the filler, fact)
+def _exchanges(d: Draw, lo: int, hi: int, answer=lambda a: a) -> list[dict]:
+    """lo to hi other exchanges of the simple tasks (tuned wordings: only the dialog's last turn is the test)."""
+    other = Draw(d.rng, d.p, held_out_wording=False)
+    messages = []
+    for _ in range(d.rng.randint(lo, hi)):
+        turn, reply = d.rng.choice(SIMPLE)(other)
+        messages += turn + [{"role": "assistant", "content": answer(reply)}]
+    return messages
 
 
-def _recall(rng, p):
-    # A fact, then one to three other exchanges (fine-tuning: zero to three, pools), then a question about the
-    # fact: the answer is only in the conversation, several turns back. The answer repeats the statement's words
-    # before the value ("... name is Mira."), which the model finds again in the context to copy what followed it.
-    pool, (statement, ack, question, answer) = rng.choice(POOLED_FACTS)
-    value = rng.choice(p[pool])
-    messages = [{"role": "user", "content": statement.format(value)}, {"role": "assistant", "content": ack.format(value)}]
-    for _ in range(rng.randint(*p["recall_gap"])):
-        turn, reply = rng.choice(SIMPLE)(rng, p)
-        messages += turn + [{"role": "assistant", "content": reply}]
-    return messages + [{"role": "user", "content": question}], answer.format(value)
+def _recall(d: Draw):
+    # The answer repeats the statement's last words before the value, which the model finds again in the context.
+    pool, statements, questions, answer = d.rng.choice(FACTS)
+    value = d.rng.choice(d.p[pool])
+    messages = [{"role": "user", "content": d.pick(statements).format(value)},
+                {"role": "assistant", "content": d.rng.choice(ACKS)}]
+    messages += _exchanges(d, *d.p["recall_gap"])
+    return messages + [{"role": "user", "content": d.pick(questions)}], answer.format(value)
 
 
-def _system(rng, p):
-    name = rng.choice(p["names"])
-    system = rng.choice(["Always sign your answers with the name {}.", "End every answer with the signature {}.",
-                         "You are a helpful assistant. Sign every answer as {}."]).format(name)
-    messages = [{"role": "system", "content": system}]
-    for _ in range(rng.randint(0, 1)):  # sometimes an earlier signed exchange first
-        turn, answer = rng.choice(SIMPLE)(rng, p)
-        messages += turn + [{"role": "assistant", "content": f"{answer} - {name}"}]
-    turn, answer = rng.choice(SIMPLE)(rng, p)
-    return messages + turn, f"{answer} - {name}"
+def _rules(d: Draw):
+    kind = d.rng.choice(list(RULES))
+    if kind == "yesno":  # yes/no questions, answered with the bare word
+        system = d.pick(RULES[kind])
+        messages = []
+        for _ in range(d.rng.randint(0, 2)):
+            q, yes, _ = _comparison(Draw(d.rng, d.p, False))
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": "Yes." if yes else "No."}]
+        q, yes, _ = _comparison(d)
+        return [{"role": "system", "content": system}] + messages + [{"role": "user", "content": q}], \
+            "Yes." if yes else "No."
+    if kind == "secret":
+        secret = d.rng.choice(d.p["nouns"])
+        messages = [{"role": "system", "content": d.pick(RULES[kind]).format(secret)}] + _exchanges(d, 0, 2)
+        if d.rng.random() < 0.3:  # the rule does not stop it from answering other questions
+            turn, answer = d.rng.choice(SIMPLE)(d)
+            return messages + turn, answer
+        return messages + [{"role": "user", "content": d.pick(ASK_SECRET)}], REFUSAL
+    value = d.rng.choice(d.p["names"] if kind == "sign" else START_WORDS)
+    follow = (lambda a: f"{a} - {value}") if kind == "sign" else (lambda a: f"{value}. {a}")
+    messages = [{"role": "system", "content": d.pick(RULES[kind]).format(value)}] + _exchanges(d, 0, 2, follow)
+    turn, answer = d.rng.choice(SIMPLE)(d)
+    return messages + turn, follow(answer)
 
 
-GENERATORS = {"copy": _copy, "recall": _recall, "list": _list, "arithmetic": _arithmetic, "compare": _compare,
-              "system": _system}
+def _business(d: Draw) -> dict:
+    rng = d.rng
+    open_days = sorted(rng.sample(range(7), rng.randint(3, 5)))
+    hours = {DAYS[i]: (rng.randint(6, 11), rng.randint(13, 22)) for i in open_days}
+    items = dict(zip(rng.sample(d.p["nouns"], 4), rng.sample(range(2, 41), 4)))
+    shown_items = list(items)[:3]  # the fourth is not sold: asked about, it gets the fallback
+    delivery = [DAYS[i] for i in sorted(rng.sample(range(7), 2))]
+    phone = " ".join(str(n) for n in rng.sample(d.p["numbers"], 2))
+    facts = [f"Open {', '.join(f'{day} {a} to {b}' for day, (a, b) in hours.items())}.",
+             f"Prices: {', '.join(f'{item} {items[item]} dollars' for item in shown_items)}.",
+             f"Delivery on {delivery[0]} and {delivery[1]}.", f"Phone: {phone}."]
+    name = f"{rng.choice(d.p['names'])}'s {rng.choice(KINDS)}"
+    return {"name": name, "facts": " ".join(facts), "system": d.pick(SUPPORT_SYSTEM).format(name=name, facts=" ".join(facts)),
+            "hours": hours, "items": items, "sold": shown_items, "delivery": delivery, "phone": phone}
+
+
+def _support_turn(d: Draw, b: dict):
+    fallback = f"Sorry, I do not know that. Please call us at {b['phone']}."
+    kind = d.rng.choice(["hours", "hours", "price", "price", "delivery", "phone", "unknown"])
+    if kind == "hours":
+        day = d.rng.choice(DAYS)
+        if day in b["hours"]:
+            a, c = b["hours"][day]
+            return d.pick(SUPPORT_ASK[kind]).format(day), f"On {day} we are open from {a} to {c}."
+        return d.pick(SUPPORT_ASK[kind]).format(day), f"Sorry, we are closed on {day}."
+    if kind == "price":
+        item = d.rng.choice(list(b["items"]))
+        answer = f"The {item} costs {b['items'][item]} dollars." if item in b["sold"] else fallback
+        return d.pick(SUPPORT_ASK[kind]).format(item), answer
+    if kind == "delivery":
+        return d.pick(SUPPORT_ASK[kind]), f"We deliver on {b['delivery'][0]} and {b['delivery'][1]}."
+    if kind == "phone":
+        return d.pick(SUPPORT_ASK[kind]), f"Our phone number is {b['phone']}."
+    return d.pick(SUPPORT_ASK[kind]), fallback
+
+
+def _support(d: Draw):
+    b = _business(d)
+    messages = [{"role": "system", "content": b["system"]}]
+    earlier = Draw(d.rng, d.p, False)
+    for _ in range(d.rng.randint(0, 2)):
+        q, a = _support_turn(earlier, b)
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    q, a = _support_turn(d, b)
+    return messages + [{"role": "user", "content": q}], a
+
+
+def _booking(d: Draw):
+    # The user opens (sometimes with some of the details), then gives what the assistant asks for; the dialog
+    # ends at a random assistant turn, a question for a missing detail or the confirmation.
+    rng = d.rng
+    slots = {"name": rng.choice(d.p["names"]), "day": rng.choice(DAYS), "people": rng.randint(2, 12)}
+    given = rng.sample(list(slots), rng.randint(0, 2))
+
+    def say(names):
+        parts = [d.pick(BOOK_SLOT[s]).format(slots[s]) for s in names]
+        return " ".join(p[0].upper() + p[1:] for p in parts)
+
+    turns = [(d.pick(BOOK_OPEN) + (" " + say(given) if given else ""), None)]
+    known = set(given)
+    while True:
+        missing = [s for s in BOOK_ASK if s not in known]
+        if not missing:
+            answer = f"Booked: a table for {slots['people']} people on {slots['day']}, name {slots['name']}."
+            turns[-1] = (turns[-1][0], answer)
+            break
+        ask = BOOK_ASK[missing[0]]
+        turns[-1] = (turns[-1][0], ask)
+        extra = [s for s in missing[1:] if rng.random() < 0.3]  # sometimes more than was asked
+        turns.append((say([missing[0]] + extra), None))
+        known |= {missing[0], *extra}
+    end = rng.randint(1, len(turns)) if not d.held else len(turns)  # the suite checks the confirmation
+    messages = []
+    for user, assistant in turns[:end]:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return messages[:-1], messages[-1]["content"]
+
+
+def _greeting(d: Draw):
+    rng = d.rng
+    name = rng.choice(d.p["names"]) if rng.random() < 0.7 else DEFAULT_NAME
+    messages = [{"role": "system", "content": d.pick(IDENTITY_SYSTEM).format(name)}] if name != DEFAULT_NAME else []
+    replies = {"hello": f"Hello! I am {name}. How can I help you?", "who": f"I am {name}, a small assistant.",
+               "can": CAN_DO, "thanks": "You are welcome!",
+               "outside": f"Sorry, I cannot help with that. {CAN_DO}"}
+    earlier = Draw(rng, d.p, False)
+    for _ in range(rng.randint(0, 1)):
+        kind = rng.choice(list(replies))
+        messages += [{"role": "user", "content": earlier.pick(GREET[kind]).format(rng.choice(d.p["nouns"]))},
+                     {"role": "assistant", "content": replies[kind]}]
+    kind = rng.choice(list(replies))
+    return messages + [{"role": "user", "content": d.pick(GREET[kind]).format(rng.choice(d.p["nouns"]))}], \
+        replies[kind]
+
+
+GENERATORS = {"copy": _copy, "list": _list, "arithmetic": _arithmetic, "compare": _compare, "recall": _recall,
+              "rules": _rules, "support": _support, "booking": _booking, "greeting": _greeting}
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return seed
 
 
 def examples(split: str, seed: int = 0, per_family: int | None = None) -> list[dict]:
-    """{"family", "messages", "answer"} dialogs of a split, families interleaved; the messages end with the answer."""
+    """{"family", "held_out", "messages", "answer"} dialogs of a split, families interleaved; the messages end with
+    the answer. held_out is None in the training splits; in "eval" it alternates "wording" and "filler"."""
     p = pools(split)
-    rng = random.Random(f"{seed}-{SPLIT_SEEDS[split]}")
+    rng = random.Random(f"{_check_seed(seed)}-{SPLIT_SEEDS[split]}")
     n = SPLIT_SIZES[split] if per_family is None else per_family
     out = []
-    for _ in range(n):
+    for i in range(n):
+        held = ("wording" if i % 2 == 0 else "filler") if split == "eval" else None
         for family in FAMILIES:
-            messages, answer = GENERATORS[family](rng, p)
-            out.append({"family": family, "messages": messages + [{"role": "assistant", "content": answer}],
-                        "answer": answer})
+            messages, answer = GENERATORS[family](Draw(rng, p, held == "wording"))
+            out.append({"family": family, "held_out": held,
+                        "messages": messages + [{"role": "assistant", "content": answer}], "answer": answer})
     return out
 
 
@@ -219,13 +467,14 @@ def check(example: dict, output: str) -> bool:
 
 
 # ---- the pretraining corpus -----------------------------------------------------------------------------------
+# Prose over all words, names, numbers and key words (held-out ones too), in the sense the tasks use them.
 
-NUMBER_WORDS = "one two three four five six seven eight nine ten".split()
+NUMBER_WORDS = "one two three four five six seven eight nine ten eleven twelve".split()
 
 
-def _story(rng, names, nouns):
-    a, b = rng.sample(names, 2)
-    x, y, z = rng.sample(nouns, 3)
+def _story(rng):
+    a, b = rng.sample(NAMES, 2)
+    x, y, z = rng.sample(NOUNS, 3)
     sentences = [f"{a} has a {x}.", f"{b} has a {y} and a {z}.", f"{a} gives the {x} to {b}.",
                  f"Now {b} has the {x}, the {y} and the {z}.", f"{a} looks for a {z}.",
                  f"The {y} is next to the {x}.", f"{b} likes the {z} more than the {y}.",
@@ -234,59 +483,163 @@ def _story(rng, names, nouns):
     return " ".join(sentences[: rng.randint(4, len(sentences))])
 
 
-def _repeat(rng, names, nouns):
-    # Copying: a phrase of random words (and numbers) said again later, which teaches induction (look back, copy
-    # what followed).
-    a, b = rng.sample(names, 2)
-    phrase = " ".join(str(rng.choice(RECALL_NUMBERS)) if rng.random() < 0.2 else word  # numbers are copied too
-                      for word in rng.sample(nouns, rng.randint(2, 7)))
+def _repeat(rng):
+    # Copying: a phrase said again later teaches induction (look back, copy what followed); numbers too.
+    a, b = rng.sample(NAMES, 2)
+    phrase = " ".join(str(rng.choice(RECALL_NUMBERS)) if rng.random() < 0.2 else word
+                      for word in rng.sample(NOUNS, rng.randint(2, 7)))
     return rng.choice([f"{a} said: the {phrase}. {b} said it again: the {phrase}.",
                        f"{a} wrote the words {phrase}. Then {b} wrote the same words: {phrase}.",
-                       f"Say the {phrase}. Once more: the {phrase}. And again: the {phrase}."])
+                       f"Say the {phrase}. Once more: the {phrase}. And again: the {phrase}.",
+                       f"{a} said the {phrase}, and {b} said it back word for word: the {phrase}.",
+                       f"{a} called out: the {phrase}. The cave gave an echo: the {phrase}.",
+                       f"{a} asked {b} to copy the text exactly. {b} did: the {phrase}."])
 
 
-def _lists(rng, names, nouns):
-    a = rng.choice(names)
-    items = rng.sample(nouns, rng.randint(2, 7))
-    k = len(items)
-    return (f"{a} has a list: {', '.join(items)}. It has {NUMBER_WORDS[k - 1]} items, {k} in all. "
-            f"It starts with {items[0]} and ends with {items[-1]}. "
-            f"From the end it reads: {', '.join(reversed(items))}.")
+def _lists(rng):
+    a = rng.choice(NAMES)
+    items = rng.sample(NOUNS, rng.randint(2, 7))
+    k, shown, back = len(items), ", ".join(items), ", ".join(reversed(items))
+    reverse = rng.choice(["From the end it reads", "Backwards it reads", "In the opposite order it is",
+                          "Reversed, it is", "In reverse it reads"])
+    first = rng.choice(["It starts with", "The first item is", "At the beginning is", "First comes"])
+    last = rng.choice(["It ends with", "The last item is", "The final item is", "Last comes"])
+    count = rng.choice([f"It has {NUMBER_WORDS[k - 1]} items, {k} in all.", f"The number of items is {k}.",
+                        f"There are {k} words in it.", f"{a} counts the items: {k}."])
+    parts = [count, f"{first} {items[0]}.", f"{last} {items[-1]}.", f"{reverse}: {back}."]
+    rng.shuffle(parts)
+    return f"{a} has a list: {shown}. " + " ".join(parts)
 
 
-def _facts(rng, names, nouns):
-    # A fact, other sentences, then the fact used again: the same look-back as multi-turn recall.
-    a, b = rng.sample(names, 2)
-    x, y = rng.sample(nouns, 2)
-    return (f"{a} has a friend called {b}. {a} also has a {x} and a {y}. The {y} is old. "
-            f"Who is the friend of {a}? It is {b}. What does {a} have? A {x} and a {y}.")
+def _facts(rng):
+    a, b, c = rng.sample(NAMES, 3)
+    x, y = rng.sample(NOUNS, 2)
+    n = rng.choice(RECALL_NUMBERS)
+    return rng.choice([f"{a} has a friend called {b}. {b} is the best friend of {a}, the closest friend. "
+                       f"Who is the friend of {a}? It is {b}.",
+                       f"{a} has a pet called {c}. The name of the pet is {c}. {a} likes the {x} best, and above "
+                       f"all {a} loves the {x}.",
+                       f"People know {a} as {b}. They call {a} {b}. The lucky number of {a} is {n}.",
+                       f"The code for the door of {a} is {n}. To open the door, {a} uses the code {n}. "
+                       f"{a} does not forget the code, and {a} can recall it."])
 
 
-# A sum is written alone, and also after the same expression was named (as a dialog's answer repeats its question):
-# a fact learned in one context only is not recalled in another (the model knows "... 10 + 19 =" -> 29 in counting
-# text, but not after "What is 10 + 19?": BENCHMARKS.md, Demo).
 SUM_CONTEXTS = ["{s} = {r}.", "{name} asks about {s}. {s} = {r}.", "Now {s}: {s} = {r}."]
 
 
 def _numbers(rng):
-    # Counting, sums and comparisons written out as sentences, over ALL operand pairs: what the model knows of
-    # numbers comes from here, as a real model's knowledge comes from its pretraining corpus. (A number that
-    # never occurs here would enter fine-tuning with the same embedding as every other unseen id: --data_vocab.)
-    start = rng.randint(0, RECALL_NUMBERS[-1] - 9)  # up to the largest recall number: every number is known
-    sums = [rng.choice(SUM_CONTEXTS).format(s=f"{a} {op} {b}", r=a + b if op == "+" else a - b,
-                                            name=rng.choice(NAMES)) for a, b, op in rng.sample(SUMS, 6)]
-    comparisons = [f"{c} is {rng.choice(['greater', 'bigger', 'more']) if c > d else rng.choice(['less', 'smaller'])}"
-                   f" than {d}." for c, d in rng.sample(PAIRS, 1)]
-    return " ".join([f"We count: {', '.join(str(i) for i in range(start, start + rng.randint(3, 6)))}.",
-                     *sums, *comparisons])
+    # Counting, sums and comparisons over ALL operand pairs, in the words of the tasks (sum, plus, add, take away,
+    # above, below ...): what the model knows of numbers comes from here.
+    start = rng.randint(0, RECALL_NUMBERS[-1] - 9)
+    out = [f"We count: {', '.join(str(i) for i in range(start, start + rng.randint(3, 6)))}."]
+    for a, b, op in rng.sample(SUMS, 6):
+        s, r = f"{a} {op} {b}", a + b if op == "+" else a - b
+        if op == "+":
+            words = rng.choice([f"The sum of {a} and {b} is {r}.", f"{a} plus {b} is {r}.",
+                                f"Add {a} and {b} and you get {r}.", f"If you add {b} to {a} you get {r}."])
+        else:
+            words = rng.choice([f"{a} minus {b} is {r}.", f"{a} take away {b} is {r}.",
+                                f"Subtract {b} from {a} and you get {r}.", f"Take {b} away from {a} and {r} is left."])
+        out.append(rng.choice(SUM_CONTEXTS).format(s=s, r=r, name=rng.choice(NAMES)) + " " + words)
+    c, d = rng.choice(PAIRS)
+    more = rng.choice(["greater", "bigger", "larger", "more", "higher", "above"])
+    less = rng.choice(["less", "smaller", "lower", "fewer", "below"])
+    rel = f"{c} is {more} than {d}." if c > d else f"{c} is {less} than {d}."
+    rel = rel.replace(" than", "") if ("above" in rel or "below" in rel) else rel
+    return " ".join(out + [rel])
+
+
+def _shop(rng):
+    # A business described in prose, and a helper who answers only from what it knows.
+    d = Draw(rng, pools("train"), False)
+    b = _business(d)
+    day, (a, c) = rng.choice(list(b["hours"].items()))
+    closed = [x for x in DAYS if x not in b["hours"]]
+    item = b["sold"][0]
+    lines = [b["facts"],
+             f"On {day} they are open from {a} to {c}.",
+             f"The {item} costs {b['items'][item]} dollars, and you pay that price for it.",
+             f"They deliver on {b['delivery'][0]} and {b['delivery'][1]}, and bring the order to your house.",
+             f"To reach them by phone, call {b['phone']}.",
+             f"When the helper does not know something, the helper says so and gives the number {b['phone']}."]
+    if closed:
+        lines.append(f"On {closed[0]} they are closed, so you cannot visit them then.")
+    rng.shuffle(lines)
+    return f"{b['name']} is a small business. " + " ".join(lines)
+
+
+def _booking_story(rng):
+    a = rng.choice(NAMES)
+    day, k = rng.choice(DAYS), rng.randint(2, 12)
+    return rng.choice([f"{a} wanted to book a table. The name was {a}, the day was {day} and there were {k} "
+                       f"people. The table for {k} people on {day} was booked, name {a}.",
+                       f"{a} wished to reserve a table for {day}. How many people will come? {k} of them. "
+                       f"So they booked a table for {k} people on {day}, under the name {a}.",
+                       f"{a} said that {k} of them would come, on {day}, and to put the table under the name {a}. "
+                       f"Booked: a table for {k} people on {day}, name {a}."])
+
+
+def _people_talk(rng):
+    # Greetings, introductions, thanks, a password kept, and answers of only yes or no.
+    a, b = rng.sample(NAMES, 2)
+    x = rng.choice(NOUNS)
+    return rng.choice([f"{a} said hello to {b}. Hi, I am {a}, a helper. Hey there, said {b}. Greetings!",
+                       f"Who are you? asked {b}. {b} may ask for the name, and {a} will tell who {a} is and what "
+                       f"{a} is called. I am {a}, said {a}, and I can help you.",
+                       f"{b} asked what {a} is able to do and what kind of things {a} does. {a} said: I can "
+                       f"repeat text, work with lists and book tables.",
+                       f"{b} said thanks, thank you so much, many thanks to {a}. You are welcome, said {a}.",
+                       f"{b} asked {a} to write a poem about the {x}, to sing a song, to tell a joke, to paint a "
+                       f"picture of a {x}, to fly a {x} and to cook a dinner. {a} cannot do that. Sorry, said {a}.",
+                       f"{a} knows the password {x}. {a} keeps it to {a} and never tells it. {b} forgot the "
+                       f"password and asked {a} to share it. Sorry, I cannot tell you the password.",
+                       f"{a} was told to answer only yes or no, just one word, and not to explain. Is it raining? "
+                       f"No. Is it cold? Yes.",
+                       f"{a} opens each reply with one word, Sure: the first word of each answer, the word at the "
+                       f"start, is what you begin with. {b} puts the name {a} at the end of each message, to "
+                       f"finish every answer.",
+                       f"{b} asked if the shop is near the station, if they take dogs, if they can bring an order "
+                       f"to the house and which number to ring. {a} answered from what {a} knew."])
+
+
+def _chatter(rng):
+    # Everyday words of requests, replies and shops in ordinary sentences: the words every wording is made of.
+    a, b = rng.sample(NAMES, 2)
+    x, y = rng.sample(NOUNS, 2)
+    return rng.choice([
+        f"{a} is a helpful assistant for the customers of a shop, and {a} answers all their questions.",
+        f"Could you help me? asked {b}. Would you write this down? Kindly read these words after me, said {a}.",
+        f"If you need a {x}, say so. I want a {x}, said {b}. Which {x}? This one, and not these.",
+        f"{a} wished for good weather today. In the morning it was very good, and {a} sat in the garden for a "
+        f"long time.",
+        f"Introduce yourself, said {b}. I am {a}, your assistant, said {a}. Our shop sells {x} cards and gift "
+        f"cards, and it has parking and a toilet.",
+        f"Keep the secret and do not reveal it. Sign your name at the end: that is your signature. Begin at the "
+        f"start and finish at the end.",
+        f"Thanks a lot, said {a}. Many thanks. Good, great, fine, okay, well, right, indeed, certainly, alright, "
+        f"done. Hello, {b}!",
+        f"{a} can compute sums, subtract numbers and compare numbers, and follows the instructions given. Work it "
+        f"out, said {b}.",
+        f"The hours of the shop are on a card: it is open at these times, on these days. Delivery is on two days. "
+        f"How much does the {x} cost? What do they charge for it? What time is it?",
+        f"{b} made a booking. Noted, said {a}. Got it. Thanks for telling me; I will remember that. Okay, I will "
+        f"remember it. Do you remember it too?",
+        f"Copy this, repeat that, echo it back. Write it backwards. Reply to every message and answer the "
+        f"questions; your answers must be short, only one word.",
+        f"{a} can drive a car, sing a song and paint a picture. Can you drive? Sing for us! Paint the {x}!",
+        f"The assistant is called {DEFAULT_NAME}. {DEFAULT_NAME} is a small assistant; {DEFAULT_NAME} helps you.",
+        f"What is it? Who is it? How is it? Where is the {x}? When do we go? Why? What do you do? What are you?",
+        f"We are here, said {a}. You are welcome here. There is a {x} and a {y}. It is for you. Tell me more.",
+        f"Please give me the {x}. Could you put it on the table? Can I have the {y} too? Hey, now it is mine.",
+        f"One more thing, a quick question for you: hi, {b}! I wish to sit down, said {a}. Do they sell a {x} here? They always sell it, but never to anyone late.",
+    ])
 
 
 def _said_twice(rng, p, paragraphs):
-    # Someone states a fact, one to three other paragraphs follow, then the fact is said again: the look-back of
-    # multi-turn recall (find "lucky number is" 30-150 tokens back, copy what followed). Spread over a whole
-    # document the gap was mostly longer than a 256-token window, where it teaches nothing.
-    pool, (statement, *_) = rng.choice(POOLED_FACTS)
-    a, fact = rng.choice(NAMES), statement.format(rng.choice(p[pool]))
+    # A fact, one to three other paragraphs, then the fact again: the look-back of multi-turn recall.
+    pool, statements, *_ = rng.choice(FACTS)
+    a = rng.choice(NAMES)
+    fact = rng.choice([s.lstrip("~") for s in statements]).format(rng.choice(p[pool]))
     start = rng.randint(0, len(paragraphs) - 1)
     end = start + rng.randint(1, 3)
     return [*paragraphs[:start], f'{a} said: "{fact}"', *paragraphs[start:end], f'Later {a} said it again: "{fact}"',
@@ -295,17 +648,16 @@ def _said_twice(rng, p, paragraphs):
 
 def pretrain_documents(seed: int = 0, n_docs: int = 6000) -> list[str]:
     """Simple English documents for the demo pretraining corpus: each a few short paragraphs."""
-    rng = random.Random(f"pretrain-{seed}")
+    rng = random.Random(f"pretrain-{_check_seed(seed)}")
     p = pools("train")  # its words, names and numbers are all of them (see the module docstring)
-    # Copying is what the dialog tasks need most (and what a small model learns last), so almost half the
-    # paragraphs are repeated phrases.
-    makers = [(_story, 1), (_repeat, 8), (_lists, 2), (_facts, 2)]
-    makers = [lambda f=f: f(rng, NAMES, NOUNS) for f, weight in makers for _ in range(weight)]
-    makers += [lambda: _numbers(rng)] * 2
+    # Copying is what the dialog tasks need most (and what a small model learns last): many repeated phrases.
+    makers = [(_story, 1), (_repeat, 6), (_lists, 3), (_facts, 2), (_numbers, 2), (_shop, 3), (_booking_story, 1),
+              (_people_talk, 2), (_chatter, 2)]
+    makers = [f for f, weight in makers for _ in range(weight)]
     docs = []
     for _ in range(n_docs):
-        paragraphs = [rng.choice(makers)() for _ in range(rng.randint(3, 8))]
-        docs.append(" ".join(_said_twice(rng, p, paragraphs) if rng.random() < 0.75 else paragraphs))
+        paragraphs = [rng.choice(makers)(rng) for _ in range(rng.randint(3, 7))]
+        docs.append(" ".join(_said_twice(rng, p, paragraphs) if rng.random() < 0.6 else paragraphs))
     return docs
 
 
@@ -319,15 +671,21 @@ def write_jsonl(out_dir, seed: int = 0) -> list[Path]:
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
         with open(tmp, "w") as f:
             for e in examples(split, seed):
-                f.write(json.dumps({"messages": e["messages"], "family": e["family"]}) + "\n")
+                f.write(json.dumps({"messages": e["messages"], "family": e["family"],
+                                    "held_out": e["held_out"]}) + "\n")
         os.replace(tmp, path)
         paths.append(path)
     return paths
 
 
+USAGE = "usage: python demo_data.py --out DIR [--seed N]   (writes DIR/train.jsonl, val.jsonl, eval.jsonl)"
+
 if __name__ == "__main__":
     args = sys.argv[1:]
-    if len(args) != 2 or args[0] != "--out":
-        sys.exit("usage: python demo_data.py --out DIR   (writes DIR/train.jsonl, val.jsonl, eval.jsonl)")
-    for path in write_jsonl(args[1]):
+    opts = dict(zip(args[::2], args[1::2]))
+    if len(args) % 2 or set(opts) - {"--out", "--seed"} or "--out" not in opts:
+        sys.exit(USAGE)
+    if not re.fullmatch(r"\d+", opts.get("--seed", "0")):
+        sys.exit(f"error: --seed must be a non-negative integer, got {opts['--seed']!r}\n{USAGE}")
+    for path in write_jsonl(opts["--out"], int(opts.get("--seed", "0"))):
         print(f"wrote {path}")

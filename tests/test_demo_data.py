@@ -1,8 +1,10 @@
-"""The built-in demo data: deterministic, six checkable task families, and a held-out split that shares no filler
-with the fine-tuning split."""
+"""The built-in demo data: deterministic, nine checkable task families, a held-out split that shares no dialog,
+operand pair or wording with fine-tuning, and a pretraining corpus that knows every word the suite uses."""
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -10,10 +12,10 @@ import demo_data
 from chat_data import read_file
 from chat_format import render, validate
 from config import PRESETS
+from conftest import ROOT
 from tokenizer import encode
 
 SUMS = re.compile(r"(\d+) ([+-]) (\d+)")
-COMPARISONS = re.compile(r"Is (\d+) (?:greater|bigger|less|smaller) than (\d+)\?")
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +24,23 @@ def train():
 
 
 @pytest.fixture(scope="module")
+def tuned(train):
+    return train + demo_data.examples("val")
+
+
+@pytest.fixture(scope="module")
 def held_out():
     return demo_data.examples("eval")
 
 
-def texts(examples):
-    return [m["content"] for e in examples for m in e["messages"]]
+@pytest.fixture(scope="module")
+def corpus():
+    return demo_data.pretrain_documents()
+
+
+def prompts(examples):
+    """The text the model reads (system and user turns), not the answers."""
+    return [m["content"] for e in examples for m in e["messages"] if m["role"] != "assistant"]
 
 
 def test_deterministic_and_seeded():
@@ -38,119 +51,194 @@ def test_deterministic_and_seeded():
     assert demo_data.dialogs("val") == [e["messages"] for e in demo_data.examples("val")]
 
 
-def test_six_families_in_every_split(train, held_out):
-    for split, examples in (("train", train), ("val", demo_data.examples("val")), ("eval", held_out)):
+def test_bad_split_and_seed_are_refused_with_a_clear_message(tmp_path):
+    with pytest.raises(ValueError, match="unknown split 'test': expected one of train, val, eval"):
+        demo_data.examples("test")
+    for seed in (-1, "3", 1.5, True):
+        with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+            demo_data.examples("eval", seed=seed)
+    run = subprocess.run([sys.executable, str(ROOT / "demo_data.py"), "--out", str(tmp_path), "--seed", "x"],
+                         capture_output=True, text=True)
+    assert run.returncode == 1 and "--seed must be a non-negative integer, got 'x'" in run.stderr
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_nine_families_in_every_split_and_the_suite_holds_out_wordings_and_fillers(tuned, held_out):
+    for split in ("train", "val", "eval"):
+        examples = demo_data.examples(split)
         counts = {f: sum(e["family"] == f for e in examples) for f in demo_data.FAMILIES}
         assert counts == {f: demo_data.SPLIT_SIZES[split] for f in demo_data.FAMILIES}
-    assert len(demo_data.FAMILIES) == 6
-    assert {"copy", "recall", "list", "arithmetic", "compare", "system"} == set(demo_data.FAMILIES)
+    assert set(demo_data.FAMILIES) == {"copy", "list", "arithmetic", "compare", "recall", "rules", "support",
+                                       "booking", "greeting"}
+    assert {e["held_out"] for e in tuned} == {None}
+    for family in demo_data.FAMILIES:
+        kinds = [e["held_out"] for e in held_out if e["family"] == family]
+        assert kinds.count("wording") == kinds.count("filler") == demo_data.SPLIT_SIZES["eval"] // 2
 
 
-def test_recall_asks_one_to_three_exchanges_later_and_fine_tuning_also_right_away(train, held_out):
-    def gaps(examples):  # exchanges between the fact (and its acknowledgement) and the question
-        return {(len(e["messages"]) - 4) // 2 for e in examples if e["family"] == "recall"}
-    assert gaps(held_out) == {1, 2, 3}
-    assert gaps(train) == {0, 1, 2, 3}
+def test_no_held_out_wording_occurs_in_fine_tuning(tuned, held_out, corpus):
+    tuned_text = "\n".join(prompts(tuned))
+    for task, words in demo_data.HELD_OUT_WORDS.items():
+        for word in words:
+            assert word not in tuned_text.lower(), (task, word)
+            assert word in " ".join(corpus).lower(), (task, word)  # but pretraining knows it
+    # every held-out core: its fixed text (between the slots) never occurs in a tuned prompt, nor in the corpus
+    cores = [w[1:] for group in (list(demo_data.WORDINGS.values()) + [demo_data.ASK_SECRET, demo_data.BOOK_OPEN]
+                                 + list(demo_data.RULES.values()) + list(demo_data.SUPPORT_ASK.values())
+                                 + list(demo_data.GREET.values()) + list(demo_data.BOOK_SLOT.values()))
+             for w in group if w.startswith("~")]
+    assert len(cores) >= 50
+    corpus_text = " ".join(corpus)
+    for core in cores:
+        pieces = [p for p in re.split(r"\{\w*\}", core) if len(p.strip()) >= 12]
+        for piece in pieces:
+            assert piece.lower() not in tuned_text.lower(), core
+            assert piece not in corpus_text, core
+    # every task is asked in at least 15 tuned wordings (cores times polite prefixes)
+    for task, options in demo_data.WORDINGS.items():
+        tuned_cores = [o for o in options if not o.startswith("~")]
+        wordings = sum(len(demo_data.PREFIXES if o[0].islower() else demo_data.QUESTION_PREFIXES) for o in tuned_cores)
+        assert wordings >= 15, task
+    # the suite's "wording" half asks in held-out wordings: every task's held-out key word occurs there
+    wording_text = "\n".join(prompts([e for e in held_out if e["held_out"] == "wording"])).lower()
+    for task, words in demo_data.HELD_OUT_WORDS.items():
+        assert any(w in wording_text for w in words), task
+
+
+def test_every_word_the_suite_uses_is_in_the_pretraining_corpus(held_out, corpus):
+    known = {w.lower() for w in re.findall(r"[A-Za-z]+", " ".join(corpus))}
+    used = {w.lower() for text in prompts(held_out) + [e["answer"] for e in held_out]
+            for w in re.findall(r"[A-Za-z]+", text)}
+    assert used - known == set()
+    assert all("<|" not in doc for doc in corpus)  # plain text, never the chat format
 
 
 def test_dialogs_are_valid_and_fit_the_tiny_context(train, held_out):
     block = PRESETS["tiny"]["block_size"]
-    for e in train[:3000] + held_out:
+    for e in train[::3] + held_out:
         validate(e["messages"])
         assert e["messages"][-1] == {"role": "assistant", "content": e["answer"]}
         assert len(render(e["messages"])[0]) <= block
-    # recall is multi-turn: the fact is several turns before the question
     recall = [e for e in held_out if e["family"] == "recall"]
-    assert max(len(e["messages"]) for e in recall) >= 8
-    assert all(e["messages"][0]["role"] == "system" for e in held_out if e["family"] == "system")
+    assert min(len(e["messages"]) for e in recall) >= 6  # the fact is one to three exchanges back
+    assert all(e["messages"][0]["role"] == "system" for e in held_out if e["family"] in ("rules", "support"))
 
 
 def test_fillers_are_single_tokens():
-    for word in demo_data.NOUNS + demo_data.NAMES + [str(n) for n in demo_data.RECALL_NUMBERS]:
+    for word in demo_data.NOUNS + demo_data.NAMES + [str(n) for n in demo_data.RECALL_NUMBERS] + demo_data.DAYS:
         assert len(encode(" " + word)) == 1, word
     assert not set(demo_data.NOUNS) & set(demo_data.NAMES)
 
 
-def test_held_out_dialogs_and_operand_pairs_never_occur_in_the_training_split(train, held_out):
+def test_held_out_dialogs_and_operand_pairs_never_occur_in_fine_tuning(tuned, held_out):
     train_pools, eval_pools = demo_data.pools("train"), demo_data.pools("eval")
     for key in ("sums", "pairs"):
         assert eval_pools[key] and not set(train_pools[key]) & set(eval_pools[key]), key
-    assert len(eval_pools["sums"]) + len(train_pools["sums"]) == len(demo_data.SUMS)
-    tuned = train + demo_data.examples("val")
-    # no held-out dialog was tuned on: the copied sentences, lists and facts are fresh draws
+    # no held-out dialog was tuned on, except a few of the fixed exchanges ("Thanks!" -> "You are welcome!", the
+    # first question of a booking) that the filler half can only draw again
     seen = {json.dumps(e["messages"]) for e in tuned}
-    assert not any(json.dumps(e["messages"]) in seen for e in held_out)
-    sentences = {m["content"].split("\n")[-1] for e in tuned if e["family"] == "copy" for m in e["messages"][:1]}
-    assert not any(e["answer"] in sentences for e in held_out if e["family"] == "copy")
-    # arithmetic and comparison: no operand pair of the held-out split occurs in a tuned dialog
-    train_text = texts(tuned)
-    train_sums = {m for t in train_text for m in SUMS.findall(t)}
-    eval_sums = {m for t in texts(held_out) for m in SUMS.findall(t)}
-    assert eval_sums and not train_sums & eval_sums
-    train_pairs = {m for t in train_text for m in COMPARISONS.findall(t)}
-    eval_pairs = {m for t in texts(held_out) for m in COMPARISONS.findall(t)}
-    assert eval_pairs and not train_pairs & eval_pairs
-
-
-def test_pretraining_corpus_knows_every_sum_and_number_but_not_the_chat_format():
-    docs = demo_data.pretrain_documents(n_docs=1500)
-    numbers = {int(n) for doc in docs for n in re.findall(r"\d+", doc)}
-    assert set(demo_data.RECALL_NUMBERS) <= numbers
-    sums = {m for doc in docs for m in re.findall(r"(\d+ [+-] \d+ = \d+)\.", doc)}
-    for a, b, op in demo_data.SUMS[:5] + demo_data.pools("eval")["sums"][:5]:  # written correctly, both parts
-        assert f"{a} {op} {b} = {a + b if op == '+' else a - b}" in sums
-    assert len(sums) == len({s.split(" = ")[0] for s in sums})  # one answer per question
-    # sums also follow their own expression, as a dialog's answer follows its question
-    assert sum(bool(re.search(r"(\d+ [+-] \d+)[.:] \1 = \d+\.", doc)) for doc in docs) > len(docs) // 4
-    # repeated phrases hold numbers too: copying a number is practised, not only copying a word
-    repeated = r"the words ([a-z ]*\d{3}[a-z0-9 ]*)\. Then \w+ wrote the same words: \1\."
-    assert any(re.search(repeated, doc) for doc in docs)
-    # most documents say a fact again within a training window, as a dialog asks about it a few turns later
-    gaps = [len(encode(m.group(3))) for doc in docs
-            if (m := re.search(r'(\w+) said: "([^"]+)"(.*?)Later \1 said it again: "\2"', doc))]
-    assert len(gaps) > 0.6 * len(docs) and max(gaps) < PRESETS["tiny"]["block_size"]
-    for doc in docs:
-        for c, relation, d in re.findall(r"(\d+) is (\w+) than (\d+)", doc):
-            assert (int(c) > int(d)) == (relation in ("greater", "bigger", "more")), (c, relation, d)
-        assert "<|" not in doc  # plain text, never the chat format
+    again = [e for e in held_out if json.dumps(e["messages"]) in seen]
+    assert len(again) < 0.05 * len(held_out)
+    assert {e["family"] for e in again} <= {"greeting", "booking"} and {e["held_out"] for e in again} <= {"filler"}
+    tuned_sums = {m for t in prompts(tuned) for m in SUMS.findall(t)}
+    eval_sums = {m for t in prompts(held_out) for m in SUMS.findall(t)}
+    assert eval_sums and not tuned_sums & eval_sums
 
 
 def test_every_answer_is_exactly_checkable(held_out):
-    by_family = {}
-    for e in held_out:
-        by_family.setdefault(e["family"], []).append(e)
-    for family, examples in by_family.items():
+    for family in demo_data.FAMILIES:
+        examples = [e for e in held_out if e["family"] == family]
         for e in examples:
-            assert demo_data.check(e, e["answer"])
-            assert demo_data.check(e, " " + e["answer"] + "\n")
+            assert demo_data.check(e, e["answer"]) and demo_data.check(e, " " + e["answer"] + "\n")
             assert not demo_data.check(e, e["answer"][:-1])
             assert not demo_data.check(e, e["answer"] + " extra")
-            assert not demo_data.check(e, "")
         wrong = next(x["answer"] for x in examples if x["answer"] != examples[0]["answer"])
         assert not demo_data.check(examples[0], wrong), family
 
 
+def _support_answer_is_right(e):
+    system, question, answer = e["messages"][0]["content"], e["messages"][-2]["content"], e["answer"]
+    phone = re.search(r"Phone: (\d+ \d+)\.", system).group(1)
+    if answer.startswith("Sorry, I do not know"):  # the fallback: the number to call, no invented fact
+        assert answer == f"Sorry, I do not know that. Please call us at {phone}."
+        item = re.search(r"the (\w+)\?$", question)
+        assert not item or f" {item.group(1)} " not in system.split("Prices:")[1].split(".")[0] + " "
+    elif m := re.fullmatch(r"On (\w+) we are open from (\d+) to (\d+)\.", answer):
+        assert f"{m[1]} {m[2]} to {m[3]}" in system and m[1] in question
+    elif m := re.fullmatch(r"Sorry, we are closed on (\w+)\.", answer):
+        assert m[1] in question and f"{m[1]} " not in system.split("Prices:")[0]
+    elif m := re.fullmatch(r"The (\w+) costs (\d+) dollars\.", answer):
+        assert f"{m[1]} {m[2]} dollars" in system
+    elif m := re.fullmatch(r"We deliver on (\w+) and (\w+)\.", answer):
+        assert f"Delivery on {m[1]} and {m[2]}." in system
+    else:
+        assert answer == f"Our phone number is {phone}."
+
+
 def test_answers_are_right(held_out):
+    kinds = set()
     for e in held_out:
-        question = e["messages"][-2]["content"]
-        if e["family"] == "arithmetic":
-            a, op, b = SUMS.search(question).groups()
-            assert e["answer"] == f"{a} {op} {b} = {int(a) + int(b) if op == '+' else int(a) - int(b)}."
-        elif e["family"] == "compare":
-            a, b = map(int, re.search(r"(\d+) \w+ than (\d+)", question).groups())
-            greater = "greater" in question or "bigger" in question
-            assert e["answer"] == ("Yes." if (a > b if greater else a < b) else "No.")
-        elif e["family"] == "system":
-            name = e["messages"][0]["content"].rstrip(".").split()[-1]
-            assert e["answer"].endswith(f" - {name}")
-        elif e["family"] == "recall":
-            value = e["answer"].rstrip(".").split()[-1]
-            assert value in " ".join(m["content"] for m in e["messages"][:-2])
+        family, question, answer = e["family"], e["messages"][-2]["content"], e["answer"]
+        context = " ".join(m["content"] for m in e["messages"][:-2])
+        if family == "arithmetic":
+            a, op, b = SUMS.search(answer).groups()
+            assert answer == f"{a} {op} {b} = {int(a) + int(b) if op == '+' else int(a) - int(b)}."
+            assert a in question and b in question
+        elif family == "compare":
+            a, b = map(int, re.findall(r"\d+", question))
+            asks_more = bool(re.search(r"(greater|bigger|larger|more|above) (than )?\d", question))
+            yes = a > b if asks_more else a < b
+            assert answer == f"{'Yes' if yes else 'No'}, {a} is {'greater' if a > b else 'less'} than {b}."
+        elif family == "recall":
+            assert answer.rstrip(".").split()[-1] in context
+        elif family == "support":
+            _support_answer_is_right(e)
+        elif family == "booking" and answer.startswith("Booked"):
+            people, day, name = re.fullmatch(r"Booked: a table for (\d+) people on (\w+), name (\w+)\.", answer).groups()
+            users = " ".join(m["content"] for m in e["messages"] if m["role"] == "user")
+            assert all(re.search(rf"\b{v}\b", users) for v in (people, day, name))
+            kinds.add("booked")
+        elif family == "booking":
+            assert answer in demo_data.BOOK_ASK.values()
+            kinds.add("asks")
+        elif family == "rules":
+            system = e["messages"][0]["content"]
+            if "password" in system:  # refused when asked for, other questions answered
+                secret = re.search(r"password (?:is )?(\w+)|secret: (\w+)", system)
+                assert secret and not any(s and f" {s}" in answer for s in secret.groups())
+                asked = "password" in question.lower()
+                assert (answer == demo_data.REFUSAL) == asked
+                kinds.add("refuses" if asked else "answers")
+            elif "yes or no" in system:
+                assert answer in ("Yes.", "No.")
+                kinds.add("yes/no")
+            elif answer.startswith(tuple(w + "." for w in demo_data.START_WORDS)) and "word" in system:
+                assert answer.split(".")[0] in system
+                kinds.add("starts")
+            else:
+                assert answer.rsplit(" - ", 1)[1] in system
+                kinds.add("signs")
+        assert not (family != "rules" and answer == demo_data.REFUSAL)
+    assert kinds == {"booked", "asks", "refuses", "answers", "yes/no", "starts", "signs"}
+
+
+def test_requests_outside_its_world_get_the_fallback(held_out):
+    outside = [e for e in held_out if e["family"] == "greeting" and e["answer"].startswith("Sorry")]
+    assert outside and all(e["answer"] == f"Sorry, I cannot help with that. {demo_data.CAN_DO}" for e in outside)
+    asked = {e["messages"][-2]["content"] for e in outside}
+    assert any(w in " ".join(asked) for w in ("poem", "weather", "song", "joke", "picture", "fly", "drive", "dinner"))
+    # a greeting introduces the name the system prompt gives, or the default one
+    for e in held_out:
+        if e["family"] == "greeting" and e["answer"].startswith("Hello! I am"):
+            name = e["answer"].split()[3].rstrip(".")
+            system = e["messages"][0]["content"] if e["messages"][0]["role"] == "system" else ""
+            assert name in system or (name == demo_data.DEFAULT_NAME and not system)
 
 
 def test_write_jsonl_reads_back_as_chat_files(tmp_path, monkeypatch):
     monkeypatch.setattr(demo_data, "SPLIT_SIZES", {"train": 3, "val": 2, "eval": 2})
-    paths = demo_data.write_jsonl(tmp_path)
+    paths = demo_data.write_jsonl(tmp_path, seed=4)
     assert [p.name for p in paths] == ["train.jsonl", "val.jsonl", "eval.jsonl"]
-    assert read_file(paths[2]) == demo_data.dialogs("eval")
-    assert json.loads(paths[0].read_text().splitlines()[0])["family"] == "copy"
+    assert read_file(paths[2]) == demo_data.dialogs("eval", seed=4)
+    first = json.loads(paths[2].read_text().splitlines()[0])
+    assert (first["family"], first["held_out"]) == ("copy", "wording")

@@ -44,13 +44,18 @@ class Oracle:
 
 
 def test_suite_scores_exact_match_per_family_and_lists_failures():
-    examples = demo_data.examples("eval", per_family=3)
-    result = evaluate.run_suite(Oracle(examples, good={"copy", "recall", "list"}), examples, batch_size=4)
+    examples = demo_data.examples("eval", per_family=4)
+    good = {"copy", "recall", "list"}
+    result = evaluate.run_suite(Oracle(examples, good=good), examples, batch_size=4)
     assert {k: v["accuracy"] for k, v in result["families"].items()} == \
-        {"copy": 1.0, "recall": 1.0, "list": 1.0, "arithmetic": 0.0, "compare": 0.0, "system": 0.0}
-    assert result["overall"] == 0.5 and (result["correct"], result["total"]) == (9, 18)
-    assert len(result["failures"]) == 9
-    assert {f["family"] for f in result["failures"]} == {"arithmetic", "compare", "system"}
+        {f: 1.0 if f in good else 0.0 for f in demo_data.FAMILIES}
+    assert result["overall"] == 3 / 9 and (result["correct"], result["total"]) == (12, 36)
+    assert len(result["failures"]) == 24
+    assert {f["family"] for f in result["failures"]} == set(demo_data.FAMILIES) - good
+    # each family's accuracy also on held-out wordings and on held-out fillers (2 examples of each here)
+    copy = result["families"]["copy"]
+    assert copy["wording"] == {"correct": 2, "total": 2, "accuracy": 1.0} and copy["filler"]["total"] == 2
+    assert {f["held_out"] for f in result["failures"]} == {"wording", "filler"}
     failure = result["failures"][0]
     assert failure["got"] == "wrong"
     assert failure["expected"] == next(e["answer"] for e in examples if e["family"] == failure["family"])
@@ -101,13 +106,16 @@ def test_cli_writes_reports_into_the_checkpoint_folder(tmp_path, capsys):
     ckpt = save_checkpoint(tmp_path / "ckpt", tiny_model())
     evaluate.main([str(ckpt), "--per_family", "2", "--max_new_tokens", "4"])
     report = json.loads((ckpt / "eval.json").read_text())
-    assert report["suite"]["total"] == 12 and set(report["suite"]["families"]) == set(demo_data.FAMILIES)
-    assert len(report["suite"]["failures"]) == 12 - report["suite"]["correct"]
+    assert report["suite"]["total"] == 18 and set(report["suite"]["families"]) == set(demo_data.FAMILIES)
+    assert len(report["suite"]["failures"]) == 18 - report["suite"]["correct"]
     assert report["losses"][0]["kind"].startswith("demo eval dialogs") and report["losses"][0]["tokens"] > 1000
     assert len(report["samples"]) == len(evaluate.SAMPLE_PROMPTS)
     md = (ckpt / "eval.md").read_text()
     assert "| **overall** |" in md and "## Sample conversations" in md
-    assert "overall" in capsys.readouterr().out
+    assert "| family | accuracy | correct | held-out wordings | held-out fillers |" in md
+    assert "Rosa's Cafe" in md and "book a table" in md  # the samples: a support bot and a booking
+    out = capsys.readouterr().out
+    assert "overall" in out and "new wordings" in out and "How much is the pizza?" in out
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
@@ -115,24 +123,29 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
         evaluate.main([str(tmp_path / "nope")])
 
 
-def test_a_short_fine_tune_on_demo_dialogs_raises_accuracy(tmp_path):
-    # Yes/no comparisons of held-out number pairs: a tiny model that never saw a dialog gets none right; after a
-    # short fine-tune on the training pairs it answers "Yes." or "No." every time, right well above 0 (0.68 with
-    # this seed); which of the two is right it has barely learned in so few steps, hence the low bar.
-    def compare(split, n=None):
-        return [e for e in demo_data.examples(split, per_family=n) if e["family"] == "compare"]
+def test_a_short_fine_tune_raises_accuracy_on_held_out_wordings(tmp_path):
+    # The yes/no rule: a system prompt says to answer only yes or no, the user asks comparisons. Tuned on the
+    # training wordings, tested on held-out ones (a system prompt and the words above / below never tuned on) and
+    # held-out number pairs: a tiny model that never saw a dialog gets none right; after a short fine-tune it
+    # answers "Yes." or "No." every time, right well above 0 (the training pairs are disjoint from these).
+    def yes_no(split, n, held_out=None):
+        return [e for e in demo_data.examples(split, per_family=n) if e["family"] == "rules"
+                and e["answer"] in ("Yes.", "No.") and e["held_out"] == held_out]
 
-    held_out = compare("eval", 40)
+    held_out = yes_no("eval", 400, "wording")
+    assert len(held_out) >= 20
+    assert all(any(w in e["messages"][0]["content"] + e["messages"][-2]["content"]
+                   for w in ("above", "below", "Do not explain")) for e in held_out)
     torch.manual_seed(0)
-    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=32))
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=64))
     before = evaluate.run_suite(model, held_out, max_new_tokens=4)
-    train = encode([e["messages"] for e in compare("train", 2000)], 33)
-    val = encode([e["messages"] for e in compare("val")], 33)
+    train = encode([e["messages"] for e in yes_no("train", 2500)], 65)
+    val = encode([e["messages"] for e in yes_no("val", 30)], 65)
     cfg = TrainConfig(out=str(tmp_path / "run"), device="cpu", max_steps=60, batch_size=32, lr=3e-3,
                       warmup_steps=10, weight_decay=0.0, eval_every=0, save_every=0, eval_batches=1, log_every=50)
-    fit(model, cfg, ChatData(train, val, 32, 32, seed=0, eval_batches=1), {"kind": "finetune"})
+    fit(model, cfg, ChatData(train, val, 64, 32, seed=0, eval_batches=1), {"kind": "finetune"})
     after = evaluate.run_suite(model, held_out, max_new_tokens=4)
-    print(f"compare accuracy: {before['overall']:.2f} -> {after['overall']:.2f}")
+    print(f"yes/no accuracy on held-out wordings: {before['overall']:.2f} -> {after['overall']:.2f}")
     assert before["overall"] == 0.0
     assert after["overall"] >= 0.25
     assert all(f["got"] in ("Yes.", "No.") for f in after["failures"])  # every reply is now a yes/no answer
