@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from chat_format import ChatFormatError, render, validate
+from config import progress_interval
 from tokenizer import EOT_ID
 
 # ShareGPT speaker names -> our roles.
@@ -275,7 +276,8 @@ def encode(conversations, max_tokens: int, train_on_prompt: bool = False, counts
     counts.setdefault("cut", 0)
     counts.setdefault("dropped", 0)
     examples = []
-    for messages in tqdm(conversations, desc="encoding", unit="conv", leave=False, disable=len(conversations) < 5000):
+    for messages in tqdm(conversations, desc="encoding", unit="conv", leave=False, disable=len(conversations) < 5000,
+                         mininterval=progress_interval()):
         fitted = fit_context(messages, max_tokens, train_on_prompt)
         if fitted is None:
             counts["dropped"] += 1

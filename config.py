@@ -10,6 +10,7 @@ An unknown field or a value of the wrong type is an error that names the field a
 
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
@@ -279,3 +280,11 @@ def model_config_from_dict(d: dict, source: str = "config") -> ModelConfig:
     cfg = ModelConfig()
     apply_overrides([cfg], d, source)
     return cfg
+
+
+def progress_interval(stream=sys.stderr) -> float:
+    """Seconds between progress-bar updates (tqdm's mininterval): tqdm's default on a terminal; written to a log
+    (CI, `make demo > log`) one update every half minute, so that the log stays readable. $TQDM_MININTERVAL wins."""
+    if "TQDM_MININTERVAL" in os.environ:
+        return float(os.environ["TQDM_MININTERVAL"])
+    return 0.1 if stream.isatty() else 30.0

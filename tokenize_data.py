@@ -316,7 +316,8 @@ def tokenize(inputs: list[str], cfg: TokenizeConfig) -> dict:
     try:
         train, val = (ShardWriter(tmp, split, cfg.shard_tokens) for split in ("train", "val"))
         key = cfg.seed.to_bytes(8, "little", signed=True)
-        with tqdm(unit="tok", unit_scale=True, desc=f"tokenize -> {out}") as progress:
+        with tqdm(unit="tok", unit_scale=True, desc=f"tokenize -> {out}",
+                  mininterval=config.progress_interval()) as progress:
             for train_ids, val_ids, n_train, n_val in encode_in_order(batches(documents()), workers, key, cfg.val_fraction):
                 train.add(train_ids, n_train)
                 val.add(val_ids, n_val)

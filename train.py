@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint, step_checkpoints
-from config import ConfigError, TrainConfig, to_dict
+from config import ConfigError, TrainConfig, progress_interval, to_dict
 from model import GPT, pick_device
 from optim import check_optimizer, make_optimizer
 
@@ -468,7 +468,7 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
         return to_device(data.batch(step, micro, rank, world), device)
 
     bar = tqdm(total=step_limit if step_limit < math.inf else None, initial=state.step, disable=not master,
-               unit="step", dynamic_ncols=True)
+               unit="step", dynamic_ncols=True, mininterval=progress_interval())
     done = state.step if resumed_from else -1  # a resumed run's first step: evaluated and saved before it stopped
     time_up, interrupted, last_val = bool(cfg.max_time) and state.elapsed >= cfg.max_time, False, None
     batch = load(state.step, 0)

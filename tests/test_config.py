@@ -81,3 +81,20 @@ def test_a_time_or_token_limit_lifts_the_presets_step_limit(tmp_path):
     assert train.max_steps == 0
     (train, _), _ = parse(["--preset", "tiny"])
     assert train.max_steps == PRESETS["tiny"]["max_steps"]
+
+
+def test_progress_bars_update_rarely_in_a_log_file(monkeypatch, tmp_path):
+    import io
+
+    from config import progress_interval
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    with open(tmp_path / "log", "w") as log:
+        assert progress_interval(log) == 30.0  # CI logs, `make demo > log`: one update per half minute
+    assert progress_interval(Terminal()) == 0.1
+    monkeypatch.setenv("TQDM_MININTERVAL", "5")
+    assert progress_interval(Terminal()) == 5.0
