@@ -279,7 +279,8 @@ def _comparison(d: Draw):
     a, b = d.rng.choice(d.p["pairs"])
     asks_greater = d.rng.random() < 0.5
     yes = a > b if asks_greater else a < b
-    return d.ask("greater" if asks_greater else "less", a=a, b=b), yes, f"{a} is {'greater' if a > b else 'less'} than {b}"
+    relation = f"{a} is {'greater' if a > b else 'less'} than {b}"
+    return d.ask("greater" if asks_greater else "less", a=a, b=b), yes, relation
 
 
 def _compare(d: Draw):
@@ -347,7 +348,8 @@ def _business(d: Draw) -> dict:
              f"Prices: {', '.join(f'{item} {items[item]} dollars' for item in shown_items)}.",
              f"Delivery on {delivery[0]} and {delivery[1]}.", f"Phone: {phone}."]
     name = f"{rng.choice(d.p['names'])}'s {rng.choice(KINDS)}"
-    return {"name": name, "facts": " ".join(facts), "system": d.pick(SUPPORT_SYSTEM).format(name=name, facts=" ".join(facts)),
+    facts = " ".join(facts)
+    return {"name": name, "facts": facts, "system": d.pick(SUPPORT_SYSTEM).format(name=name, facts=facts),
             "hours": hours, "items": items, "sold": shown_items, "delivery": delivery, "phone": phone}
 
 
@@ -631,7 +633,8 @@ def _chatter(rng):
         f"What is it? Who is it? How is it? Where is the {x}? When do we go? Why? What do you do? What are you?",
         f"We are here, said {a}. You are welcome here. There is a {x} and a {y}. It is for you. Tell me more.",
         f"Please give me the {x}. Could you put it on the table? Can I have the {y} too? Hey, now it is mine.",
-        f"One more thing, a quick question for you: hi, {b}! I wish to sit down, said {a}. Do they sell a {x} here? They always sell it, but never to anyone late.",
+        f"One more thing, a quick question for you: hi, {b}! I wish to sit down, said {a}. Do they sell a {x} "
+        f"here? They always sell it, but never to anyone late.",
     ])
 
 
@@ -651,13 +654,13 @@ def pretrain_documents(seed: int = 0, n_docs: int = 6000) -> list[str]:
     rng = random.Random(f"pretrain-{_check_seed(seed)}")
     p = pools("train")  # its words, names and numbers are all of them (see the module docstring)
     # Copying is what the dialog tasks need most (and what a small model learns last): many repeated phrases.
-    makers = [(_story, 1), (_repeat, 6), (_lists, 3), (_facts, 2), (_numbers, 2), (_shop, 3), (_booking_story, 1),
+    makers = [(_story, 1), (_repeat, 8), (_lists, 3), (_facts, 2), (_numbers, 4), (_shop, 3), (_booking_story, 1),
               (_people_talk, 2), (_chatter, 2)]
     makers = [f for f, weight in makers for _ in range(weight)]
     docs = []
     for _ in range(n_docs):
         paragraphs = [rng.choice(makers)(rng) for _ in range(rng.randint(3, 7))]
-        docs.append(" ".join(_said_twice(rng, p, paragraphs) if rng.random() < 0.6 else paragraphs))
+        docs.append(" ".join(_said_twice(rng, p, paragraphs) if rng.random() < 0.75 else paragraphs))
     return docs
 
 
