@@ -92,6 +92,8 @@ class ServeConfig:
     max_sessions: int = 256  # conversations kept by /chat
     session_ttl: float = 3600.0  # seconds a /chat conversation is kept after its last use
     cors_origins: list[str] = field(default_factory=list)
+    # Host names served besides the loopback ones when bound to a loopback address (the DNS-rebinding guard)
+    allowed_hosts: list[str] = field(default_factory=list)
     log_prompts: bool = False
 
 

@@ -19,6 +19,7 @@ import asyncio
 import codecs
 import collections
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import torch
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -569,6 +571,40 @@ class Sessions:
         return session_id, session, created
 
 
+def is_loopback(host: str | None) -> bool:
+    """Whether a host name or address (no port) names this machine only: localhost, 127.0.0.0/8, ::1."""
+    if not host:
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class HostGuard:
+    """ASGI middleware refusing (403) a request whose Host header is neither a loopback name nor in `allowed`.
+    A server bound to 127.0.0.1 is reachable by any web page the user opens: through DNS rebinding, a page of
+    evil.example.com can resolve its own name to 127.0.0.1 and call the API; its requests still say
+    `Host: evil.example.com`, which is how they are told apart (Ollama refuses them for the same reason).
+    Plain ASGI, not an http middleware function: those hide a client's hang-up from the handler."""
+
+    def __init__(self, app, allowed: set[str]):
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            header = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            host = urlsplit("//" + header).hostname
+            if not (is_loopback(host) or host in self.allowed):
+                refusal = ApiError(403, f"Host {header!r} is not allowed: this server is bound to a loopback address "
+                                        "and serves only localhost (add a name with --allowed-hosts)",
+                                   "permission_error", code="host_not_allowed").response()
+                return await refusal(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 # ---- the app ------------------------------------------------------------------------------------
 
 def create_app(cfg: ServeConfig, model=None) -> FastAPI:
@@ -826,6 +862,8 @@ def create_app(cfg: ServeConfig, model=None) -> FastAPI:
     if cfg.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
+    if is_loopback(cfg.host):
+        app.add_middleware(HostGuard, allowed={h.lower() for h in cfg.allowed_hosts})
     routes = {getattr(r, "path", None) for r in [*app.routes, *api.routes]}
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=routes)
     app.state.engine, app.state.sessions = engine, sessions

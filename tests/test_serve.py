@@ -565,7 +565,7 @@ def test_disconnect_frees_the_slot(scripted):
     # not streaming: send the request and hang up without reading
     raw = json.dumps({**body, "stream": False}).encode()
     with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                   b"Content-Length: " + str(len(raw)).encode() + b"\r\n\r\n" + raw)
         end = time.time() + 5
         while not engine.active and time.time() < end:
@@ -712,3 +712,23 @@ def test_web_page_in_headless_chromium(scripted, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     if os.environ.get("PARLEY_SCREENSHOT"):  # to look at it: PARLEY_SCREENSHOT=/tmp/chat.png pytest -k chromium
         Path(os.environ["PARLEY_SCREENSHOT"]).write_bytes(png)
+
+
+# ---- the DNS-rebinding guard ---------------------------------------------------------------------
+
+def test_a_loopback_server_refuses_other_host_headers():
+    with in_process_server(ScriptedModel(UTF8_SCRIPT), allowed_hosts=["chat.home.arpa"]) as (url, _):
+        port = url.rsplit(":", 1)[1]
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}", "127.0.0.2",
+                     f"chat.home.arpa:{port}", "CHAT.home.arpa"):
+            assert httpx.get(url + "/health", headers={"Host": host}).status_code == 200, host
+        for host in ("evil.example.com", f"evil.example.com:{port}", "127.0.0.1.evil.example.com", "localhostx"):
+            r = httpx.post(url + "/v1/chat/completions", headers={"Host": host},
+                           json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+            assert r.status_code == 403, host
+            assert r.json()["error"]["code"] == "host_not_allowed" and "--allowed-hosts" in r.json()["error"]["message"]
+
+
+def test_a_server_bound_to_all_interfaces_serves_any_host_as_before():
+    with in_process_server(ScriptedModel(UTF8_SCRIPT), host="0.0.0.0") as (url, _):
+        assert httpx.get(url + "/health", headers={"Host": "chat.example.com"}).status_code == 200
