@@ -39,19 +39,19 @@ class ChatError(RuntimeError):
 
 
 def local_replier(cfg: ChatConfig):
-    """reply(system, messages) streaming text pieces from the model, with the chat template and a KV cache."""
-    import torch
+    """reply(system, messages) streaming text pieces from the model (engine.py), with the chat template; a turn
+    reuses the previous turns' keys and values."""
     from checkpoint import load_checkpoint
-    from model import KVCache, sample
+    from engine import Engine, SamplingParams, fit_conversation, stream
     from model import pick_device
-    from serve import STOP_IDS, TextStream, fit_conversation
 
     model, _, _ = load_checkpoint(cfg.checkpoint, device=pick_device(cfg.device))
-    model.eval()
-    block, device = model.config.block_size, model.wte.weight.device
-    generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed >= 0 else None
+    block = model.config.block_size
+    engine = Engine(model, max_batch=1, reuse_tokens=2 * block)
+    turn = 0
 
     def reply(system: str, messages: list[dict]):
+        nonlocal turn
         conversation = ([{"role": "system", "content": system}] if system else []) + messages
         prompt, _, dropped = fit_conversation(conversation, cfg.max_tokens or min(256, block // 4), block)
         if dropped:
@@ -59,19 +59,12 @@ def local_replier(cfg: ChatConfig):
             print(f"[dropped the {dropped} oldest messages to fit the context of {block} tokens]", flush=True)
         if len(prompt) >= block:
             raise ChatError(f"the message is too long: {len(prompt)} tokens for a context of {block}")
-        max_new = min(cfg.max_tokens or block, block - len(prompt))
-        cache = KVCache(model.config, 1, len(prompt) + max_new, device, model.wte.weight.dtype)
-        rows = torch.zeros(1, dtype=torch.long, device=device)
-        logits = model.step_logits(cache, rows, [prompt])
-        text = TextStream([])
-        for i in range(max_new):
-            token = int(sample(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator))
-            if token in STOP_IDS:
-                break
-            yield text.push(token)
-            if i + 1 < max_new:
-                logits = model.step_logits(cache, rows, [[token]])
-        yield text.finish()
+        # A seed gives each turn its own reproducible draws.
+        seed = cfg.seed + turn if cfg.seed >= 0 else None
+        turn += 1
+        params = SamplingParams(max_tokens=min(cfg.max_tokens or block, block - len(prompt)),
+                                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=seed)
+        yield from stream(engine, prompt, params)
 
     return reply
 

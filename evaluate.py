@@ -140,18 +140,17 @@ def loss_report(model, source: str, cfg: EvalConfig, device) -> dict:
 # ---- generation and the suite ---------------------------------------------------------------------------------
 
 def reply(model, conversations, max_new_tokens: int = 48, batch_size: int = 64) -> list[str]:
-    """Greedy replies (text up to <|end|>) to conversations that end with a user turn, decoded in batches."""
+    """Greedy replies (text up to <|end|>) to conversations that end with a user turn, decoded together by the
+    engine's continuous batching over batch_size rows (GPT.generate)."""
     prompts = [chat_format.render(c, add_generation_prompt=True)[0] for c in conversations]
     room = model.config.block_size - 1
     prompts = [p[-room:] for p in prompts]  # keep the end of an over-long prompt (the question is there)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths decode together
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths are prefilled together
+    new = model.generate([prompts[i] for i in order], max_new_tokens, temperature=0.0, stop_tokens=(chat_format.END,),
+                         max_batch=batch_size)
     out = [""] * len(prompts)
-    for s in range(0, len(order), batch_size):
-        rows = order[s:s + batch_size]
-        new = model.generate([prompts[i] for i in rows], max_new_tokens, temperature=0.0,
-                             stop_tokens=(chat_format.END,))
-        for i, ids in zip(rows, new):
-            out[i] = decode(ids[:-1] if ids and ids[-1] == chat_format.END else ids)
+    for i, ids in zip(order, new):
+        out[i] = decode(ids[:-1] if ids and ids[-1] == chat_format.END else ids)
     return out
 
 

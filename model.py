@@ -1,4 +1,4 @@
-"""A GPT-2-style decoder, written from its parts, with a KV cache for generation.
+"""A GPT-2-style decoder, written from its parts; its attention reads and writes engine.py's KV cache when decoding.
 
 Module names follow Hugging Face's GPT-2 (wte, wpe, h.N.attn.c_attn, ...) so weights map one to one;
 we use nn.Linear where GPT-2 used Conv1D, so those matrices are transposed on import and export.
@@ -28,25 +28,6 @@ from config import ModelConfig
 from tokenizer import N_VOCAB
 
 
-class KVCache:
-    """Keys and values of every layer for `batch` sequences of up to `max_len` tokens.
-
-    Each row (sequence) has its own length, so rows of different lengths share one cache: prompts of
-    different lengths are prefilled right-padded, and rows can be filled and freed independently (the
-    server's continuous batching). A query at position p attends to cached positions 0..p of its own row;
-    stale entries beyond a row's length are never attended to and get overwritten.
-    """
-
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
-        head_dim = cfg.n_embd // cfg.n_head
-        shape = (cfg.n_layer, batch, max_len, cfg.n_head, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
-        self.last_token = torch.zeros(batch, dtype=torch.long, device=device)  # each row's newest token (smear)
-        self.max_len = max_len
-
-
 def rotary_tables(head_dim: int, max_len: int, base: float = 10000.0):
     """cos and sin of position * frequency, (max_len, head_dim // 2) each: the angles rope rotates by."""
     freqs = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
@@ -71,7 +52,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.residual_projection = True
         self.dropout = cfg.dropout
 
-    def forward(self, x, rope=None, cache=None, layer=0, rows=None, pos=None):
+    def forward(self, x, rope=None, cache=None, layer=0):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head)
@@ -83,15 +64,8 @@ class CausalSelfAttention(nn.Module):
         if cache is None:
             y = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
-        else:
-            # Write this step's keys/values at each row's own positions, then attend over the cache.
-            cache.k[layer][rows[:, None], pos] = k.to(cache.k.dtype)
-            cache.v[layer][rows[:, None], pos] = v.to(cache.v.dtype)
-            kv_len = int(pos.max()) + 1
-            keys = cache.k[layer][rows, :kv_len].transpose(1, 2).to(q.dtype)
-            values = cache.v[layer][rows, :kv_len].transpose(1, 2).to(q.dtype)
-            mask = torch.arange(kv_len, device=x.device)[None, None, :] <= pos[:, :, None]  # (B, T, kv_len)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])
+        else:  # decoding (engine.py): this step's keys and values go into the cache, q attends to the cache
+            y = cache.attend(layer, q, k, v)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return F.dropout(self.c_proj(y), self.dropout, self.training)
 
@@ -117,8 +91,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope=None, cache=None, layer=0, rows=None, pos=None):
-        x = x + self.attn(self.ln_1(x), rope, cache, layer, rows, pos)
+    def forward(self, x, rope=None, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), rope, cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -143,6 +117,12 @@ class GPT(nn.Module):
         for name in ("output_ids", "rest_ids", "target_index", "output_bias"):  # set by restrict_output
             self.register_buffer(name, None, persistent=False)  # buffers: they follow .to(device)
         self.apply(self._init_weights)
+        self.decode_weights = None  # engine.output_layer's transposed copy of the output layer
+
+    def train(self, mode: bool = True):
+        if mode:  # training changes the weights, not always visibly (a fused optimizer keeps their _version)
+            self.decode_weights = None
+        return super().train(mode)
 
     def _init_weights(self, module):
         # GPT-2: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream's
@@ -169,8 +149,9 @@ class GPT(nn.Module):
             n -= (cfg.vocab_size - len(self.output_ids) - 1) * cfg.n_embd
         return 6 * n + 12 * cfg.n_layer * cfg.n_embd * T
 
-    def hidden_states(self, idx, cache=None, rows=None, pos=None):
-        """Final-LayerNorm hidden states (B, T, C). With a cache, `pos` gives each token's position."""
+    def hidden_states(self, idx, cache=None, pos=None, prev=None):
+        """Final-LayerNorm hidden states (B, T, C). With a cache (engine.KVCache), `pos` (B, T) gives each token's
+        position and `prev` (B,) the token before each row's first (for smear)."""
         if pos is None:
             if idx.size(1) > self.config.block_size:
                 raise ValueError(f"sequence of {idx.size(1)} tokens is longer than the context ({self.config.block_size})")
@@ -178,11 +159,11 @@ class GPT(nn.Module):
         x = self.wte(idx)
         if self.smear is not None:
             # Each position also sees the previous token: within idx, or for a cached row's first new token
-            # the newest token already in the cache (none at position 0).
+            # prev, the token before it (none at position 0).
             if cache is None:
                 first = torch.zeros_like(x[:, :1])
             else:
-                first = self.wte(cache.last_token[rows])[:, None] * (pos[:, :1, None] > 0)
+                first = self.wte(prev)[:, None] * (pos[:, :1, None] > 0)
             x = x + self.smear * torch.cat([first, x[:, :-1]], dim=1)
         rope = None
         if self.wpe is not None:
@@ -191,7 +172,7 @@ class GPT(nn.Module):
             rope = self.rope_cos[pos], self.rope_sin[pos]
         x = self.drop(x)
         for i, block in enumerate(self.h):
-            x = block(x, rope, cache, i, rows, pos)
+            x = block(x, rope, cache, i)
         return self.ln_f(x)
 
     def restrict_output(self, ids) -> None:
@@ -236,61 +217,17 @@ class GPT(nn.Module):
         logits = self.lm_head(x).float()
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
 
-    @torch.no_grad()
-    def step_logits(self, cache: KVCache, rows, tokens_list):
-        """Feed each row its new tokens (a list of id lists, one per row) and return the logits of each row's
-        last new token, (len(rows), V). Rows are right-padded to the longest; padding is written past the
-        row's end in the cache and overwritten later, never attended to."""
-        n = max(len(t) for t in tokens_list)
-        device = cache.lengths.device
-        idx = torch.zeros(len(tokens_list), n, dtype=torch.long, device=device)
-        for r, toks in enumerate(tokens_list):
-            idx[r, : len(toks)] = torch.tensor(toks, dtype=torch.long)
-        new_len = torch.tensor([len(t) for t in tokens_list], device=device)
-        start = cache.lengths[rows]
-        if int(start.max()) + n > min(cache.max_len, self.config.block_size):
-            raise ValueError(f"{int(start.max()) + n} tokens do not fit the cache ({cache.max_len}) or context "
-                             f"({self.config.block_size})")
-        pos = start[:, None] + torch.arange(n, device=device)[None]
-        x = self.hidden_states(idx, cache, rows, pos)
-        cache.lengths[rows] = start + new_len
-        ends = torch.arange(len(tokens_list), device=device), new_len - 1
-        cache.last_token[rows] = idx[ends]
-        return self.lm_head(x[ends]).float()
-
-    @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, stop_tokens=(), seed: int | None = None) -> list[list[int]]:
-        """Continue each prompt (a list of ids; prompts may differ in length) with a KV cache.
+                 top_p: float = 1.0, stop_tokens=(), seed: int | None = None, max_batch: int = 64) -> list[list[int]]:
+        """Continue each prompt (a list of ids; prompts may differ in length) with engine.py's decode loop.
 
-        temperature 0 is greedy. Returns the new tokens of each prompt, ending at (and including) the
-        first stop token, or after max_new_tokens.
+        temperature 0 is greedy; prompt i samples with seed + i. Returns the new tokens of each prompt, ending at
+        (and including) the first stop token, or after max_new_tokens, or when the context is full.
         """
-        self.eval()
-        device = self.wte.weight.device
-        longest = max(len(p) for p in prompts)
-        max_len = min(self.config.block_size, longest + max_new_tokens)
-        if longest >= self.config.block_size:
-            raise ValueError(f"prompt of {longest} tokens leaves no room in the context ({self.config.block_size})")
-        cache = KVCache(self.config, len(prompts), max_len, device, self.wte.weight.dtype)
-        rows = torch.arange(len(prompts), device=device)
-        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        logits = self.step_logits(cache, rows, prompts)
-        out = [[] for _ in prompts]
-        active = list(range(len(prompts)))
-        for _ in range(max_new_tokens):
-            next_ids = sample(logits, temperature, top_k, top_p, generator).tolist()
-            still = []
-            for r, t in zip(active, next_ids):
-                out[r].append(t)
-                if t not in stop_tokens and int(cache.lengths[r]) + 1 < max_len:  # prompt + output fit the context
-                    still.append(r)
-            active = still
-            if not active:
-                break
-            act = torch.tensor(active, device=device)
-            logits = self.step_logits(cache, act, [[out[r][-1]] for r in active])
-        return out
+        from engine import SamplingParams, generate
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                seed=seed, stop_tokens=frozenset(stop_tokens))
+        return generate(self, prompts, params, max_batch)
 
 
 # ---- the loss, computed faster ---------------------------------------------------------------------------

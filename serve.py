@@ -16,7 +16,6 @@ at the next step. Generation never runs on the event loop, so /health answers wh
 """
 
 import asyncio
-import codecs
 import collections
 import hmac
 import ipaddress
@@ -28,12 +27,10 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-import torch
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -43,13 +40,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chat_format import ASSISTANT, ChatFormatError, render, validate
 from config import ServeConfig, cli
-from model import KVCache, pick_device, sample
-from tokenizer import EOT_ID, N_VOCAB, decode, decode_bytes, encode
+from engine import (STOP_IDS, ContextTooLong, DeadlineExceeded, Engine, EngineError, EngineStopped, Event, QueueFull,
+                    SamplingParams, Sequence, TextStream, fit_conversation)
+from model import pick_device
+from tokenizer import decode, encode
 
 log = logging.getLogger("parley.serve")
 WEB_PAGE = Path(__file__).resolve().parent / "web" / "chat.html"
-# Any special token (<|endoftext|>, <|system|>, <|user|>, <|assistant|>, <|end|>) ends a reply.
-STOP_IDS = frozenset(range(EOT_ID, N_VOCAB))
+__all__ = ["STOP_IDS", "TextStream", "fit_conversation", "create_app"]  # the first three live in engine.py
 
 
 # ---- errors: one shape for every 4xx/5xx ------------------------------------------------------
@@ -75,48 +73,6 @@ def context_error(prompt_tokens: int, max_tokens: int, block_size: int) -> ApiEr
                          f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the "
                          "completion). Shorten the prompt or lower max_tokens.",
                     param="messages", code="context_length_exceeded")
-
-
-# ---- text out: incremental UTF-8 decoding and stop strings ------------------------------------
-
-class TextStream:
-    """Token ids in, text out, for one generated sequence.
-
-    GPT-2's byte-level BPE splits many characters (emoji, CJK) over several tokens, so each token's bytes
-    (tokenizer.decode_bytes) go through an incremental UTF-8 decoder, which holds back an incomplete
-    multi-byte sequence until its last byte arrives. Text that could be the start of a stop string is held
-    back too, so a stop string is never sent, not even in part.
-    """
-
-    def __init__(self, stop: list[str]):
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.stop = stop
-        self.pending = ""
-        self.stopped = False  # a stop string was found: nothing more comes out
-
-    def push(self, token: int) -> str:
-        return self._feed(self.decoder.decode(decode_bytes([token])))
-
-    def finish(self) -> str:
-        """The rest of the text: an incomplete character at the very end becomes U+FFFD."""
-        out = self._feed(self.decoder.decode(b"", final=True))
-        if not self.stopped:
-            out, self.pending = out + self.pending, ""
-        return out
-
-    def _feed(self, text: str) -> str:
-        if self.stopped:
-            return ""
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            self.stopped = True
-            out, self.pending = self.pending[: min(hits)], ""
-            return out
-        hold = max((k for s in self.stop for k in range(min(len(s) - 1, len(self.pending)), 0, -1)
-                    if self.pending.endswith(s[:k])), default=0)
-        out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold:]
-        return out
 
 
 # ---- metrics ------------------------------------------------------------------------------------
@@ -157,6 +113,14 @@ class Metrics:
         with self.lock:
             for k, v in counts.items():
                 setattr(self, k, getattr(self, k) + v)
+
+    def observe(self, kind: str, value: float):
+        """What the engine reports (engine.Engine's `observe`)."""
+        if kind in ("ttft", "tpot"):
+            with self.lock:
+                getattr(self, kind).observe(value)
+        elif kind in ("prompt_tokens", "completion_tokens", "cancelled"):
+            self.add(**{kind: value})
 
     def render(self, queue_depth: int, active: int, max_batch: int) -> str:
         with self.lock:
@@ -207,165 +171,26 @@ class MetricsMiddleware:
         await self.app(scope, receive, send_counted)
 
 
-# ---- the engine: continuous batching on one thread -------------------------------------------
+# ---- a request on the event loop ----------------------------------------------------------------
 
-@dataclass
-class Params:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    stop: tuple = ()
-    seed: int | None = None
-
-
-class Sequence:
-    """One choice being generated. `emit` hands an event to the request's task (thread-safe)."""
-
-    def __init__(self, prompt: list[int], params: Params, index: int, emit, deadline: float, device):
-        self.prompt, self.params, self.index, self.emit, self.deadline = prompt, params, index, emit, deadline
-        # Each choice samples from its own generator, so a seeded request gives the same text whatever else
-        # shares the batch. Choice i of a request with seed s uses seed s + i.
-        self.generator = None
-        if params.seed is not None:
-            self.generator = torch.Generator(device=device).manual_seed((params.seed + index) % 2**64)
-        self.text = TextStream(list(params.stop))
-        self.row, self.last, self.n_tokens = None, None, 0
-        self.cancelled = False  # set from the event loop when the client goes away
-        self.arrived, self.first_token_at = time.monotonic(), None
-
-
-class Engine:
-    def __init__(self, model, max_batch: int, max_queue: int, metrics: Metrics):
-        self.model, self.max_queue, self.metrics = model, max_queue, metrics
-        self.device = model.wte.weight.device
-        self.cache = KVCache(model.config, max_batch, model.config.block_size, self.device, model.wte.weight.dtype)
-        self.free = list(range(max_batch - 1, -1, -1))
-        self.active: dict[int, Sequence] = {}  # row -> sequence; touched only by the engine thread
-        self.waiting: collections.deque[Sequence] = collections.deque()
-        self.cond = threading.Condition()
-        self.stopping = False
-        self.thread = threading.Thread(target=self._run, name="parley-engine", daemon=True)
-
-    def submit(self, seqs: list[Sequence]) -> None:
-        with self.cond:
-            if len(self.waiting) + len(seqs) > self.max_queue:
-                raise ApiError(429, f"the server is busy ({len(self.waiting)} requests waiting); retry shortly",
-                               "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
-            self.waiting.extend(seqs)
-            self.cond.notify()
-
-    def queue_depth(self) -> int:
-        return len(self.waiting)
-
-    def stop(self) -> None:
-        with self.cond:
-            self.stopping = True
-            self.cond.notify()
-        self.thread.join(timeout=10)
-
-    def _run(self):
-        self.model.eval()
-        while True:
-            with self.cond:
-                while not self.waiting and not self.active and not self.stopping:
-                    self.cond.wait()
-                if self.stopping:
-                    break
-                self._drop_gone()
-                new = [self.waiting.popleft() for _ in range(min(len(self.free), len(self.waiting)))]
-            try:
-                if new:
-                    self._prefill(new)
-                if self.active:
-                    self._decode()
-            except Exception:  # a bug or out-of-memory fails the requests involved, never the server
-                log.exception("engine step failed")
-                for seq in {*new, *self.active.values()}:
-                    seq.emit(("error", seq.index, 500, "internal error during generation", "server_error"))
-                    self._release(seq)
-        for seq in list(self.waiting) + list(self.active.values()):
-            seq.emit(("error", seq.index, 503, "the server is shutting down", "server_error"))
-
-    def _drop_gone(self):
-        """Free rows and queue places of clients that went away or ran past their deadline (lock held)."""
-        now = time.monotonic()
-        for seq in list(self.active.values()) + list(self.waiting):
-            if seq.cancelled or now > seq.deadline:
-                if not seq.cancelled:
-                    message = "the request ran past its deadline (request_timeout)"
-                    seq.emit(("error", seq.index, 504, message, "timeout"))
-                self.metrics.add(cancelled=1)
-                if seq.row is None:
-                    self.waiting.remove(seq)
-                else:
-                    self._release(seq)
-
-    def _release(self, seq: Sequence):
-        if seq.row is not None:
-            self.active.pop(seq.row, None)
-            self.free.append(seq.row)
-            seq.row = None
-
-    def _prefill(self, seqs: list[Sequence]):
-        for seq in seqs:
-            seq.row = self.free.pop()
-        rows = torch.tensor([s.row for s in seqs], device=self.device)
-        self.cache.lengths[rows] = 0
-        logits = self.model.step_logits(self.cache, rows, [s.prompt for s in seqs])
-        self.metrics.add(prompt_tokens=sum(len(s.prompt) for s in seqs))
-        for seq in seqs:
-            self.active[seq.row] = seq
-        self._advance(seqs, logits)
-
-    def _decode(self):
-        seqs = list(self.active.values())
-        rows = torch.tensor([s.row for s in seqs], device=self.device)
-        self._advance(seqs, self.model.step_logits(self.cache, rows, [[s.last] for s in seqs]))
-
-    def _sample(self, seqs: list[Sequence], logits) -> list[int]:
-        tokens = [0] * len(seqs)
-        greedy = [i for i, s in enumerate(seqs) if s.params.temperature == 0]
-        if greedy:
-            for i, t in zip(greedy, sample(logits[greedy], 0).tolist()):
-                tokens[i] = t
-        for i, s in enumerate(seqs):
-            if s.params.temperature > 0:
-                p = s.params
-                tokens[i] = int(sample(logits[i: i + 1], p.temperature, p.top_k, p.top_p, s.generator))
-        return tokens
-
-    def _advance(self, seqs: list[Sequence], logits):
-        now = time.monotonic()
-        for seq, tok in zip(seqs, self._sample(seqs, logits)):
-            seq.n_tokens += 1
-            seq.last = tok
-            if seq.first_token_at is None:
-                seq.first_token_at = now
-                with self.metrics.lock:
-                    self.metrics.ttft.observe(now - seq.arrived)
-            if tok in STOP_IDS:
-                reason, text = "stop", seq.text.finish()
-            else:
-                text = seq.text.push(tok)
-                reason = "stop" if seq.text.stopped else "length" if seq.n_tokens >= seq.params.max_tokens else None
-                if reason == "length":
-                    text += seq.text.finish()
-            if text:
-                seq.emit(("text", seq.index, text))
-            if reason:
-                seq.emit(("done", seq.index, reason, seq.n_tokens))
-                if seq.n_tokens > 1:
-                    with self.metrics.lock:
-                        self.metrics.tpot.observe((now - seq.first_token_at) / (seq.n_tokens - 1))
-                self._release(seq)
-        self.metrics.add(completion_tokens=len(seqs))
+def api_error(e: EngineError) -> ApiError:
+    """The HTTP form of an engine's error."""
+    if isinstance(e, QueueFull):
+        return ApiError(429, f"the server is busy ({e}); retry shortly", "rate_limit_error", code="queue_full",
+                        headers={"Retry-After": "1"})
+    if isinstance(e, ContextTooLong):
+        return ApiError(400, str(e), param="messages", code="context_length_exceeded")
+    if isinstance(e, DeadlineExceeded):
+        return ApiError(504, "the request ran past its deadline (request_timeout)", "server_error", code="timeout")
+    if isinstance(e, EngineStopped):
+        return ApiError(503, "the server is shutting down", "server_error", code="server_error")
+    return ApiError(500, "internal error during generation", "server_error", code="server_error")
 
 
 class Job:
-    """A request's choices on the event-loop side: submits them and receives their events."""
+    """A request's choices on the event-loop side: submits them to the engine and receives their Events."""
 
-    def __init__(self, engine: Engine, prompt: list[int], params: Params, n: int, timeout: float):
+    def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams, n: int, timeout: float):
         loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
 
@@ -378,39 +203,44 @@ class Job:
         deadline = time.monotonic() + timeout
         self.engine = engine
         self.prompt_tokens = len(prompt)
-        self.seqs = [Sequence(prompt, params, i, emit, deadline, engine.device) for i in range(n)]
+        self.seqs = [Sequence(prompt, params, emit, i, deadline) for i in range(n)]
         self.open = n  # choices not finished yet
-        engine.submit(self.seqs)
+        try:
+            engine.submit(self.seqs)
+        except EngineError as e:
+            raise api_error(e) from None
 
-    async def next(self):
-        """The next event: ("text", i, str) or ("done", i, finish_reason, tokens); raises ApiError on error."""
+    async def next(self) -> Event:
+        """The next Event ("prompt", "text" or "done"); raises ApiError on an error."""
         event = await self.events.get()
-        if event[0] == "error":
+        if event.kind == "error":
             self.cancel()
-            _, _, status, message, code = event
-            raise ApiError(status, message, "server_error", code=code)
-        if event[0] == "done":
+            raise api_error(event.error)
+        if event.kind == "done":
             self.open -= 1
         return event
 
     def cancel(self):
         if self.open:
-            for seq in self.seqs:
-                seq.cancelled = True
-            with self.engine.cond:
-                self.engine.cond.notify()
+            self.engine.cancel(self.seqs)
 
-    async def collect(self, request: Request | None):
-        """Wait for the whole result; a client that disconnects meanwhile cancels it."""
-        texts, reasons, tokens = [""] * len(self.seqs), [None] * len(self.seqs), [0] * len(self.seqs)
+    async def collect(self, request: Request | None) -> list[dict]:
+        """Wait for the whole result: per choice {"text", "reason", "tokens", "logprobs", "prompt_logprobs"}; a
+        client that disconnects meanwhile cancels it."""
+        choices = [{"text": "", "reason": None, "tokens": 0, "logprobs": [], "prompt_logprobs": None}
+                   for _ in self.seqs]
 
         async def gather():
             while self.open:
                 event = await self.next()
-                if event[0] == "text":
-                    texts[event[1]] += event[2]
-                else:
-                    reasons[event[1]], tokens[event[1]] = event[2], event[3]
+                choice = choices[event.index]
+                if event.kind == "prompt":
+                    choice["prompt_logprobs"] = event.logprobs
+                    continue
+                choice["text"] += event.text
+                choice["logprobs"] += event.logprobs
+                if event.kind == "done":
+                    choice["reason"], choice["tokens"] = event.reason, event.tokens
 
         async def disconnected():
             while not await request.is_disconnected():
@@ -423,7 +253,7 @@ class Job:
             if not work.done():
                 raise ApiError(499, "client disconnected", code="client_disconnected")
             work.result()
-            return texts, reasons, tokens
+            return choices
         finally:
             self.cancel()
             work.cancel()
@@ -535,19 +365,6 @@ def text_of(m: Message) -> str:
 
 # ---- /chat sessions -----------------------------------------------------------------------------
 
-def fit_conversation(messages: list[dict], reserve: int, block_size: int):
-    """(prompt ids, messages kept, number dropped): the oldest turns after the system message are dropped
-    until the rendered prompt plus `reserve` tokens for the reply fits the context."""
-    system = messages[:1] if messages and messages[0]["role"] == "system" else []
-    turns = messages[len(system):]
-    dropped = 0
-    while True:
-        ids, _ = render(system + turns, add_generation_prompt=True)
-        if len(ids) + reserve <= block_size or len(turns) <= 1:
-            return ids, system + turns, dropped
-        turns, dropped = turns[2:], dropped + 2  # a user turn and its reply go together
-
-
 class Sessions:
     """Conversations of /chat: at most max_sessions, each forgotten `ttl` seconds after its last use."""
 
@@ -607,84 +424,56 @@ class HostGuard:
 
 # ---- the app ------------------------------------------------------------------------------------
 
-def create_app(cfg: ServeConfig, model=None) -> FastAPI:
-    """The FastAPI app; `model` (a GPT) is loaded from cfg.checkpoint when not given."""
-    if model is None:
-        from checkpoint import load_checkpoint
-        model, _, _ = load_checkpoint(cfg.checkpoint, device=pick_device(cfg.device))
-    model.eval()
-    block = model.config.block_size
-    model_id = Path(cfg.checkpoint).name or "parley"
-    created_at = int(time.time())
-    metrics = Metrics()
-    engine = Engine(model, cfg.max_batch, cfg.max_queue, metrics)
-    sessions = Sessions(cfg.max_sessions, cfg.session_ttl)
-    state = {"ready": False}
+class Server:
+    """What the routes share: the config, the engine, the /chat sessions and the metrics. Each route is a method."""
 
-    async def warm_up():
+    def __init__(self, cfg: ServeConfig, model):
+        model.eval()
+        self.cfg, self.model = cfg, model
+        self.block = model.config.block_size
+        self.model_id = Path(cfg.checkpoint).name or "parley"
+        self.created_at = int(time.time())
+        self.metrics = Metrics()
+        self.engine = Engine(model, cfg.max_batch, cfg.max_queue, observe=self.metrics.observe)
+        self.sessions = Sessions(cfg.max_sessions, cfg.session_ttl)
+        self.ready = False
+
+    async def warm_up(self):
         try:
-            job = Job(engine, [ASSISTANT], Params(max_tokens=2, temperature=0), 1, cfg.request_timeout)
+            job = Job(self.engine, [ASSISTANT], SamplingParams(max_tokens=2, temperature=0), 1,
+                      self.cfg.request_timeout)
             await job.collect(None)
-            state["ready"] = True
-            log.info("ready: %s (%s parameters, context %d, batch %d) on %s", model_id, f"{model.num_params():,}",
-                     block, cfg.max_batch, engine.device)
+            self.ready = True
+            log.info("ready: %s (%s parameters, context %d, batch %d) on %s", self.model_id,
+                     f"{self.model.num_params():,}", self.block, self.cfg.max_batch, self.engine.device)
         except Exception:
             log.exception("warm-up failed; /ready stays 503")
 
-    @asynccontextmanager
-    async def lifespan(app):
-        engine.thread.start()
-        warm = asyncio.ensure_future(warm_up())
-        yield
-        warm.cancel()
-        engine.stop()
-
-    app = FastAPI(title="parley", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-
-    async def check_key(request: Request):
-        if not cfg.api_key:
+    async def check_key(self, request: Request):
+        if not self.cfg.api_key:
             return
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), cfg.api_key.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.cfg.api_key.encode()):
             raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
                            "authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
-    api = APIRouter(dependencies=[Depends(check_key)])
-
-    # -- errors: the one shape, and never a stack trace
-    @app.exception_handler(ApiError)
-    async def on_api_error(request, exc: ApiError):
-        return exc.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def on_validation_error(request, exc: RequestValidationError):
-        return validation_error(exc.errors() or [{"msg": "invalid request"}]).response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(request, exc: StarletteHTTPException):
-        kind = "not_found" if exc.status_code == 404 else "method_not_allowed" if exc.status_code == 405 else None
-        return error_response(exc.status_code, str(exc.detail), code=kind, headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def on_crash(request, exc: Exception):
-        log.error("unhandled error on %s", request.url.path, exc_info=exc)
-        return error_response(500, "internal server error", "server_error", code="internal_error")
-
-    # -- shared request handling
-    def sampling(body: Sampling | ChatRequest, prompt_tokens: int, max_tokens: int | None, stop=()) -> Params:
+    # -- requests to the engine
+    def sampling(self, body: Sampling | ChatRequest, prompt_tokens: int, max_tokens: int | None,
+                 stop=()) -> SamplingParams:
+        block, cap = self.block, self.cfg.max_tokens_cap
         if max_tokens is None:
             if prompt_tokens >= block:
                 raise context_error(prompt_tokens, 1, block)
-            max_tokens = min(block - prompt_tokens, cfg.max_tokens_cap)
+            max_tokens = min(block - prompt_tokens, cap)
         elif prompt_tokens + max_tokens > block:
             raise context_error(prompt_tokens, max_tokens, block)
-        elif max_tokens > cfg.max_tokens_cap:
-            raise ApiError(400, f"max_tokens {max_tokens} is over this server's cap of {cfg.max_tokens_cap}",
-                           param="max_tokens", code="invalid_value")
+        elif max_tokens > cap:
+            raise ApiError(400, f"max_tokens {max_tokens} is over this server's cap of {cap}", param="max_tokens",
+                           code="invalid_value")
         temperature = 1.0 if body.temperature is None else body.temperature
-        return Params(max_tokens, temperature, body.top_p or 1.0, body.top_k or 0, tuple(stop), body.seed)
+        return SamplingParams(max_tokens, temperature, body.top_p or 1.0, body.top_k or 0, body.seed, tuple(stop))
 
-    def check_sampling(body: Sampling) -> tuple[int, list[str]]:
+    def check_sampling(self, body: Sampling) -> tuple[int, list[str]]:
         unsupported = [name for name, value in (("logprobs", body.logprobs), ("tools", body.tools),
                                                 ("frequency_penalty", body.frequency_penalty),
                                                 ("presence_penalty", body.presence_penalty)) if value]
@@ -692,8 +481,9 @@ def create_app(cfg: ServeConfig, model=None) -> FastAPI:
             raise ApiError(400, f"{unsupported[0]} is not supported by this server", param=unsupported[0],
                            code="unsupported_parameter")
         n = body.n or 1
-        if n > cfg.max_n:
-            raise ApiError(400, f"n={n} is over this server's limit of {cfg.max_n}", param="n", code="invalid_value")
+        if n > self.cfg.max_n:
+            raise ApiError(400, f"n={n} is over this server's limit of {self.cfg.max_n}", param="n",
+                           code="invalid_value")
         stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
         if len(stop) > 4 or any(not s for s in stop):
             raise ApiError(400, "stop must be a non-empty string or a list of up to 4 non-empty strings",
@@ -704,33 +494,29 @@ def create_app(cfg: ServeConfig, model=None) -> FastAPI:
                            code="invalid_value")
         return n, stop
 
-    async def generate(request: Request, body: Sampling, prompt: list[int], chat: bool):
-        n, stop = check_sampling(body)
-        params = sampling(body, len(prompt), body.max_completion_tokens or body.max_tokens, stop)
-        if cfg.log_prompts:
+    async def generate(self, request: Request, body: Sampling, prompt: list[int], chat: bool):
+        n, stop = self.check_sampling(body)
+        params = self.sampling(body, len(prompt), body.max_completion_tokens or body.max_tokens, stop)
+        if self.cfg.log_prompts:
             log.info("prompt (%d tokens): %r", len(prompt), decode(prompt))
-        job = Job(engine, prompt, params, n, cfg.request_timeout)
+        job = Job(self.engine, prompt, params, n, self.cfg.request_timeout)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": model_id}
+                "model": self.model_id}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(stream(job, head, chat, include_usage), media_type="text/event-stream",
+            return StreamingResponse(self.stream(job, head, chat, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        texts, reasons, tokens = await job.collect(request)
+        results = await job.collect(request)
         if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                        "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
+            choices = [{"index": i, "message": {"role": "assistant", "content": c["text"]}, "logprobs": None,
+                        "finish_reason": c["reason"]} for i, c in enumerate(results)]
         else:
-            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
-                       for i, (t, r) in enumerate(zip(texts, reasons))]
-        return {**head, "choices": choices, "usage": usage(len(prompt), sum(tokens))}
+            choices = [{"index": i, "text": c["text"], "logprobs": None, "finish_reason": c["reason"]}
+                       for i, c in enumerate(results)]
+        return {**head, "choices": choices, "usage": usage(len(prompt), sum(c["tokens"] for c in results))}
 
-    def usage(prompt_tokens, completion_tokens):
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
-
-    async def stream(job: Job, head: dict, chat: bool, include_usage: bool):
+    async def stream(self, job: Job, head: dict, chat: bool, include_usage: bool):
         """Server-sent events; when the client goes away Starlette cancels this generator, which cancels the job."""
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
         extra = {"usage": None} if include_usage else {}
@@ -758,11 +544,11 @@ def create_app(cfg: ServeConfig, model=None) -> FastAPI:
                     error = {"message": e.message, "type": e.type, "param": None, "code": e.code}
                     yield f"data: {json.dumps({'error': error})}\n\n"
                     break
-                if event[0] == "text":
-                    yield chunk(event[1], content=event[2])
-                else:
-                    completion_tokens += event[3]
-                    yield chunk(event[1], finish=event[2])
+                if event.kind == "text":
+                    yield chunk(event.index, content=event.text)
+                elif event.kind == "done":
+                    completion_tokens += event.tokens
+                    yield chunk(event.index, finish=event.reason)
             if include_usage and not job.open:
                 final = {**head, "choices": [], "usage": usage(job.prompt_tokens, completion_tokens)}
                 yield f"data: {json.dumps(final)}\n\n"
@@ -771,33 +557,27 @@ def create_app(cfg: ServeConfig, model=None) -> FastAPI:
             job.cancel()
 
     # -- routes
-    @app.get("/health")
-    async def health():
+    async def health(self):
         return {"status": "ok"}
 
-    @app.get("/", response_class=HTMLResponse)
-    async def page():
+    async def page(self):
         return HTMLResponse(WEB_PAGE.read_text(encoding="utf-8"))
 
-    @api.get("/ready")
-    async def ready():
-        if not state["ready"]:
+    async def ready_route(self):
+        if not self.ready:
             raise ApiError(503, "warming up", "server_error", code="not_ready", headers={"Retry-After": "1"})
-        return {"status": "ready", "model": model_id}
+        return {"status": "ready", "model": self.model_id}
 
-    @api.get("/metrics", response_class=PlainTextResponse)
-    async def metrics_text():
-        return PlainTextResponse(metrics.render(engine.queue_depth(), len(engine.active), cfg.max_batch),
-                                 media_type="text/plain; version=0.0.4")
+    async def metrics_text(self):
+        text = self.metrics.render(self.engine.queue_depth(), len(self.engine.active), self.cfg.max_batch)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
-    @api.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created_at,
-                                            "owned_by": "parley", "context_length": block}]}
+    async def models(self):
+        return {"object": "list", "data": [{"id": self.model_id, "object": "model", "created": self.created_at,
+                                            "owned_by": "parley", "context_length": self.block}]}
 
-    @api.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = await read_json(request, ChatCompletionRequest, cfg.max_body_bytes)
+    async def chat_completions(self, request: Request):
+        body = await read_json(request, ChatCompletionRequest, self.cfg.max_body_bytes)
         messages = [{"role": m.role, "content": text_of(m)} for m in body.messages]
         try:
             validate(messages, "messages")
@@ -807,22 +587,20 @@ def create_app(cfg: ServeConfig, model=None) -> FastAPI:
             raise ApiError(400, "messages: the last message must be from the user", param="messages",
                            code="invalid_value")
         prompt, _ = render(messages, add_generation_prompt=True)
-        return await generate(request, body, prompt, chat=True)
+        return await self.generate(request, body, prompt, chat=True)
 
-    @api.post("/v1/completions")
-    async def completions(request: Request):
-        body = await read_json(request, CompletionRequest, cfg.max_body_bytes)
+    async def completions(self, request: Request):
+        body = await read_json(request, CompletionRequest, self.cfg.max_body_bytes)
         if isinstance(body.prompt, list) and len(body.prompt) != 1:
             raise ApiError(400, "prompt: send one string (a list of exactly one string is accepted too)",
                            param="prompt", code="invalid_value")
         text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
         if not text:
             raise ApiError(400, "prompt: must not be empty", param="prompt", code="invalid_value")
-        return await generate(request, body, encode(text), chat=False)
+        return await self.generate(request, body, encode(text), chat=False)
 
-    @api.post("/tokenize")
-    async def tokenize(request: Request):
-        body = await read_json(request, TokenizeRequest, cfg.max_body_bytes)
+    async def tokenize(self, request: Request):
+        body = await read_json(request, TokenizeRequest, self.cfg.max_body_bytes)
         if (body.text is None) == (body.messages is None):
             raise ApiError(400, "send either 'text' or 'messages'", param="text", code="invalid_value")
         if body.text is not None:
@@ -833,31 +611,84 @@ def create_app(cfg: ServeConfig, model=None) -> FastAPI:
                                 add_generation_prompt=True)
             except ChatFormatError as e:
                 raise ApiError(400, str(e), param="messages", code="invalid_value") from None
-        return {"tokens": ids, "count": len(ids), "max_context": block}
+        return {"tokens": ids, "count": len(ids), "max_context": self.block}
 
-    @api.post("/chat")
-    async def chat(request: Request):
-        body = await read_json(request, ChatRequest, cfg.max_body_bytes)
+    async def chat(self, request: Request):
+        body = await read_json(request, ChatRequest, self.cfg.max_body_bytes)
         if not body.message:
             raise ApiError(400, "message: must not be empty", param="message", code="invalid_value")
-        session_id, session, created = sessions.get(body.session_id)
+        session_id, session, created = self.sessions.get(body.session_id)
         async with session["lock"]:  # one turn at a time per conversation
             history = session["messages"]
             if body.system is not None:
                 history = ([{"role": "system", "content": body.system}] if body.system else []) + \
                           [m for m in history if m["role"] != "system"]
             conversation = history + [{"role": "user", "content": body.message}]
-            reserve = body.max_tokens or min(cfg.max_tokens_cap, block // 4)
-            prompt, kept, dropped = fit_conversation(conversation, reserve, block)
-            params = sampling(body, len(prompt), body.max_tokens)
-            job = Job(engine, prompt, params, 1, cfg.request_timeout)
-            (reply,), (reason,), (tokens,) = await job.collect(request)
-            session["messages"] = kept + [{"role": "assistant", "content": reply}]
+            reserve = body.max_tokens or min(self.cfg.max_tokens_cap, self.block // 4)
+            prompt, kept, dropped = fit_conversation(conversation, reserve, self.block)
+            params = self.sampling(body, len(prompt), body.max_tokens)
+            job = Job(self.engine, prompt, params, 1, self.cfg.request_timeout)
+            (result,) = await job.collect(request)
+            session["messages"] = kept + [{"role": "assistant", "content": result["text"]}]
         first = 1 if conversation[0]["role"] == "system" else 0
-        return {"session_id": session_id, "new_session": created, "reply": reply, "finish_reason": reason,
-                "dropped_messages": dropped, "dropped": conversation[first: first + dropped],
-                "usage": usage(len(prompt), tokens)}
+        return {"session_id": session_id, "new_session": created, "reply": result["text"],
+                "finish_reason": result["reason"], "dropped_messages": dropped,
+                "dropped": conversation[first: first + dropped], "usage": usage(len(prompt), result["tokens"])}
 
+
+def usage(prompt_tokens, completion_tokens):
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error in the one shape, and never a stack trace."""
+    @app.exception_handler(ApiError)
+    async def on_api_error(request, exc: ApiError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request, exc: RequestValidationError):
+        return validation_error(exc.errors() or [{"msg": "invalid request"}]).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request, exc: StarletteHTTPException):
+        kind = "not_found" if exc.status_code == 404 else "method_not_allowed" if exc.status_code == 405 else None
+        return error_response(exc.status_code, str(exc.detail), code=kind, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def on_crash(request, exc: Exception):
+        log.error("unhandled error on %s", request.url.path, exc_info=exc)
+        return error_response(500, "internal server error", "server_error", code="internal_error")
+
+
+def create_app(cfg: ServeConfig, model=None) -> FastAPI:
+    """The FastAPI app; `model` (a GPT) is loaded from cfg.checkpoint when not given."""
+    if model is None:
+        from checkpoint import load_checkpoint
+        model, _, _ = load_checkpoint(cfg.checkpoint, device=pick_device(cfg.device))
+    server = Server(cfg, model)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        server.engine.start()
+        warm = asyncio.ensure_future(server.warm_up())
+        yield
+        warm.cancel()
+        server.engine.stop()
+
+    app = FastAPI(title="parley", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    add_error_handlers(app)
+    app.get("/health")(server.health)
+    app.get("/", response_class=HTMLResponse)(server.page)
+    api = APIRouter(dependencies=[Depends(server.check_key)])
+    api.get("/ready")(server.ready_route)
+    api.get("/metrics", response_class=PlainTextResponse)(server.metrics_text)
+    api.get("/v1/models")(server.models)
+    api.post("/v1/chat/completions")(server.chat_completions)
+    api.post("/v1/completions")(server.completions)
+    api.post("/tokenize")(server.tokenize)
+    api.post("/chat")(server.chat)
     app.include_router(api)
     if cfg.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["GET", "POST"],
@@ -865,8 +696,8 @@ def create_app(cfg: ServeConfig, model=None) -> FastAPI:
     if is_loopback(cfg.host):
         app.add_middleware(HostGuard, allowed={h.lower() for h in cfg.allowed_hosts})
     routes = {getattr(r, "path", None) for r in [*app.routes, *api.routes]}
-    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=routes)
-    app.state.engine, app.state.sessions = engine, sessions
+    app.add_middleware(MetricsMiddleware, metrics=server.metrics, routes=routes)
+    app.state.engine, app.state.sessions, app.state.server = server.engine, server.sessions, server
     return app
 
 

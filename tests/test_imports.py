@@ -31,9 +31,6 @@ def test_the_scripts_exist():
     assert SCRIPTS - {"gpu_reference"} <= set(MODULES)
 
 
-@pytest.mark.parametrize("module", [
-    pytest.param(m, marks=pytest.mark.xfail(strict=True, reason="chat.py imports serve.py until the decode engine "
-                                            "moves to engine.py (the serve engineer's split): then delete this mark"))
-    if m == "chat" else m for m in MODULES])
+@pytest.mark.parametrize("module", MODULES)
 def test_no_module_imports_a_script(module):
     assert not local_imports(module) & SCRIPTS, f"{module}.py imports the script(s) {local_imports(module) & SCRIPTS}"

@@ -24,7 +24,8 @@ from chat_format import render  # noqa: E402
 from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from config import ModelConfig, ServeConfig  # noqa: E402
 from model import GPT  # noqa: E402
-from serve import STOP_IDS, TextStream, create_app, fit_conversation  # noqa: E402
+from engine import STOP_IDS, TextStream, fit_conversation  # noqa: E402
+from serve import create_app  # noqa: E402
 from tokenizer import EOT_ID, N_VOCAB, decode, encode  # noqa: E402
 
 KEY = "test-key-123"
@@ -126,21 +127,27 @@ def client(server):
 # ---- a scripted model in an in-process uvicorn -------------------------------------------------
 
 class ScriptedModel(GPT):
-    """Emits `script` over and over (a row restarts it at each prefill), sleeping `delay` s per step."""
+    """Emits `script` over and over (a row restarts it at each prefill), sleeping `delay` s per forward. Its hidden
+    state is a one-hot vector that the output layer (rows of 100 at the script's ids) maps to the next token."""
 
     def __init__(self, script: list[int], delay: float = 0.0):
-        with torch.random.fork_rng():  # its weights are never used: leave the global RNG alone
-            super().__init__(ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=128))
-        self.script, self.delay, self.pos = script, delay, {}
+        self.ids = sorted(set(script))
+        with torch.random.fork_rng():  # its other weights are never used: leave the global RNG alone
+            super().__init__(ModelConfig(n_layer=1, n_head=1, n_embd=len(self.ids), block_size=128))
+        with torch.no_grad():
+            self.wte.weight.zero_()
+            for j, token in enumerate(self.ids):
+                self.wte.weight[token, j] = 100.0
+        self.script, self.delay, self.steps = script, delay, {}
 
-    def step_logits(self, cache, rows, tokens_list):
+    def hidden_states(self, idx, cache=None, pos=None, prev=None):
         time.sleep(self.delay)
-        logits = torch.zeros(len(tokens_list), self.config.vocab_size)
-        for i, (row, toks) in enumerate(zip(rows.tolist(), tokens_list)):
-            self.pos[row] = 0 if int(cache.lengths[row]) == 0 else self.pos[row] + 1
-            cache.lengths[row] += len(toks)
-            logits[i, self.script[self.pos[row] % len(self.script)]] = 100.0
-        return logits
+        prefill = not isinstance(cache.index, slice)  # the engine prefills given rows, decodes the first n
+        x = torch.zeros(idx.size(0), idx.size(1), self.config.n_embd)
+        for i, row in enumerate(cache.index.tolist() if prefill else range(idx.size(0))):
+            self.steps[row] = 0 if prefill else self.steps.get(row, 0) + 1
+            x[i, :, self.ids.index(self.script[self.steps[row] % len(self.script)])] = 1.0
+        return x
 
 
 UTF8_TEXT = "Hi 😀 你好 🎉!"

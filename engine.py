@@ -1,0 +1,603 @@
+"""The decode engine: one loop that turns prompts into tokens, for the server, the terminal chat, evaluation and
+GPT.generate. A library: no web framework here.
+
+  params = SamplingParams(max_tokens=64, temperature=0)
+  generate(model, [prompt_ids], params)                        # -> [[new ids]], batched, continuous
+  for text in stream(Engine(model, max_batch=1), prompt, params): print(text, end="")
+  engine = Engine(model, max_batch=16, max_queue=64, reuse_tokens=16384); engine.start()  # a server's thread
+
+Decoding runs in named phases, as in gpt-fast: `prefill` (a chunk of new tokens per row, right-padded, into the
+cache), `decode_one_step` (one token for every active row, each at its own position), `sample` (each row with
+its own parameters and generator) and the scheduler, `Engine.step`, which between decode steps admits waiting
+sequences into free rows of the cache (continuous batching) and drops the ones whose client went away.
+
+The KV cache is allocated once, (layers, rows, heads, context, head size), and a row keeps its place for the
+whole sequence: a decode step writes one key and value per row at the row's position and attends to a view of
+the cache (the first rows, up to the longest position), with no gathers and no host syncs inside the model.
+Rows are handed out lowest first, so a lone sequence decodes as a batch of one. On the CPU the output layer
+multiplies by a transposed copy of the embedding matrix, which a single row reads far faster than the
+(vocabulary, width) layout (BENCHMARKS.md, "Serving"); on CUDA decoding runs in bf16 with the cache in bf16.
+
+Conversation reuse (`reuse_tokens`): when a sequence ends, the keys and values of its tokens go to a bounded
+store (least recently used dropped first); a new prompt that starts with stored tokens (the next turn of a
+conversation) copies them back and prefills only the rest. The engine raises its own errors (EngineError and
+subclasses), which serve.py maps to HTTP statuses.
+"""
+
+import codecs
+import collections
+import heapq
+import logging
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from chat_format import render
+from model import sample as sample_logits
+from tokenizer import EOT_ID, N_VOCAB, decode_bytes
+
+log = logging.getLogger("parley.engine")
+# Any special token (<|endoftext|>, <|system|>, <|user|>, <|assistant|>, <|end|>) ends a reply.
+STOP_IDS = frozenset(range(EOT_ID, N_VOCAB))
+MAX_LOGPROBS = 20
+
+
+# ---- errors --------------------------------------------------------------------------------------------------
+
+class EngineError(Exception):
+    """A sequence the engine could not finish; the subclass says why."""
+
+
+class QueueFull(EngineError):
+    pass
+
+
+class ContextTooLong(EngineError, ValueError):
+    pass
+
+
+class DeadlineExceeded(EngineError):
+    pass
+
+
+class EngineStopped(EngineError):
+    pass
+
+
+class GenerationFailed(EngineError):
+    pass
+
+
+# ---- what to generate ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one sequence is sampled and when it ends. temperature 0 is greedy; seed None draws from the global RNG.
+    logprobs: None, or k (0-20): each generated token's log-probability and the k most likely alternatives';
+    prompt_logprobs: the prompt tokens' too (the whole prompt is prefilled, no reuse)."""
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one, which is never returned
+    stop_tokens: frozenset[int] = STOP_IDS  # ids that end the sequence (kept in `tokens`, not in the text)
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, not {self.max_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"bad sampling parameters: temperature {self.temperature} (>= 0), top_p {self.top_p} "
+                             f"(0 < top_p <= 1), top_k {self.top_k} (>= 0)")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS}, not {self.logprobs}")
+
+
+@dataclass
+class Logprob:
+    """A token's log-probability under the model (log_softmax of its logits) and the `top` most likely ids'."""
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Event:
+    """What a sequence reports to its owner, in order: "prompt" (prompt_logprobs: `logprobs` of the prompt tokens,
+    None for the first), "text" (new `text` and the `logprobs` of the tokens it completes), then "done" (`reason`
+    "stop" or "length", `tokens` generated, the last `logprobs`) or "error" (`error`, an EngineError)."""
+    kind: str
+    index: int
+    text: str = ""
+    logprobs: list = field(default_factory=list)
+    reason: str | None = None
+    tokens: int = 0
+    error: EngineError | None = None
+
+
+class TextStream:
+    """Token ids in, text out, for one generated sequence.
+
+    GPT-2's byte-level BPE splits many characters (emoji, CJK) over several tokens, so each token's bytes
+    (tokenizer.decode_bytes) go through an incremental UTF-8 decoder, which holds back an incomplete
+    multi-byte sequence until its last byte arrives. Text that could be the start of a stop string is held
+    back too, so a stop string is never sent, not even in part.
+    """
+
+    def __init__(self, stop: list[str]):
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stop = stop
+        self.pending = ""
+        self.stopped = False  # a stop string was found: nothing more comes out
+
+    def push(self, token: int) -> str:
+        return self._feed(self.decoder.decode(decode_bytes([token])))
+
+    def finish(self) -> str:
+        """The rest of the text: an incomplete character at the very end becomes U+FFFD."""
+        out = self._feed(self.decoder.decode(b"", final=True))
+        if not self.stopped:
+            out, self.pending = out + self.pending, ""
+        return out
+
+    def _feed(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self.pending = self.pending[: min(hits)], ""
+            return out
+        hold = max((k for s in self.stop for k in range(min(len(s) - 1, len(self.pending)), 0, -1)
+                    if self.pending.endswith(s[:k])), default=0)
+        out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold:]
+        return out
+
+
+class Sequence:
+    """One sequence being generated. `emit(event)` hands its Events to the owner (from the engine's thread)."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams, emit=None, index: int = 0,
+                 deadline: float = float("inf")):
+        self.prompt, self.params, self.index, self.deadline = list(prompt), params, index, deadline
+        self.emit = emit or (lambda event: None)
+        # Each sequence samples from its own generator, so a seeded request gives the same text whatever else
+        # shares the batch. Choice i of a request with seed s uses seed s + i.
+        self.generator = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed((params.seed + index) % 2**64)
+        self.text = TextStream(list(params.stop))
+        self.tokens: list[int] = []  # generated ids
+        self.pending_logprobs: list[Logprob] = []  # of tokens whose text is held back
+        self.row = None
+        self.budget = params.max_tokens  # tokens it may generate (set to what fits by Engine.submit)
+        self.finish_reason = None
+        self.cancelled = False  # set from another thread when the owner goes away
+        self.arrived, self.first_token_at = time.monotonic(), None
+
+
+# ---- the phases ----------------------------------------------------------------------------------------------
+
+class KVCache:
+    """Keys and values of every layer for `rows` sequences of up to `max_len` tokens, allocated once:
+    (n_layer, rows, n_head, max_len, head size). Before each forward the engine says which rows it runs
+    (`index`: a slice of the first rows when decoding, a tensor of rows when prefilling), the positions of their
+    new tokens (`pos`, (n, T)), how many cached positions to attend to (`kv_len`) and the mask (n, 1, T, kv_len)
+    that keeps each query to its own row's positions up to its own (None: all of kv_len)."""
+
+    def __init__(self, cfg, rows: int, max_len: int, device, dtype):
+        shape = (cfg.n_layer, rows, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.rows, self.max_len = rows, max_len
+        self.index, self.write_rows, self.pos, self.kv_len, self.mask = slice(0, 0), None, None, 0, None
+
+    def attend(self, layer: int, q, k, v):
+        """Write the new tokens' keys and values k, v (n, T, nh, hs) at their positions, then attend with q
+        (n, nh, T, hs) to the cached ones: (n, nh, T, hs)."""
+        self.k[layer][self.write_rows, :, self.pos] = k.to(self.k.dtype)
+        self.v[layer][self.write_rows, :, self.pos] = v.to(self.v.dtype)
+        keys = self.k[layer][self.index, :, : self.kv_len]
+        values = self.v[layer][self.index, :, : self.kv_len]
+        return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=self.mask)
+
+
+def output_layer(model):
+    """The output layer as a function of hidden states. On the CPU: x @ W.T with W.T stored contiguous, several
+    times faster than nn.Linear's layout for a few rows. The copy lives on the model until its weights change
+    (their version or storage; GPT.train drops it, as an optimizer may update them without a version)."""
+    weight = model.lm_head.weight
+    if weight.device.type != "cpu":
+        return model.lm_head
+    key = (weight.data_ptr(), weight._version)
+    if getattr(model, "decode_weights", None) is None or model.decode_weights[0] != key:
+        model.decode_weights = (key, weight.detach().t().contiguous())
+    weight_t = model.decode_weights[1]
+    return lambda x: x @ weight_t
+
+
+def prefill(model, cache: KVCache, rows: list[int], chunks: list[list[int]], starts: list[int], prevs: list[int],
+            all_positions: list[bool]):
+    """Feed each row (a cache row) its chunk of new tokens at positions starts[i].. (prevs[i]: the token before the
+    chunk, for smear). Chunks are right-padded to the longest; padding lands past a row's end, where it is
+    overwritten before it is ever attended to. Returns the logits of each row's last new token (n, V) and, for
+    rows with all_positions, the logits of all its new tokens (T_i, V) (else None)."""
+    device = cache.k.device
+    n, T = len(chunks), max(len(c) for c in chunks)
+    idx = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=device)
+    pos = (torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)).clamp_(max=cache.max_len - 1)
+    kv_len = max(s + len(c) for s, c in zip(starts, chunks))
+    cache.index = torch.tensor(rows, device=device)
+    cache.write_rows, cache.pos, cache.kv_len = cache.index[:, None], pos, kv_len
+    cache.mask = (torch.arange(kv_len, device=device) <= pos[:, :, None])[:, None]
+    x = model.hidden_states(idx, cache, pos, torch.tensor(prevs, device=device))
+    out = output_layer(model)
+    ends = torch.tensor([len(c) - 1 for c in chunks], device=device)
+    last = out(x[torch.arange(n, device=device), ends]).float()
+    full = [out(x[i, : len(c)]).float() if want else None for i, (c, want) in enumerate(zip(chunks, all_positions))]
+    return last, full
+
+
+def decode_one_step(model, cache: KVCache, tokens: list[int], positions: list[int], prevs: list[int],
+                    static: bool = False):
+    """One new token for each of the first len(tokens) rows of the cache, row i's at positions[i] (prevs[i]: the
+    token before it). Returns the logits (n, V). static: always all rows and the whole context, so every step
+    has the same shapes (for torch.compile and CUDA graphs); rows past len(tokens) compute padding."""
+    device = cache.k.device
+    if static:
+        pad = cache.rows - len(tokens)
+        tokens, positions, prevs = tokens + [0] * pad, positions + [0] * pad, prevs + [0] * pad
+    n = len(tokens)
+    idx = torch.tensor(tokens, device=device)[:, None]
+    pos = torch.tensor(positions, device=device)[:, None]
+    kv_len = cache.max_len if static else max(positions) + 1
+    cache.index, cache.pos, cache.kv_len = slice(0, n), pos, kv_len
+    cache.write_rows = torch.arange(n, device=device)[:, None]
+    # One row attending to everything up to its own position needs no mask.
+    cache.mask = None if n == 1 and not static else (torch.arange(kv_len, device=device) <= pos)[:, None, None]
+    x = model.hidden_states(idx, cache, pos, torch.tensor(prevs, device=device))
+    return output_layer(model)(x[:, -1]).float()
+
+
+def token_logprobs(logits, tokens: list[int], top: int) -> list[Logprob]:
+    """Each row's log_softmax value of its token and its `top` most likely (real) ids, from logits (n, V)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
+    if top:
+        values, ids = torch.topk(logp[:, :N_VOCAB], top, dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        tops = [[] for _ in tokens]
+    return [Logprob(t, lp, tp) for t, lp, tp in zip(tokens, chosen, tops)]
+
+
+def sample(logits, seqs: list[Sequence]) -> tuple[list[int], list[Logprob | None]]:
+    """The next token of each sequence from its row of logits (n, V), greedy rows together, and its Logprob where
+    the sequence asked for logprobs."""
+    tokens = [0] * len(seqs)
+    greedy = [i for i, s in enumerate(seqs) if s.params.temperature == 0]
+    if len(greedy) == len(seqs):
+        tokens = logits[:, :N_VOCAB].argmax(dim=-1).tolist()
+    elif greedy:
+        for i, t in zip(greedy, logits[greedy, :N_VOCAB].argmax(dim=-1).tolist()):
+            tokens[i] = t
+    for i, s in enumerate(seqs):
+        p = s.params
+        if p.temperature > 0:
+            row = logits[i: i + 1].cpu()  # each generator is a CPU one: the same draws on every device
+            tokens[i] = int(sample_logits(row, p.temperature, p.top_k, p.top_p, s.generator))
+    logprobs: list[Logprob | None] = [None] * len(seqs)
+    wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    if wanted:
+        top = max(seqs[i].params.logprobs for i in wanted)
+        for i, lp in zip(wanted, token_logprobs(logits[wanted], [tokens[i] for i in wanted], top)):
+            lp.top = lp.top[: seqs[i].params.logprobs]
+            logprobs[i] = lp
+    return tokens, logprobs
+
+
+# ---- conversation reuse --------------------------------------------------------------------------------------
+
+def common_prefix(a: tuple, b: tuple) -> int:
+    """Length of the common prefix of two tuples (binary search over slice comparisons, which run in C)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class PrefixStore:
+    """Keys and values of finished sequences, for prompts that start with the same tokens: at most `max_tokens`
+    tokens in all, the least recently used entry dropped first. An entry that a newer one extends is dropped."""
+
+    def __init__(self, max_tokens: int):
+        self.max_tokens, self.size = max_tokens, 0
+        self.entries: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()  # tokens -> (k, v)
+
+    def put(self, tokens: tuple, k, v) -> None:
+        """k, v: (n_layer, n_head, len(tokens), head size), copied by the caller."""
+        if len(tokens) > self.max_tokens:
+            return
+        for old in [t for t in self.entries if t == tokens[: len(t)]]:
+            self._drop(old)
+        self.entries[tokens] = (k, v)
+        self.size += len(tokens)
+        while self.size > self.max_tokens:
+            self._drop(next(iter(self.entries)))
+
+    def match(self, prompt: tuple) -> tuple[int, tuple | None]:
+        """(n, (k, v)) of the entry sharing the longest prefix with prompt, n <= len(prompt) - 1 (the last prompt
+        token is always prefilled, for its logits); (0, None) when none shares a token."""
+        best, entry = 0, None
+        for tokens in self.entries:
+            n = min(common_prefix(tokens, prompt), len(prompt) - 1)
+            if n > best:
+                best, entry = n, tokens
+        if entry is None:
+            return 0, None
+        self.entries.move_to_end(entry)
+        return best, self.entries[entry]
+
+    def _drop(self, tokens: tuple) -> None:
+        del self.entries[tokens]
+        self.size -= len(tokens)
+
+
+# ---- the scheduler -------------------------------------------------------------------------------------------
+
+class Engine:
+    """Continuous batching over a KV cache of `max_batch` rows. Callers `submit` sequences (thread-safe); each
+    `step` drops cancelled or overdue sequences, prefills waiting ones into free rows and decodes one token for
+    every active row. `start` runs the steps on a thread of its own (a server); `generate` and `stream` call
+    `step` themselves. `observe(kind, value)` hears of "prompt_tokens", "reused_tokens", "completion_tokens",
+    "cancelled", "ttft" and "tpot" (seconds)."""
+
+    def __init__(self, model, max_batch: int = 16, max_queue: int = 1 << 30, reuse_tokens: int = 0,
+                 static: bool = False, observe=None):
+        model.eval()
+        self.model, self.max_queue, self.static = model, max_queue, static
+        self.observe = observe or (lambda kind, value: None)
+        self.device = model.wte.weight.device
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        dtype = torch.bfloat16 if cuda else model.wte.weight.dtype
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+        self.max_len = model.config.block_size
+        self.cache = KVCache(model.config, max_batch, self.max_len, self.device, dtype)
+        self.free = list(range(max_batch))  # a heap: the lowest free row first
+        self.context: list[list[int]] = [[] for _ in range(max_batch)]  # each row's tokens in the cache
+        self.active: dict[int, Sequence] = {}  # row -> sequence; touched only by the stepping thread
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.store = PrefixStore(reuse_tokens) if reuse_tokens > 0 else None
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.thread = None
+
+    # -- the callers' side
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queue sequences; raises ContextTooLong if a prompt leaves no room, QueueFull past max_queue."""
+        for seq in seqs:
+            if not seq.prompt or len(seq.prompt) >= self.max_len:
+                raise ContextTooLong(f"a prompt of {len(seq.prompt)} tokens leaves no room in the context "
+                                     f"({self.max_len})")
+            seq.budget = min(seq.params.max_tokens, self.max_len - len(seq.prompt))
+        with self.cond:
+            if self.stopping:
+                raise EngineStopped("the engine is shutting down")
+            if len(self.waiting) + len(seqs) > self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} sequences are waiting")
+            self.waiting.extend(seqs)
+            self.cond.notify()
+
+    def cancel(self, seqs: list[Sequence]) -> None:
+        """Stop these sequences at the next step (thread-safe)."""
+        for seq in seqs:
+            seq.cancelled = True
+        with self.cond:
+            self.cond.notify()
+
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    def busy(self) -> bool:
+        return bool(self.waiting or self.active)
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="parley-engine", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+
+    # -- the stepping side
+    @torch.no_grad()
+    def step(self) -> None:
+        """Drop what is gone, admit what fits, decode one token for every active row. A failure (a bug, out of
+        memory) ends the sequences involved with GenerationFailed; the engine goes on."""
+        with self.cond:
+            self._drop_gone()
+            new = [self.waiting.popleft() for _ in range(min(len(self.free), len(self.waiting)))]
+        try:
+            with self.autocast:
+                if new:
+                    self._prefill(new)
+                if self.active:
+                    self._decode()
+        except Exception:
+            log.exception("engine step failed")
+            for seq in {*new, *self.active.values()}:
+                self._finish(seq, error=GenerationFailed("internal error during generation"))
+
+    def _run(self):
+        while True:
+            with self.cond:
+                while not self.waiting and not self.active and not self.stopping:
+                    self.cond.wait()
+                if self.stopping:
+                    break
+            self.step()
+        for seq in list(self.waiting) + list(self.active.values()):
+            seq.emit(Event("error", seq.index, error=EngineStopped("the server is shutting down")))
+
+    def _drop_gone(self):
+        """End sequences that were cancelled or ran past their deadline (lock held)."""
+        now = time.monotonic()
+        for seq in list(self.active.values()) + list(self.waiting):
+            if seq.cancelled or now > seq.deadline:
+                error = None if seq.cancelled else DeadlineExceeded("the request ran past its deadline")
+                self.observe("cancelled", 1)
+                if seq.row is None:
+                    self.waiting.remove(seq)
+                    if error:
+                        seq.emit(Event("error", seq.index, error=error))
+                else:
+                    self._finish(seq, error=error, keep=False)
+
+    def _prefill(self, seqs: list[Sequence]):
+        chunks, starts = [], []
+        for seq in seqs:
+            seq.row = heapq.heappop(self.free)
+            self.active[seq.row] = seq
+            reused = self._reuse(seq) if self.store and not seq.params.prompt_logprobs else 0
+            self.context[seq.row] = list(seq.prompt)
+            chunks.append(seq.prompt[reused:])
+            starts.append(reused)
+            self.observe("prompt_tokens", len(seq.prompt))
+        prevs = [s.prompt[start - 1] if start else 0 for s, start in zip(seqs, starts)]
+        logits, full = prefill(self.model, self.cache, [s.row for s in seqs], chunks, starts, prevs,
+                               [s.params.prompt_logprobs for s in seqs])
+        for seq, f in zip(seqs, full):
+            if f is not None:
+                top = seq.params.logprobs or 0
+                entries = [None] + token_logprobs(f[:-1], seq.prompt[1:], top)
+                seq.emit(Event("prompt", seq.index, logprobs=entries))
+        self._advance(seqs, logits)
+
+    def _reuse(self, seq: Sequence) -> int:
+        """Copy the longest stored prefix of seq's prompt into its row; the number of tokens reused."""
+        n, kv = self.store.match(tuple(seq.prompt))
+        if n:
+            self.cache.k[:, seq.row, :, :n] = kv[0][:, :, :n]
+            self.cache.v[:, seq.row, :, :n] = kv[1][:, :, :n]
+            self.observe("reused_tokens", n)
+        return n
+
+    def _decode(self):
+        n = max(self.active) + 1  # the first n rows; free rows among them compute padding
+        tokens, positions, prevs = [0] * n, [0] * n, [0] * n
+        for row, seq in self.active.items():
+            context = self.context[row]
+            tokens[row], positions[row], prevs[row] = seq.tokens[-1], len(context), context[-1]
+            context.append(seq.tokens[-1])
+        logits = decode_one_step(self.model, self.cache, tokens, positions, prevs, self.static)
+        rows = list(self.active)
+        if rows != list(range(len(logits))):
+            logits = logits[rows]
+        self._advance(list(self.active.values()), logits)
+
+    def _advance(self, seqs: list[Sequence], logits):
+        now = time.monotonic()
+        tokens, logprobs = sample(logits, seqs)
+        for seq, token, logprob in zip(seqs, tokens, logprobs):
+            seq.tokens.append(token)
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+                self.observe("ttft", now - seq.arrived)
+            if token in seq.params.stop_tokens:
+                text, reason = seq.text.finish(), "stop"
+            else:
+                if logprob is not None:
+                    seq.pending_logprobs.append(logprob)
+                text = seq.text.push(token)
+                reason = "stop" if seq.text.stopped else "length" if len(seq.tokens) >= seq.budget else None
+                if reason == "length":
+                    text += seq.text.finish()
+            if text:
+                seq.emit(Event("text", seq.index, text, seq.pending_logprobs))
+                seq.pending_logprobs = []
+            if reason:
+                seq.finish_reason = reason
+                self._finish(seq)
+        self.observe("completion_tokens", len(seqs))
+
+    def _finish(self, seq: Sequence, error: EngineError | None = None, keep: bool = True):
+        """Report the end of seq (done, or `error` if given) and free its row, its tokens kept for reuse."""
+        if error is not None:
+            seq.emit(Event("error", seq.index, error=error))
+        elif seq.finish_reason:
+            seq.emit(Event("done", seq.index, logprobs=seq.pending_logprobs, reason=seq.finish_reason,
+                           tokens=len(seq.tokens)))
+            if len(seq.tokens) > 1:
+                self.observe("tpot", (time.monotonic() - seq.first_token_at) / (len(seq.tokens) - 1))
+        row, seq.row = seq.row, None
+        if row is None or self.active.get(row) is not seq:
+            return
+        del self.active[row]
+        heapq.heappush(self.free, row)
+        context = self.context[row]
+        if self.store is not None and keep and error is None:
+            n = len(context)
+            self.store.put(tuple(context), self.cache.k[:, row, :, :n].clone(), self.cache.v[:, row, :, :n].clone())
+
+
+# ---- synchronous use -----------------------------------------------------------------------------------------
+
+def generate(model, prompts: list[list[int]], params: SamplingParams, max_batch: int = 64) -> list[list[int]]:
+    """The new tokens of each prompt (ending with its stop token, if one came), decoded with continuous batching
+    over at most max_batch rows. A sequence stops at the end of the context too. Sequence i samples with seed
+    params.seed + i."""
+    if not prompts:
+        return []
+    engine = Engine(model, max_batch=min(max_batch, len(prompts)))
+    seqs = [Sequence(p, params, index=i) for i, p in enumerate(prompts)]
+    engine.submit(seqs)
+    while engine.busy():
+        engine.step()
+    return [s.tokens for s in seqs]
+
+
+def stream(engine: Engine, prompt: list[int], params: SamplingParams):
+    """Text pieces of one sequence as they are decoded, on an engine nobody else steps (no thread)."""
+    events = []
+    seq = Sequence(prompt, params, emit=events.append)
+    engine.submit([seq])
+    try:
+        while engine.busy():
+            engine.step()
+            for event in events:
+                if event.kind == "error":
+                    raise event.error
+                yield event.text
+            events.clear()
+    finally:  # the caller stopped early (Ctrl-C): the next step drops the sequence
+        engine.cancel([seq])
+
+
+def fit_conversation(messages: list[dict], reserve: int, block_size: int):
+    """(prompt ids, messages kept, number dropped): the oldest turns after the system message are dropped
+    until the rendered prompt plus `reserve` tokens for the reply fits the context."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    dropped = 0
+    while True:
+        ids, _ = render(system + turns, add_generation_prompt=True)
+        if len(ids) + reserve <= block_size or len(turns) <= 1:
+            return ids, system + turns, dropped
+        turns, dropped = turns[2:], dropped + 2  # a user turn and its reply go together
