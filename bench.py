@@ -125,7 +125,7 @@ def bench_train(argv):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from config import PRESETS, ModelConfig, TrainConfig, apply_overrides
-    from model import GPT
+    from model import GPT, enable_tf32
     from train import autocast_dtype, make_optimizer
 
     parser = argparse.ArgumentParser(prog="bench.py train")
@@ -147,8 +147,7 @@ def bench_train(argv):
     dtype = autocast_dtype(tcfg, device)
     B, T = args.batch_size or tcfg.batch_size, mcfg.block_size
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        enable_tf32()
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu}, {torch.get_num_threads()} threads"
     print(f"preset {args.preset}: {mcfg.n_layer} layers, {mcfg.n_embd} wide, context {T}, batch {B}x{T}; {where}; "

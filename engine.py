@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from chat_format import render
-from model import sample as sample_logits
+from model import enable_tf32, sample as sample_logits
 from tokenizer import EOT_ID, N_VOCAB, decode_bytes
 
 log = logging.getLogger("parley.engine")
@@ -70,6 +70,12 @@ class EngineStopped(EngineError):
 
 class GenerationFailed(EngineError):
     pass
+
+
+def is_device_error(e: BaseException) -> bool:
+    """A CUDA (accelerator) error: it poisons the device's context, so every later step would fail as well, and an
+    asynchronous one may surface in another request's step."""
+    return isinstance(e, getattr(torch, "AcceleratorError", ())) or "CUDA error" in str(e)
 
 
 # ---- what to generate ----------------------------------------------------------------------------------------
@@ -361,18 +367,20 @@ class Engine:
     `step` drops cancelled or overdue sequences, prefills waiting ones into free rows and decodes one token for
     every active row. `start` runs the steps on a thread of its own (a server); `generate` and `stream` call
     `step` themselves. `observe(kind, value)` hears of "prompt_tokens", "reused_tokens", "completion_tokens",
-    "cancelled", "ttft" and "tpot" (seconds)."""
+    "cancelled", "ttft" and "tpot" (seconds). After a device error the engine stops for good (`failure` says why)
+    and calls `on_failure(failure)`: only a new process has a working device again."""
 
     def __init__(self, model, max_batch: int = 16, max_queue: int = 1 << 30, reuse_tokens: int = 0,
-                 static: bool = False, observe=None):
+                 static: bool = False, observe=None, on_failure=None):
         model.eval()
         self.model, self.max_queue, self.static = model, max_queue, static
         self.observe = observe or (lambda kind, value: None)
+        self.on_failure = on_failure or (lambda failure: None)
+        self.failure: str | None = None
         self.device = model.wte.weight.device
         cuda = self.device.type == "cuda"
         if cuda:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            enable_tf32()
         dtype = torch.bfloat16 if cuda else model.wte.weight.dtype
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
         self.max_len = model.config.block_size
@@ -396,7 +404,8 @@ class Engine:
             seq.budget = min(seq.params.max_tokens, self.max_len - len(seq.prompt))
         with self.cond:
             if self.stopping:
-                raise EngineStopped("the engine is shutting down")
+                raise EngineStopped(f"the engine failed ({self.failure})" if self.failure
+                                    else "the engine is shutting down")
             if len(self.waiting) + len(seqs) > self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} sequences are waiting")
             self.waiting.extend(seqs)
@@ -430,7 +439,7 @@ class Engine:
     @torch.no_grad()
     def step(self) -> None:
         """Drop what is gone, admit what fits, decode one token for every active row. A failure (a bug, out of
-        memory) ends the sequences involved with GenerationFailed; the engine goes on."""
+        memory) ends the sequences involved with GenerationFailed and the engine goes on; a device error stops it."""
         with self.cond:
             self._drop_gone()
             new = [self.waiting.popleft() for _ in range(min(len(self.free), len(self.waiting)))]
@@ -440,10 +449,23 @@ class Engine:
                     self._prefill(new)
                 if self.active:
                     self._decode()
-        except Exception:
+        except Exception as e:
             log.exception("engine step failed")
             for seq in {*new, *self.active.values()}:
                 self._finish(seq, error=GenerationFailed("internal error during generation"))
+            if is_device_error(e):
+                self._fail(f"{type(e).__name__}: {e}")
+
+    def _fail(self, failure: str):
+        """Stop for good after a device error: refuse new work, end the waiting sequences, tell the owner."""
+        log.critical("device error, the engine stops: %s", failure)
+        with self.cond:
+            self.failure, self.stopping = failure, True
+            waiting, self.waiting = list(self.waiting), collections.deque()
+            self.cond.notify()
+        for seq in waiting:
+            seq.emit(Event("error", seq.index, error=EngineStopped(f"the engine failed ({failure})")))
+        self.on_failure(failure)
 
     def _run(self):
         while True:
@@ -570,6 +592,8 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, max_batch:
     engine.submit(seqs)
     while engine.busy():
         engine.step()
+    if engine.failure:
+        raise GenerationFailed(engine.failure)
     return [s.tokens for s in seqs]
 
 

@@ -301,6 +301,17 @@ class LinearCrossEntropy(torch.autograd.Function):
         return (grad_x * scale).to(ctx.dtypes[0]), (grad_w * scale).to(ctx.dtypes[1]), None, None
 
 
+def enable_tf32() -> None:
+    """Let fp32 matmuls and convolutions on CUDA use TF32 (bf16 autocast leaves some in fp32). Through the
+    fp32_precision settings where torch has them: it deprecates allow_tf32, and mixing the two APIs is an error."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """The device for `--device`: auto is CUDA when available, else Apple's MPS, else the CPU."""
     if name == "auto":

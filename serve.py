@@ -22,6 +22,7 @@ import ipaddress
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -183,7 +184,7 @@ def api_error(e: EngineError) -> ApiError:
     if isinstance(e, DeadlineExceeded):
         return ApiError(504, "the request ran past its deadline (request_timeout)", "server_error", code="timeout")
     if isinstance(e, EngineStopped):
-        return ApiError(503, "the server is shutting down", "server_error", code="server_error")
+        return ApiError(503, str(e), "server_error", code="server_error")
     return ApiError(500, "internal error during generation", "server_error", code="server_error")
 
 
@@ -427,14 +428,16 @@ class HostGuard:
 class Server:
     """What the routes share: the config, the engine, the /chat sessions and the metrics. Each route is a method."""
 
-    def __init__(self, cfg: ServeConfig, model):
+    def __init__(self, cfg: ServeConfig, model, exit_on_failure: bool = False):
         model.eval()
         self.cfg, self.model = cfg, model
         self.block = model.config.block_size
         self.model_id = Path(cfg.checkpoint).name or "parley"
         self.created_at = int(time.time())
         self.metrics = Metrics()
-        self.engine = Engine(model, cfg.max_batch, cfg.max_queue, observe=self.metrics.observe)
+        self.exit_on_failure = exit_on_failure
+        self.engine = Engine(model, cfg.max_batch, cfg.max_queue, observe=self.metrics.observe,
+                             on_failure=self.on_engine_failure)
         self.sessions = Sessions(cfg.max_sessions, cfg.session_ttl)
         self.ready = False
 
@@ -448,6 +451,13 @@ class Server:
                      f"{self.model.num_params():,}", self.block, self.cfg.max_batch, self.engine.device)
         except Exception:
             log.exception("warm-up failed; /ready stays 503")
+
+    def on_engine_failure(self, failure: str):
+        """A device error left the engine unusable: /health and /ready now answer 503, and a server started by
+        main() shuts down (exit code 1) so that its supervisor starts a new process with a working device."""
+        self.ready = False
+        if self.exit_on_failure:
+            os.kill(os.getpid(), signal.SIGTERM)
 
     async def check_key(self, request: Request):
         if not self.cfg.api_key:
@@ -558,12 +568,15 @@ class Server:
 
     # -- routes
     async def health(self):
+        if self.engine.failure:
+            raise ApiError(503, f"the engine failed: {self.engine.failure}", "server_error", code="engine_failed")
         return {"status": "ok"}
 
     async def page(self):
         return HTMLResponse(WEB_PAGE.read_text(encoding="utf-8"))
 
     async def ready_route(self):
+        await self.health()
         if not self.ready:
             raise ApiError(503, "warming up", "server_error", code="not_ready", headers={"Retry-After": "1"})
         return {"status": "ready", "model": self.model_id}
@@ -662,12 +675,13 @@ def add_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal server error", "server_error", code="internal_error")
 
 
-def create_app(cfg: ServeConfig, model=None) -> FastAPI:
-    """The FastAPI app; `model` (a GPT) is loaded from cfg.checkpoint when not given."""
+def create_app(cfg: ServeConfig, model=None, exit_on_failure: bool = False) -> FastAPI:
+    """The FastAPI app; `model` (a GPT) is loaded from cfg.checkpoint when not given. exit_on_failure: a device
+    error stops the process (Server.on_engine_failure)."""
     if model is None:
         from checkpoint import load_checkpoint
         model, _, _ = load_checkpoint(cfg.checkpoint, device=pick_device(cfg.device))
-    server = Server(cfg, model)
+    server = Server(cfg, model, exit_on_failure)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -710,11 +724,13 @@ def main(argv: list[str]) -> None:
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model", cfg.host)
     from checkpoint import CheckpointError
     try:
-        app = create_app(cfg)
+        app = create_app(cfg, exit_on_failure=True)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     import uvicorn
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+    if app.state.engine.failure:
+        sys.exit(f"error: the engine failed ({app.state.engine.failure}); start the server again")
 
 
 if __name__ == "__main__":

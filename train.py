@@ -36,12 +36,13 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint, step_checkpoints
 from config import ConfigError, TrainConfig, progress_interval, to_dict
-from model import GPT, pick_device
+from model import GPT, enable_tf32, pick_device
 from optim import check_optimizer, make_optimizer
 
 # Dense bf16 tensor-core peak FLOP/s per GPU, for MFU; a GPU not listed (and the CPU) shows no MFU.
-PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
-              "RTX 4090": 165e12}
+# Dense bf16 peaks; the longest name a GPU's name contains wins ("NVIDIA H200 NVL" is an H200 NVL, not an H200).
+PEAK_FLOPS = {"H200": 989e12, "H200 NVL": 836e12, "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
+              "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12}
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -74,6 +75,10 @@ def setup_device(cfg: TrainConfig):
     rank, world, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), \
         int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(cfg.device)
+    if device.type == "cuda" and world > 1 and device.index is not None:
+        raise ConfigError(f"field 'device' is {cfg.device!r} under torchrun: every process would use that one GPU; "
+                          f"give --device cuda (process N takes cuda:LOCAL_RANK) and pick the GPUs with "
+                          f"CUDA_VISIBLE_DEVICES")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     if device.type == "cuda":
@@ -93,8 +98,7 @@ def setup_precision(cfg: TrainConfig, device: torch.device):
     """(dtype, autocast context for the forward passes, gradient scaler: enabled for float16 only); TF32 on CUDA."""
     dtype = autocast_dtype(cfg, device)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        enable_tf32()
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     return dtype, autocast, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
@@ -103,7 +107,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     if device.type != "cuda" or dtype == torch.float32:
         return None
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    matches = [k for k in PEAK_FLOPS if k in name]
+    return PEAK_FLOPS[max(matches, key=len)] if matches else None
 
 
 def step_limit_of(cfg: TrainConfig, tokens_per_step: int) -> float:
@@ -125,9 +130,11 @@ def planned_steps(step: int, cfg: TrainConfig, step_limit: float, elapsed: float
 def lr_at(step: int, cfg: TrainConfig, total_steps: float) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine decay to min_lr_ratio * lr,
     or warmup-stable-decay (constant, then linear decay over the last decay_fraction of the steps), or constant.
-    total_steps may be fractional (planned_steps) or math.inf (no decay yet)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+    total_steps may be fractional (planned_steps) or math.inf (no decay yet). The warmup takes at most
+    MAX_WARMUP_FRACTION of the run: a preset's warmup, sized for its full length, would otherwise fill a short run."""
+    warmup = warmup_steps(cfg, total_steps)
+    if step < warmup:
+        return cfg.lr * min(1.0, (step + 1) / warmup)
     if cfg.schedule == "constant":
         return cfg.lr
     min_lr = cfg.lr * cfg.min_lr_ratio
@@ -137,8 +144,16 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: float) -> float:
             return cfg.lr
         progress = (step - decay_start) / max(1, total_steps - decay_start)
         return cfg.lr - (cfg.lr - min_lr) * min(1.0, progress)
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))  # cosine
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))  # cosine
     return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+MAX_WARMUP_FRACTION = 0.2
+
+
+def warmup_steps(cfg: TrainConfig, total_steps: float) -> float:
+    """cfg.warmup_steps, or a fifth of total_steps if that is less (see lr_at)."""
+    return min(cfg.warmup_steps, MAX_WARMUP_FRACTION * total_steps)
 
 
 def micro_steps(cfg: TrainConfig, block_size: int, world: int) -> int:
@@ -369,8 +384,8 @@ def wrap(model: GPT, cfg: TrainConfig, device: torch.device, world: int):
 
 
 class Meter:
-    """The pace: seconds per step (for planned_steps, from a process's second step on: its first includes warm-up,
-    torch.compile on CUDA), tokens per second (a moving average over steps) and, on a GPU with a known peak, MFU."""
+    """The pace: seconds per step (for planned_steps) and tokens per second (moving averages from a process's second
+    step on: its first includes warm-up, torch.compile on CUDA) and, on a GPU with a known peak, MFU."""
 
     def __init__(self, model: GPT, device: torch.device, dtype: torch.dtype, world: int):
         self.flops_per_token, self.peak, self.world = model.flops_per_token(), peak_flops(device, dtype), world
@@ -379,9 +394,11 @@ class Meter:
     def update(self, tokens: float, dt: float) -> tuple[float, float | None]:
         """(tokens/s, MFU or None) after a step of `tokens` (all ranks) in dt seconds."""
         self.steps += 1
-        if self.steps > 1:
+        if self.steps == 1:  # the first step includes warm-up (compiling on CUDA): it would bias every average
+            self.tok_rate = tokens / dt
+        else:
             self.sec_per_step = dt if self.sec_per_step is None else 0.9 * self.sec_per_step + 0.1 * dt
-        self.tok_rate = tokens / dt if self.tok_rate is None else 0.9 * self.tok_rate + 0.1 * tokens / dt
+            self.tok_rate = tokens / dt if self.steps == 2 else 0.9 * self.tok_rate + 0.1 * tokens / dt
         self.mfu = self.flops_per_token * self.tok_rate / (self.peak * self.world) if self.peak else None
         return self.tok_rate, self.mfu
 
@@ -404,7 +421,9 @@ def describe(model: GPT, cfg: TrainConfig, device, dtype, world: int, grad_accum
     return (f"training {model.num_params():,} parameters on {world} x {device} ({str(dtype).split('.')[-1]}), "
             f"{grad_accum * cfg.batch_size * block * world:,} tokens per step ({grad_accum} x {cfg.batch_size} x "
             f"{block} x {world}), until " + " or ".join(([f"step {step_limit}"] if step_limit < math.inf else [])
-                                                      + ([f"{cfg.max_time:.0f} s"] if cfg.max_time else [])))
+                                                      + ([f"{cfg.max_time:.0f} s"] if cfg.max_time else []))
+            + (f"; warmup {warmup_steps(cfg, step_limit):.0f} steps, a fifth of the run (not {cfg.warmup_steps})"
+               if warmup_steps(cfg, step_limit) < cfg.warmup_steps else ""))
 
 
 def record_eval(state: TrainState, val_loss: float | None, run_log: Log, checkpoints: Checkpoints,

@@ -739,3 +739,47 @@ def test_a_loopback_server_refuses_other_host_headers():
 def test_a_server_bound_to_all_interfaces_serves_any_host_as_before():
     with in_process_server(ScriptedModel(UTF8_SCRIPT), host="0.0.0.0") as (url, _):
         assert httpx.get(url + "/health", headers={"Host": "chat.example.com"}).status_code == 200
+
+
+class DeviceErrorModel(ScriptedModel):
+    """A scripted model whose forward fails as a CUDA device-side assert does, once `broken` is set."""
+    broken = False
+
+    def hidden_states(self, idx, cache=None, pos=None, prev=None):
+        if self.broken:
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        return super().hidden_states(idx, cache, pos, prev)
+
+
+def test_a_device_error_turns_health_and_ready_red_and_refuses_new_work():
+    """A CUDA error poisons the device: the request fails, then /health and /ready answer 503 and every later
+    request is refused, so that a supervisor (or a load balancer) sees the server is gone."""
+    model = DeviceErrorModel(UTF8_SCRIPT)
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    with in_process_server(model) as (url, app):
+        assert httpx.get(url + "/health").json() == {"status": "ok"}
+        model.broken = True
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+        assert_error_shape(r, 500)
+        for path in ("/health", "/ready"):
+            assert_error_shape(httpx.get(url + path), 503, "engine_failed")
+        assert "device-side assert" in httpx.get(url + "/health").json()["error"]["message"]
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 503 and "engine failed" in r.json()["error"]["message"]
+        assert app.state.engine.failure.startswith("RuntimeError: CUDA error")
+
+
+def test_a_device_error_stops_the_server_process(monkeypatch):
+    """Started by main(), the server stops itself after a device error (SIGTERM to its own process; main then
+    exits with code 1), since only a new process gets a working device."""
+    import serve
+    killed = []
+    monkeypatch.setattr(serve.os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    model = DeviceErrorModel(UTF8_SCRIPT)
+    server = serve.Server(ServeConfig(checkpoint="scripted"), model, exit_on_failure=True)
+    model.broken = True
+    server.engine.submit([serve.Sequence([1, 2, 3], serve.SamplingParams(max_tokens=2), index=0)])
+    server.engine.step()
+    assert killed == [(os.getpid(), serve.signal.SIGTERM)] and not server.ready
+    with pytest.raises(serve.EngineStopped, match="engine failed"):
+        server.engine.submit([serve.Sequence([1, 2, 3], serve.SamplingParams(max_tokens=2), index=0)])
