@@ -219,7 +219,9 @@ def output_layer(model):
     """The output layer as a function of hidden states. On the CPU: x @ W.T with W.T stored contiguous, several
     times faster than nn.Linear's layout for a few rows. The copy lives on the model until its weights change
     (their version or storage; GPT.train drops it, as an optimizer may update them without a version)."""
-    weight = model.lm_head.weight
+    weight, token_map = model.lm_head.weight, getattr(model, "token_map", None)
+    if token_map is not None:  # a model in training (GPT.restrict_output): one row per id again
+        return lambda x: model.lm_head(x)[..., token_map]
     if weight.device.type != "cpu":
         return model.lm_head
     key = (weight.data_ptr(), weight._version)

@@ -114,9 +114,11 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied input and output embeddings
-        for name in ("output_ids", "rest_ids", "target_index", "output_bias"):  # set by restrict_output
+        for name in ("output_ids", "rest_ids", "target_index", "output_bias", "token_map"):  # restrict_output's
             self.register_buffer(name, None, persistent=False)  # buffers: they follow .to(device)
         self.apply(self._init_weights)
+        self.register_state_dict_post_hook(_full_embedding_rows)
+        self.register_load_state_dict_pre_hook(_compact_embedding_rows)
         self.decode_weights = None  # engine.output_layer's transposed copy of the output layer
 
     def train(self, mode: bool = True):
@@ -136,8 +138,11 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameters counted once (tied weights); non_embedding leaves out the position embeddings."""
+        """Parameters counted once (tied weights), one embedding row per id (restrict_output or not);
+        non_embedding leaves out the position embeddings."""
         n = sum(p.numel() for p in self.parameters())
+        if self.token_map is not None:  # the ids that share the last row
+            n += (len(self.rest_ids) - 1) * self.config.n_embd
         return n - self.wpe.weight.numel() if non_embedding and self.wpe is not None else n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
@@ -149,6 +154,10 @@ class GPT(nn.Module):
             n -= (cfg.vocab_size - len(self.output_ids) - 1) * cfg.n_embd
         return 6 * n + 12 * cfg.n_layer * cfg.n_embd * T
 
+    def embed(self, idx):
+        """The token embeddings of ids idx (any shape): through token_map after restrict_output."""
+        return self.wte(idx if self.token_map is None else self.token_map[idx])
+
     def hidden_states(self, idx, cache=None, pos=None, prev=None):
         """Final-LayerNorm hidden states (B, T, C). With a cache (engine.KVCache), `pos` (B, T) gives each token's
         position and `prev` (B,) the token before each row's first (for smear)."""
@@ -156,14 +165,14 @@ class GPT(nn.Module):
             if idx.size(1) > self.config.block_size:
                 raise ValueError(f"sequence of {idx.size(1)} tokens is longer than the context ({self.config.block_size})")
             pos = torch.arange(idx.size(1), device=idx.device)[None].expand(idx.size(0), -1)
-        x = self.wte(idx)
+        x = self.embed(idx)
         if self.smear is not None:
             # Each position also sees the previous token: within idx, or for a cached row's first new token
             # prev, the token before it (none at position 0).
             if cache is None:
                 first = torch.zeros_like(x[:, :1])
             else:
-                first = self.wte(prev)[:, None] * (pos[:, :1, None] > 0)
+                first = self.embed(prev)[:, None] * (pos[:, :1, None] > 0)
             x = x + self.smear * torch.cat([first, x[:, :-1]], dim=1)
         rope = None
         if self.wpe is not None:
@@ -176,34 +185,54 @@ class GPT(nn.Module):
         return self.ln_f(x)
 
     def restrict_output(self, ids) -> None:
-        """Compute the training loss over the token ids `ids` only (None: over all ids, the default).
+        """Train over the token ids `ids` only (None: over all ids again, the default).
 
-        For a corpus that uses a small part of the 50K ids this makes the output layer, most of a small model's
-        cost, far cheaper, and the loss stays the exact full-vocabulary cross-entropy: the embedding rows of all
-        other ids are set to their mean here and stay equal (they get identical gradients), so their logits are
-        one logit plus log(their number). The model stays an ordinary GPT: every id has a logit, and fine-tuning,
-        evaluation and generation need to know nothing of this.
+        For a corpus that uses a small part of the 50K ids this makes the embedding and the output layer, most of a
+        small model's cost, far cheaper, and the loss stays the exact full-vocabulary cross-entropy. All other ids
+        share one embedding row (set to the mean of their rows here), so their logits are one logit plus
+        log(their number): the embedding becomes a table of len(ids) + 1 rows, `token_map` gives each id its row,
+        and the optimizer updates only those rows. state_dict() still has one row per id (the shared row
+        repeated), and load_state_dict() takes such a state: checkpoints, fine-tuning, evaluation and generation
+        need to know nothing of this.
         """
+        weight = self.full_embedding()
         if ids is None:
-            self.output_ids = self.rest_ids = self.target_index = self.output_bias = None
+            self.output_ids = self.rest_ids = self.target_index = self.output_bias = self.token_map = None
+            self._set_embedding(weight)
             return
-        device = self.wte.weight.device
-        keep = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=device)
+        device, vocab = weight.device, self.config.vocab_size
+        keep = torch.zeros(vocab, dtype=torch.bool, device=device)
         keep[torch.as_tensor(ids, device=device)] = True
         self.output_ids, self.rest_ids = keep.nonzero().squeeze(1), (~keep).nonzero().squeeze(1)
-        # target id -> its column in the restricted output; -2 for the tied ids, which are never targets
-        self.target_index = torch.full((self.config.vocab_size,), -2, dtype=torch.long, device=device)
-        self.target_index[self.output_ids] = torch.arange(len(self.output_ids), device=device)
-        self.output_bias = torch.zeros(len(self.output_ids) + 1, device=device)
+        n = len(self.output_ids)
+        # target id -> its row in the restricted output; -2 for the shared ids, which are never targets
+        self.target_index = torch.full((vocab,), -2, dtype=torch.long, device=device)
+        self.target_index[self.output_ids] = torch.arange(n, device=device)
+        self.token_map = self.target_index.clamp(min=0)
+        self.token_map[self.rest_ids] = n
+        self.output_bias = torch.zeros(n + 1, device=device)
         self.output_bias[-1] = math.log(len(self.rest_ids))  # the one logit stands for that many equal ones
+        self._set_embedding(torch.cat([weight[self.output_ids], weight[self.rest_ids].mean(0, keepdim=True)]))
+
+    def full_embedding(self) -> torch.Tensor:
+        """The embedding with one row per id (detached), restricted (restrict_output) or not."""
+        weight = self.wte.weight.detach()
+        return weight if self.token_map is None else weight[self.token_map]
+
+    def _set_embedding(self, rows) -> None:
+        """A new embedding table (tied to the output layer) holding `rows`."""
+        self.wte = nn.Embedding(len(rows), self.config.n_embd, device=rows.device, dtype=rows.dtype)
         with torch.no_grad():
-            self.wte.weight[self.rest_ids] = self.wte.weight[self.rest_ids].mean(0)
+            self.wte.weight.copy_(rows)
+        self.lm_head = nn.Linear(self.config.n_embd, len(rows), bias=False, device=rows.device, dtype=rows.dtype)
+        self.lm_head.weight = self.wte.weight
+        self.decode_weights = None
 
     def shared_rows(self) -> torch.Tensor:
         """The ids of the largest group of identical embedding rows, if it has at least two (else empty): after a
         --data_vocab pretraining, the ids that never occurred, which restrict_output set equal and training kept
         equal. Fine-tuning restricts its loss to the other ids (finetune.py): the same loss, far cheaper."""
-        _, group, counts = torch.unique(self.wte.weight.detach(), dim=0, return_inverse=True, return_counts=True)
+        _, group, counts = torch.unique(self.full_embedding(), dim=0, return_inverse=True, return_counts=True)
         rows = (group == counts.argmax()).nonzero().squeeze(1)
         return rows if len(rows) > 1 else rows[:0]
 
@@ -211,7 +240,8 @@ class GPT(nn.Module):
         """Logits (B, T, V), or with targets (B, T) the mean cross-entropy over the targets that are not -1."""
         x = self.hidden_states(idx)
         if targets is None:
-            return self.lm_head(x)
+            logits = self.lm_head(x)
+            return logits if self.token_map is None else logits[..., self.token_map]  # one logit per id
         if self.output_ids is not None or cpu_speedups(x):
             return faster_loss(self, x, targets)  # the same loss, computed faster
         logits = self.lm_head(x).float()
@@ -232,6 +262,25 @@ class GPT(nn.Module):
 
 # ---- the loss, computed faster ---------------------------------------------------------------------------
 
+def _full_embedding_rows(model: "GPT", state: dict, prefix: str, local_metadata) -> None:
+    """state_dict() after restrict_output: one embedding row per id again (the shared ids' row repeated)."""
+    if model.token_map is not None:
+        state[prefix + "wte.weight"] = state[prefix + "lm_head.weight"] = model.full_embedding()
+
+
+def _compact_embedding_rows(model: "GPT", state: dict, prefix: str, *args) -> None:
+    """load_state_dict() after restrict_output takes one row per id (a checkpoint's) and keeps the model's rows:
+    the output ids', then the shared ids' (the first of them: in such a state they are all equal)."""
+    if model.token_map is None or state.get(prefix + "wte.weight") is None:
+        return
+    full = state[prefix + "wte.weight"]
+    if len(full) == model.config.vocab_size:
+        rows = torch.cat([full[model.output_ids.to(full.device)], full[model.rest_ids[:1].to(full.device)]])
+        state[prefix + "wte.weight"] = rows
+        if prefix + "lm_head.weight" in state:
+            state[prefix + "lm_head.weight"] = rows
+
+
 def cpu_speedups(x) -> bool:
     """Whether the loss skips the rows without a target and (training) chunks the output layer: on the CPU, eagerly.
     Picking the rows reads the target mask on the host: on a GPU that is a sync, under torch.compile a graph break
@@ -245,9 +294,7 @@ def faster_loss(model: "GPT", x, targets):
     over the rows whose target is set, training through LinearCrossEntropy. No host sync off the CPU."""
     x, targets = x.flatten(0, 1), targets.flatten()
     weight, bias = model.lm_head.weight, None
-    if model.output_ids is not None:
-        # The mean of the tied rows, not one of them: each then gets its share of the gradient, so they stay equal.
-        weight = torch.cat([weight[model.output_ids], weight[model.rest_ids].mean(0, keepdim=True)])
+    if model.output_ids is not None:  # the output ids' rows, then the shared row
         bias = model.output_bias
         targets = torch.where(targets != -1, model.target_index[targets.clamp(min=0)], -1)
         if cpu_speedups(x):

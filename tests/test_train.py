@@ -342,6 +342,20 @@ def test_data_vocab_trains_on_the_ids_in_the_shards_with_the_full_vocabulary_los
     assert logged == pytest.approx(sum(full) / len(full), abs=1e-4)
 
 
+def test_data_vocab_trains_only_the_rows_it_uses_and_resumes_bit_for_bit(data_dir, tmp_path):
+    """--data_vocab gives the optimizer one embedding row per used id and one shared row (not 50K), and a run
+    stopped at step 4 and resumed ends with the weights of an uninterrupted one."""
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    same_lr = ["--schedule", "constant", "--warmup_steps", "0"]  # whatever max_steps says
+    run(data_dir, whole, "--max_steps", "8", "--save_every", "4", "--data_vocab", *same_lr)
+    saved = torch.load(whole / "step_0000008" / "train_state.pt", weights_only=True)["optimizer"]["state"]
+    rows = {v["exp_avg"].shape[0] for v in saved.values() if v["exp_avg"].dim() == 2}
+    assert 64 + 4 + 1 in rows and max(rows) < 50304  # 64 ids in the shards, 4 chat tokens, the shared row
+    run(data_dir, part, "--max_steps", "4", "--save_every", "4", "--data_vocab", *same_lr)
+    run(data_dir, part, "--max_steps", "8", "--save_every", "4", "--data_vocab", "--resume", *same_lr)
+    assert_same_weights(final_weights(part), final_weights(whole))
+
+
 def test_running_train_py_says_which_script_to_run():
     proc = subprocess.run([sys.executable, "train.py"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "pretrain.py" in proc.stderr and "finetune.py" in proc.stderr
