@@ -35,10 +35,10 @@ test: setup
 # batch keep what pretraining taught (the sums, copying) from being overwritten by the narrow dialogs.
 SEED ?= 0
 DEMO_PRETRAIN := --preset tiny --data data/demo --out checkpoints/demo-pretrain --data_vocab --seed $(SEED) \
-	--batch_size 4 --schedule wsd --warmup_steps 50 --eval_every 400 --save_every 400 --max_time 500
+	--batch_size 4 --schedule wsd --warmup_steps 50 --eval_every 400 --save_every 400 --max_time 550
 DEMO_FINETUNE := --init checkpoints/demo-pretrain --out checkpoints/demo-chat --data data/demo_chat/train.jsonl \
 	--rehearse data/demo --rehearse_rows 2 --seed $(SEED) --lr 1e-3 --batch_size 32 --warmup_steps 50 \
-	--eval_every 250 --save_every 250 --eval_batches 4 --max_time 250
+	--eval_every 250 --save_every 250 --eval_batches 4 --max_time 260
 demo: setup
 	@stage() { name=$$1; shift; echo "== $$name: $$*"; s=$$(date +%s); "$$@" || exit 1; \
 		echo "== $$name took $$(( $$(date +%s) - s )) s"; }; \

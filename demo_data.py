@@ -94,30 +94,39 @@ QUESTION_PREFIXES = ["", "Quick question: ", "Hi! ", "One more thing: ", "Questi
 WORDINGS = {
     "copy": ["repeat exactly:\n{}", "repeat this exactly:\n{}", "say exactly this:\n{}", "copy this text:\n{}",
              "repeat after me:\n{}", "say this back to me:\n{}", "write this again:\n{}", "copy these words:\n{}",
+             "say the same words again:\n{}", "give me the same text back:\n{}",
              "~echo this text:\n{}", "~write this word for word:\n{}", "~echo these words:\n{}"],
     "reverse": ["reverse the list: {}", "reverse this list: {}", "write this list backwards: {}",
                 "say these words backwards: {}", "read this list from the end: {}", "reverse these words: {}",
+                "turn this list around: {}", "say the list from last to first: {}",
                 "~give me these items in the opposite order: {}", "~write the list in the opposite order: {}"],
     "first": ["What is the first item of the list: {}?", "Which item comes first in: {}?",
               "What comes first in this list: {}?", "tell me the first item of: {}", "What is first in: {}?",
+              "What does this list start with: {}?", "Which word is at the start of: {}?",
               "~Which item is at the beginning of the list: {}?", "~What is at the beginning of: {}?"],
     "last": ["What is the last item of the list: {}?", "Which item comes last in: {}?",
              "What comes last in this list: {}?", "tell me the last item of: {}", "What is last in: {}?",
+             "What does this list end with: {}?", "Which word is at the end of: {}?",
              "~What is the final item of the list: {}?", "~Which item is final in: {}?"],
     "count": ["How many items are in the list: {}?", "count the items: {}", "How many words are in this list: {}?",
-              "count the words in: {}", "tell me how many items are in: {}",
+              "count the words in: {}", "tell me how many items are in: {}", "How long is this list: {}?",
+              "How many things are in: {}?",
               "~What is the number of items in: {}?", "~tell me the number of words in: {}"],
     "plus": ["What is {a} + {b}?", "compute {a} + {b}.", "How much is {a} + {b}?", "add {a} and {b}.",
              "What is {a} plus {b}?", "How much is {a} plus {b}?", "work out {a} + {b}.", "add {b} to {a}.",
+             "What do {a} and {b} add up to?", "What do {a} and {b} make together?",
              "~What is the sum of {a} and {b}?", "~tell me the sum of {a} and {b}."],
     "minus": ["What is {a} - {b}?", "compute {a} - {b}.", "How much is {a} - {b}?", "subtract {b} from {a}.",
               "What is {a} minus {b}?", "How much is {a} minus {b}?", "work out {a} - {b}.",
+              "What is left if you take {b} from {a}?", "remove {b} from {a}.",
               "~What is {a} take away {b}?", "~tell me what {a} take away {b} is."],
     "greater": ["Is {a} greater than {b}?", "Is {a} bigger than {b}?", "Is {a} larger than {b}?",
                 "Is {a} more than {b}?", "tell me if {a} is greater than {b}.", "tell me if {a} is larger than {b}.",
+                "Is {a} higher than {b}?", "Is {a} over {b}?",
                 "~Is {a} above {b}?", "~Would you say {a} is above {b}?"],
     "less": ["Is {a} less than {b}?", "Is {a} smaller than {b}?", "Is {a} lower than {b}?",
              "tell me if {a} is less than {b}.", "tell me if {a} is smaller than {b}.", "Is {a} fewer than {b}?",
+             "Is {a} under {b}?", "tell me if {a} is lower than {b}.",
              "~Is {a} below {b}?", "~Would you say {a} is below {b}?"],
 }
 HELD_OUT_WORDS = {"copy": ["echo", "word for word"], "reverse": ["opposite"], "first": ["beginning"],
@@ -503,11 +512,13 @@ def _lists(rng):
     items = rng.sample(NOUNS, rng.randint(2, 7))
     k, shown, back = len(items), ", ".join(items), ", ".join(reversed(items))
     reverse = rng.choice(["From the end it reads", "Backwards it reads", "In the opposite order it is",
-                          "Reversed, it is", "In reverse it reads"])
-    first = rng.choice(["It starts with", "The first item is", "At the beginning is", "First comes"])
-    last = rng.choice(["It ends with", "The last item is", "The final item is", "Last comes"])
+                          "Reversed, it is", "In reverse it reads", "If you turn it around, it is",
+                          "From last to first it is"])
+    first = rng.choice(["It starts with", "The first item is", "At the beginning is", "First comes", "At the start is"])
+    last = rng.choice(["It ends with", "The last item is", "The final item is", "Last comes", "At the end is"])
     count = rng.choice([f"It has {NUMBER_WORDS[k - 1]} items, {k} in all.", f"The number of items is {k}.",
-                        f"There are {k} words in it.", f"{a} counts the items: {k}."])
+                        f"There are {k} words in it.", f"{a} counts the items: {k}.", f"The list is {k} items long.",
+                        f"There are {k} things in it."])
     parts = [count, f"{first} {items[0]}.", f"{last} {items[-1]}.", f"{reverse}: {back}."]
     rng.shuffle(parts)
     return f"{a} has a list: {shown}. " + " ".join(parts)
@@ -538,16 +549,18 @@ def _numbers(rng):
         s, r = f"{a} {op} {b}", a + b if op == "+" else a - b
         if op == "+":
             words = rng.choice([f"The sum of {a} and {b} is {r}.", f"{a} plus {b} is {r}.",
-                                f"Add {a} and {b} and you get {r}.", f"If you add {b} to {a} you get {r}."])
+                                f"Add {a} and {b} and you get {r}.", f"If you add {b} to {a} you get {r}.",
+                                f"{a} and {b} add up to {r}.", f"{a} and {b} together make {r}."])
         else:
             words = rng.choice([f"{a} minus {b} is {r}.", f"{a} take away {b} is {r}.",
-                                f"Subtract {b} from {a} and you get {r}.", f"Take {b} away from {a} and {r} is left."])
+                                f"Subtract {b} from {a} and you get {r}.", f"Take {b} away from {a} and {r} is left.",
+                                f"Remove {b} from {a} and {r} is left."])
         out.append(rng.choice(SUM_CONTEXTS).format(s=s, r=r, name=rng.choice(NAMES)) + " " + words)
     c, d = rng.choice(PAIRS)
-    more = rng.choice(["greater", "bigger", "larger", "more", "higher", "above"])
-    less = rng.choice(["less", "smaller", "lower", "fewer", "below"])
+    more = rng.choice(["greater", "bigger", "larger", "more", "higher", "above", "over"])
+    less = rng.choice(["less", "smaller", "lower", "fewer", "below", "under"])
     rel = f"{c} is {more} than {d}." if c > d else f"{c} is {less} than {d}."
-    rel = rel.replace(" than", "") if ("above" in rel or "below" in rel) else rel
+    rel = rel.replace(" than", "") if any(w in rel for w in (" above ", " below ", " over ", " under ")) else rel
     return " ".join(out + [rel])
 
 

@@ -186,7 +186,7 @@ def test_answers_are_right(held_out):
             assert a in question and b in question
         elif family == "compare":
             a, b = map(int, re.findall(r"\d+", question))
-            asks_more = bool(re.search(r"(greater|bigger|larger|more|above) (than )?\d", question))
+            asks_more = bool(re.search(r"(greater|bigger|larger|more|above|higher|over) (than )?\d", question))
             yes = a > b if asks_more else a < b
             assert answer == f"{'Yes' if yes else 'No'}, {a} is {'greater' if a > b else 'less'} than {b}."
         elif family == "recall":
