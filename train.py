@@ -373,14 +373,16 @@ def every(n: int, step: int) -> bool:
 
 
 def wrap(model: GPT, cfg: TrainConfig, device: torch.device, world: int):
-    """(raw model, the model to evaluate, the model to train): compiled on CUDA, under DDP with several processes."""
+    """(raw model, the model to train): under DDP with several processes, then compiled on CUDA. DDP first, as
+    PyTorch's DDP notes advise: its optimizer then splits the compiled graph at the gradient buckets. No buffer
+    broadcasts: the model's buffers (rotary tables, restrict_output's maps) are the same on every process.
+    Evaluation runs the raw model: compiling its no-grad forward would cost a second graph."""
     raw_model = model
+    if world > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     if device.type == "cuda" and cfg.compile:
         model = torch.compile(model)
-    eval_model = model
-    if world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return raw_model, eval_model, model
+    return raw_model, model
 
 
 class Meter:
@@ -478,7 +480,7 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
     checkpoints = Checkpoints(out, model, optimizer, scaler, cfg, {**provenance, "data": data.fingerprint},
                               extra_config, enabled=master)
     plotter = Plotter(out, enabled=master)
-    raw_model, eval_model, model = wrap(model, cfg, device, world)
+    raw_model, model = wrap(model, cfg, device, world)
     meter = Meter(raw_model, device, dtype, world)
     if master:
         log(describe(raw_model, cfg, device, dtype, world, grad_accum, step_limit))
@@ -498,7 +500,7 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
             # Once in a while, and at the end: evaluate (keep the best weights), save a checkpoint.
             if state.step != done and (state.step == 0 or every(cfg.eval_every, state.step)
                                        or reason not in ("", "interrupted")):
-                last_val = evaluate(eval_model, data.val_batches(), device, autocast, rank, world)
+                last_val = evaluate(raw_model, data.val_batches(), device, autocast, rank, world)
                 record_eval(state, last_val, run_log, checkpoints, plotter)
             if state.step != done and (reason or (every(cfg.save_every, state.step) and state.step > 0)):
                 checkpoints.save_step(state)
