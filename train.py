@@ -39,8 +39,8 @@ from config import ConfigError, TrainConfig, progress_interval, to_dict
 from model import GPT, enable_tf32, pick_device
 from optim import check_optimizer, make_optimizer
 
-# Dense bf16 tensor-core peak FLOP/s per GPU, for MFU; a GPU not listed (and the CPU) shows no MFU.
-# Dense bf16 peaks; the longest name a GPU's name contains wins ("NVIDIA H200 NVL" is an H200 NVL, not an H200).
+# Dense bf16 tensor-core peak FLOP/s per GPU, for MFU; a GPU not listed (and the CPU) shows no MFU. The longest
+# key the GPU's name contains wins ("NVIDIA H200 NVL" is an H200 NVL, not an H200).
 PEAK_FLOPS = {"H200": 989e12, "H200 NVL": 836e12, "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
               "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12}
 
@@ -396,11 +396,11 @@ class Meter:
     def update(self, tokens: float, dt: float) -> tuple[float, float | None]:
         """(tokens/s, MFU or None) after a step of `tokens` (all ranks) in dt seconds."""
         self.steps += 1
-        if self.steps == 1:  # the first step includes warm-up (compiling on CUDA): it would bias every average
-            self.tok_rate = tokens / dt
+        if self.steps <= 2:  # the first step includes warm-up (compiling on CUDA): shown alone, never averaged
+            self.tok_rate, self.sec_per_step = tokens / dt, dt if self.steps == 2 else None
         else:
-            self.sec_per_step = dt if self.sec_per_step is None else 0.9 * self.sec_per_step + 0.1 * dt
-            self.tok_rate = tokens / dt if self.steps == 2 else 0.9 * self.tok_rate + 0.1 * tokens / dt
+            self.sec_per_step = 0.9 * self.sec_per_step + 0.1 * dt
+            self.tok_rate = 0.9 * self.tok_rate + 0.1 * tokens / dt
         self.mfu = self.flops_per_token * self.tok_rate / (self.peak * self.world) if self.peak else None
         return self.tok_rate, self.mfu
 
@@ -419,13 +419,13 @@ def to_device(batch, device: torch.device):
 
 
 def describe(model: GPT, cfg: TrainConfig, device, dtype, world: int, grad_accum: int, step_limit: float) -> str:
-    block = model.config.block_size
+    block, warmup = model.config.block_size, warmup_steps(cfg, step_limit)
     return (f"training {model.num_params():,} parameters on {world} x {device} ({str(dtype).split('.')[-1]}), "
             f"{grad_accum * cfg.batch_size * block * world:,} tokens per step ({grad_accum} x {cfg.batch_size} x "
             f"{block} x {world}), until " + " or ".join(([f"step {step_limit}"] if step_limit < math.inf else [])
                                                       + ([f"{cfg.max_time:.0f} s"] if cfg.max_time else []))
-            + (f"; warmup {warmup_steps(cfg, step_limit):.0f} steps, a fifth of the run (not {cfg.warmup_steps})"
-               if warmup_steps(cfg, step_limit) < cfg.warmup_steps else ""))
+            + (f"; warmup {warmup:.0f} steps, a fifth of the run (not {cfg.warmup_steps})"
+               if warmup < cfg.warmup_steps else ""))
 
 
 def record_eval(state: TrainState, val_loss: float | None, run_log: Log, checkpoints: Checkpoints,
