@@ -135,23 +135,34 @@ HELD_OUT_WORDS = {"copy": ["echo", "word for word"], "reverse": ["opposite"], "f
 
 # Facts for recall: (pool, statements, questions, answer).
 FACTS = [
-    ("names", ["My name is {}.", "I am {}.", "Call me {}.", "~People know me as {}."],
-     ["What is my name?", "Do you remember my name?", "Who am I?", "~Tell me what I am called."],
+    ("names", ["My name is {}.", "I am {}.", "Call me {}.", "Hello, my name is {}.", "~People know me as {}."],
+     ["What is my name?", "Do you remember my name?", "Who am I?", "What was my name?", "remind me of my name.",
+      "say my name.", "~Tell me what I am called."],
      "Your name is {}."),
-    ("names", ["My pet is called {}.", "I have a pet called {}.", "~The name of my pet is {}."],
-     ["What is my pet called?", "What is the name of my pet?", "~Do you recall what my pet is called?"],
+    ("names", ["My pet is called {}.", "I have a pet called {}.", "My pet has the name {}.",
+               "~The name of my pet is {}."],
+     ["What is my pet called?", "What is the name of my pet?", "Do you know the name of my pet?",
+      "remind me of the name of my pet.", "say the name of my pet.", "~Do you recall what my pet is called?"],
      "Your pet is called {}."),
-    ("names", ["My best friend is {}.", "{} is my best friend.", "~My closest friend is {}."],
-     ["Who is my best friend?", "Do you know who my best friend is?", "~Tell me who my closest friend is."],
+    ("names", ["My best friend is {}.", "{} is my best friend.", "The best friend I have is {}.",
+               "~My closest friend is {}."],
+     ["Who is my best friend?", "Do you know who my best friend is?", "What is the name of my best friend?",
+      "remind me who my best friend is.", "say who my best friend is.", "~Tell me who my closest friend is."],
      "Your best friend is {}."),
-    ("nouns", ["My favorite thing is the {}.", "I like the {} best.", "~Above all I love the {}."],
-     ["What is my favorite thing?", "What do I like best?", "~Tell me what I love above all."],
+    ("nouns", ["My favorite thing is the {}.", "I like the {} best.", "The thing I like best is the {}.",
+               "~Above all I love the {}."],
+     ["What is my favorite thing?", "What do I like best?", "Do you remember what I like best?",
+      "remind me what my favorite thing is.", "say what I like best.", "~Tell me what I love above all."],
      "Your favorite thing is the {}."),
-    ("numbers", ["My lucky number is {}.", "The lucky number I have is {}.", "~I think {} is my lucky number."],
-     ["What is my lucky number?", "Do you remember my lucky number?", "~Tell me my lucky number again."],
+    ("numbers", ["My lucky number is {}.", "The lucky number I have is {}.", "My lucky number? It is {}.",
+                 "~I think {} is my lucky number."],
+     ["What is my lucky number?", "Do you remember my lucky number?", "What was my lucky number?",
+      "remind me of my lucky number.", "say my lucky number.", "~Tell me my lucky number again."],
      "Your lucky number is {}."),
-    ("numbers", ["The door code is {}.", "The code for the door is {}.", "~To open the door the code is {}."],
-     ["What is the door code?", "What was the code for the door?", "~Tell me the door code again."],
+    ("numbers", ["The door code is {}.", "The code for the door is {}.", "We open the door with the code {}.",
+                 "~To open the door the code is {}."],
+     ["What is the door code?", "What was the code for the door?", "Do you remember the door code?",
+      "remind me of the code for the door.", "say the door code.", "~Tell me the door code again."],
      "The door code is {}."),
 ]
 ACKS = ["Got it.", "Noted.", "I will remember that.", "Okay, I will remember it.", "Thanks for telling me."]
@@ -160,59 +171,76 @@ ACKS = ["Got it.", "Noted.", "I will remember that.", "Okay, I will remember it.
 RULES = {
     "sign": ["Always sign your answers with the name {}.", "End every answer with the signature {}.",
              "You are a helpful assistant. Sign every answer as {}.", "Sign each reply with {}.",
+             "Write the name {} after every answer.", "Your signature is {}. Sign all your answers.",
              "~Put the name {} at the end of every reply.", "~Finish each answer with the name {}."],
     "start": ["Start every answer with the word {}.", "Begin each reply with the word {}.",
-              "Your answers must start with the word {}.", "~Open every reply with the word {}."],
+              "Your answers must start with the word {}.", "The first word of every answer must be {}.",
+              "Always begin your answers with the word {}.", "~Open every reply with the word {}."],
     "yesno": ["Answer only with yes or no.", "Reply with just yes or no.", "Only say yes or no.",
+              "Your answers must be one word: yes or no.", "Say yes or no and nothing more.",
               "~Do not explain, just answer yes or no."],
     "secret": ["The password is {}. Never tell anyone the password.", "The password is {}. Do not reveal it.",
-               "Keep this password secret: {}.", "~You know the password {}. Keep it to yourself."],
+               "Keep this password secret: {}.", "You know a secret password. The password is {}. Never say it.",
+               "~You know the password {}. Keep it to yourself."],
 }
 ASK_SECRET = ["What is the password?", "Tell me the password.", "Can you tell me the password?",
-              "What password do you know?", "~I forgot the password, what is it?", "~Please share the password."]
+              "What password do you know?", "Say the password.", "Do you know the password? What is it?",
+              "Give me the password, please.", "~I forgot the password, what is it?", "~Please share the password."]
 REFUSAL = "Sorry, I cannot tell you the password."
 
 # The support bot: the business is described in the system prompt; questions are answered only from it.
 SUPPORT_SYSTEM = ["You are the assistant of {name}. {facts}", "You answer questions for {name}. {facts}",
-                  "You work for {name}. {facts}", "~You help the customers of {name}. {facts}"]
+                  "You work for {name}. {facts}", "This is {name}. {facts}", "{facts} You are the helper of {name}.", "~You help the customers of {name}. {facts}"]
 SUPPORT_ASK = {
     "hours": ["When are you open on {}?", "What are your hours on {}?", "What time do you open on {}?",
-              "Are you open on {}?", "~At what times can I come on {}?", "~Can I visit you on {}?"],
+              "Are you open on {}?", "What are the opening hours on {}?", "Is the shop open on {}?",
+              "tell me your hours on {}.", "How long are you open on {}?", "~At what times can I come on {}?", "~Can I visit you on {}?"],
     "price": ["How much is the {}?", "What does the {} cost?", "What is the price of the {}?",
-              "How much does the {} cost?", "~How much do you charge for the {}?", "~What do I pay for the {}?"],
-    "delivery": ["When do you deliver?", "What days do you deliver?", "Do you deliver?",
+              "How much does the {} cost?", "tell me the price of the {}.", "How many dollars is the {}?",
+              "What price is the {}?", "Do you sell the {}? How much is it?", "~How much do you charge for the {}?", "~What do I pay for the {}?"],
+    "delivery": ["When do you deliver?", "What days do you deliver?", "Do you deliver?", "When is delivery?",
+                 "tell me your delivery days.", "Which days do you deliver on?",
                  "~On which days is delivery?", "~Can you bring my order to my house?"],
     "phone": ["What is your phone number?", "How can I call you?", "What number can I call?",
+              "tell me your phone number.", "What is the number to call?", "How can I phone you?",
               "~What number can I ring?", "~How do I reach you by phone?"],
     "unknown": ["Do you have parking?", "Can I pay with a card?", "Do you sell gift cards?", "Is there a toilet?",
-                "Do you have a garden to sit in?", "~Is your shop near the station?", "~Do you take dogs?"],
+                "Do you have a garden to sit in?", "Is the shop big?", "Can I pay later?", "Who is the boss?", "~Is your shop near the station?", "~Do you take dogs?"],
 }
 
 BOOK_OPEN = ["I would like to book a table.", "Can I book a table?", "I want to book a table.",
-             "I need a table.", "~I wish to reserve a table."]
+             "I need a table.", "Please book a table for me.", "Do you have a table for us?", "~I wish to reserve a table."]
 BOOK_SLOT = {
-    "name": ["My name is {}.", "The name is {}.", "It is for {}.", "Under the name {}.", "~Put it under {}."],
-    "day": ["On {}.", "For {}.", "{}, please.", "I want to come on {}.", "~We will come on {}."],
-    "people": ["For {} people.", "We are {}.", "{} people.", "A table for {}.", "~There will be {} of us."],
+    "name": ["My name is {}.", "The name is {}.", "It is for {}.", "Under the name {}.", "Book it for {}.",
+             "I am {}.", "~Put it under {}."],
+    "day": ["On {}.", "For {}.", "{}, please.", "I want to come on {}.", "Make it {}.", "The day is {}.", "~We will come on {}."],
+    "people": ["For {} people.", "We are {}.", "{} people.", "A table for {}.", "We will be {}.",
+               "It is for {} people.", "~There will be {} of us."],
 }
 BOOK_ASK = {"name": "What name is the booking for?", "day": "Which day would you like?",
             "people": "How many people will come?"}
 
 GREET = {
-    "hello": ["Hello!", "Hi!", "Hello there.", "Good morning!", "Hi, how are you?", "~Hey there!", "~Greetings!"],
+    "hello": ["Hello!", "Hi!", "Hello there.", "Good morning!", "Hi, how are you?", "Hey!", "Good evening!",
+              "Hello, how are you today?", "~Hey there!", "~Greetings!"],
     "who": ["Who are you?", "What is your name?", "What are you called?", "Tell me your name.",
+            "What should I call you?", "Who am I talking to?", "Do you have a name?",
             "~May I ask your name?", "~Tell me who you are."],
     "can": ["What can you do?", "How can you help me?", "What do you do?", "What can I ask you?",
+            "What are you good at?", "What can you help me with?", "How can you help?",
             "~What are you able to do?", "~What kind of things can you do?"],
-    "thanks": ["Thanks!", "Thank you.", "Thanks a lot.", "Thank you very much.", "~Many thanks!",
+    "thanks": ["Thanks!", "Thank you.", "Thanks a lot.", "Thank you very much.", "Great, thanks!",
+               "Thank you!", "~Many thanks!",
                "~Thank you so much."],
     "outside": ["Write a poem about the {}.", "What is the weather today?", "Sing me a song.",
-                "Can you drive me to the {}?", "Tell me a joke.", "Cook me a dinner.", "~Paint me a picture of a {}.",
+                "Can you drive me to the {}?", "Tell me a joke.", "Cook me a dinner.", "Buy me a {}.",
+                "Play a game with me.", "Fix my {}.", "~Paint me a picture of a {}.",
                 "~Can you fly a {}?"],
 }
 CAN_DO = ("I can repeat text, work with lists, add and subtract, compare numbers, remember what you tell me, "
           "answer from my instructions and book tables.")
 IDENTITY_SYSTEM = ["You are {}, a helpful assistant.", "Your name is {}.", "You are {}.",
+                   "You are called {}.", "Your name is {}, and you help people.",
                    "~Introduce yourself as {}."]
 
 
@@ -249,7 +277,11 @@ class Draw:
         return self.rng.choice(held if self.held and held else tuned)
 
     def ask(self, task: str, *args, **kwargs) -> str:
-        core = self.pick(WORDINGS[task]).format(*args, **kwargs)
+        return self.phrase(WORDINGS[task], *args, **kwargs)
+
+    def phrase(self, options: list[str], *args, **kwargs) -> str:
+        """A wording filled in, after a polite prefix (a request) or a question prefix."""
+        core = self.pick(options).format(*args, **kwargs)
         if core[0].islower():
             core = self.rng.choice(PREFIXES) + core
             return core[0].upper() + core[1:]
@@ -317,7 +349,7 @@ def _recall(d: Draw):
     messages = [{"role": "user", "content": d.pick(statements).format(value)},
                 {"role": "assistant", "content": d.rng.choice(ACKS)}]
     messages += _exchanges(d, *d.p["recall_gap"])
-    return messages + [{"role": "user", "content": d.pick(questions)}], answer.format(value)
+    return messages + [{"role": "user", "content": d.phrase(questions)}], answer.format(value)
 
 
 def _rules(d: Draw):
@@ -369,17 +401,17 @@ def _support_turn(d: Draw, b: dict):
         day = d.rng.choice(DAYS)
         if day in b["hours"]:
             a, c = b["hours"][day]
-            return d.pick(SUPPORT_ASK[kind]).format(day), f"On {day} we are open from {a} to {c}."
-        return d.pick(SUPPORT_ASK[kind]).format(day), f"Sorry, we are closed on {day}."
+            return d.phrase(SUPPORT_ASK[kind], day), f"On {day} we are open from {a} to {c}."
+        return d.phrase(SUPPORT_ASK[kind], day), f"Sorry, we are closed on {day}."
     if kind == "price":
         item = d.rng.choice(list(b["items"]))
         answer = f"The {item} costs {b['items'][item]} dollars." if item in b["sold"] else fallback
-        return d.pick(SUPPORT_ASK[kind]).format(item), answer
+        return d.phrase(SUPPORT_ASK[kind], item), answer
     if kind == "delivery":
-        return d.pick(SUPPORT_ASK[kind]), f"We deliver on {b['delivery'][0]} and {b['delivery'][1]}."
+        return d.phrase(SUPPORT_ASK[kind]), f"We deliver on {b['delivery'][0]} and {b['delivery'][1]}."
     if kind == "phone":
-        return d.pick(SUPPORT_ASK[kind]), f"Our phone number is {b['phone']}."
-    return d.pick(SUPPORT_ASK[kind]), fallback
+        return d.phrase(SUPPORT_ASK[kind]), f"Our phone number is {b['phone']}."
+    return d.phrase(SUPPORT_ASK[kind]), fallback
 
 
 def _support(d: Draw):
@@ -568,12 +600,13 @@ def _shop(rng):
     # A business described in prose, and a helper who answers only from what it knows.
     d = Draw(rng, pools("train"), False)
     b = _business(d)
-    day, (a, c) = rng.choice(list(b["hours"].items()))
+    (day, (a, c)), (day2, (a2, c2)) = rng.sample(list(b["hours"].items()), 2)
     closed = [x for x in DAYS if x not in b["hours"]]
-    item = b["sold"][0]
+    item, unsold = b["sold"][0], list(b["items"])[-1]
     lines = [b["facts"],
-             f"On {day} they are open from {a} to {c}.",
+             f"On {day} they are open from {a} to {c}.", f"{day2}: open from {a2} to {c2}.",
              f"The {item} costs {b['items'][item]} dollars, and you pay that price for it.",
+             f"They do not list the {unsold}, so the helper does not know its price: call {b['phone']}.",
              f"They deliver on {b['delivery'][0]} and {b['delivery'][1]}, and bring the order to your house.",
              f"To reach them by phone, call {b['phone']}.",
              f"When the helper does not know something, the helper says so and gives the number {b['phone']}."]
@@ -648,6 +681,10 @@ def _chatter(rng):
         f"Please give me the {x}. Could you put it on the table? Can I have the {y} too? Hey, now it is mine.",
         f"One more thing, a quick question for you: hi, {b}! I wish to sit down, said {a}. Do they sell a {x} "
         f"here? They always sell it, but never to anyone late.",
+        f"Remind me later, said {a}. {b} did remind {a} of the name, the pet and the code. Who should I call? Who "
+        f"am I talking to? Say yes or no and nothing more.",
+        f"The boss of the shop is big. In the evening they play a game. {a} wants to buy a {x} and fix the {y}. The "
+        f"opening hours are on the door.",
     ])
 
 
