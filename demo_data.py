@@ -385,9 +385,17 @@ def _business(d: Draw) -> dict:
     shown_items = list(items)[:3]  # the fourth is not sold: asked about, it gets the fallback
     delivery = [DAYS[i] for i in sorted(rng.sample(range(7), 2))]
     phone = " ".join(str(n) for n in rng.sample(d.p["numbers"], 2))
-    facts = [f"Open {', '.join(f'{day} {a} to {b}' for day, (a, b) in hours.items())}.",
-             f"Prices: {', '.join(f'{item} {items[item]} dollars' for item in shown_items)}.",
-             f"Delivery on {delivery[0]} and {delivery[1]}.", f"Phone: {phone}."]
+    closed = [day for day in DAYS if day not in hours]
+    # Each fact in one of several styles (a terse list, or sentences the answers copy from), as system prompts
+    # written by different people would; the closed days are sometimes said, sometimes left to be inferred.
+    facts = [rng.choice([f"Open {', '.join(f'{day} {a} to {b}' for day, (a, b) in hours.items())}.",
+                         f"We are open {', '.join(f'on {day} from {a} to {b}' for day, (a, b) in hours.items())}."])
+             + (f" Closed on {', '.join(closed[:-1])} and {closed[-1]}." if rng.random() < 0.5 else ""),
+             rng.choice([f"Prices: {', '.join(f'{item} {items[item]} dollars' for item in shown_items)}.",
+                         f"{', '.join(f'the {item} costs {items[item]} dollars' for item in shown_items)}.".capitalize(),
+                         f"We sell {', '.join(f'the {item} for {items[item]} dollars' for item in shown_items)}."]),
+             rng.choice([f"Delivery on {delivery[0]} and {delivery[1]}.", f"We deliver on {delivery[0]} and {delivery[1]}."]),
+             rng.choice([f"Phone: {phone}.", f"Our phone number is {phone}.", f"Call us at {phone}."])]
     name = f"{rng.choice(d.p['names'])}'s {rng.choice(KINDS)}"
     facts = " ".join(facts)
     return {"name": name, "facts": facts, "system": d.pick(SUPPORT_SYSTEM).format(name=name, facts=facts),
@@ -401,7 +409,7 @@ def _support_turn(d: Draw, b: dict):
         day = d.rng.choice(DAYS)
         if day in b["hours"]:
             a, c = b["hours"][day]
-            return d.phrase(SUPPORT_ASK[kind], day), f"On {day} we are open from {a} to {c}."
+            return d.phrase(SUPPORT_ASK[kind], day), f"We are open on {day} from {a} to {c}."
         return d.phrase(SUPPORT_ASK[kind], day), f"Sorry, we are closed on {day}."
     if kind == "price":
         item = d.rng.choice(list(b["items"]))

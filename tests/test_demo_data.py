@@ -158,19 +158,19 @@ def test_every_answer_is_exactly_checkable(held_out):
 
 def _support_answer_is_right(e):
     system, question, answer = e["messages"][0]["content"], e["messages"][-2]["content"], e["answer"]
-    phone = re.search(r"Phone: (\d+ \d+)\.", system).group(1)
+    phone = re.search(r"\d{3} \d{3}", system).group()  # the only three-digit numbers: hours and prices are lower
     if answer.startswith("Sorry, I do not know"):  # the fallback: the number to call, no invented fact
         assert answer == f"Sorry, I do not know that. Please call us at {phone}."
-        item = re.search(r"the (\w+)\?$", question)
-        assert not item or f" {item.group(1)} " not in system.split("Prices:")[1].split(".")[0] + " "
-    elif m := re.fullmatch(r"On (\w+) we are open from (\d+) to (\d+)\.", answer):
-        assert f"{m[1]} {m[2]} to {m[3]}" in system and m[1] in question
+        item = re.search(r"the (\w+)\?", question)
+        assert not item or not re.search(rf"\b{item.group(1)}\b", system)
+    elif m := re.fullmatch(r"We are open on (\w+) from (\d+) to (\d+)\.", answer):
+        assert re.search(rf"{m[1]} (from )?{m[2]} to {m[3]}\b", system) and m[1] in question
     elif m := re.fullmatch(r"Sorry, we are closed on (\w+)\.", answer):
-        assert m[1] in question and f"{m[1]} " not in system.split("Prices:")[0]
+        assert m[1] in question and not re.search(rf"{m[1]} (from )?\d", system)
     elif m := re.fullmatch(r"The (\w+) costs (\d+) dollars\.", answer):
-        assert f"{m[1]} {m[2]} dollars" in system
+        assert re.search(rf"{m[1]} (costs |for )?{m[2]} dollars", system)
     elif m := re.fullmatch(r"We deliver on (\w+) and (\w+)\.", answer):
-        assert f"Delivery on {m[1]} and {m[2]}." in system
+        assert re.search(rf"(Delivery|deliver) on {m[1]} and {m[2]}\.", system)
     else:
         assert answer == f"Our phone number is {phone}."
 
