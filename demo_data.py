@@ -83,7 +83,7 @@ EVAL_EVERY = 4  # one operand pair in EVAL_EVERY is held out for the evaluation 
 DEFAULT_NAME = "Parley"  # the assistant's name when no system prompt gives one
 
 FAMILIES = ("copy", "list", "arithmetic", "compare", "recall", "rules", "support", "booking", "greeting")
-SPLIT_SIZES = {"train": 6000, "val": 30, "eval": 50}  # dialogs per family
+SPLIT_SIZES = {"train": 2500, "val": 30, "eval": 50}  # dialogs per family
 SPLIT_SEEDS = {"train": 0, "val": 1, "eval": 2}  # combined with the caller's seed
 
 # ---- wordings ---------------------------------------------------------------------------------------------------
