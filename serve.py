@@ -299,7 +299,8 @@ class ChoiceShape:
         tokens = [e.token for e in entries]
         if self.echo:
             text, tokens, entries = self.prompt_text + text, self.prompt + tokens, result["prompt_logprobs"] + entries
-        return {"index": i, "text": text, "logprobs": self.format(i, entries, tokens), "finish_reason": result["reason"]}
+        return {"index": i, "text": text, "logprobs": self.format(i, entries, tokens),
+                "finish_reason": result["reason"]}
 
     def chunk(self, event: Event) -> dict:
         """The choice of a streamed chunk: a "prompt" (echo), "text" or "done" event."""
@@ -735,7 +736,8 @@ class Server:
 def usage(prompt_tokens, completion_tokens, cached_tokens):
     """OpenAI's usage; cached_tokens: prompt tokens taken from the prefix cache instead of prefilled."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def add_error_handlers(app: FastAPI) -> None:
