@@ -496,18 +496,10 @@ class HostGuard:
 
 # ---- the app ------------------------------------------------------------------------------------
 
-@dataclass
-class PrefixCacheConfig:
-    # Tokens of finished sequences whose keys and values are kept, so that a prompt extending one (the next turn
-    # of a conversation) prefills only its new tokens; least recently used dropped first; 0 turns reuse off.
-    prefix_cache_tokens: int = 8192
-
-
 class Server:
     """What the routes share: the config, the engine, the /chat sessions and the metrics. Each route is a method."""
 
-    def __init__(self, cfg: ServeConfig, model, exit_on_failure: bool = False,
-                 prefix_cache_tokens: int = PrefixCacheConfig.prefix_cache_tokens):
+    def __init__(self, cfg: ServeConfig, model, exit_on_failure: bool = False):
         model.eval()
         self.cfg, self.model = cfg, model
         self.block = model.config.block_size
@@ -515,7 +507,7 @@ class Server:
         self.created_at = int(time.time())
         self.metrics = Metrics()
         self.exit_on_failure = exit_on_failure
-        self.engine = Engine(model, cfg.max_batch, cfg.max_queue, reuse_tokens=prefix_cache_tokens,
+        self.engine = Engine(model, cfg.max_batch, cfg.max_queue, reuse_tokens=cfg.prefix_cache_tokens,
                              observe=self.metrics.observe, on_failure=self.on_engine_failure)
         self.sessions = Sessions(cfg.max_sessions, cfg.session_ttl)
         self.ready = False
@@ -761,14 +753,13 @@ def add_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal server error", "server_error", code="internal_error")
 
 
-def create_app(cfg: ServeConfig, model=None, exit_on_failure: bool = False,
-               prefix_cache_tokens: int = PrefixCacheConfig.prefix_cache_tokens) -> FastAPI:
+def create_app(cfg: ServeConfig, model=None, exit_on_failure: bool = False) -> FastAPI:
     """The FastAPI app; `model` (a GPT) is loaded from cfg.checkpoint when not given. exit_on_failure: a device
-    error stops the process (Server.on_engine_failure). prefix_cache_tokens: PrefixCacheConfig's."""
+    error stops the process (Server.on_engine_failure)."""
     if model is None:
         from checkpoint import load_checkpoint
         model, _, _ = load_checkpoint(cfg.checkpoint, device=pick_device(cfg.device))
-    server = Server(cfg, model, exit_on_failure, prefix_cache_tokens)
+    server = Server(cfg, model, exit_on_failure)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -803,15 +794,15 @@ def create_app(cfg: ServeConfig, model=None, exit_on_failure: bool = False,
 
 
 def main(argv: list[str]) -> None:
-    cfg, cache = ServeConfig(), PrefixCacheConfig()
-    cli(argv, [cfg, cache], usage=__doc__)
+    cfg = ServeConfig()
+    cli(argv, [cfg], usage=__doc__)
     cfg.api_key = cfg.api_key or os.environ.get("PARLEY_API_KEY", "")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model", cfg.host)
     from checkpoint import CheckpointError
     try:
-        app = create_app(cfg, exit_on_failure=True, prefix_cache_tokens=cache.prefix_cache_tokens)
+        app = create_app(cfg, exit_on_failure=True)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     import uvicorn

@@ -162,8 +162,8 @@ def scripted_text(n_tokens: int) -> str:
 @contextmanager
 def in_process_server(model, prefix_cache_tokens=0, **cfg_fields):
     import uvicorn
-    cfg = ServeConfig(checkpoint="scripted", **cfg_fields)
-    app = create_app(cfg, model, prefix_cache_tokens=prefix_cache_tokens)
+    cfg = ServeConfig(checkpoint="scripted", prefix_cache_tokens=prefix_cache_tokens, **cfg_fields)
+    app = create_app(cfg, model)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
