@@ -29,7 +29,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -41,7 +40,9 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               disable_created_metrics, generate_latest)
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -84,82 +85,61 @@ def context_error(prompt_tokens: int, max_tokens: int, block_size: int) -> ApiEr
 
 # ---- metrics ------------------------------------------------------------------------------------
 
-class Histogram:
-    def __init__(self, buckets):
-        self.buckets, self.counts, self.sum, self.count = list(buckets), [0] * len(buckets), 0.0, 0
-
-    def observe(self, v: float):
-        self.sum, self.count = self.sum + v, self.count + 1
-        for i, b in enumerate(self.buckets):
-            if v <= b:
-                self.counts[i] += 1
-
-    def lines(self, name: str) -> list[str]:
-        out = [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
-        out.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
-        return out + [f"{name}_sum {self.sum:.6f}", f"{name}_count {self.count}"]
-
-
-def metric_block(name: str, kind: str, help_: str, samples) -> list[str]:
-    """One metric in Prometheus' text format: samples are (labels, value) or a single value."""
-    rows = samples if isinstance(samples, list) else [("", samples)]
-    return [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", *(f"{name}{labels} {value}" for labels, value in rows)]
+# No `_created` series (a timestamp next to every counter and histogram): /metrics keeps exactly the series it had
+# before prometheus_client, which dashboards already read. The switch is process-wide, the only one on offer.
+disable_created_metrics()
 
 
 class Metrics:
-    """Counters for /metrics, updated from the event loop and the engine thread (hence the lock)."""
+    """The server's Prometheus metrics, in a registry of its own so that several apps in one process do not clash.
+    prometheus_client's metrics are thread-safe: the event loop and the engine thread update them directly."""
 
     def __init__(self):
-        self.lock = threading.Lock()
-        self.requests = collections.Counter()  # (route, status) -> count
-        self.prompt_tokens = self.completion_tokens = self.cancelled = self.reused_tokens = 0
-        self.ttft = Histogram([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30])
-        self.tpot = Histogram([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1])
+        self.registry = CollectorRegistry()
+        # A counter named `x_total` is exposed as `x_total` (prometheus_client adds the suffix only when missing).
+        self.requests = Counter("parley_requests_total", "HTTP requests by route and status.", ["route", "status"],
+                                registry=self.registry)
+        self.errors = Counter("parley_errors_total", "HTTP responses with status >= 400.", ["status"],
+                              registry=self.registry)
+        self.engine_counters = {  # engine.Engine's `observe` kinds
+            "prompt_tokens": Counter("parley_prompt_tokens_total", "Prompt tokens of admitted requests.",
+                                     registry=self.registry),
+            "reused_tokens": Counter("parley_reused_prompt_tokens_total",
+                                     "Prompt tokens whose keys and values came from the prefix cache (not prefilled).",
+                                     registry=self.registry),
+            "completion_tokens": Counter("parley_completion_tokens_total", "Tokens generated.", registry=self.registry),
+            "cancelled": Counter("parley_cancelled_total",
+                                 "Generations stopped because the client went away or ran past its deadline.",
+                                 registry=self.registry),
+        }
+        self.histograms = {
+            "ttft": Histogram("parley_time_to_first_token_seconds", "From arrival to the first generated token.",
+                              buckets=[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30], registry=self.registry),
+            "tpot": Histogram("parley_time_per_output_token_seconds",
+                              "Mean time between tokens after the first, per request.",
+                              buckets=[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1],
+                              registry=self.registry),
+        }
 
-    def add(self, **counts):
-        with self.lock:
-            for k, v in counts.items():
-                setattr(self, k, getattr(self, k) + v)
+    def watch(self, engine: Engine, max_batch: int):
+        """The gauges, read from the engine at each scrape."""
+        Gauge("parley_queue_depth", "Sequences waiting for a batch row.",
+              registry=self.registry).set_function(engine.queue_depth)
+        Gauge("parley_active_sequences", "Sequences being generated.",
+              registry=self.registry).set_function(lambda: len(engine.active))
+        Gauge("parley_batch_slots", "Rows of the batch (max_batch).", registry=self.registry).set(max_batch)
 
     def observe(self, kind: str, value: float):
         """What the engine reports (engine.Engine's `observe`)."""
-        if kind in ("ttft", "tpot"):
-            with self.lock:
-                getattr(self, kind).observe(value)
-        elif kind in ("prompt_tokens", "reused_tokens", "completion_tokens", "cancelled"):
-            self.add(**{kind: value})
+        if kind in self.histograms:
+            self.histograms[kind].observe(value)
+        elif kind in self.engine_counters:
+            self.engine_counters[kind].inc(value)
 
-    def render(self, queue_depth: int, active: int, max_batch: int) -> str:
-        with self.lock:
-            errors = collections.Counter()
-            for (_, status), n in self.requests.items():
-                if status >= 400:
-                    errors[status] += n
-            requests = [(f'{{route="{r}",status="{s}"}}', n) for (r, s), n in sorted(self.requests.items())]
-            lines = [
-                *metric_block("parley_requests_total", "counter", "HTTP requests by route and status.", requests),
-                *metric_block("parley_errors_total", "counter", "HTTP responses with status >= 400.",
-                              [(f'{{status="{s}"}}', n) for s, n in sorted(errors.items())]),
-                *metric_block("parley_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.",
-                              self.prompt_tokens),
-                *metric_block("parley_reused_prompt_tokens_total", "counter",
-                              "Prompt tokens whose keys and values came from the prefix cache (not prefilled).",
-                              self.reused_tokens),
-                *metric_block("parley_completion_tokens_total", "counter", "Tokens generated.", self.completion_tokens),
-                *metric_block("parley_cancelled_total", "counter",
-                              "Generations stopped because the client went away or ran past its deadline.",
-                              self.cancelled),
-                "# HELP parley_time_to_first_token_seconds From arrival to the first generated token.",
-                "# TYPE parley_time_to_first_token_seconds histogram",
-                *self.ttft.lines("parley_time_to_first_token_seconds"),
-                "# HELP parley_time_per_output_token_seconds Mean time between tokens after the first, per request.",
-                "# TYPE parley_time_per_output_token_seconds histogram",
-                *self.tpot.lines("parley_time_per_output_token_seconds"),
-                *metric_block("parley_queue_depth", "gauge", "Sequences waiting for a batch row.", queue_depth),
-                *metric_block("parley_active_sequences", "gauge", "Sequences being generated.", active),
-                *metric_block("parley_batch_slots", "gauge", "Rows of the batch (max_batch).", max_batch),
-            ]
-        return "\n".join(lines) + "\n"
+    def count_response(self, route: str, status: int):
+        self.requests.labels(route=route, status=str(status)).inc()
+        if status >= 400:
+            self.errors.labels(status=str(status)).inc()
 
 
 class MetricsMiddleware:
@@ -175,8 +155,7 @@ class MetricsMiddleware:
 
         async def send_counted(message):
             if message["type"] == "http.response.start":
-                with self.metrics.lock:
-                    self.metrics.requests[(route, message["status"])] += 1
+                self.metrics.count_response(route, message["status"])
             await send(message)
 
         await self.app(scope, receive, send_counted)
@@ -509,6 +488,7 @@ class Server:
         self.exit_on_failure = exit_on_failure
         self.engine = Engine(model, cfg.max_batch, cfg.max_queue, reuse_tokens=cfg.prefix_cache_tokens,
                              observe=self.metrics.observe, on_failure=self.on_engine_failure)
+        self.metrics.watch(self.engine, cfg.max_batch)
         self.sessions = Sessions(cfg.max_sessions, cfg.session_ttl)
         self.ready = False
 
@@ -657,8 +637,7 @@ class Server:
         return {"status": "ready", "model": self.model_id}
 
     async def metrics_text(self):
-        text = self.metrics.render(self.engine.queue_depth(), len(self.engine.active), self.cfg.max_batch)
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def models(self):
         return {"object": "list", "data": [{"id": self.model_id, "object": "model", "created": self.created_at,
@@ -775,7 +754,7 @@ def create_app(cfg: ServeConfig, model=None, exit_on_failure: bool = False) -> F
     app.get("/", response_class=HTMLResponse)(server.page)
     api = APIRouter(dependencies=[Depends(server.check_key)])
     api.get("/ready")(server.ready_route)
-    api.get("/metrics", response_class=PlainTextResponse)(server.metrics_text)
+    api.get("/metrics")(server.metrics_text)
     api.get("/v1/models")(server.models)
     api.post("/v1/chat/completions")(server.chat_completions)
     api.post("/v1/completions")(server.completions)

@@ -231,6 +231,38 @@ def test_health_ready_models_tokenize_metrics(client, server, model):
     assert metric(text, "parley_time_to_first_token_seconds_count") >= 2  # the warm-up and our request
 
 
+def test_metrics_parse_as_prometheus_text_with_exact_counts():
+    """A fresh app counts only its own requests: every app has its own registry (earlier apps live in this process)."""
+    from prometheus_client import CONTENT_TYPE_LATEST
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with in_process_server(ScriptedModel(UTF8_SCRIPT)) as (url, _):
+        for _ in range(2):
+            r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                               "max_tokens": 5})
+            assert r.json()["usage"]["completion_tokens"] == 5
+        assert httpx.get(url + "/v1/models").status_code == 200
+        assert httpx.get(url + "/no-such-route").status_code == 404
+        r = httpx.get(url + "/metrics")
+    assert r.headers["content-type"] == CONTENT_TYPE_LATEST
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+    def requests(route, status):
+        return samples[("parley_requests_total", (("route", route), ("status", status)))]
+
+    assert requests("/v1/chat/completions", "200") == 2 and requests("/v1/models", "200") == 1
+    assert requests("other", "404") == 1 and samples[("parley_errors_total", (("status", "404"),))] == 1
+    assert ("parley_requests_total", (("route", "/metrics"), ("status", "200"))) not in samples  # counted once sent
+    ttft = "parley_time_to_first_token_seconds"
+    assert samples[(ttft + "_count", ())] == 3  # the warm-up's generation and our two
+    assert samples[(ttft + "_bucket", (("le", "+Inf"),))] == 3 and samples[(ttft + "_sum", ())] > 0
+    assert samples[("parley_time_per_output_token_seconds_count", ())] == 3
+    assert samples[("parley_completion_tokens_total", ())] == 2 + 2 * 5  # the warm-up asks for 2 tokens
+    assert samples[("parley_batch_slots", ())] == ServeConfig().max_batch
+    assert samples[("parley_active_sequences", ())] == 0 and samples[("parley_queue_depth", ())] == 0
+
+
 def test_prompts_are_not_logged_and_cors_is_off(client, server_log):
     secret = "my secret prompt 4711"
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": secret}], "max_tokens": 2},
