@@ -214,6 +214,19 @@ def test_demo_corpus_when_no_input(tmp_path):
     assert meta["sources"][0]["path"].startswith("demo_data.pretrain_documents")
 
 
+def test_missing_bpe_file_stops_with_its_message_and_leaves_nothing(tmp_path, monkeypatch):
+    """The BPE now loads in a worker while the input is read: its error still ends the run, with no output left."""
+    def missing():
+        raise tokenizer.TokenizerNotFound("GPT-2 BPE file not found")
+    monkeypatch.setattr(tokenizer, "_ENCODING", None)
+    monkeypatch.setattr(tokenizer, "_load_ranks", missing)
+    write_jsonl(tmp_path / "t.jsonl", DOCS)
+    with pytest.raises(SystemExit) as e:
+        run([tmp_path / "t.jsonl", "--out", tmp_path / "o"])
+    assert e.value.code == "error: GPT-2 BPE file not found"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]
+
+
 def test_command_line_exit_code(tmp_path):
     r = subprocess.run([sys.executable, "tokenize_data.py", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o")],
                        cwd=ROOT, capture_output=True, text=True)
