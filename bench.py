@@ -215,94 +215,56 @@ def bench_train(argv):
           f"load average after: {os.getloadavg()}")
 
 
-def bench_serve(argv):
-    """serve.py: time to first token and single-stream decode speed against transformers' `generate` (KV cache,
-    same weights, greedy), then aggregate tokens/s of a running server at 1, 4, 16 and 64 concurrent clients.
+def _transformers_twin(model, out_dir):
+    """(reference, hf): `model` and its transformers GPT2LMHeadModel (same weights). A model GPT-2 cannot express
+    (rope, smear) gets a random GPT-2-shaped stand-in of the same size (learned positions) as the reference: the
+    speed comparison needs one model in both implementations."""
+    import dataclasses
 
-    usage: python bench.py serve [--checkpoint DIR] [--threads N] [--tokens N]
-    Default model: checkpoints/demo-chat (from `make demo`) if it exists, else a random-init model of the tiny
-    preset (n_layer=4, n_head=4, n_embd=128, block_size=256). Its special-token embeddings are zeroed so that
-    it never stops early: every request generates exactly the tokens asked for, in both implementations (this
-    is a speed test). The server runs as its own process (--max-batch 64); the clients (httpx, asyncio) run in
-    this process, on the same cores. --threads sets torch's threads here and in the server.
-    """
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from checkpoint import CheckpointError, export_hf
+    from model import GPT
+    from tokenizer import EOT_ID, N_VOCAB
+
+    try:
+        return model, GPT2LMHeadModel.from_pretrained(export_hf(model, out_dir)).eval()
+    except CheckpointError as e:
+        print(f"transformers: {e}; comparing with a random GPT-2-shaped model of the same size instead")
+    torch.manual_seed(0)
+    reference = GPT(dataclasses.replace(model.config, rope=False, smear=False))
+    with torch.no_grad():
+        reference.wte.weight[EOT_ID:N_VOCAB] = 0  # never stops early, like `model` (bench_serve)
+    return reference.eval(), GPT2LMHeadModel.from_pretrained(export_hf(reference, out_dir)).eval()
+
+
+def _server_figures(ckpt, threads: int, n_new: int, clients: list[int]):
+    """serve.py on `ckpt` in its own process: (time to first token, streaming tokens/s) of one client, and
+    {clients: aggregate tokens/s} for each number of concurrent clients."""
     import asyncio
     import os
-    import shutil
     import socket
     import statistics
     import subprocess
-    import tempfile
     import time
     from pathlib import Path
 
     import httpx
-    import torch
-    from transformers import GPT2LMHeadModel
-
-    from chat_format import render
-    from checkpoint import export_hf, load_checkpoint, save_checkpoint
-    from config import ModelConfig, PRESETS
-    from model import GPT
-    from tokenizer import EOT_ID, N_VOCAB
-
-    opts = {"checkpoint": "checkpoints/demo-chat", "threads": str(torch.get_num_threads()), "tokens": "128"}
-    for flag, value in zip(argv[::2], argv[1::2]):
-        opts[flag.removeprefix("--")] = value
-    threads, n_new = int(opts["threads"]), int(opts["tokens"])
-    torch.set_num_threads(threads)
-    root = Path(__file__).resolve().parent
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"machine: {cpu}, {os.cpu_count()} cores; torch threads {threads}; load average before: {os.getloadavg()}")
-
-    tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
-    if Path(opts["checkpoint"]).exists():
-        model = load_checkpoint(opts["checkpoint"])[0]
-        print(f"model: {opts['checkpoint']}")
-    else:
-        tiny = {k: PRESETS["tiny"][k] for k in ("n_layer", "n_head", "n_embd", "block_size")}
-        torch.manual_seed(0)
-        model = GPT(ModelConfig(**tiny))
-        print(f"model: random init, tiny preset {tiny} (no chat checkpoint at {opts['checkpoint']})")
-    with torch.no_grad():
-        model.wte.weight[EOT_ID:N_VOCAB] = 0
-    model.eval()
-    ckpt = save_checkpoint(tmp / "ckpt", model)
-    hf = GPT2LMHeadModel.from_pretrained(export_hf(model, tmp / "hf")).eval()
-    prompt = render([{"role": "user", "content": "Tell me a short story about a dog who learns to fly."}],
-                    add_generation_prompt=True)[0]
-
-    def median_time(fn, repeat=5):
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        def hf_generate(n):
-            return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                               do_sample=False, use_cache=True, pad_token_id=EOT_ID)
-        hf_generate(4), model.generate([prompt], 4, temperature=0)  # warm-up
-        same = hf_generate(n_new)[0, len(prompt):].tolist() == model.generate([prompt], n_new, temperature=0)[0]
-        hf_ttft, hf_full = median_time(lambda: hf_generate(1)), median_time(lambda: hf_generate(n_new), 3)
-        our_ttft = median_time(lambda: model.generate([prompt], 1, temperature=0))
-        our_full = median_time(lambda: model.generate([prompt], n_new, temperature=0), 3)
-    hf_rate, our_rate = (n_new - 1) / (hf_full - hf_ttft), (n_new - 1) / (our_full - our_ttft)
-    print(f"greedy tokens identical to transformers: {same}")
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, str(root / "serve.py"), "--checkpoint", str(ckpt), "--port", str(port),
+    serve_py = Path(__file__).resolve().parent / "serve.py"
+    server = subprocess.Popen([sys.executable, str(serve_py), "--checkpoint", str(ckpt), "--port", str(port),
                                "--max-batch", "64", "--max-queue", "256", "--max-tokens-cap", str(n_new)],
                               env={**os.environ, "OMP_NUM_THREADS": str(threads)},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(600):
+        while True:
+            if server.poll() is not None:
+                sys.exit(f"serve.py exited with status {server.returncode} before it was ready")
             try:
                 if httpx.get(url + "/ready", timeout=2).status_code == 200:
                     break
@@ -322,10 +284,10 @@ def bench_serve(argv):
 
         one_stream()
         runs = [one_stream() for _ in range(5)]
-        srv_ttft, srv_rate = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+        single = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
-        async def load(clients, rounds, n_tokens):
-            async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=clients)) as c:
+        async def load(n_clients, rounds, n_tokens):
+            async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=n_clients)) as c:
                 async def client(i):
                     tokens = 0
                     for j in range(rounds):
@@ -334,17 +296,100 @@ def bench_serve(argv):
                         tokens += (await c.post("/v1/chat/completions", json=body)).json()["usage"]["completion_tokens"]
                     return tokens
                 start = time.perf_counter()
-                total = sum(await asyncio.gather(*(client(i) for i in range(clients))))
+                total = sum(await asyncio.gather(*(client(i) for i in range(n_clients))))
                 return total, time.perf_counter() - start
 
         concurrency = {}
-        for clients in (1, 4, 16, 64):
-            total, wall = asyncio.run(load(clients, 3 if clients < 16 else 2, 64))
-            concurrency[clients] = total / wall
-            print(f"  {clients:>2} clients: {total} tokens in {wall:.2f} s = {total / wall:.0f} tokens/s")
+        for n_clients in clients:
+            total, wall = asyncio.run(load(n_clients, 3 if n_clients < 16 else 2, min(64, n_new)))
+            concurrency[n_clients] = total / wall
+            print(f"  {n_clients:>2} clients: {total} tokens in {wall:.2f} s = {total / wall:.0f} tokens/s")
     finally:
         server.terminate()
         server.wait(timeout=30)
+    return single, concurrency
+
+
+def bench_serve(argv):
+    """serve.py: time to first token and single-stream decode speed against transformers' `generate` (KV cache,
+    same weights, greedy), then aggregate tokens/s of a running server at 1, 4, 16 and 64 concurrent clients.
+
+    usage: python bench.py serve [--checkpoint DIR] [--threads N] [--tokens N] [--clients 1,4,16,64]
+    Default model: checkpoints/demo-chat (from `make demo`) if it exists, else a random-init model of the tiny
+    preset's size (n_layer=4, n_head=4, n_embd=128, block_size=256, learned positions). Its special-token
+    embeddings are zeroed so that it never stops early: every request generates exactly the tokens asked for, in
+    both implementations (this is a speed test). A model GPT-2 cannot express (the demo's: rope and smear) cannot
+    be exported to transformers: the in-process comparison then runs on a random GPT-2-shaped model of its size,
+    and serve.py on the model itself. The server runs as its own process (--max-batch 64); the clients (httpx,
+    asyncio) run in this process, on the same cores. --threads sets torch's threads here and in the server.
+    """
+    import os
+    import shutil
+    import statistics
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from chat_format import render
+    from checkpoint import load_checkpoint, save_checkpoint
+    from config import ModelConfig, PRESETS
+    from model import GPT
+    from tokenizer import EOT_ID, N_VOCAB
+
+    opts = {"checkpoint": "checkpoints/demo-chat", "threads": str(torch.get_num_threads()), "tokens": "128",
+            "clients": "1,4,16,64"}
+    for flag, value in zip(argv[::2], argv[1::2]):
+        opts[flag.removeprefix("--")] = value
+    threads, n_new, clients = int(opts["threads"]), int(opts["tokens"]), [int(c) for c in opts["clients"].split(",")]
+    torch.set_num_threads(threads)
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    print(f"machine: {cpu}, {os.cpu_count()} cores; torch threads {threads}; load average before: {os.getloadavg()}")
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    if Path(opts["checkpoint"]).exists():
+        model = load_checkpoint(opts["checkpoint"])[0]
+        print(f"model: {opts['checkpoint']}")
+    else:
+        tiny = {k: PRESETS["tiny"][k] for k in ("n_layer", "n_head", "n_embd", "block_size")}
+        torch.manual_seed(0)
+        model = GPT(ModelConfig(**tiny))
+        print(f"model: random init, tiny preset {tiny} (no chat checkpoint at {opts['checkpoint']})")
+    with torch.no_grad():
+        model.wte.weight[EOT_ID:N_VOCAB] = 0
+    model.eval()
+    try:
+        ckpt = save_checkpoint(tmp / "ckpt", model)
+        reference, hf = _transformers_twin(model, tmp / "hf")
+        prompt = render([{"role": "user", "content": "Tell me a short story about a dog who learns to fly."}],
+                        add_generation_prompt=True)[0]
+
+        def median_time(fn, repeat=5):
+            times = []
+            for _ in range(repeat):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            return statistics.median(times)
+
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            def hf_generate(n):
+                return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                   do_sample=False, use_cache=True, pad_token_id=EOT_ID)
+
+            def our_generate(n):
+                return reference.generate([prompt], n, temperature=0)[0]
+
+            hf_generate(4), our_generate(4)  # warm-up
+            same = hf_generate(n_new)[0, len(prompt):].tolist() == our_generate(n_new)
+            hf_ttft, hf_full = median_time(lambda: hf_generate(1)), median_time(lambda: hf_generate(n_new), 3)
+            our_ttft, our_full = median_time(lambda: our_generate(1)), median_time(lambda: our_generate(n_new), 3)
+        hf_rate, our_rate = (n_new - 1) / (hf_full - hf_ttft), (n_new - 1) / (our_full - our_ttft)
+        print(f"greedy tokens identical to transformers: {same}")
+        (srv_ttft, srv_rate), concurrency = _server_figures(ckpt, threads, n_new, clients)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"\nload average after: {os.getloadavg()}\n")
@@ -353,9 +398,9 @@ def bench_serve(argv):
     print(f"| transformers GPT2LMHeadModel.generate (KV cache) | {hf_ttft * 1e3:.1f} ms | {hf_rate:.0f} |")
     print(f"| ours, GPT.generate in process | {our_ttft * 1e3:.1f} ms | {our_rate:.0f} ({our_rate / hf_rate:.1f}x) |")
     print(f"| ours, serve.py over HTTP, streaming | {srv_ttft * 1e3:.1f} ms | {srv_rate:.0f} ({srv_rate / hf_rate:.1f}x) |")
-    print("\n| concurrent clients | aggregate tokens/s | vs 1 client |\n|---|---|---|")
-    for clients, rate in concurrency.items():
-        print(f"| {clients} | {rate:.0f} | {rate / concurrency[1]:.1f}x |")
+    print(f"\n| concurrent clients | aggregate tokens/s | vs {clients[0]} |\n|---|---|---|")
+    for n_clients, rate in concurrency.items():
+        print(f"| {n_clients} | {rate:.0f} | {rate / concurrency[clients[0]]:.1f}x |")
 
 
 BENCHES = {"tokenizer": bench_tokenizer, "train": bench_train, "serve": bench_serve}

@@ -99,6 +99,9 @@ class ServeConfig:
     cors_origins: list[str] = field(default_factory=list)
     # Host names served besides the loopback ones when bound to a loopback address (the DNS-rebinding guard)
     allowed_hosts: list[str] = field(default_factory=list)
+    # Tokens of finished sequences whose keys and values are kept, so that a prompt extending one (the next turn of
+    # a conversation) prefills only its new tokens; least recently used dropped first; 0 turns reuse off
+    prefix_cache_tokens: int = 8192
     log_prompts: bool = False
 
 

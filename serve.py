@@ -1,6 +1,7 @@
 """Serve a checkpoint behind an OpenAI-compatible HTTP API, with continuous batching.
 
   python serve.py --checkpoint checkpoints/chat [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+                  [--prefix-cache-tokens 8192]
 
 Routes: POST /v1/chat/completions and /v1/completions (OpenAI shape, streaming as server-sent events),
 GET /v1/models, POST /tokenize, POST /chat (a conversation kept on the server, for curl), GET /health
@@ -13,12 +14,16 @@ into free rows, then every decode step runs one forward over all active rows, ea
 position, and samples each row with its own parameters and seed. Text goes back to the request's
 asyncio task token by token; a client that goes away (or a request past its deadline) frees its row
 at the next step. Generation never runs on the event loop, so /health answers while the model works.
+A finished sequence's keys and values stay in a bounded prefix cache, so the next turn of a conversation
+prefills only its new tokens (usage.prompt_tokens_details.cached_tokens counts the reused ones). Token
+log-probabilities (logprobs, top_logprobs, echo) come in OpenAI's response shapes.
 """
 
 import asyncio
 import collections
 import hmac
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -28,6 +33,7 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -41,10 +47,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chat_format import ASSISTANT, ChatFormatError, render, validate
 from config import ServeConfig, cli
-from engine import (STOP_IDS, ContextTooLong, DeadlineExceeded, Engine, EngineError, EngineStopped, Event, QueueFull,
-                    SamplingParams, Sequence, TextStream, fit_conversation)
+from engine import (MAX_LOGPROBS, STOP_IDS, ContextTooLong, DeadlineExceeded, Engine, EngineError, EngineStopped, Event,
+                    Logprob, QueueFull, SamplingParams, Sequence, TextStream, fit_conversation)
 from model import pick_device
-from tokenizer import decode, encode
+from tokenizer import decode, decode_bytes, encode
 
 log = logging.getLogger("parley.serve")
 WEB_PAGE = Path(__file__).resolve().parent / "web" / "chat.html"
@@ -106,7 +112,7 @@ class Metrics:
     def __init__(self):
         self.lock = threading.Lock()
         self.requests = collections.Counter()  # (route, status) -> count
-        self.prompt_tokens = self.completion_tokens = self.cancelled = 0
+        self.prompt_tokens = self.completion_tokens = self.cancelled = self.reused_tokens = 0
         self.ttft = Histogram([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30])
         self.tpot = Histogram([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1])
 
@@ -120,7 +126,7 @@ class Metrics:
         if kind in ("ttft", "tpot"):
             with self.lock:
                 getattr(self, kind).observe(value)
-        elif kind in ("prompt_tokens", "completion_tokens", "cancelled"):
+        elif kind in ("prompt_tokens", "reused_tokens", "completion_tokens", "cancelled"):
             self.add(**{kind: value})
 
     def render(self, queue_depth: int, active: int, max_batch: int) -> str:
@@ -134,7 +140,11 @@ class Metrics:
                 *metric_block("parley_requests_total", "counter", "HTTP requests by route and status.", requests),
                 *metric_block("parley_errors_total", "counter", "HTTP responses with status >= 400.",
                               [(f'{{status="{s}"}}', n) for s, n in sorted(errors.items())]),
-                *metric_block("parley_prompt_tokens_total", "counter", "Prompt tokens prefilled.", self.prompt_tokens),
+                *metric_block("parley_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.",
+                              self.prompt_tokens),
+                *metric_block("parley_reused_prompt_tokens_total", "counter",
+                              "Prompt tokens whose keys and values came from the prefix cache (not prefilled).",
+                              self.reused_tokens),
                 *metric_block("parley_completion_tokens_total", "counter", "Tokens generated.", self.completion_tokens),
                 *metric_block("parley_cancelled_total", "counter",
                               "Generations stopped because the client went away or ran past its deadline.",
@@ -203,7 +213,7 @@ class Job:
 
         deadline = time.monotonic() + timeout
         self.engine = engine
-        self.prompt_tokens = len(prompt)
+        self.prompt = prompt
         self.seqs = [Sequence(prompt, params, emit, i, deadline) for i in range(n)]
         self.open = n  # choices not finished yet
         try:
@@ -262,6 +272,63 @@ class Job:
                 watch.cancel()
 
 
+# ---- response shapes ---------------------------------------------------------------------------
+
+def token_logprob(token: int, logprob: float) -> dict:
+    """A token in chat's logprobs: its text, log-probability and UTF-8 bytes (a token may hold part of a character,
+    whose text alone shows U+FFFD)."""
+    raw = decode_bytes([token])
+    return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+
+class ChoiceShape:
+    """A request's choices in OpenAI's shapes: chat (a message or a delta; logprobs {"content": [...]}) or legacy
+    completions (text; logprobs {"tokens", "token_logprobs", "top_logprobs", "text_offset"}, the prompt's first
+    with echo). As in OpenAI's, text offsets count characters of the prompt and the completion together."""
+
+    def __init__(self, chat: bool, logprobs: bool, prompt: list[int], prompt_text: str, echo: bool):
+        self.chat, self.logprobs, self.prompt, self.prompt_text, self.echo = chat, logprobs, prompt, prompt_text, echo
+        self.offsets = collections.defaultdict(lambda: 0 if echo else len(prompt_text))  # choice -> the next offset
+
+    def whole(self, i: int, result: dict) -> dict:
+        """Choice i of a finished request, from Job.collect's result."""
+        if self.chat:
+            return {"index": i, "message": {"role": "assistant", "content": result["text"]},
+                    "logprobs": self.format(i, result["logprobs"]), "finish_reason": result["reason"]}
+        text, entries = result["text"], result["logprobs"]
+        tokens = [e.token for e in entries]
+        if self.echo:
+            text, tokens, entries = self.prompt_text + text, self.prompt + tokens, result["prompt_logprobs"] + entries
+        return {"index": i, "text": text, "logprobs": self.format(i, entries, tokens),
+                "finish_reason": result["reason"]}
+
+    def chunk(self, event: Event) -> dict:
+        """The choice of a streamed chunk: a "prompt" (echo), "text" or "done" event."""
+        if event.kind == "prompt":
+            text, tokens = self.prompt_text, self.prompt
+        else:
+            text, tokens = event.text, [e.token for e in event.logprobs]
+        logprobs = self.format(event.index, event.logprobs, tokens)
+        if self.chat:
+            delta = {"content": text} if text else {}
+            return {"index": event.index, "delta": delta, "logprobs": logprobs, "finish_reason": event.reason}
+        return {"index": event.index, "text": text, "logprobs": logprobs, "finish_reason": event.reason}
+
+    def format(self, i: int, entries: list[Logprob | None], tokens: list[int] = ()) -> dict | None:
+        """Choice i's logprobs of these tokens (entries: their Logprobs; None for the first prompt token)."""
+        if not self.logprobs:
+            return None
+        if self.chat:
+            return {"content": [{**token_logprob(e.token, e.logprob),
+                                 "top_logprobs": [token_logprob(t, lp) for t, lp in e.top]} for e in entries]}
+        texts = [decode([t]) for t in tokens]
+        offsets = list(itertools.accumulate(map(len, texts), initial=self.offsets[i]))
+        self.offsets[i] = offsets.pop()
+        return {"tokens": texts, "token_logprobs": [e.logprob if e else None for e in entries],
+                "top_logprobs": [{decode([t]): lp for t, lp in e.top} if e else None for e in entries],
+                "text_offset": offsets}
+
+
 # ---- request schemas --------------------------------------------------------------------------
 
 class Strict(BaseModel):
@@ -296,7 +363,6 @@ class Sampling(Strict):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     # Accepted only at their neutral values: the server does not implement them, and says so.
-    logprobs: bool | None = None
     frequency_penalty: float | None = Field(None, allow_inf_nan=False)
     presence_penalty: float | None = Field(None, allow_inf_nan=False)
     tools: list | None = None
@@ -304,10 +370,15 @@ class Sampling(Strict):
 
 class ChatCompletionRequest(Sampling):
     messages: list[Message]
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 class CompletionRequest(Sampling):
     prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool | None = None
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt only
 
 
 class ChatRequest(Strict):
@@ -436,8 +507,8 @@ class Server:
         self.created_at = int(time.time())
         self.metrics = Metrics()
         self.exit_on_failure = exit_on_failure
-        self.engine = Engine(model, cfg.max_batch, cfg.max_queue, observe=self.metrics.observe,
-                             on_failure=self.on_engine_failure)
+        self.engine = Engine(model, cfg.max_batch, cfg.max_queue, reuse_tokens=cfg.prefix_cache_tokens,
+                             observe=self.metrics.observe, on_failure=self.on_engine_failure)
         self.sessions = Sessions(cfg.max_sessions, cfg.session_ttl)
         self.ready = False
 
@@ -468,8 +539,8 @@ class Server:
                            "authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     # -- requests to the engine
-    def sampling(self, body: Sampling | ChatRequest, prompt_tokens: int, max_tokens: int | None,
-                 stop=()) -> SamplingParams:
+    def sampling(self, body: Sampling | ChatRequest, prompt_tokens: int, max_tokens: int | None, stop=(),
+                 logprobs: int | None = None, prompt_logprobs: bool = False) -> SamplingParams:
         block, cap = self.block, self.cfg.max_tokens_cap
         if max_tokens is None:
             if prompt_tokens >= block:
@@ -481,11 +552,11 @@ class Server:
             raise ApiError(400, f"max_tokens {max_tokens} is over this server's cap of {cap}", param="max_tokens",
                            code="invalid_value")
         temperature = 1.0 if body.temperature is None else body.temperature
-        return SamplingParams(max_tokens, temperature, body.top_p or 1.0, body.top_k or 0, body.seed, tuple(stop))
+        return SamplingParams(max_tokens, temperature, body.top_p or 1.0, body.top_k or 0, body.seed, tuple(stop),
+                              logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
     def check_sampling(self, body: Sampling) -> tuple[int, list[str]]:
-        unsupported = [name for name, value in (("logprobs", body.logprobs), ("tools", body.tools),
-                                                ("frequency_penalty", body.frequency_penalty),
+        unsupported = [name for name, value in (("tools", body.tools), ("frequency_penalty", body.frequency_penalty),
                                                 ("presence_penalty", body.presence_penalty)) if value]
         if unsupported:
             raise ApiError(400, f"{unsupported[0]} is not supported by this server", param=unsupported[0],
@@ -504,49 +575,56 @@ class Server:
                            code="invalid_value")
         return n, stop
 
-    async def generate(self, request: Request, body: Sampling, prompt: list[int], chat: bool):
+    @staticmethod
+    def check_logprobs(body: ChatCompletionRequest | CompletionRequest) -> tuple[int | None, bool]:
+        """(how many alternatives each token's log-probability comes with, None for no logprobs; echo)."""
+        if isinstance(body, ChatCompletionRequest):
+            if body.top_logprobs is not None and not body.logprobs:
+                raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+            return (body.top_logprobs or 0) if body.logprobs else None, False
+        if body.max_tokens == 0 and not body.echo:
+            raise ApiError(400, "max_tokens may be 0 only with echo (to score the prompt)", param="max_tokens",
+                           code="invalid_value")
+        return body.logprobs, bool(body.echo)
+
+    async def generate(self, request: Request, body: ChatCompletionRequest | CompletionRequest, prompt: list[int],
+                       prompt_text: str = ""):
+        chat = isinstance(body, ChatCompletionRequest)
         n, stop = self.check_sampling(body)
-        params = self.sampling(body, len(prompt), body.max_completion_tokens or body.max_tokens, stop)
+        top, echo = self.check_logprobs(body)
+        # With echo the engine reports the prompt (a prefill of all of it, no reuse) as an event of its own, which
+        # the choice starts with, and its log-probabilities when asked.
+        params = self.sampling(body, len(prompt), body.max_completion_tokens or body.max_tokens, stop, top, echo)
         if self.cfg.log_prompts:
             log.info("prompt (%d tokens): %r", len(prompt), decode(prompt))
         job = Job(self.engine, prompt, params, n, self.cfg.request_timeout)
+        shape = ChoiceShape(chat, top is not None, prompt, prompt_text, echo)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": self.model_id}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self.stream(job, head, chat, include_usage), media_type="text/event-stream",
+            return StreamingResponse(self.stream(job, head, shape, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         results = await job.collect(request)
-        if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": c["text"]}, "logprobs": None,
-                        "finish_reason": c["reason"]} for i, c in enumerate(results)]
-        else:
-            choices = [{"index": i, "text": c["text"], "logprobs": None, "finish_reason": c["reason"]}
-                       for i, c in enumerate(results)]
-        return {**head, "choices": choices, "usage": usage(len(prompt), sum(c["tokens"] for c in results))}
+        choices = [shape.whole(i, c) for i, c in enumerate(results)]
+        return {**head, "choices": choices,
+                "usage": usage(len(prompt), sum(c["tokens"] for c in results), job.seqs[0].reused)}
 
-    async def stream(self, job: Job, head: dict, chat: bool, include_usage: bool):
+    async def stream(self, job: Job, head: dict, shape: ChoiceShape, include_usage: bool):
         """Server-sent events; when the client goes away Starlette cancels this generator, which cancels the job."""
-        head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+        head = {**head, "object": "chat.completion.chunk" if shape.chat else "text_completion"}
         extra = {"usage": None} if include_usage else {}
 
-        def chunk(i, content=None, finish=None, role=False):
-            if chat:
-                if role:
-                    delta = {"role": "assistant", "content": ""}
-                else:
-                    delta = {} if content is None else {"content": content}
-                choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
-            else:
-                choice = {"index": i, "text": content or "", "logprobs": None, "finish_reason": finish}
+        def sse(choice: dict) -> str:
             return f"data: {json.dumps({**head, 'choices': [choice], **extra}, ensure_ascii=False)}\n\n"
 
         completion_tokens = 0
         try:
-            if chat:
+            if shape.chat:
                 for seq in job.seqs:
-                    yield chunk(seq.index, role=True)
+                    yield sse({"index": seq.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                               "finish_reason": None})
             while job.open:
                 try:
                     event = await job.next()
@@ -554,13 +632,10 @@ class Server:
                     error = {"message": e.message, "type": e.type, "param": None, "code": e.code}
                     yield f"data: {json.dumps({'error': error})}\n\n"
                     break
-                if event.kind == "text":
-                    yield chunk(event.index, content=event.text)
-                elif event.kind == "done":
-                    completion_tokens += event.tokens
-                    yield chunk(event.index, finish=event.reason)
+                completion_tokens += event.tokens
+                yield sse(shape.chunk(event))
             if include_usage and not job.open:
-                final = {**head, "choices": [], "usage": usage(job.prompt_tokens, completion_tokens)}
+                final = {**head, "choices": [], "usage": usage(len(job.prompt), completion_tokens, job.seqs[0].reused)}
                 yield f"data: {json.dumps(final)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
@@ -600,7 +675,7 @@ class Server:
             raise ApiError(400, "messages: the last message must be from the user", param="messages",
                            code="invalid_value")
         prompt, _ = render(messages, add_generation_prompt=True)
-        return await self.generate(request, body, prompt, chat=True)
+        return await self.generate(request, body, prompt)
 
     async def completions(self, request: Request):
         body = await read_json(request, CompletionRequest, self.cfg.max_body_bytes)
@@ -610,7 +685,7 @@ class Server:
         text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
         if not text:
             raise ApiError(400, "prompt: must not be empty", param="prompt", code="invalid_value")
-        return await self.generate(request, body, encode(text), chat=False)
+        return await self.generate(request, body, encode(text), text)
 
     async def tokenize(self, request: Request):
         body = await read_json(request, TokenizeRequest, self.cfg.max_body_bytes)
@@ -646,12 +721,15 @@ class Server:
         first = 1 if conversation[0]["role"] == "system" else 0
         return {"session_id": session_id, "new_session": created, "reply": result["text"],
                 "finish_reason": result["reason"], "dropped_messages": dropped,
-                "dropped": conversation[first: first + dropped], "usage": usage(len(prompt), result["tokens"])}
+                "dropped": conversation[first: first + dropped],
+                "usage": usage(len(prompt), result["tokens"], job.seqs[0].reused)}
 
 
-def usage(prompt_tokens, completion_tokens):
+def usage(prompt_tokens, completion_tokens, cached_tokens):
+    """OpenAI's usage; cached_tokens: prompt tokens taken from the prefix cache instead of prefilled."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def add_error_handlers(app: FastAPI) -> None:
