@@ -68,13 +68,15 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 
 def save_checkpoint(path, model: GPT, provenance: dict | None = None, train_state: dict | None = None,
-                    extra: dict | None = None) -> Path:
-    """Write `model` (unwrapped, not DDP/compiled) and optionally the training state to directory `path`."""
+                    extra: dict | None = None, weights: dict | None = None) -> Path:
+    """Write `model` (unwrapped, not DDP/compiled) and optionally the training state to directory `path`.
+    `weights` replaces model.state_dict(): the whole weights of a model that FSDP shards (train.gather_shards)."""
     final = Path(path)
     tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    weights = model.state_dict() if weights is None else weights
+    state = {k: v.detach().cpu().contiguous() for k, v in weights.items() if k != "lm_head.weight"}
     save_file(state, tmp / "model.safetensors")  # lm_head is tied to wte: stored once
     if train_state is not None:
         torch.save(train_state, tmp / "train_state.pt")
