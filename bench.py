@@ -2,9 +2,11 @@
 
   python bench.py tokenizer   tokenize_data.py against tiktoken's encode_ordinary_batch
   python bench.py train       training throughput against transformers' GPT2LMHeadModel
-  python bench.py serve       time to first token, decode speed and concurrency of serve.py
+  python bench.py serve       time to first token, decode speed and concurrency of serve.py;
+                              with --turns, its conversation reuse
 """
 
+import contextlib
 import sys
 
 
@@ -239,13 +241,11 @@ def _transformers_twin(model, out_dir):
     return reference.eval(), GPT2LMHeadModel.from_pretrained(export_hf(reference, out_dir)).eval()
 
 
-def _server_figures(ckpt, threads: int, n_new: int, clients: list[int]):
-    """serve.py on `ckpt` in its own process: (time to first token, streaming tokens/s) of one client, and
-    {clients: aggregate tokens/s} for each number of concurrent clients."""
-    import asyncio
+@contextlib.contextmanager
+def _server(ckpt, threads: int, *args: str):
+    """serve.py on `ckpt` in its own process with the extra command-line `args`; yields its URL once it is ready."""
     import os
     import socket
-    import statistics
     import subprocess
     import time
     from pathlib import Path
@@ -257,8 +257,7 @@ def _server_figures(ckpt, threads: int, n_new: int, clients: list[int]):
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     serve_py = Path(__file__).resolve().parent / "serve.py"
-    server = subprocess.Popen([sys.executable, str(serve_py), "--checkpoint", str(ckpt), "--port", str(port),
-                               "--max-batch", "64", "--max-queue", "256", "--max-tokens-cap", str(n_new)],
+    server = subprocess.Popen([sys.executable, str(serve_py), "--checkpoint", str(ckpt), "--port", str(port), *args],
                               env={**os.environ, "OMP_NUM_THREADS": str(threads)},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -271,7 +270,22 @@ def _server_figures(ckpt, threads: int, n_new: int, clients: list[int]):
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
+
+def _server_figures(ckpt, threads: int, n_new: int, clients: list[int]):
+    """serve.py on `ckpt` in its own process: (time to first token, streaming tokens/s) of one client, and
+    {clients: aggregate tokens/s} for each number of concurrent clients."""
+    import asyncio
+    import statistics
+    import time
+
+    import httpx
+
+    with _server(ckpt, threads, "--max-batch", "64", "--max-queue", "256", "--max-tokens-cap", str(n_new)) as url:
         def one_stream():
             body = {"messages": [{"role": "user", "content": "Tell me a short story about a dog who learns to fly."}],
                     "temperature": 0, "max_tokens": n_new, "stream": True}
@@ -304,10 +318,64 @@ def _server_figures(ckpt, threads: int, n_new: int, clients: list[int]):
             total, wall = asyncio.run(load(n_clients, 3 if n_clients < 16 else 2, min(64, n_new)))
             concurrency[n_clients] = total / wall
             print(f"  {n_clients:>2} clients: {total} tokens in {wall:.2f} s = {total / wall:.0f} tokens/s")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     return single, concurrency
+
+
+REPLY_TOKENS = 12  # per /chat reply: 8 turns grow a conversation to about 200 prompt tokens
+
+
+def _conversation_ttft(url: str, turns: int, conversations: int) -> dict:
+    """Time to first token of turn 1 and of turn `turns` of /chat conversations (greedy, REPLY_TOKENS-token
+    replies): medians over `conversations`, after one warm-up conversation, with turn `turns`' usage.
+    /chat does not stream, so a timed turn asks for one token: its time is prefill + one token + HTTP. Turn 1 is
+    timed in a session of its own, so that the conversation itself keeps full-length replies."""
+    import statistics
+    import time
+
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=120) as client:
+        def turn(session_id, message, max_tokens):
+            body = {"message": message, "session_id": session_id, "max_tokens": max_tokens, "temperature": 0}
+            start = time.perf_counter()
+            r = client.post("/chat", json=body)
+            r.raise_for_status()
+            return time.perf_counter() - start, r.json()
+
+        first, last = [], []
+        for c in range(conversations + 1):
+            # each conversation's messages are its own: it can reuse only its own turns (and the chat template)
+            message = [f"Conversation {c}, turn {t}: one more thing?" for t in range(1, turns + 1)]
+            first.append(turn(None, message[0], 1))
+            session_id = None
+            for text in message[:-1]:
+                session_id = turn(session_id, text, REPLY_TOKENS)[1]["session_id"]
+            last.append(turn(session_id, message[-1], 1))
+    first, last = first[1:], last[1:]
+    return {"first": statistics.median(t for t, _ in first), "last": statistics.median(t for t, _ in last),
+            "first_cached": statistics.median(r["usage"]["prompt_tokens_details"]["cached_tokens"] for _, r in first),
+            "prompt": statistics.median(r["usage"]["prompt_tokens"] for _, r in last),
+            "cached": statistics.median(r["usage"]["prompt_tokens_details"]["cached_tokens"] for _, r in last)}
+
+
+def _reuse_figures(ckpt, threads: int, turns: int, conversations: int) -> dict:
+    """_conversation_ttft on serve.py with the prefix cache at its default size, then with it off."""
+    settings = {"reuse on (default --prefix_cache_tokens)": (),
+                "reuse off (--prefix_cache_tokens 0)": ("--prefix_cache_tokens", "0")}
+    figures = {}
+    for name, args in settings.items():
+        with _server(ckpt, threads, *args) as url:
+            figures[name] = _conversation_ttft(url, turns, conversations)
+    return figures
+
+
+def _print_reuse_table(figures: dict, turns: int) -> None:
+    print(f"\n| /chat conversation, {REPLY_TOKENS}-token replies | turn 1 time to first token | turn {turns} | "
+          f"turn {turns} / turn 1 | turn {turns} prompt tokens | cached (turn 1, turn {turns}) |")
+    print("|---|---|---|---|---|---|")
+    for name, f in figures.items():
+        print(f"| {name} | {f['first'] * 1e3:.1f} ms | {f['last'] * 1e3:.1f} ms | {f['last'] / f['first']:.2f}x | "
+              f"{f['prompt']:.0f} | {f['first_cached']:.0f}, {f['cached']:.0f} |")
 
 
 def bench_serve(argv):
@@ -315,6 +383,7 @@ def bench_serve(argv):
     same weights, greedy), then aggregate tokens/s of a running server at 1, 4, 16 and 64 concurrent clients.
 
     usage: python bench.py serve [--checkpoint DIR] [--threads N] [--tokens N] [--clients 1,4,16,64]
+                                 [--turns N [--conversations N]]
     Default model: checkpoints/demo-chat (from `make demo`) if it exists, else a random-init model of the tiny
     preset's size (n_layer=4, n_head=4, n_embd=128, block_size=256, learned positions). Its special-token
     embeddings are zeroed so that it never stops early: every request generates exactly the tokens asked for, in
@@ -322,6 +391,8 @@ def bench_serve(argv):
     be exported to transformers: the in-process comparison then runs on a random GPT-2-shaped model of its size,
     and serve.py on the model itself. The server runs as its own process (--max-batch 64); the clients (httpx,
     asyncio) run in this process, on the same cores. --threads sets torch's threads here and in the server.
+    --turns N adds conversation reuse: the time to first token of turn 1 and turn N of /chat conversations, on a
+    server with the prefix cache and on one without (medians of --conversations, default 5).
     """
     import os
     import shutil
@@ -339,7 +410,7 @@ def bench_serve(argv):
     from tokenizer import EOT_ID, N_VOCAB
 
     opts = {"checkpoint": "checkpoints/demo-chat", "threads": str(torch.get_num_threads()), "tokens": "128",
-            "clients": "1,4,16,64"}
+            "clients": "1,4,16,64", "turns": "0", "conversations": "5"}
     for flag, value in zip(argv[::2], argv[1::2]):
         opts[flag.removeprefix("--")] = value
     threads, n_new, clients = int(opts["threads"]), int(opts["tokens"]), [int(c) for c in opts["clients"].split(",")]
@@ -389,6 +460,8 @@ def bench_serve(argv):
         hf_rate, our_rate = (n_new - 1) / (hf_full - hf_ttft), (n_new - 1) / (our_full - our_ttft)
         print(f"greedy tokens identical to transformers: {same}")
         (srv_ttft, srv_rate), concurrency = _server_figures(ckpt, threads, n_new, clients)
+        turns = int(opts["turns"])
+        reuse = _reuse_figures(ckpt, threads, turns, int(opts["conversations"])) if turns else {}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -401,6 +474,8 @@ def bench_serve(argv):
     print(f"\n| concurrent clients | aggregate tokens/s | vs {clients[0]} |\n|---|---|---|")
     for n_clients, rate in concurrency.items():
         print(f"| {n_clients} | {rate:.0f} | {rate / concurrency[clients[0]]:.1f}x |")
+    if reuse:
+        _print_reuse_table(reuse, turns)
 
 
 BENCHES = {"tokenizer": bench_tokenizer, "train": bench_train, "serve": bench_serve}

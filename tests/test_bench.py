@@ -44,15 +44,23 @@ def test_train_bench_times_ours_and_transformers(capsys):
 
 
 def test_serve_bench_compares_a_rope_model_through_a_gpt2_shaped_stand_in(tmp_path, capsys):
-    """The demo's model (rope, smear) cannot be exported: bench says so and still runs to the end."""
+    """The demo's model (rope, smear) cannot be exported: bench says so and still runs to the end, conversation
+    reuse (--turns) included."""
     pytest.importorskip("transformers")
     torch.manual_seed(0)
-    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, rope=True, smear=True))
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=128, rope=True, smear=True))
     ckpt = save_checkpoint(tmp_path / "rope", model)
-    bench.bench_serve(["--checkpoint", str(ckpt), "--threads", "1", "--tokens", "8", "--clients", "1,2"])
+    bench.bench_serve(["--checkpoint", str(ckpt), "--threads", "1", "--tokens", "8", "--clients", "1,2",
+                       "--turns", "3", "--conversations", "1"])
     out = capsys.readouterr().out
     assert len([line for line in out.splitlines() if "cannot be exported" in line]) == 1
     assert "comparing with a random GPT-2-shaped model of the same size instead" in out
     assert "greedy tokens identical to transformers: True" in out
     assert "  1 clients: 24 tokens" in out and "  2 clients: 48 tokens" in out  # 3 requests each, 8 tokens
     assert re.search(r"^\| ours, serve\.py over HTTP, streaming \| [\d.]+ ms \| \d+ ", out, re.M)
+    # conversation reuse: the same greedy conversation either way, its third turn mostly cached only with reuse
+    rows = {name: (int(prompt), int(cached)) for name, prompt, cached in re.findall(
+        r"^\| reuse (on|off) [^|]*\| [\d.]+ ms \| [\d.]+ ms \| [\d.]+x \| (\d+) \| \d+, (\d+) \|$", out, re.M)}
+    (prompt_on, cached_on), (prompt_off, cached_off) = rows["on"], rows["off"]
+    assert prompt_on == prompt_off and prompt_on > 2 * bench.REPLY_TOKENS
+    assert prompt_on // 2 < cached_on < prompt_on and cached_off == 0
