@@ -2,9 +2,11 @@
 
   python bench.py tokenizer   tokenize_data.py against tiktoken's encode_ordinary_batch
   python bench.py train       training throughput against transformers' GPT2LMHeadModel
-  python bench.py serve       time to first token, decode speed and concurrency of serve.py
+  python bench.py serve       time to first token, decode speed and concurrency of serve.py;
+                              with --turns, its conversation reuse
 """
 
+import contextlib
 import sys
 
 
@@ -215,43 +217,204 @@ def bench_train(argv):
           f"load average after: {os.getloadavg()}")
 
 
-def bench_serve(argv):
-    """serve.py: time to first token and single-stream decode speed against transformers' `generate` (KV cache,
-    same weights, greedy), then aggregate tokens/s of a running server at 1, 4, 16 and 64 concurrent clients.
+def _transformers_twin(model, out_dir):
+    """(reference, hf): `model` and its transformers GPT2LMHeadModel (same weights). A model GPT-2 cannot express
+    (rope, smear) gets a random GPT-2-shaped stand-in of the same size (learned positions) as the reference: the
+    speed comparison needs one model in both implementations."""
+    import dataclasses
 
-    usage: python bench.py serve [--checkpoint DIR] [--threads N] [--tokens N]
-    Default model: checkpoints/demo-chat (from `make demo`) if it exists, else a random-init model of the tiny
-    preset (n_layer=4, n_head=4, n_embd=128, block_size=256). Its special-token embeddings are zeroed so that
-    it never stops early: every request generates exactly the tokens asked for, in both implementations (this
-    is a speed test). The server runs as its own process (--max-batch 64); the clients (httpx, asyncio) run in
-    this process, on the same cores. --threads sets torch's threads here and in the server.
-    """
-    import asyncio
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from checkpoint import CheckpointError, export_hf
+    from model import GPT
+    from tokenizer import EOT_ID, N_VOCAB
+
+    try:
+        return model, GPT2LMHeadModel.from_pretrained(export_hf(model, out_dir)).eval()
+    except CheckpointError as e:
+        print(f"transformers: {e}; comparing with a random GPT-2-shaped model of the same size instead")
+    torch.manual_seed(0)
+    reference = GPT(dataclasses.replace(model.config, rope=False, smear=False))
+    with torch.no_grad():
+        reference.wte.weight[EOT_ID:N_VOCAB] = 0  # never stops early, like `model` (bench_serve)
+    return reference.eval(), GPT2LMHeadModel.from_pretrained(export_hf(reference, out_dir)).eval()
+
+
+@contextlib.contextmanager
+def _server(ckpt, threads: int, *args: str):
+    """serve.py on `ckpt` in its own process with the extra command-line `args`; yields its URL once it is ready."""
     import os
-    import shutil
     import socket
-    import statistics
     import subprocess
-    import tempfile
     import time
     from pathlib import Path
 
     import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    serve_py = Path(__file__).resolve().parent / "serve.py"
+    server = subprocess.Popen([sys.executable, str(serve_py), "--checkpoint", str(ckpt), "--port", str(port), *args],
+                              env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while True:
+            if server.poll() is not None:
+                sys.exit(f"serve.py exited with status {server.returncode} before it was ready")
+            try:
+                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _server_figures(ckpt, threads: int, n_new: int, clients: list[int]):
+    """serve.py on `ckpt` in its own process: (time to first token, streaming tokens/s) of one client, and
+    {clients: aggregate tokens/s} for each number of concurrent clients."""
+    import asyncio
+    import statistics
+    import time
+
+    import httpx
+
+    with _server(ckpt, threads, "--max-batch", "64", "--max-queue", "256", "--max-tokens-cap", str(n_new)) as url:
+        def one_stream():
+            body = {"messages": [{"role": "user", "content": "Tell me a short story about a dog who learns to fly."}],
+                    "temperature": 0, "max_tokens": n_new, "stream": True}
+            start, stamps = time.perf_counter(), []
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    if '"content": "' in line and '"role"' not in line:
+                        stamps.append(time.perf_counter())
+            return stamps[0] - start, (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+        one_stream()
+        runs = [one_stream() for _ in range(5)]
+        single = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+        async def load(n_clients, rounds, n_tokens):
+            async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=n_clients)) as c:
+                async def client(i):
+                    tokens = 0
+                    for j in range(rounds):
+                        body = {"messages": [{"role": "user", "content": f"Tell me about topic {i}-{j}."}],
+                                "temperature": 0, "max_tokens": n_tokens}
+                        tokens += (await c.post("/v1/chat/completions", json=body)).json()["usage"]["completion_tokens"]
+                    return tokens
+                start = time.perf_counter()
+                total = sum(await asyncio.gather(*(client(i) for i in range(n_clients))))
+                return total, time.perf_counter() - start
+
+        concurrency = {}
+        for n_clients in clients:
+            total, wall = asyncio.run(load(n_clients, 3 if n_clients < 16 else 2, min(64, n_new)))
+            concurrency[n_clients] = total / wall
+            print(f"  {n_clients:>2} clients: {total} tokens in {wall:.2f} s = {total / wall:.0f} tokens/s")
+    return single, concurrency
+
+
+REPLY_TOKENS = 12  # per /chat reply: 8 turns grow a conversation to about 200 prompt tokens
+
+
+def _conversation_ttft(url: str, turns: int, conversations: int) -> dict:
+    """Time to first token of turn 1 and of turn `turns` of /chat conversations (greedy, REPLY_TOKENS-token
+    replies): medians over `conversations`, after one warm-up conversation, with turn `turns`' usage.
+    /chat does not stream, so a timed turn asks for one token: its time is prefill + one token + HTTP. Turn 1 is
+    timed in a session of its own, so that the conversation itself keeps full-length replies."""
+    import statistics
+    import time
+
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=120) as client:
+        def turn(session_id, message, max_tokens):
+            body = {"message": message, "session_id": session_id, "max_tokens": max_tokens, "temperature": 0}
+            start = time.perf_counter()
+            r = client.post("/chat", json=body)
+            r.raise_for_status()
+            return time.perf_counter() - start, r.json()
+
+        first, last = [], []
+        for c in range(conversations + 1):
+            # each conversation's messages are its own: it can reuse only its own turns (and the chat template)
+            message = [f"Conversation {c}, turn {t}: one more thing?" for t in range(1, turns + 1)]
+            first.append(turn(None, message[0], 1))
+            session_id = None
+            for text in message[:-1]:
+                session_id = turn(session_id, text, REPLY_TOKENS)[1]["session_id"]
+            last.append(turn(session_id, message[-1], 1))
+    first, last = first[1:], last[1:]
+    return {"first": statistics.median(t for t, _ in first), "last": statistics.median(t for t, _ in last),
+            "first_cached": statistics.median(r["usage"]["prompt_tokens_details"]["cached_tokens"] for _, r in first),
+            "prompt": statistics.median(r["usage"]["prompt_tokens"] for _, r in last),
+            "cached": statistics.median(r["usage"]["prompt_tokens_details"]["cached_tokens"] for _, r in last)}
+
+
+def _reuse_figures(ckpt, threads: int, turns: int, conversations: int) -> dict:
+    """_conversation_ttft on serve.py with the prefix cache at its default size, then with it off."""
+    settings = {"reuse on (default --prefix_cache_tokens)": (),
+                "reuse off (--prefix_cache_tokens 0)": ("--prefix_cache_tokens", "0")}
+    figures = {}
+    for name, args in settings.items():
+        with _server(ckpt, threads, *args) as url:
+            figures[name] = _conversation_ttft(url, turns, conversations)
+    return figures
+
+
+def _print_reuse_table(figures: dict, turns: int) -> None:
+    print(f"\n| /chat conversation, {REPLY_TOKENS}-token replies | turn 1 time to first token | turn {turns} | "
+          f"turn {turns} / turn 1 | turn {turns} prompt tokens | cached (turn 1, turn {turns}) |")
+    print("|---|---|---|---|---|---|")
+    for name, f in figures.items():
+        print(f"| {name} | {f['first'] * 1e3:.1f} ms | {f['last'] * 1e3:.1f} ms | {f['last'] / f['first']:.2f}x | "
+              f"{f['prompt']:.0f} | {f['first_cached']:.0f}, {f['cached']:.0f} |")
+
+
+def bench_serve(argv):
+    """serve.py: time to first token and single-stream decode speed against transformers' `generate` (KV cache,
+    same weights, greedy), then aggregate tokens/s of a running server at 1, 4, 16 and 64 concurrent clients.
+
+    usage: python bench.py serve [--checkpoint DIR] [--threads N] [--tokens N] [--clients 1,4,16,64]
+                                 [--turns N [--conversations N]]
+    Default model: checkpoints/demo-chat (from `make demo`) if it exists, else a random-init model of the tiny
+    preset's size (n_layer=4, n_head=4, n_embd=128, block_size=256, learned positions). Its special-token
+    embeddings are zeroed so that it never stops early: every request generates exactly the tokens asked for, in
+    both implementations (this is a speed test). A model GPT-2 cannot express (the demo's: rope and smear) cannot
+    be exported to transformers: the in-process comparison then runs on a random GPT-2-shaped model of its size,
+    and serve.py on the model itself. The server runs as its own process (--max-batch 64); the clients (httpx,
+    asyncio) run in this process, on the same cores. --threads sets torch's threads here and in the server.
+    --turns N adds conversation reuse: the time to first token of turn 1 and turn N of /chat conversations, on a
+    server with the prefix cache and on one without (medians of --conversations, default 5).
+    """
+    import os
+    import shutil
+    import statistics
+    import tempfile
+    import time
+    from pathlib import Path
+
     import torch
-    from transformers import GPT2LMHeadModel
 
     from chat_format import render
-    from checkpoint import export_hf, load_checkpoint, save_checkpoint
+    from checkpoint import load_checkpoint, save_checkpoint
     from config import ModelConfig, PRESETS
     from model import GPT
     from tokenizer import EOT_ID, N_VOCAB
 
-    opts = {"checkpoint": "checkpoints/demo-chat", "threads": str(torch.get_num_threads()), "tokens": "128"}
+    opts = {"checkpoint": "checkpoints/demo-chat", "threads": str(torch.get_num_threads()), "tokens": "128",
+            "clients": "1,4,16,64", "turns": "0", "conversations": "5"}
     for flag, value in zip(argv[::2], argv[1::2]):
         opts[flag.removeprefix("--")] = value
-    threads, n_new = int(opts["threads"]), int(opts["tokens"])
+    threads, n_new, clients = int(opts["threads"]), int(opts["tokens"]), [int(c) for c in opts["clients"].split(",")]
     torch.set_num_threads(threads)
-    root = Path(__file__).resolve().parent
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(f"machine: {cpu}, {os.cpu_count()} cores; torch threads {threads}; load average before: {os.getloadavg()}")
 
@@ -267,84 +430,39 @@ def bench_serve(argv):
     with torch.no_grad():
         model.wte.weight[EOT_ID:N_VOCAB] = 0
     model.eval()
-    ckpt = save_checkpoint(tmp / "ckpt", model)
-    hf = GPT2LMHeadModel.from_pretrained(export_hf(model, tmp / "hf")).eval()
-    prompt = render([{"role": "user", "content": "Tell me a short story about a dog who learns to fly."}],
-                    add_generation_prompt=True)[0]
-
-    def median_time(fn, repeat=5):
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        def hf_generate(n):
-            return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                               do_sample=False, use_cache=True, pad_token_id=EOT_ID)
-        hf_generate(4), model.generate([prompt], 4, temperature=0)  # warm-up
-        same = hf_generate(n_new)[0, len(prompt):].tolist() == model.generate([prompt], n_new, temperature=0)[0]
-        hf_ttft, hf_full = median_time(lambda: hf_generate(1)), median_time(lambda: hf_generate(n_new), 3)
-        our_ttft = median_time(lambda: model.generate([prompt], 1, temperature=0))
-        our_full = median_time(lambda: model.generate([prompt], n_new, temperature=0), 3)
-    hf_rate, our_rate = (n_new - 1) / (hf_full - hf_ttft), (n_new - 1) / (our_full - our_ttft)
-    print(f"greedy tokens identical to transformers: {same}")
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, str(root / "serve.py"), "--checkpoint", str(ckpt), "--port", str(port),
-                               "--max-batch", "64", "--max-queue", "256", "--max-tokens-cap", str(n_new)],
-                              env={**os.environ, "OMP_NUM_THREADS": str(threads)},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        ckpt = save_checkpoint(tmp / "ckpt", model)
+        reference, hf = _transformers_twin(model, tmp / "hf")
+        prompt = render([{"role": "user", "content": "Tell me a short story about a dog who learns to fly."}],
+                        add_generation_prompt=True)[0]
 
-        def one_stream():
-            body = {"messages": [{"role": "user", "content": "Tell me a short story about a dog who learns to fly."}],
-                    "temperature": 0, "max_tokens": n_new, "stream": True}
-            start, stamps = time.perf_counter(), []
-            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
-                for line in r.iter_lines():
-                    if '"content": "' in line and '"role"' not in line:
-                        stamps.append(time.perf_counter())
-            return stamps[0] - start, (len(stamps) - 1) / (stamps[-1] - stamps[0])
-
-        one_stream()
-        runs = [one_stream() for _ in range(5)]
-        srv_ttft, srv_rate = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
-
-        async def load(clients, rounds, n_tokens):
-            async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=clients)) as c:
-                async def client(i):
-                    tokens = 0
-                    for j in range(rounds):
-                        body = {"messages": [{"role": "user", "content": f"Tell me about topic {i}-{j}."}],
-                                "temperature": 0, "max_tokens": n_tokens}
-                        tokens += (await c.post("/v1/chat/completions", json=body)).json()["usage"]["completion_tokens"]
-                    return tokens
+        def median_time(fn, repeat=5):
+            times = []
+            for _ in range(repeat):
                 start = time.perf_counter()
-                total = sum(await asyncio.gather(*(client(i) for i in range(clients))))
-                return total, time.perf_counter() - start
+                fn()
+                times.append(time.perf_counter() - start)
+            return statistics.median(times)
 
-        concurrency = {}
-        for clients in (1, 4, 16, 64):
-            total, wall = asyncio.run(load(clients, 3 if clients < 16 else 2, 64))
-            concurrency[clients] = total / wall
-            print(f"  {clients:>2} clients: {total} tokens in {wall:.2f} s = {total / wall:.0f} tokens/s")
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            def hf_generate(n):
+                return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                   do_sample=False, use_cache=True, pad_token_id=EOT_ID)
+
+            def our_generate(n):
+                return reference.generate([prompt], n, temperature=0)[0]
+
+            hf_generate(4), our_generate(4)  # warm-up
+            same = hf_generate(n_new)[0, len(prompt):].tolist() == our_generate(n_new)
+            hf_ttft, hf_full = median_time(lambda: hf_generate(1)), median_time(lambda: hf_generate(n_new), 3)
+            our_ttft, our_full = median_time(lambda: our_generate(1)), median_time(lambda: our_generate(n_new), 3)
+        hf_rate, our_rate = (n_new - 1) / (hf_full - hf_ttft), (n_new - 1) / (our_full - our_ttft)
+        print(f"greedy tokens identical to transformers: {same}")
+        (srv_ttft, srv_rate), concurrency = _server_figures(ckpt, threads, n_new, clients)
+        turns = int(opts["turns"])
+        reuse = _reuse_figures(ckpt, threads, turns, int(opts["conversations"])) if turns else {}
     finally:
-        server.terminate()
-        server.wait(timeout=30)
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"\nload average after: {os.getloadavg()}\n")
@@ -353,9 +471,11 @@ def bench_serve(argv):
     print(f"| transformers GPT2LMHeadModel.generate (KV cache) | {hf_ttft * 1e3:.1f} ms | {hf_rate:.0f} |")
     print(f"| ours, GPT.generate in process | {our_ttft * 1e3:.1f} ms | {our_rate:.0f} ({our_rate / hf_rate:.1f}x) |")
     print(f"| ours, serve.py over HTTP, streaming | {srv_ttft * 1e3:.1f} ms | {srv_rate:.0f} ({srv_rate / hf_rate:.1f}x) |")
-    print("\n| concurrent clients | aggregate tokens/s | vs 1 client |\n|---|---|---|")
-    for clients, rate in concurrency.items():
-        print(f"| {clients} | {rate:.0f} | {rate / concurrency[1]:.1f}x |")
+    print(f"\n| concurrent clients | aggregate tokens/s | vs {clients[0]} |\n|---|---|---|")
+    for n_clients, rate in concurrency.items():
+        print(f"| {n_clients} | {rate:.0f} | {rate / concurrency[clients[0]]:.1f}x |")
+    if reuse:
+        _print_reuse_table(reuse, turns)
 
 
 BENCHES = {"tokenizer": bench_tokenizer, "train": bench_train, "serve": bench_serve}

@@ -68,13 +68,15 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 
 def save_checkpoint(path, model: GPT, provenance: dict | None = None, train_state: dict | None = None,
-                    extra: dict | None = None) -> Path:
-    """Write `model` (unwrapped, not DDP/compiled) and optionally the training state to directory `path`."""
+                    extra: dict | None = None, weights: dict | None = None) -> Path:
+    """Write `model` (unwrapped, not DDP/compiled) and optionally the training state to directory `path`.
+    `weights` replaces model.state_dict(): the whole weights of a model that FSDP shards (train.gather_shards)."""
     final = Path(path)
     tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    weights = model.state_dict() if weights is None else weights
+    state = {k: v.detach().cpu().contiguous() for k, v in weights.items() if k != "lm_head.weight"}
     save_file(state, tmp / "model.safetensors")  # lm_head is tied to wte: stored once
     if train_state is not None:
         torch.save(train_state, tmp / "train_state.pt")
@@ -224,11 +226,13 @@ def load_hf(path, device="cpu") -> GPT:
 
 
 def export_hf(model: GPT, out_dir, extra_files: dict | None = None) -> Path:
-    """Write `model` as a Hugging Face GPT2LMHeadModel directory (vocabulary kept at our padded size)."""
+    """Write `model` as a Hugging Face GPT2LMHeadModel directory (vocabulary kept at our padded size), plus
+    `extra_files` (name -> text, or an object written as JSON). Only GPT-2's own parts can be exported."""
     cfg = model.config
-    if cfg.rope or cfg.smear:
-        raise CheckpointError(f"this model uses {'rotary position embeddings (rope)' if cfg.rope else 'smear'}, "
-                              "which GPT-2 does not have: it cannot be exported as a Hugging Face GPT-2 model")
+    extras = [name for name, used in (("rotary position embeddings (rope)", cfg.rope), ("smear", cfg.smear)) if used]
+    if extras:
+        raise CheckpointError(f"this model uses {' and '.join(extras)}, which GPT-2 does not have: "
+                              "it cannot be exported as a Hugging Face GPT-2 model")
     out = Path(out_dir)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -255,6 +259,9 @@ def export_hf(model: GPT, out_dir, extra_files: dict | None = None) -> Path:
         "bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "tie_word_embeddings": True,
     })
     for name, content in (extra_files or {}).items():
-        _write_json(tmp / name, content)
+        if isinstance(content, str):
+            (tmp / name).write_text(content, encoding="utf-8")
+        else:
+            _write_json(tmp / name, content)
     replace_dir(tmp, out)
     return out

@@ -40,7 +40,12 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | float32 | bfloat16 | float16
-    compile: bool = True  # torch.compile on CUDA (ignored on CPU, where it does not pay off for short runs)
+    compile: bool = True  # torch.compile on CUDA (not on the CPU, where it does not pay off for short runs)
+    compile_cpu: str = ""  # a torch.compile backend to compile with on the CPU as well (aot_eager: quick, for tests)
+    # Under torchrun: shard the weights, gradients and optimizer state across the processes (FSDP2) instead of
+    # keeping a whole copy on each (DDP), for models whose training state does not fit one GPU. One process has
+    # nothing to shard: it trains as without --fsdp (and says so). Not with muon or data_vocab.
+    fsdp: bool = False
     batch_size: int = 8  # sequences per micro-batch per process
     batch_tokens: int = 0  # target tokens per optimizer step; 0 = one micro-batch per process
     max_steps: int = 1000  # 0 = no step limit; lifted when --max_time or --max_tokens is given alone (parse_args)
@@ -94,6 +99,9 @@ class ServeConfig:
     cors_origins: list[str] = field(default_factory=list)
     # Host names served besides the loopback ones when bound to a loopback address (the DNS-rebinding guard)
     allowed_hosts: list[str] = field(default_factory=list)
+    # Tokens of finished sequences whose keys and values are kept, so that a prompt extending one (the next turn of
+    # a conversation) prefills only its new tokens; least recently used dropped first; 0 turns reuse off
+    prefix_cache_tokens: int = 8192
     log_prompts: bool = False
 
 
@@ -109,6 +117,13 @@ PRESETS: dict[str, dict] = {
     # GPT-2 medium, 350M parameters.
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024, batch_size=8, batch_tokens=524288,
                         lr=3e-4, warmup_steps=700, max_steps=19000),
+    # GPT-2 large, 774M parameters, and XL, 1.5B: the learning rates of the GPT-3 paper's models of these sizes
+    # (760M and 1.3B), the same tokens per step, smaller micro-batches for their larger activations. Where the
+    # training state does not fit one GPU next to them, --fsdp shards it.
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024, batch_size=4, batch_tokens=524288,
+                       lr=2.5e-4, warmup_steps=700, max_steps=19000),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024, batch_size=4, batch_tokens=524288,
+                    lr=2e-4, warmup_steps=700, max_steps=19000),
 }
 
 

@@ -84,7 +84,8 @@ def is_device_error(e: BaseException) -> bool:
 class SamplingParams:
     """How one sequence is sampled and when it ends. temperature 0 is greedy; seed None draws from the global RNG.
     logprobs: None, or k (0-20): each generated token's log-probability and the k most likely alternatives';
-    prompt_logprobs: the prompt tokens' too (the whole prompt is prefilled, no reuse)."""
+    prompt_logprobs: the prompt tokens' too (the whole prompt is prefilled, no reuse), and max_tokens may be 0
+    (score a text without generating: lm-evaluation-harness's loglikelihood)."""
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
@@ -96,8 +97,8 @@ class SamplingParams:
     prompt_logprobs: bool = False
 
     def __post_init__(self):
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, not {self.max_tokens}")
+        if self.max_tokens < (0 if self.prompt_logprobs else 1):
+            raise ValueError(f"max_tokens must be at least 1 (0 with prompt_logprobs), not {self.max_tokens}")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError(f"bad sampling parameters: temperature {self.temperature} (>= 0), top_p {self.top_p} "
                              f"(0 < top_p <= 1), top_k {self.top_k} (>= 0)")
@@ -183,6 +184,7 @@ class Sequence:
         self.tokens: list[int] = []  # generated ids
         self.pending_logprobs: list[Logprob] = []  # of tokens whose text is held back
         self.row = None
+        self.reused = 0  # prompt tokens whose keys and values came from the prefix store
         self.budget = params.max_tokens  # tokens it may generate (set to what fits by Engine.submit)
         self.finish_reason = None
         self.cancelled = False  # set from another thread when the owner goes away
@@ -400,7 +402,8 @@ class Engine:
     def submit(self, seqs: list[Sequence]) -> None:
         """Queue sequences; raises ContextTooLong if a prompt leaves no room, QueueFull past max_queue."""
         for seq in seqs:
-            if not seq.prompt or len(seq.prompt) >= self.max_len:
+            # A sequence that generates needs a position for its first new token; a scored one (max_tokens 0) not.
+            if not seq.prompt or len(seq.prompt) + min(seq.params.max_tokens, 1) > self.max_len:
                 raise ContextTooLong(f"a prompt of {len(seq.prompt)} tokens leaves no room in the context "
                                      f"({self.max_len})")
             seq.budget = min(seq.params.max_tokens, self.max_len - len(seq.prompt))
@@ -499,10 +502,10 @@ class Engine:
         for seq in seqs:
             seq.row = heapq.heappop(self.free)
             self.active[seq.row] = seq
-            reused = self._reuse(seq) if self.store and not seq.params.prompt_logprobs else 0
+            seq.reused = self._reuse(seq) if self.store and not seq.params.prompt_logprobs else 0
             self.context[seq.row] = list(seq.prompt)
-            chunks.append(seq.prompt[reused:])
-            starts.append(reused)
+            chunks.append(seq.prompt[seq.reused:])
+            starts.append(seq.reused)
             self.observe("prompt_tokens", len(seq.prompt))
         prevs = [s.prompt[start - 1] if start else 0 for s, start in zip(seqs, starts)]
         logits, full = prefill(self.model, self.cache, [s.row for s in seqs], chunks, starts, prevs,
@@ -512,7 +515,13 @@ class Engine:
                 top = seq.params.logprobs or 0
                 entries = [None] + token_logprobs(f[:-1], seq.prompt[1:], top)
                 seq.emit(Event("prompt", seq.index, logprobs=entries))
-        self._advance(seqs, logits)
+        generating = [i for i, seq in enumerate(seqs) if seq.budget > 0]
+        for seq in seqs:
+            if seq.budget == 0:
+                seq.finish_reason = "length"
+                self._finish(seq)
+        if generating:
+            self._advance([seqs[i] for i in generating], logits[generating])
 
     def _reuse(self, seq: Sequence) -> int:
         """Copy the longest stored prefix of seq's prompt into its row; the number of tokens reused."""

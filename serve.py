@@ -1,6 +1,7 @@
 """Serve a checkpoint behind an OpenAI-compatible HTTP API, with continuous batching.
 
   python serve.py --checkpoint checkpoints/chat [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+                  [--prefix-cache-tokens 8192]
 
 Routes: POST /v1/chat/completions and /v1/completions (OpenAI shape, streaming as server-sent events),
 GET /v1/models, POST /tokenize, POST /chat (a conversation kept on the server, for curl), GET /health
@@ -13,21 +14,25 @@ into free rows, then every decode step runs one forward over all active rows, ea
 position, and samples each row with its own parameters and seed. Text goes back to the request's
 asyncio task token by token; a client that goes away (or a request past its deadline) frees its row
 at the next step. Generation never runs on the event loop, so /health answers while the model works.
+A finished sequence's keys and values stay in a bounded prefix cache, so the next turn of a conversation
+prefills only its new tokens (usage.prompt_tokens_details.cached_tokens counts the reused ones). Token
+log-probabilities (logprobs, top_logprobs, echo) come in OpenAI's response shapes.
 """
 
 import asyncio
 import collections
 import hmac
 import ipaddress
+import itertools
 import json
 import logging
 import os
 import signal
 import sys
-import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -35,16 +40,18 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               disable_created_metrics, generate_latest)
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chat_format import ASSISTANT, ChatFormatError, render, validate
 from config import ServeConfig, cli
-from engine import (STOP_IDS, ContextTooLong, DeadlineExceeded, Engine, EngineError, EngineStopped, Event, QueueFull,
-                    SamplingParams, Sequence, TextStream, fit_conversation)
+from engine import (MAX_LOGPROBS, STOP_IDS, ContextTooLong, DeadlineExceeded, Engine, EngineError, EngineStopped, Event,
+                    Logprob, QueueFull, SamplingParams, Sequence, TextStream, fit_conversation)
 from model import pick_device
-from tokenizer import decode, encode
+from tokenizer import decode, decode_bytes, encode
 
 log = logging.getLogger("parley.serve")
 WEB_PAGE = Path(__file__).resolve().parent / "web" / "chat.html"
@@ -78,78 +85,61 @@ def context_error(prompt_tokens: int, max_tokens: int, block_size: int) -> ApiEr
 
 # ---- metrics ------------------------------------------------------------------------------------
 
-class Histogram:
-    def __init__(self, buckets):
-        self.buckets, self.counts, self.sum, self.count = list(buckets), [0] * len(buckets), 0.0, 0
-
-    def observe(self, v: float):
-        self.sum, self.count = self.sum + v, self.count + 1
-        for i, b in enumerate(self.buckets):
-            if v <= b:
-                self.counts[i] += 1
-
-    def lines(self, name: str) -> list[str]:
-        out = [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
-        out.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
-        return out + [f"{name}_sum {self.sum:.6f}", f"{name}_count {self.count}"]
-
-
-def metric_block(name: str, kind: str, help_: str, samples) -> list[str]:
-    """One metric in Prometheus' text format: samples are (labels, value) or a single value."""
-    rows = samples if isinstance(samples, list) else [("", samples)]
-    return [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", *(f"{name}{labels} {value}" for labels, value in rows)]
+# No `_created` series (a timestamp next to every counter and histogram): /metrics keeps exactly the series it had
+# before prometheus_client, which dashboards already read. The switch is process-wide, the only one on offer.
+disable_created_metrics()
 
 
 class Metrics:
-    """Counters for /metrics, updated from the event loop and the engine thread (hence the lock)."""
+    """The server's Prometheus metrics, in a registry of its own so that several apps in one process do not clash.
+    prometheus_client's metrics are thread-safe: the event loop and the engine thread update them directly."""
 
     def __init__(self):
-        self.lock = threading.Lock()
-        self.requests = collections.Counter()  # (route, status) -> count
-        self.prompt_tokens = self.completion_tokens = self.cancelled = 0
-        self.ttft = Histogram([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30])
-        self.tpot = Histogram([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1])
+        self.registry = CollectorRegistry()
+        # A counter named `x_total` is exposed as `x_total` (prometheus_client adds the suffix only when missing).
+        self.requests = Counter("parley_requests_total", "HTTP requests by route and status.", ["route", "status"],
+                                registry=self.registry)
+        self.errors = Counter("parley_errors_total", "HTTP responses with status >= 400.", ["status"],
+                              registry=self.registry)
+        self.engine_counters = {  # engine.Engine's `observe` kinds
+            "prompt_tokens": Counter("parley_prompt_tokens_total", "Prompt tokens of admitted requests.",
+                                     registry=self.registry),
+            "reused_tokens": Counter("parley_reused_prompt_tokens_total",
+                                     "Prompt tokens whose keys and values came from the prefix cache (not prefilled).",
+                                     registry=self.registry),
+            "completion_tokens": Counter("parley_completion_tokens_total", "Tokens generated.", registry=self.registry),
+            "cancelled": Counter("parley_cancelled_total",
+                                 "Generations stopped because the client went away or ran past its deadline.",
+                                 registry=self.registry),
+        }
+        self.histograms = {
+            "ttft": Histogram("parley_time_to_first_token_seconds", "From arrival to the first generated token.",
+                              buckets=[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30], registry=self.registry),
+            "tpot": Histogram("parley_time_per_output_token_seconds",
+                              "Mean time between tokens after the first, per request.",
+                              buckets=[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1],
+                              registry=self.registry),
+        }
 
-    def add(self, **counts):
-        with self.lock:
-            for k, v in counts.items():
-                setattr(self, k, getattr(self, k) + v)
+    def watch(self, engine: Engine, max_batch: int):
+        """The gauges, read from the engine at each scrape."""
+        Gauge("parley_queue_depth", "Sequences waiting for a batch row.",
+              registry=self.registry).set_function(engine.queue_depth)
+        Gauge("parley_active_sequences", "Sequences being generated.",
+              registry=self.registry).set_function(lambda: len(engine.active))
+        Gauge("parley_batch_slots", "Rows of the batch (max_batch).", registry=self.registry).set(max_batch)
 
     def observe(self, kind: str, value: float):
         """What the engine reports (engine.Engine's `observe`)."""
-        if kind in ("ttft", "tpot"):
-            with self.lock:
-                getattr(self, kind).observe(value)
-        elif kind in ("prompt_tokens", "completion_tokens", "cancelled"):
-            self.add(**{kind: value})
+        if kind in self.histograms:
+            self.histograms[kind].observe(value)
+        elif kind in self.engine_counters:
+            self.engine_counters[kind].inc(value)
 
-    def render(self, queue_depth: int, active: int, max_batch: int) -> str:
-        with self.lock:
-            errors = collections.Counter()
-            for (_, status), n in self.requests.items():
-                if status >= 400:
-                    errors[status] += n
-            requests = [(f'{{route="{r}",status="{s}"}}', n) for (r, s), n in sorted(self.requests.items())]
-            lines = [
-                *metric_block("parley_requests_total", "counter", "HTTP requests by route and status.", requests),
-                *metric_block("parley_errors_total", "counter", "HTTP responses with status >= 400.",
-                              [(f'{{status="{s}"}}', n) for s, n in sorted(errors.items())]),
-                *metric_block("parley_prompt_tokens_total", "counter", "Prompt tokens prefilled.", self.prompt_tokens),
-                *metric_block("parley_completion_tokens_total", "counter", "Tokens generated.", self.completion_tokens),
-                *metric_block("parley_cancelled_total", "counter",
-                              "Generations stopped because the client went away or ran past its deadline.",
-                              self.cancelled),
-                "# HELP parley_time_to_first_token_seconds From arrival to the first generated token.",
-                "# TYPE parley_time_to_first_token_seconds histogram",
-                *self.ttft.lines("parley_time_to_first_token_seconds"),
-                "# HELP parley_time_per_output_token_seconds Mean time between tokens after the first, per request.",
-                "# TYPE parley_time_per_output_token_seconds histogram",
-                *self.tpot.lines("parley_time_per_output_token_seconds"),
-                *metric_block("parley_queue_depth", "gauge", "Sequences waiting for a batch row.", queue_depth),
-                *metric_block("parley_active_sequences", "gauge", "Sequences being generated.", active),
-                *metric_block("parley_batch_slots", "gauge", "Rows of the batch (max_batch).", max_batch),
-            ]
-        return "\n".join(lines) + "\n"
+    def count_response(self, route: str, status: int):
+        self.requests.labels(route=route, status=str(status)).inc()
+        if status >= 400:
+            self.errors.labels(status=str(status)).inc()
 
 
 class MetricsMiddleware:
@@ -165,8 +155,7 @@ class MetricsMiddleware:
 
         async def send_counted(message):
             if message["type"] == "http.response.start":
-                with self.metrics.lock:
-                    self.metrics.requests[(route, message["status"])] += 1
+                self.metrics.count_response(route, message["status"])
             await send(message)
 
         await self.app(scope, receive, send_counted)
@@ -203,7 +192,7 @@ class Job:
 
         deadline = time.monotonic() + timeout
         self.engine = engine
-        self.prompt_tokens = len(prompt)
+        self.prompt = prompt
         self.seqs = [Sequence(prompt, params, emit, i, deadline) for i in range(n)]
         self.open = n  # choices not finished yet
         try:
@@ -262,6 +251,63 @@ class Job:
                 watch.cancel()
 
 
+# ---- response shapes ---------------------------------------------------------------------------
+
+def token_logprob(token: int, logprob: float) -> dict:
+    """A token in chat's logprobs: its text, log-probability and UTF-8 bytes (a token may hold part of a character,
+    whose text alone shows U+FFFD)."""
+    raw = decode_bytes([token])
+    return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+
+class ChoiceShape:
+    """A request's choices in OpenAI's shapes: chat (a message or a delta; logprobs {"content": [...]}) or legacy
+    completions (text; logprobs {"tokens", "token_logprobs", "top_logprobs", "text_offset"}, the prompt's first
+    with echo). As in OpenAI's, text offsets count characters of the prompt and the completion together."""
+
+    def __init__(self, chat: bool, logprobs: bool, prompt: list[int], prompt_text: str, echo: bool):
+        self.chat, self.logprobs, self.prompt, self.prompt_text, self.echo = chat, logprobs, prompt, prompt_text, echo
+        self.offsets = collections.defaultdict(lambda: 0 if echo else len(prompt_text))  # choice -> the next offset
+
+    def whole(self, i: int, result: dict) -> dict:
+        """Choice i of a finished request, from Job.collect's result."""
+        if self.chat:
+            return {"index": i, "message": {"role": "assistant", "content": result["text"]},
+                    "logprobs": self.format(i, result["logprobs"]), "finish_reason": result["reason"]}
+        text, entries = result["text"], result["logprobs"]
+        tokens = [e.token for e in entries]
+        if self.echo:
+            text, tokens, entries = self.prompt_text + text, self.prompt + tokens, result["prompt_logprobs"] + entries
+        return {"index": i, "text": text, "logprobs": self.format(i, entries, tokens),
+                "finish_reason": result["reason"]}
+
+    def chunk(self, event: Event) -> dict:
+        """The choice of a streamed chunk: a "prompt" (echo), "text" or "done" event."""
+        if event.kind == "prompt":
+            text, tokens = self.prompt_text, self.prompt
+        else:
+            text, tokens = event.text, [e.token for e in event.logprobs]
+        logprobs = self.format(event.index, event.logprobs, tokens)
+        if self.chat:
+            delta = {"content": text} if text else {}
+            return {"index": event.index, "delta": delta, "logprobs": logprobs, "finish_reason": event.reason}
+        return {"index": event.index, "text": text, "logprobs": logprobs, "finish_reason": event.reason}
+
+    def format(self, i: int, entries: list[Logprob | None], tokens: list[int] = ()) -> dict | None:
+        """Choice i's logprobs of these tokens (entries: their Logprobs; None for the first prompt token)."""
+        if not self.logprobs:
+            return None
+        if self.chat:
+            return {"content": [{**token_logprob(e.token, e.logprob),
+                                 "top_logprobs": [token_logprob(t, lp) for t, lp in e.top]} for e in entries]}
+        texts = [decode([t]) for t in tokens]
+        offsets = list(itertools.accumulate(map(len, texts), initial=self.offsets[i]))
+        self.offsets[i] = offsets.pop()
+        return {"tokens": texts, "token_logprobs": [e.logprob if e else None for e in entries],
+                "top_logprobs": [{decode([t]): lp for t, lp in e.top} if e else None for e in entries],
+                "text_offset": offsets}
+
+
 # ---- request schemas --------------------------------------------------------------------------
 
 class Strict(BaseModel):
@@ -296,7 +342,6 @@ class Sampling(Strict):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     # Accepted only at their neutral values: the server does not implement them, and says so.
-    logprobs: bool | None = None
     frequency_penalty: float | None = Field(None, allow_inf_nan=False)
     presence_penalty: float | None = Field(None, allow_inf_nan=False)
     tools: list | None = None
@@ -304,10 +349,15 @@ class Sampling(Strict):
 
 class ChatCompletionRequest(Sampling):
     messages: list[Message]
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 class CompletionRequest(Sampling):
     prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool | None = None
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt only
 
 
 class ChatRequest(Strict):
@@ -436,8 +486,9 @@ class Server:
         self.created_at = int(time.time())
         self.metrics = Metrics()
         self.exit_on_failure = exit_on_failure
-        self.engine = Engine(model, cfg.max_batch, cfg.max_queue, observe=self.metrics.observe,
-                             on_failure=self.on_engine_failure)
+        self.engine = Engine(model, cfg.max_batch, cfg.max_queue, reuse_tokens=cfg.prefix_cache_tokens,
+                             observe=self.metrics.observe, on_failure=self.on_engine_failure)
+        self.metrics.watch(self.engine, cfg.max_batch)
         self.sessions = Sessions(cfg.max_sessions, cfg.session_ttl)
         self.ready = False
 
@@ -468,8 +519,8 @@ class Server:
                            "authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     # -- requests to the engine
-    def sampling(self, body: Sampling | ChatRequest, prompt_tokens: int, max_tokens: int | None,
-                 stop=()) -> SamplingParams:
+    def sampling(self, body: Sampling | ChatRequest, prompt_tokens: int, max_tokens: int | None, stop=(),
+                 logprobs: int | None = None, prompt_logprobs: bool = False) -> SamplingParams:
         block, cap = self.block, self.cfg.max_tokens_cap
         if max_tokens is None:
             if prompt_tokens >= block:
@@ -481,11 +532,11 @@ class Server:
             raise ApiError(400, f"max_tokens {max_tokens} is over this server's cap of {cap}", param="max_tokens",
                            code="invalid_value")
         temperature = 1.0 if body.temperature is None else body.temperature
-        return SamplingParams(max_tokens, temperature, body.top_p or 1.0, body.top_k or 0, body.seed, tuple(stop))
+        return SamplingParams(max_tokens, temperature, body.top_p or 1.0, body.top_k or 0, body.seed, tuple(stop),
+                              logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
     def check_sampling(self, body: Sampling) -> tuple[int, list[str]]:
-        unsupported = [name for name, value in (("logprobs", body.logprobs), ("tools", body.tools),
-                                                ("frequency_penalty", body.frequency_penalty),
+        unsupported = [name for name, value in (("tools", body.tools), ("frequency_penalty", body.frequency_penalty),
                                                 ("presence_penalty", body.presence_penalty)) if value]
         if unsupported:
             raise ApiError(400, f"{unsupported[0]} is not supported by this server", param=unsupported[0],
@@ -504,49 +555,56 @@ class Server:
                            code="invalid_value")
         return n, stop
 
-    async def generate(self, request: Request, body: Sampling, prompt: list[int], chat: bool):
+    @staticmethod
+    def check_logprobs(body: ChatCompletionRequest | CompletionRequest) -> tuple[int | None, bool]:
+        """(how many alternatives each token's log-probability comes with, None for no logprobs; echo)."""
+        if isinstance(body, ChatCompletionRequest):
+            if body.top_logprobs is not None and not body.logprobs:
+                raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+            return (body.top_logprobs or 0) if body.logprobs else None, False
+        if body.max_tokens == 0 and not body.echo:
+            raise ApiError(400, "max_tokens may be 0 only with echo (to score the prompt)", param="max_tokens",
+                           code="invalid_value")
+        return body.logprobs, bool(body.echo)
+
+    async def generate(self, request: Request, body: ChatCompletionRequest | CompletionRequest, prompt: list[int],
+                       prompt_text: str = ""):
+        chat = isinstance(body, ChatCompletionRequest)
         n, stop = self.check_sampling(body)
-        params = self.sampling(body, len(prompt), body.max_completion_tokens or body.max_tokens, stop)
+        top, echo = self.check_logprobs(body)
+        # With echo the engine reports the prompt (a prefill of all of it, no reuse) as an event of its own, which
+        # the choice starts with, and its log-probabilities when asked.
+        params = self.sampling(body, len(prompt), body.max_completion_tokens or body.max_tokens, stop, top, echo)
         if self.cfg.log_prompts:
             log.info("prompt (%d tokens): %r", len(prompt), decode(prompt))
         job = Job(self.engine, prompt, params, n, self.cfg.request_timeout)
+        shape = ChoiceShape(chat, top is not None, prompt, prompt_text, echo)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": self.model_id}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self.stream(job, head, chat, include_usage), media_type="text/event-stream",
+            return StreamingResponse(self.stream(job, head, shape, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         results = await job.collect(request)
-        if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": c["text"]}, "logprobs": None,
-                        "finish_reason": c["reason"]} for i, c in enumerate(results)]
-        else:
-            choices = [{"index": i, "text": c["text"], "logprobs": None, "finish_reason": c["reason"]}
-                       for i, c in enumerate(results)]
-        return {**head, "choices": choices, "usage": usage(len(prompt), sum(c["tokens"] for c in results))}
+        choices = [shape.whole(i, c) for i, c in enumerate(results)]
+        return {**head, "choices": choices,
+                "usage": usage(len(prompt), sum(c["tokens"] for c in results), job.seqs[0].reused)}
 
-    async def stream(self, job: Job, head: dict, chat: bool, include_usage: bool):
+    async def stream(self, job: Job, head: dict, shape: ChoiceShape, include_usage: bool):
         """Server-sent events; when the client goes away Starlette cancels this generator, which cancels the job."""
-        head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+        head = {**head, "object": "chat.completion.chunk" if shape.chat else "text_completion"}
         extra = {"usage": None} if include_usage else {}
 
-        def chunk(i, content=None, finish=None, role=False):
-            if chat:
-                if role:
-                    delta = {"role": "assistant", "content": ""}
-                else:
-                    delta = {} if content is None else {"content": content}
-                choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
-            else:
-                choice = {"index": i, "text": content or "", "logprobs": None, "finish_reason": finish}
+        def sse(choice: dict) -> str:
             return f"data: {json.dumps({**head, 'choices': [choice], **extra}, ensure_ascii=False)}\n\n"
 
         completion_tokens = 0
         try:
-            if chat:
+            if shape.chat:
                 for seq in job.seqs:
-                    yield chunk(seq.index, role=True)
+                    yield sse({"index": seq.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                               "finish_reason": None})
             while job.open:
                 try:
                     event = await job.next()
@@ -554,13 +612,10 @@ class Server:
                     error = {"message": e.message, "type": e.type, "param": None, "code": e.code}
                     yield f"data: {json.dumps({'error': error})}\n\n"
                     break
-                if event.kind == "text":
-                    yield chunk(event.index, content=event.text)
-                elif event.kind == "done":
-                    completion_tokens += event.tokens
-                    yield chunk(event.index, finish=event.reason)
+                completion_tokens += event.tokens
+                yield sse(shape.chunk(event))
             if include_usage and not job.open:
-                final = {**head, "choices": [], "usage": usage(job.prompt_tokens, completion_tokens)}
+                final = {**head, "choices": [], "usage": usage(len(job.prompt), completion_tokens, job.seqs[0].reused)}
                 yield f"data: {json.dumps(final)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
@@ -582,8 +637,7 @@ class Server:
         return {"status": "ready", "model": self.model_id}
 
     async def metrics_text(self):
-        text = self.metrics.render(self.engine.queue_depth(), len(self.engine.active), self.cfg.max_batch)
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def models(self):
         return {"object": "list", "data": [{"id": self.model_id, "object": "model", "created": self.created_at,
@@ -600,7 +654,7 @@ class Server:
             raise ApiError(400, "messages: the last message must be from the user", param="messages",
                            code="invalid_value")
         prompt, _ = render(messages, add_generation_prompt=True)
-        return await self.generate(request, body, prompt, chat=True)
+        return await self.generate(request, body, prompt)
 
     async def completions(self, request: Request):
         body = await read_json(request, CompletionRequest, self.cfg.max_body_bytes)
@@ -610,7 +664,7 @@ class Server:
         text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
         if not text:
             raise ApiError(400, "prompt: must not be empty", param="prompt", code="invalid_value")
-        return await self.generate(request, body, encode(text), chat=False)
+        return await self.generate(request, body, encode(text), text)
 
     async def tokenize(self, request: Request):
         body = await read_json(request, TokenizeRequest, self.cfg.max_body_bytes)
@@ -646,12 +700,15 @@ class Server:
         first = 1 if conversation[0]["role"] == "system" else 0
         return {"session_id": session_id, "new_session": created, "reply": result["text"],
                 "finish_reason": result["reason"], "dropped_messages": dropped,
-                "dropped": conversation[first: first + dropped], "usage": usage(len(prompt), result["tokens"])}
+                "dropped": conversation[first: first + dropped],
+                "usage": usage(len(prompt), result["tokens"], job.seqs[0].reused)}
 
 
-def usage(prompt_tokens, completion_tokens):
+def usage(prompt_tokens, completion_tokens, cached_tokens):
+    """OpenAI's usage; cached_tokens: prompt tokens taken from the prefix cache instead of prefilled."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -697,7 +754,7 @@ def create_app(cfg: ServeConfig, model=None, exit_on_failure: bool = False) -> F
     app.get("/", response_class=HTMLResponse)(server.page)
     api = APIRouter(dependencies=[Depends(server.check_key)])
     api.get("/ready")(server.ready_route)
-    api.get("/metrics", response_class=PlainTextResponse)(server.metrics_text)
+    api.get("/metrics")(server.metrics_text)
     api.get("/v1/models")(server.models)
     api.post("/v1/chat/completions")(server.chat_completions)
     api.post("/v1/completions")(server.completions)

@@ -37,7 +37,7 @@ import sys
 import time
 import zlib
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +47,6 @@ from tqdm import tqdm
 import config
 import shards
 import tokenizer
-from demo_data import pretrain_documents
 
 SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
 DEMO_OUT = "data/demo"
@@ -175,6 +174,11 @@ def read_file(path: Path, text_field: str, txt_paragraphs: bool, source: dict, b
     source.update(bytes=raw.size, sha256=raw.sha256.hexdigest())
 
 
+def demo_documents(seed: int):
+    from demo_data import pretrain_documents  # imported only when used: start-up time counts on small inputs
+    return pretrain_documents(seed=seed)
+
+
 def batches(documents, max_chars: int = BATCH_CHARS):
     """Group documents into lists of about `max_chars` characters (a longer document is a batch of its own)."""
     batch, size = [], 0
@@ -201,14 +205,15 @@ def held_out(ids: np.ndarray, key: bytes, val_fraction: float) -> bool:
     return int.from_bytes(digest.digest()[:8], "little") < val_fraction * 2**64
 
 
-def encode_batch(docs: list[str], key: bytes, val_fraction: float, first_to_val: bool):
+def encode_batch(encoding: Future, docs: list[str], key: bytes, val_fraction: float, first_to_val: bool):
     """Tokens of a batch of documents, each followed by EOT, split into (train, val) uint16 arrays, plus counts.
+    `encoding` is the future of tokenizer.get_encoding(), so that the BPE is loaded once, by one worker.
 
     Runs in a worker thread: tiktoken releases the GIL while it encodes, so threads use every core without
     pickling text to other processes. encode_to_numpy also skips the Python list of ints that encode_ordinary
     builds under the GIL, which is what keeps encode_ordinary_batch from scaling with threads (BENCHMARKS.md).
     """
-    enc = tokenizer.get_encoding()
+    enc = encoding.result()
     pieces = ([], [])  # train, val
     for i, doc in enumerate(docs):
         try:
@@ -224,11 +229,14 @@ def encode_batch(docs: list[str], key: bytes, val_fraction: float, first_to_val:
 
 def encode_in_order(batches, workers: int, key: bytes, val_fraction: float):
     """encode_batch over `batches` in `workers` threads. Results come back in submission order, so the output does
-    not depend on which thread finishes first; at most 2 batches per worker are in flight, so memory stays flat."""
+    not depend on which thread finishes first; at most 2 batches per worker are in flight, so memory stays flat.
+    The BPE loads in a worker while this thread reads the first batches (a missing BPE file raises from the
+    first result)."""
     with ThreadPoolExecutor(workers) as pool:
+        encoding = pool.submit(tokenizer.get_encoding)
         in_flight = deque()
         for i, batch in enumerate(batches):
-            in_flight.append(pool.submit(encode_batch, batch, key, val_fraction, i == 0 and val_fraction > 0))
+            in_flight.append(pool.submit(encode_batch, encoding, batch, key, val_fraction, i == 0 and val_fraction > 0))
             if len(in_flight) >= 2 * workers:
                 yield in_flight.popleft().result()
         while in_flight:
@@ -284,7 +292,6 @@ def tokenize(inputs: list[str], cfg: TokenizeConfig) -> dict:
         raise BadInput(f"--out {out}: exists and is not an output of tokenize_data.py (no meta.json); "
                        "refusing to replace it, choose another folder")
     files = find_sources(inputs)
-    tokenizer.get_encoding()  # load the BPE once, before the threads need it (and fail early without it)
     workers = cfg.workers or len(os.sched_getaffinity(0))
 
     sources, skipped = [], []  # one entry per input file (for meta.json); the bad records skipped
@@ -302,7 +309,7 @@ def tokenize(inputs: list[str], cfg: TokenizeConfig) -> dict:
             sources.append({"path": str(path) if path else f"demo_data.pretrain_documents(seed={cfg.seed})",
                             "documents": 0, "bad_records": 0})
             texts = read_file(path, cfg.text_field, cfg.txt_paragraphs, sources[-1], bad) if path \
-                else pretrain_documents(seed=cfg.seed)
+                else demo_documents(cfg.seed)
             for text in texts:
                 if text:  # an empty document would only add an EOT
                     sources[-1]["documents"] += 1

@@ -102,6 +102,37 @@ def decode_bytes(ids) -> bytes:
     return get_encoding().decode_bytes([int(i) for i in ids if 0 <= int(i) < N_VOCAB])
 
 
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table: vocab.json and merges.txt spell tokens in these characters.
+    Printable Latin-1 bytes stand for themselves; the others are moved to code points 256 and up."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(shifted)}}
+
+
+def _split_by_earlier_merges(token: bytes, ranks: dict[bytes, int]) -> list[bytes]:
+    """BPE of `token` with only the merges ranked below its own: the two parts its last merge joined."""
+    parts, limit = [bytes([b]) for b in token], ranks[token]
+    while True:
+        pairs = [(ranks.get(a + b, limit), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs, default=(limit, 0))
+        if rank >= limit:
+            return parts
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+
+
+def gpt2_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
+    """GPT-2's vocab.json (token -> id) and merges.txt lines ("a b", in merge order), rebuilt from the local
+    ranks: tiktoken keeps only the ranks, and a token's merge is recovered by re-running BPE on its bytes."""
+    ranks, spell = _load_ranks(), byte_to_unicode()
+    text = {token: "".join(spell[b] for b in token) for token in ranks}
+    merges = []
+    for token in sorted((t for t in ranks if len(t) > 1), key=ranks.get):
+        left, right = _split_by_earlier_merges(token, ranks)
+        merges.append(f"{text[left]} {text[right]}")
+    return {text[t]: rank for t, rank in ranks.items()}, merges
+
+
 def fetch(dest: Path = PROJECT_BPE_FILE) -> Path:
     """Make sure the BPE file is on disk at `dest`; returns its path."""
     if dest.is_file() and _sha256(dest) == BPE_SHA256:

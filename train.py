@@ -7,13 +7,14 @@
     fingerprint: str                           identifies the data in checkpoint provenance.
 
 fit() picks the device and precision (bf16 autocast, TF32 and torch.compile on CUDA; fp32 on CPU), runs data
-parallel under torchrun (DDP: NCCL on CUDA, gloo on CPU), steps the optimizer (optim.py) with warmup + cosine / wsd /
-constant learning rate, accumulates gradients up to cfg.batch_tokens, clips them, and skips (and counts) steps whose loss
-is not finite. It never loses a run: RUN/step_NNNNNNN checkpoints every cfg.save_every steps and at the end
-(the last cfg.keep_last are kept), RUN/best by validation loss, SIGINT/SIGTERM finish the step, save and return,
-and cfg.resume continues exactly from the newest valid checkpoint (a corrupted one is skipped with a warning).
-Only rank 0 writes: checkpoints, RUN/log.jsonl (one JSON record per line) and RUN/loss.png (drawn by
-plot_loss.py in a background process). `python train.py` only says which script to run.
+parallel under torchrun (DDP, or with cfg.fsdp FSDP2's sharding; NCCL on CUDA, gloo on CPU), steps the optimizer
+(optim.py) with warmup + cosine / wsd / constant learning rate, accumulates gradients up to cfg.batch_tokens, clips
+them, and skips (and counts) steps whose loss is not finite. It never loses a run: RUN/step_NNNNNNN checkpoints
+every cfg.save_every steps and at the end (the last cfg.keep_last are kept), RUN/best by validation loss,
+SIGINT/SIGTERM finish the step, save and return, and cfg.resume continues exactly from the newest valid checkpoint
+(a corrupted one is skipped with a warning). Only rank 0 writes: checkpoints, RUN/log.jsonl (one JSON record per
+line) and RUN/loss.png (drawn by plot_loss.py in a background process). `python train.py` only says which script to
+run.
 """
 
 import contextlib
@@ -31,6 +32,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -61,6 +66,18 @@ def check_config(cfg: TrainConfig) -> None:
     if not 0 <= cfg.decay_fraction <= 1:
         raise ConfigError(f"field 'decay_fraction' expects a value in [0, 1], got {cfg.decay_fraction!r}")
     check_optimizer(cfg)
+    if cfg.fsdp:
+        check_fsdp(cfg)
+
+
+def check_fsdp(cfg: TrainConfig) -> None:
+    """Refuse what FSDP cannot train here; the message names the field and why."""
+    if cfg.optimizer == "muon":
+        raise ConfigError("field 'optimizer' muon does not work with fsdp: Muon orthogonalizes each whole matrix, "
+                          "and FSDP gives each process a slice of it; use --optimizer adamw, or DDP (no --fsdp)")
+    if cfg.data_vocab:
+        raise ConfigError("field 'data_vocab' does not work with fsdp: the restricted output layer maps ids to the "
+                          "rows of its whole embedding table, which FSDP shards; use DDP (no --fsdp)")
 
 
 def log(msg: str) -> None:
@@ -179,9 +196,10 @@ class TrainState:
         return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls)})
 
 
-def resume(out: Path, model: GPT, optimizer, scaler, master: bool) -> tuple[TrainState, Path | None]:
+def resume(out: Path, model: GPT, optimizer, scaler, master: bool, sharded: bool) -> tuple[TrainState, Path | None]:
     """(counters, checkpoint) of the newest checkpoint in `out` that loads, after loading its weights and optimizer
-    state; corrupted ones are skipped with a warning. A fresh TrainState and None when there is none."""
+    state (sharded: every process reads the whole checkpoint and keeps its shard); corrupted ones are skipped with a
+    warning. A fresh TrainState and None when there is none."""
     for ckpt in reversed(step_checkpoints(out)):
         try:
             loaded, config, saved = load_checkpoint(ckpt, train_state=True)
@@ -191,8 +209,11 @@ def resume(out: Path, model: GPT, optimizer, scaler, master: bool) -> tuple[Trai
         if loaded.config != model.config:
             raise CheckpointError(f"{ckpt}: model config {to_dict(loaded.config)} does not match this run's "
                                   f"{to_dict(model.config)}")
-        model.load_state_dict(loaded.state_dict())
-        optimizer.load_state_dict(saved["optimizer"])
+        if sharded:
+            load_into_shards(model, optimizer, loaded.state_dict(), saved["optimizer"])
+        else:
+            model.load_state_dict(loaded.state_dict())
+            optimizer.load_state_dict(saved["optimizer"])
         if saved["scaler"]:  # empty when saved without fp16
             scaler.load_state_dict(saved["scaler"])
         state = TrainState.from_checkpoint(saved)
@@ -202,6 +223,52 @@ def resume(out: Path, model: GPT, optimizer, scaler, master: bool) -> tuple[Trai
     if master:
         log(f"--resume: no checkpoint in {out}, starting from the beginning")
     return TrainState(), None
+
+
+# ---- FSDP's shards and whole checkpoints ---------------------------------------------------------------------
+# A checkpoint holds the whole model and optimizer state in the format of model.state_dict() and
+# optimizer.state_dict() (parameters numbered in param_groups order), however the run was sharded: the same files
+# resume a DDP, FSDP or one-process run, and load for evaluation, fine-tuning and serving. torch.distributed.checkpoint
+# gathers and shards these states, keyed by parameter names, which `renumbered` translates.
+
+def shard(model: GPT) -> None:
+    """FSDP2, in place: each block's parameters, then the rest (embeddings, final LayerNorm), sharded across the
+    processes. A block's weights are gathered for its forward and its backward only, so a process holds one
+    block whole at a time, besides its shards."""
+    for block in model.h:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def renumbered(optimizer_state: dict, keys: list) -> dict:
+    """An optimizer state dict with its parameters' keys replaced by `keys`, in param_groups order (indices for
+    names, or names for indices)."""
+    old = [k for group in optimizer_state["param_groups"] for k in group["params"]]
+    new = dict(zip(old, keys, strict=True))
+    return {"state": {new[k]: v for k, v in optimizer_state["state"].items()},
+            "param_groups": [{**g, "params": [new[k] for k in g["params"]]} for g in optimizer_state["param_groups"]]}
+
+
+def gather_shards(model: GPT, optimizer) -> tuple[dict, dict | None]:
+    """(weights, optimizer state or None without an optimizer), whole and on rank 0's CPU; the other ranks get
+    empty dicts. A collective: every rank calls it."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    if optimizer is None:
+        return weights, None
+    state = get_optimizer_state_dict(model, optimizer, options=options)
+    if not state:  # not rank 0
+        return weights, state
+    return weights, renumbered(state, list(range(sum(len(g["params"]) for g in state["param_groups"]))))
+
+
+def load_into_shards(model: GPT, optimizer, weights: dict, optimizer_state: dict) -> None:
+    """Load whole states (as gather_shards returns them, on every rank) into the sharded model and its optimizer."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    by_name = renumbered(optimizer_state, [names[id(p)] for g in optimizer.param_groups for p in g["params"]])
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, optimizer, by_name, options=options)
 
 
 def remove_dir(d: Path) -> None:
@@ -263,33 +330,37 @@ class Log:
 
 class Checkpoints:
     """Rank 0's checkpoints: RUN/step_NNNNNNN with the training state (the newest keep_last are kept) and RUN/best,
-    the weights with the lowest validation loss."""
+    the weights with the lowest validation loss. Every rank calls the saves: a sharded model's are gathered first."""
 
     def __init__(self, out: Path, model: GPT, optimizer, scaler, cfg: TrainConfig, provenance: dict,
-                 extra_config: dict | None, enabled: bool):
+                 extra_config: dict | None, enabled: bool, sharded: bool):
         self.out, self.model, self.optimizer, self.scaler = out, model, optimizer, scaler
         self.keep_last, self.provenance, self.extra_config = cfg.keep_last, provenance, extra_config
-        self.enabled = enabled
+        self.enabled, self.sharded = enabled, sharded
 
-    def _save(self, name: str, state: TrainState, with_state: bool, val_loss: float | None = None) -> Path:
+    def _save(self, name: str, state: TrainState, with_state: bool, val_loss: float | None = None) -> None:
+        weights, optimizer_state = None, None  # None: the model's and the optimizer's own
+        if self.sharded:
+            weights, optimizer_state = gather_shards(self.model, self.optimizer if with_state else None)
+        if not self.enabled:
+            return
         provenance = {**self.provenance, "step": state.step, "tokens": state.tokens}
         if val_loss is not None:
             provenance["val_loss"] = val_loss
         train_state = None
         if with_state:
-            train_state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                           **dataclasses.asdict(state)}
-        return save_checkpoint(self.out / name, self.model, provenance, train_state, self.extra_config)
+            train_state = {"optimizer": self.optimizer.state_dict() if optimizer_state is None else optimizer_state,
+                           "scaler": self.scaler.state_dict(), **dataclasses.asdict(state)}
+        save_checkpoint(self.out / name, self.model, provenance, train_state, self.extra_config, weights)
 
     def save_step(self, state: TrainState) -> None:
+        self._save(f"step_{state.step:07d}", state, with_state=True)
         if self.enabled:
-            self._save(f"step_{state.step:07d}", state, with_state=True)
             for old in step_checkpoints(self.out)[:-self.keep_last] if self.keep_last > 0 else []:
                 remove_dir(old)
 
     def save_best(self, state: TrainState, val_loss: float) -> None:
-        if self.enabled:
-            self._save("best", state, with_state=False, val_loss=val_loss)
+        self._save("best", state, with_state=False, val_loss=val_loss)
 
 
 class Plotter:
@@ -342,15 +413,20 @@ class StopFlag:
 
 @torch.no_grad()
 def evaluate(model, batches, device, autocast, rank: int, world: int) -> float | None:
-    """The mean loss over the fixed validation batches (each rank evaluates its share), or None without any."""
+    """The mean loss over the fixed validation batches (each rank evaluates its share), or None without any.
+    Every rank runs the same number of forwards (a sharded model gathers its weights in each): a rank without a
+    batch of its own left evaluates the last one again, uncounted."""
     if not batches:
         return None
     model.eval()
     total = torch.zeros(2, device=device)
     with autocast:
-        for i in range(rank, len(batches), world):
-            x, y = (t.to(device) for t in batches[i])
-            total += torch.stack([model(x, y).float(), torch.ones((), device=device)])
+        for first in range(0, len(batches), world):
+            i = first + rank
+            x, y = (t.to(device) for t in batches[min(i, len(batches) - 1)])
+            loss = model(x, y).float()
+            if i < len(batches):
+                total += torch.stack([loss, torch.ones((), device=device)])
     if world > 1:
         dist.all_reduce(total)
     model.train()
@@ -373,15 +449,19 @@ def every(n: int, step: int) -> bool:
 
 
 def wrap(model: GPT, cfg: TrainConfig, device: torch.device, world: int):
-    """(raw model, the model to train): under DDP with several processes, then compiled on CUDA. DDP first, as
-    PyTorch's DDP notes advise: its optimizer then splits the compiled graph at the gradient buckets. No buffer
-    broadcasts: the model's buffers (rotary tables, restrict_output's maps) are the same on every process.
+    """(raw model, the model to train): with several processes under DDP, or sharded in place (cfg.fsdp: the raw
+    model is then the sharded one), then compiled on CUDA, and on the CPU with cfg.compile_cpu's backend. DDP
+    first, as PyTorch's DDP notes advise: its optimizer then splits the compiled graph at the gradient buckets. No
+    buffer broadcasts: the model's buffers (rotary tables, restrict_output's maps) are the same on every process.
     Evaluation runs the raw model: compiling its no-grad forward would cost a second graph."""
     raw_model = model
-    if world > 1:
+    if world > 1 and cfg.fsdp:
+        shard(model)
+    elif world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-    if device.type == "cuda" and cfg.compile:
-        model = torch.compile(model)
+    backend = {"cuda": "inductor", "cpu": cfg.compile_cpu}.get(device.type)
+    if cfg.compile and backend:
+        model = torch.compile(model, backend=backend)
     return raw_model, model
 
 
@@ -420,7 +500,8 @@ def to_device(batch, device: torch.device):
 
 def describe(model: GPT, cfg: TrainConfig, device, dtype, world: int, grad_accum: int, step_limit: float) -> str:
     block, warmup = model.config.block_size, warmup_steps(cfg, step_limit)
-    return (f"training {model.num_params():,} parameters on {world} x {device} ({str(dtype).split('.')[-1]}), "
+    precision = str(dtype).split('.')[-1] + (", sharded by FSDP" if cfg.fsdp and world > 1 else "")
+    return (f"training {model.num_params():,} parameters on {world} x {device} ({precision}), "
             f"{grad_accum * cfg.batch_size * block * world:,} tokens per step ({grad_accum} x {cfg.batch_size} x "
             f"{block} x {world}), until " + " or ".join(([f"step {step_limit}"] if step_limit < math.inf else [])
                                                       + ([f"{cfg.max_time:.0f} s"] if cfg.max_time else []))
@@ -441,6 +522,13 @@ def record_eval(state: TrainState, val_loss: float | None, run_log: Log, checkpo
         plotter.start()
 
 
+def clip_gradients(model: GPT, max_norm: float) -> float:
+    """Scale the gradients down to a total norm of max_norm at most (0: no limit); their norm before."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    # Sharded, the norm is a DTensor made of every process's part: its whole value is gathered
+    return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
+
+
 def is_finite(state: TrainState, cfg: TrainConfig, loss: float, grad_norm: float, fp16: bool) -> bool:
     """Whether to take the step: its loss and gradient norm are finite (with fp16 an overflowing gradient is the
     gradient scaler's to skip). A step not taken is counted and reported."""
@@ -454,6 +542,17 @@ def is_finite(state: TrainState, cfg: TrainConfig, loss: float, grad_norm: float
     return False
 
 
+def is_sharded(model: GPT, cfg: TrainConfig, world: int, master: bool) -> bool:
+    """Whether FSDP shards the model: with cfg.fsdp under torchrun. One process has nothing to shard (a note says
+    so); a restricted output layer cannot be sharded (an error)."""
+    if cfg.fsdp and world == 1 and master:
+        log("note: --fsdp shards across torchrun's processes; with one process it trains unsharded")
+    if cfg.fsdp and world > 1 and model.token_map is not None:
+        raise ConfigError("field 'fsdp': this model's output layer is restricted (a --data_vocab pretraining, or "
+                          "fine-tuning one); FSDP cannot shard its embedding table; use DDP (no --fsdp)")
+    return cfg.fsdp and world > 1
+
+
 def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict | None = None) -> None:
     """Train `model` on `data` per `cfg` (see the module docstring); `provenance` goes into every checkpoint."""
     check_config(cfg)
@@ -464,23 +563,25 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
     tokens_per_step = grad_accum * cfg.batch_size * model.config.block_size * world  # nominal: the schedule's length
     step_limit = step_limit_of(cfg, tokens_per_step)
 
-    # Resume (weights, optimizer, counters) or start afresh; rank 0 keeps the run folder.
-    model.to(device)
-    optimizer = make_optimizer(model, cfg, device)
-    state, resumed_from = resume(out, model, optimizer, scaler, master) if cfg.resume else (TrainState(), None)
+    # Wrap (a sharded model's optimizer takes its shards), then resume or start afresh; rank 0 keeps the run folder.
+    sharded = is_sharded(model, cfg, world, master)
+    raw_model, model = wrap(model.to(device), cfg, device, world)
+    optimizer = make_optimizer(raw_model, cfg, device)
+    state, resumed_from = (resume(out, raw_model, optimizer, scaler, master, sharded) if cfg.resume
+                           else (TrainState(), None))
     if master:
         prepare_run_dir(out, resuming=resumed_from is not None)
     run_log = Log(out / "log.jsonl", master)
     if resumed_from is None:
         run_log.start({"type": "run", "kind": provenance.get("kind"), "init_from": provenance.get("init_from")
-                       or cfg.init_from or None, "config": {**to_dict(cfg), "model": to_dict(model.config)},
-                       "world": world, "grad_accum": grad_accum, "tokens_per_step": tokens_per_step})
+                       or cfg.init_from or None, "config": {**to_dict(cfg), "model": to_dict(raw_model.config)},
+                       "world": world, "sharded": sharded, "grad_accum": grad_accum,
+                       "tokens_per_step": tokens_per_step})
     else:
         run_log.resume(state, resumed_from)
-    checkpoints = Checkpoints(out, model, optimizer, scaler, cfg, {**provenance, "data": data.fingerprint},
-                              extra_config, enabled=master)
+    checkpoints = Checkpoints(out, raw_model, optimizer, scaler, cfg, {**provenance, "data": data.fingerprint},
+                              extra_config, enabled=master, sharded=sharded)
     plotter = Plotter(out, enabled=master)
-    raw_model, model = wrap(model, cfg, device, world)
     meter = Meter(raw_model, device, dtype, world)
     if master:
         log(describe(raw_model, cfg, device, dtype, world, grad_accum, step_limit))
@@ -518,8 +619,10 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
             for micro in range(grad_accum):
                 x, y = batch
                 batch = load(state.step, micro + 1) if micro + 1 < grad_accum else load(state.step + 1, 0)
-                # DDP averages gradients across processes only on the last micro-batch of the step
-                with model.no_sync() if world > 1 and micro < grad_accum - 1 else contextlib.nullcontext():
+                # DDP averages gradients across processes only on the last micro-batch of the step; FSDP
+                # reduce-scatters each micro-batch's, so that a process never holds a whole model's gradients.
+                skip_sync = world > 1 and not sharded and micro < grad_accum - 1
+                with model.no_sync() if skip_sync else contextlib.nullcontext():
                     with autocast:
                         loss = model(x, y)
                     scaler.scale(loss / grad_accum).backward()
@@ -534,8 +637,7 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
 
             # Clip, then step unless the loss or the gradient is not finite.
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
-                                                       cfg.grad_clip if cfg.grad_clip > 0 else float("inf")).item()
+            grad_norm = clip_gradients(raw_model, cfg.grad_clip)
             if is_finite(state, cfg, loss_val, grad_norm, fp16=scaler.is_enabled()):
                 scaler.step(optimizer)  # with fp16, the scaler itself skips steps whose gradients overflowed
                 scaler.update()

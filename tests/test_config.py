@@ -1,8 +1,10 @@
 import json
 
 import pytest
+import torch
 
 from config import PRESETS, ConfigError, ModelConfig, ServeConfig, TrainConfig, FinetuneConfig, parse_args
+from model import GPT
 
 
 def parse(argv, *sections, max_positional=0):
@@ -26,6 +28,22 @@ def test_gpt2_presets_have_the_published_shapes():
     assert (m.n_layer, m.n_head, m.n_embd, m.block_size) == (12, 12, 768, 1024)
     (_, m), _ = parse(["--preset", "gpt2-medium"])
     assert (m.n_layer, m.n_head, m.n_embd, m.block_size) == (24, 16, 1024, 1024)
+    (_, m), _ = parse(["--preset", "gpt2-large"])
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size) == (36, 20, 1280, 1024)
+    (_, m), _ = parse(["--preset", "gpt2-xl"])
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size) == (48, 25, 1600, 1024)
+
+
+@pytest.mark.parametrize("preset, published", [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168),
+                                               ("gpt2-large", 774_030_080), ("gpt2-xl", 1_557_611_200)])
+def test_gpt2_presets_have_the_published_parameter_counts(preset, published):
+    """Hugging Face's GPT-2 checkpoints' counts (tied output layer, 50,257 ids); ours pads the vocabulary to 50,304
+    rows. Built on the meta device: no memory, no initialization."""
+    (train, m), _ = parse(["--preset", preset])
+    with torch.device("meta"):
+        model = GPT(m)
+    assert model.num_params(non_embedding=False) == published + (50304 - 50257) * m.n_embd
+    assert train.batch_tokens == 524288 and train.batch_size * m.block_size <= train.batch_tokens
 
 
 def test_types_bools_lists_and_positionals():

@@ -131,9 +131,10 @@ def test_stream_yields_the_text_of_the_tokens():
 
 def test_sampling_params_are_checked():
     for bad in (dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1),
-                dict(logprobs=21), dict(logprobs=-1)):
+                dict(logprobs=21), dict(logprobs=-1), dict(max_tokens=-1, prompt_logprobs=True)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+    assert SamplingParams(max_tokens=0, prompt_logprobs=True).max_tokens == 0  # scoring a prompt only
 
 
 def test_queue_full_deadline_and_cancel():
@@ -164,3 +165,78 @@ def test_common_prefix_and_the_store_bound():
     store.put((6, 6, 6), *kv)  # over 10 tokens: the least recently used, (7, 8, 9), goes
     assert list(store.entries) == [(1, 2, 3, 4, 5), (6, 6, 6)] and store.size == 8
     assert store.match((9, 9))[0] == 0
+
+
+def run(engine, prompt, params, index=0):
+    """One sequence through an engine stepped here: (its Sequence, its Events)."""
+    events = []
+    seq = Sequence(prompt, params, emit=events.append, index=index)
+    engine.submit([seq])
+    while engine.busy():
+        engine.step()
+    return seq, events
+
+
+def test_conversation_reuse_gives_the_same_tokens_and_prefills_only_the_new_ones(model):
+    """Turn 2 repeats turn 1 (prompt and reply) and adds tokens: the stored keys and values are copied back, and the
+    reply is the one a full prefill gives."""
+    reused_counts = []
+    engine = Engine(model, max_batch=2, reuse_tokens=1000, observe=lambda kind, v: kind == "reused_tokens"
+                    and reused_counts.append(v))
+    fresh = Engine(model, max_batch=2)
+    first, _ = run(engine, PROMPTS[0], GREEDY)
+    assert first.reused == 0 and first.tokens == run(fresh, PROMPTS[0], GREEDY)[0].tokens
+    second_prompt = PROMPTS[0] + first.tokens + [11, 12, 13]
+    second, _ = run(engine, second_prompt, GREEDY)
+    # stored: the prompt and every generated token but the last, which was sampled and never fed back
+    assert second.reused == len(PROMPTS[0]) + len(first.tokens) - 1 and reused_counts == [second.reused]
+    assert second.tokens == run(fresh, second_prompt, GREEDY)[0].tokens == generate(model, [second_prompt], GREEDY)[0]
+    scored, _ = run(engine, second_prompt, SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=True))
+    assert scored.reused == 0  # prompt logprobs need the logits of every prompt token: the whole prompt is prefilled
+
+
+def test_the_store_stays_within_its_bound_least_recently_used_dropped_first():
+    model = make_model()
+    engine = Engine(model, max_batch=1, reuse_tokens=30)
+    params = SamplingParams(max_tokens=4, temperature=0, stop_tokens=frozenset())
+    prompts = [[100 + i] * 10 for i in range(3)]  # each stored as 10 + 3 tokens (the last one is never fed back)
+    first, _ = run(engine, prompts[0], params)
+    run(engine, prompts[1], params)
+    assert engine.store.size == 26
+    # the next turn of prompts[0]'s conversation: its entry is used, then replaced by the longer one (17 tokens)
+    assert run(engine, prompts[0] + first.tokens, params)[0].reused == 13 and engine.store.size == 30
+    run(engine, prompts[2], params)  # 43 tokens: the least recently used entry, prompts[1]'s, goes
+    assert engine.store.size == 30
+    assert [engine.store.match(tuple(p) + (1,))[0] for p in prompts] == [10, 0, 10]
+
+
+def test_logprobs_equal_the_models_log_softmax(model):
+    prompt = PROMPTS[2]
+    params = SamplingParams(max_tokens=6, temperature=0, stop_tokens=frozenset(), logprobs=3, prompt_logprobs=True)
+    seq, events = run(Engine(model, max_batch=1), prompt, params)
+    (prompt_event,) = [e for e in events if e.kind == "prompt"]
+    generated = [lp for e in events if e.kind in ("text", "done") for lp in e.logprobs]
+    logp = torch.log_softmax(full_logits(model, prompt + seq.tokens), dim=-1)
+    assert prompt_event.logprobs[0] is None and len(prompt_event.logprobs) == len(prompt)
+    entries = prompt_event.logprobs[1:] + generated
+    tokens = prompt[1:] + seq.tokens
+    assert [e.token for e in entries] == tokens and len(entries) == len(prompt) - 1 + 6
+    for position, (entry, token) in enumerate(zip(entries, tokens)):
+        assert entry.logprob == pytest.approx(logp[position, token].item(), abs=1e-5)
+        values, ids = torch.topk(logp[position, :N_VOCAB], 3)
+        assert [t for t, _ in entry.top] == ids.tolist()
+        assert [v for _, v in entry.top] == pytest.approx(values.tolist(), abs=1e-5)
+    assert all(e.top[0] == (e.token, pytest.approx(e.logprob)) for e in generated)  # greedy takes the top one
+
+
+def test_max_tokens_0_scores_a_prompt_that_fills_the_context():
+    model = make_model()
+    prompt = list(range(1000, 1064))  # the whole context of 64
+    params = SamplingParams(max_tokens=0, temperature=0, logprobs=0, prompt_logprobs=True)
+    seq, events = run(Engine(model, max_batch=1), prompt, params)
+    assert [e.kind for e in events] == ["prompt", "done"] and seq.tokens == [] and events[1].tokens == 0
+    logp = torch.log_softmax(full_logits(model, prompt), dim=-1)
+    want = logp[torch.arange(63), torch.tensor(prompt[1:])]
+    assert [e.logprob for e in events[0].logprobs[1:]] == pytest.approx(want.tolist(), abs=1e-5)
+    with pytest.raises(ContextTooLong):
+        generate(model, [prompt], SamplingParams(max_tokens=1))

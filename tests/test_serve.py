@@ -26,7 +26,7 @@ from config import ModelConfig, ServeConfig  # noqa: E402
 from model import GPT  # noqa: E402
 from engine import STOP_IDS, TextStream, fit_conversation  # noqa: E402
 from serve import create_app  # noqa: E402
-from tokenizer import EOT_ID, N_VOCAB, decode, encode  # noqa: E402
+from tokenizer import EOT_ID, N_VOCAB, decode, decode_bytes, encode  # noqa: E402
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -160,9 +160,9 @@ def scripted_text(n_tokens: int) -> str:
 
 
 @contextmanager
-def in_process_server(model, **cfg_fields):
+def in_process_server(model, prefix_cache_tokens=0, **cfg_fields):
     import uvicorn
-    cfg = ServeConfig(checkpoint="scripted", **cfg_fields)
+    cfg = ServeConfig(checkpoint="scripted", prefix_cache_tokens=prefix_cache_tokens, **cfg_fields)
     app = create_app(cfg, model)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -231,6 +231,38 @@ def test_health_ready_models_tokenize_metrics(client, server, model):
     assert metric(text, "parley_time_to_first_token_seconds_count") >= 2  # the warm-up and our request
 
 
+def test_metrics_parse_as_prometheus_text_with_exact_counts():
+    """A fresh app counts only its own requests: every app has its own registry (earlier apps live in this process)."""
+    from prometheus_client import CONTENT_TYPE_LATEST
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with in_process_server(ScriptedModel(UTF8_SCRIPT)) as (url, _):
+        for _ in range(2):
+            r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                               "max_tokens": 5})
+            assert r.json()["usage"]["completion_tokens"] == 5
+        assert httpx.get(url + "/v1/models").status_code == 200
+        assert httpx.get(url + "/no-such-route").status_code == 404
+        r = httpx.get(url + "/metrics")
+    assert r.headers["content-type"] == CONTENT_TYPE_LATEST
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+    def requests(route, status):
+        return samples[("parley_requests_total", (("route", route), ("status", status)))]
+
+    assert requests("/v1/chat/completions", "200") == 2 and requests("/v1/models", "200") == 1
+    assert requests("other", "404") == 1 and samples[("parley_errors_total", (("status", "404"),))] == 1
+    assert ("parley_requests_total", (("route", "/metrics"), ("status", "200"))) not in samples  # counted once sent
+    ttft = "parley_time_to_first_token_seconds"
+    assert samples[(ttft + "_count", ())] == 3  # the warm-up's generation and our two
+    assert samples[(ttft + "_bucket", (("le", "+Inf"),))] == 3 and samples[(ttft + "_sum", ())] > 0
+    assert samples[("parley_time_per_output_token_seconds_count", ())] == 3
+    assert samples[("parley_completion_tokens_total", ())] == 2 + 2 * 5  # the warm-up asks for 2 tokens
+    assert samples[("parley_batch_slots", ())] == ServeConfig().max_batch
+    assert samples[("parley_active_sequences", ())] == 0 and samples[("parley_queue_depth", ())] == 0
+
+
 def test_prompts_are_not_logged_and_cors_is_off(client, server_log):
     secret = "my secret prompt 4711"
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": secret}], "max_tokens": 2},
@@ -287,7 +319,9 @@ def test_chat_completion_greedy_equals_model(client, model):
     (choice,) = r["choices"]
     assert choice["message"] == {"role": "assistant", "content": want}
     assert choice["finish_reason"] == ("length" if n == 20 else "stop")
-    assert r["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": n, "total_tokens": len(prompt) + n}
+    cached = r["usage"]["prompt_tokens_details"]["cached_tokens"]  # earlier tests' prompts may share a prefix
+    assert r["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": n, "total_tokens": len(prompt) + n,
+                          "prompt_tokens_details": {"cached_tokens": cached}} and 0 <= cached < len(prompt)
     # max_completion_tokens is the same thing under its new name
     r2 = client.post("/v1/chat/completions", json={"temperature": 0, "max_completion_tokens": 20, "messages": [
         {"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me a story"}]}).json()
@@ -457,8 +491,10 @@ def test_malformed_requests_get_4xx_in_the_error_shape(client):
         "seed": ["x", 1.5, 2**64, -2**63 - 1],
         "stream": ["yes", 1],
         "stream_options": ["x", {"include_usage": "yes"}],
-        "logprobs": [True],
+        "logprobs": ["yes", 1],
+        "top_logprobs": [21, -1, 2, "x", 1.5],  # 2: without logprobs
         "presence_penalty": [0.5],
+        "frequency_penalty": [0.5],
         "tools": [[{"type": "function"}]],
     }
     cases = [("/v1/chat/completions", {**valid, k: v}) for k, values in bad_values.items() for v in values]
@@ -519,6 +555,169 @@ def test_32_concurrent_requests_equal_unbatched_greedy(server, model):
     with ThreadPoolExecutor(32) as pool:
         got = list(pool.map(ask, prompts))
     assert [g["choices"][0]["message"]["content"] for g in got] == want
+
+
+# ---- logprobs and conversation reuse ------------------------------------------------------------
+
+def log_softmax_of(model: GPT, ids: list[int]):
+    """The model's log-probabilities after each position of ids, (len(ids), V), from one plain forward."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids]))[0].float(), dim=-1)
+
+
+def top(logp_row, k: int) -> tuple[list[int], list[float]]:
+    values, ids = torch.topk(logp_row[:N_VOCAB], k)
+    return ids.tolist(), values.tolist()
+
+
+def test_chat_logprobs_are_the_models_log_softmax(client, model):
+    messages = [{"role": "user", "content": "Tell me about logprobs"}]
+    prompt = chat_prompt("Tell me about logprobs")
+    (ids,) = model.generate([prompt], 10, temperature=0, stop_tokens=STOP_IDS)
+    text_ids = [t for t in ids if t not in STOP_IDS]  # a stop token ends the reply and is not part of it
+    logp = log_softmax_of(model, prompt + text_ids)
+    body = {"messages": messages, "temperature": 0, "max_tokens": 10, "logprobs": True, "top_logprobs": 3}
+    r = client.post("/v1/chat/completions", json=body).json()
+    (choice,) = r["choices"]
+    content = choice["logprobs"]["content"]
+    assert set(choice["logprobs"]) == {"content"} and len(content) == len(text_ids) > 5
+    assert [bytes(c["bytes"]) for c in content] == [decode_bytes([t]) for t in text_ids]
+    assert b"".join(bytes(c["bytes"]) for c in content).decode(errors="replace") == choice["message"]["content"]
+    for position, (c, token) in enumerate(zip(content, text_ids), start=len(prompt) - 1):
+        assert set(c) == {"token", "logprob", "bytes", "top_logprobs"}
+        assert c["token"] == decode_bytes([token]).decode(errors="replace")
+        assert c["logprob"] == pytest.approx(logp[position, token].item(), abs=1e-5)
+        want_ids, want_values = top(logp[position], 3)
+        assert [bytes(a["bytes"]) for a in c["top_logprobs"]] == [decode_bytes([i]) for i in want_ids]
+        assert [a["logprob"] for a in c["top_logprobs"]] == pytest.approx(want_values, abs=1e-5)
+        assert all(set(a) == {"token", "logprob", "bytes"} for a in c["top_logprobs"])
+    # streamed: each chunk carries its tokens' entries, which add up to the same list
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
+        chunks = sse_events(s.iter_lines())[:-1]
+    assert chunks[0]["choices"][0]["logprobs"] is None  # the role chunk
+    streamed = [e for c in chunks[1:] for e in (c["choices"][0]["logprobs"] or {"content": []})["content"]]
+    assert [e["bytes"] for e in streamed] == [c["bytes"] for c in content]
+    assert [e["logprob"] for e in streamed] == pytest.approx([c["logprob"] for c in content], abs=1e-5)
+    # without logprobs the field is null, as OpenAI's
+    r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2}).json()
+    assert r["choices"][0]["logprobs"] is None
+
+
+def test_completions_echo_scores_the_prompt_as_lm_eval_asks(client, model):
+    """max_tokens 0 with echo and logprobs: lm-evaluation-harness's loglikelihood request."""
+    text = "The quick brown fox jumps over"
+    prompt = encode(text)
+    logp = log_softmax_of(model, prompt)
+    r = client.post("/v1/completions", json={"prompt": text, "max_tokens": 0, "echo": True, "logprobs": 2}).json()
+    (choice,) = r["choices"]
+    lp = choice["logprobs"]
+    assert choice["text"] == text and r["usage"]["completion_tokens"] == 0 and choice["finish_reason"] == "length"
+    assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    assert lp["tokens"] == [decode([t]) for t in prompt]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None  # nothing comes before the first
+    want = logp[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])].tolist()
+    assert lp["token_logprobs"][1:] == pytest.approx(want, abs=1e-5)
+    for position in range(1, len(prompt)):
+        ids, values = top(logp[position - 1], 2)
+        assert lp["top_logprobs"][position] == pytest.approx(dict(zip(map(decode, ([i] for i in ids)), values)),
+                                                             abs=1e-5)
+    assert lp["text_offset"] == [len(decode(prompt[:j])) for j in range(len(prompt))]
+
+
+def test_completions_logprobs_with_and_without_echo(client, model):
+    text = "Once upon a midnight"
+    prompt = encode(text)
+    (ids,) = model.generate([prompt], 5, temperature=0, stop_tokens=STOP_IDS)
+    generated = [t for t in ids if t not in STOP_IDS]
+    logp = log_softmax_of(model, prompt + generated)
+    want = [logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(generated)]
+    body = {"prompt": text, "max_tokens": 5, "temperature": 0, "logprobs": 1}
+    plain = client.post("/v1/completions", json=body).json()["choices"][0]
+    assert plain["text"] == decode(generated) and plain["logprobs"]["tokens"] == [decode([t]) for t in generated]
+    assert plain["logprobs"]["token_logprobs"] == pytest.approx(want, abs=1e-5)
+    assert plain["logprobs"]["text_offset"][0] == len(text)  # offsets count the prompt's characters too
+    assert [list(d.values())[0] for d in plain["logprobs"]["top_logprobs"]] == pytest.approx(want, abs=1e-5)  # greedy
+    echoed = client.post("/v1/completions", json={**body, "echo": True}).json()["choices"][0]
+    assert echoed["text"] == text + plain["text"]
+    assert echoed["logprobs"]["tokens"] == [decode([t]) for t in prompt + generated]
+    assert echoed["logprobs"]["token_logprobs"][len(prompt):] == pytest.approx(want, abs=1e-5)
+    with client.stream("POST", "/v1/completions", json={**body, "echo": True, "stream": True}) as s:
+        chunks = [c["choices"][0] for c in sse_events(s.iter_lines())[:-1]]
+    assert chunks[0]["text"] == text and chunks[0]["logprobs"]["tokens"] == [decode([t]) for t in prompt]
+    assert "".join(c["text"] for c in chunks) == echoed["text"]
+    assert [o for c in chunks for o in c["logprobs"]["text_offset"]] == echoed["logprobs"]["text_offset"]
+
+
+def test_bad_logprobs_values_get_a_400_naming_the_field(client):
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    completion = {"prompt": "hi", "max_tokens": 2}
+    cases = [("/v1/chat/completions", chat, {"top_logprobs": 2}, "top_logprobs"),
+             ("/v1/chat/completions", chat, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+             ("/v1/chat/completions", chat, {"logprobs": 3}, "logprobs"),
+             ("/v1/chat/completions", chat, {"max_tokens": 0, "logprobs": True}, "max_tokens"),
+             ("/v1/completions", completion, {"logprobs": 21}, "logprobs"),
+             ("/v1/completions", completion, {"logprobs": -1}, "logprobs"),
+             ("/v1/completions", completion, {"logprobs": True}, "logprobs"),
+             ("/v1/completions", completion, {"max_tokens": 0, "logprobs": 1}, "max_tokens"),
+             ("/v1/completions", completion, {"echo": "yes"}, "echo"),
+             ("/v1/completions", completion, {"frequency_penalty": 1.0}, "frequency_penalty")]
+    for path, base, extra, param in cases:
+        r = client.post(path, json={**base, **extra})
+        assert_error_shape(r, 400)
+        assert r.json()["error"]["param"] == param, (extra, r.json())
+
+
+def chat_turns(url: str, messages: list[str]) -> list[dict]:
+    """A /chat conversation, greedy: each turn's response."""
+    session, out = None, []
+    for message in messages:
+        body = {"message": message, "session_id": session, "max_tokens": 12, "temperature": 0}
+        out.append(httpx.post(url + "/chat", json=body, headers=AUTH, timeout=60).json())
+        session = out[-1]["session_id"]
+    return out
+
+
+def test_conversation_reuse_prefills_only_new_tokens_and_changes_no_reply(server, client, model):
+    messages = ["Hi, who are you?", "Tell me more.", "And what then?"]
+    turns = chat_turns(server, messages)
+    history = []
+    for message, turn in zip(messages, turns):
+        history.append({"role": "user", "content": message})
+        prompt = render(history, add_generation_prompt=True)[0]
+        assert turn["reply"] == greedy_reference(model, prompt, 12)[0] and turn["dropped_messages"] == 0
+        if len(history) > 1:  # the previous turn's prompt is cached, and at most all but the last prompt token
+            assert previous_prompt_tokens <= turn["usage"]["prompt_tokens_details"]["cached_tokens"] < len(prompt)
+        previous_prompt_tokens = len(prompt)
+        history.append({"role": "assistant", "content": turn["reply"]})
+    with in_process_server(model, prefix_cache_tokens=0) as (url, _):  # the same model without the prefix cache
+        uncached = chat_turns(url, messages)
+    assert [t["reply"] for t in uncached] == [t["reply"] for t in turns]
+    assert [t["usage"]["prompt_tokens_details"]["cached_tokens"] for t in uncached] == [0, 0, 0]
+    # a chat completion that repeats an earlier conversation and adds a message
+    first = [{"role": "user", "content": "Name three colours."}]
+    r1 = client.post("/v1/chat/completions", json={"messages": first, "max_tokens": 8, "temperature": 0}).json()
+    second = first + [r1["choices"][0]["message"], {"role": "user", "content": "Why those?"}]
+    prompt = render(second, add_generation_prompt=True)[0]
+    r2 = client.post("/v1/chat/completions", json={"messages": second, "max_tokens": 8, "temperature": 0}).json()
+    assert r1["usage"]["prompt_tokens"] <= r2["usage"]["prompt_tokens_details"]["cached_tokens"] < len(prompt)
+    assert r2["choices"][0]["message"]["content"] == greedy_reference(model, prompt, 8)[0]
+    reported = [r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in (*turns, r2)]
+    assert metric(client.get("/metrics").text, "parley_reused_prompt_tokens_total") >= sum(reported)
+
+
+def test_the_prefix_cache_keeps_its_bound_dropping_the_least_recently_used(model):
+    texts = ["Apples are red and sweet", "Bananas grow where it is warm", "Cherries come in June",
+             "Dates are dried in the sun"]
+    with in_process_server(model, prefix_cache_tokens=30) as (url, app):
+        def cached(text):
+            body = {"prompt": text, "max_tokens": 4, "temperature": 0}
+            r = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+            assert app.state.engine.store.size <= 30
+            return r["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+        assert [cached(t) for t in texts] == [0, 0, 0, 0]
+        assert cached(texts[0] + " today") == 0  # the oldest conversation was dropped to make room
+        assert cached(texts[3] + " today") >= len(encode(texts[3]))  # the newest is still there
 
 
 # ---- UTF-8, disconnects, floods, deadlines (the scripted model) ---------------------------------

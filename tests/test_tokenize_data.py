@@ -1,6 +1,7 @@
 import gzip
 import hashlib
 import json
+import random
 import subprocess
 import sys
 
@@ -213,6 +214,19 @@ def test_demo_corpus_when_no_input(tmp_path):
     assert meta["sources"][0]["path"].startswith("demo_data.pretrain_documents")
 
 
+def test_missing_bpe_file_stops_with_its_message_and_leaves_nothing(tmp_path, monkeypatch):
+    """The BPE now loads in a worker while the input is read: its error still ends the run, with no output left."""
+    def missing():
+        raise tokenizer.TokenizerNotFound("GPT-2 BPE file not found")
+    monkeypatch.setattr(tokenizer, "_ENCODING", None)
+    monkeypatch.setattr(tokenizer, "_load_ranks", missing)
+    write_jsonl(tmp_path / "t.jsonl", DOCS)
+    with pytest.raises(SystemExit) as e:
+        run([tmp_path / "t.jsonl", "--out", tmp_path / "o"])
+    assert e.value.code == "error: GPT-2 BPE file not found"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]
+
+
 def test_command_line_exit_code(tmp_path):
     r = subprocess.run([sys.executable, "tokenize_data.py", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o")],
                        cwd=ROOT, capture_output=True, text=True)
@@ -228,3 +242,39 @@ def test_real_gutenberg_slice_matches_the_published_token_counts(tmp_path):
     meta = run([tmp_path / "slice.jsonl.gz", "--out", tmp_path / "o"])
     assert meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"] == sum(b["n_tokens"] + 1 for b in books)
     assert read_split(tmp_path / "o", "val") + read_split(tmp_path / "o", "train") == [b["text"] for b in books]
+
+
+def pinned_corpus(folder):
+    """Over 1M characters (several encoding batches) of seeded text in every input type, gzip in two members."""
+    rng = random.Random(0)
+    words = ["the", "a", "naïve", "café", "日本語", "🙂", "<|endoftext|>", "12345", "don't", "\t", "--", "Hello"]
+    books = ["\n\n".join(" ".join(rng.choice(words) for _ in range(rng.randrange(1, 60)))
+                         for _ in range(rng.randrange(1, 400))) for _ in range(40)]
+    folder.mkdir()
+    (folder / "a.txt").write_text(books[0], encoding="utf-8")
+    write_jsonl(folder / "b.jsonl", DOCS + books[1:10])
+    with open(folder / "c.jsonl.gz", "wb") as f:
+        for part in (books[10:25], books[25:]):
+            f.write(gzip.compress("".join(json.dumps({"text": b}) + "\n" for b in part).encode(), mtime=0))
+    return [books[0], *DOCS, *books[1:]]
+
+
+def test_shards_are_byte_identical_to_the_pinned_output(tmp_path):
+    """The shard files of a fixed corpus, pinned by hash (made by the version before the reading and encoding
+    were reworked), and their tokens are tiktoken's, document after document."""
+    docs = pinned_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    meta = run([tmp_path / "corpus", "--out", out, "--val_fraction", "0.1", "--shard_tokens", "100000"])
+    digest = hashlib.sha256()
+    for split in ("train", "val"):
+        for shard in meta["splits"][split]["shards"]:
+            digest.update(shard["file"].encode() + (out / shard["file"]).read_bytes())
+    assert digest.hexdigest() == "4d31643ad69fcc4d6e97a9a11907e05c05b10ab983d3c3c538c9cfa4dd770ced"
+    assert [(meta["splits"][s]["tokens"], meta["splits"][s]["documents"]) for s in ("train", "val")] == \
+        [(551872, 39), (71226, 7)]
+    val = set(read_split(out, "val"))
+    enc = tokenizer.get_encoding()
+    for split, in_split in (("train", lambda d: d not in val), ("val", lambda d: d in val)):
+        ids = np.concatenate([shards.open_shard(p) for p in shards.list_shards(out, split)])
+        expected = [t for d in docs if in_split(d) for t in [*enc.encode_ordinary(d), tokenizer.EOT_ID]]
+        assert ids.tolist() == expected, split
