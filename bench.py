@@ -7,6 +7,7 @@
 """
 
 import contextlib
+import inspect
 import sys
 
 
@@ -38,6 +39,8 @@ def bench_tokenizer(argv):
     rounds = int(argv[argv.index("--rounds") + 1]) if "--rounds" in argv else 2
     argv = [a for i, a in enumerate(argv) if "--rounds" not in argv[max(i - 1, 0):i + 1]]
     files = [Path(a) for a in argv] or [gutenberg / "train_00.jsonl.gz", gutenberg / "train_01.jsonl.gz"]
+    if missing := [str(f) for f in files if not f.is_file()]:
+        sys.exit(f"error: no such input file: {', '.join(missing)}")
     workers = len(os.sched_getaffinity(0))
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(f"machine: {cpu}, {workers} cores usable; load average before: {os.getloadavg()}")
@@ -483,4 +486,7 @@ BENCHES = {"tokenizer": bench_tokenizer, "train": bench_train, "serve": bench_se
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHES:
         sys.exit(__doc__.strip())
-    BENCHES[sys.argv[1]](sys.argv[2:])
+    bench = BENCHES[sys.argv[1]]
+    if {"-h", "--help"} & set(sys.argv[2:]):
+        sys.exit(inspect.cleandoc(bench.__doc__))
+    bench(sys.argv[2:])

@@ -4,6 +4,8 @@ that each bench completes, agrees with its reference where it checks one, and pr
 import gzip
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ import bench
 import tokenizer
 from checkpoint import save_checkpoint
 from config import ModelConfig
+from conftest import ROOT
 from model import GPT
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -64,3 +67,15 @@ def test_serve_bench_compares_a_rope_model_through_a_gpt2_shaped_stand_in(tmp_pa
     (prompt_on, cached_on), (prompt_off, cached_off) = rows["on"], rows["off"]
     assert prompt_on == prompt_off and prompt_on > 2 * bench.REPLY_TOKENS
     assert prompt_on // 2 < cached_on < prompt_on and cached_off == 0
+
+
+def run_bench(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "bench.py"), *args], capture_output=True, text=True)
+
+
+def test_help_and_a_missing_input_get_a_message_not_a_traceback(tmp_path):
+    shown = run_bench("tokenizer", "--help")
+    assert shown.returncode == 1 and "usage: python bench.py tokenizer" in shown.stderr and not shown.stdout
+    missing = run_bench("tokenizer", str(tmp_path / "nope.jsonl.gz"))
+    assert missing.returncode == 1 and f"no such input file: {tmp_path / 'nope.jsonl.gz'}" in missing.stderr
+    assert "Traceback" not in shown.stderr + missing.stderr
