@@ -1,8 +1,8 @@
 """Data parallel training under torchrun on the CPU (gloo, 2 processes, the 2-layer model of test_train.py): FSDP2
 (--fsdp) against DDP and one process, resuming a sharded run, DDP and FSDP with the model compiled (--compile_cpu)."""
 
-import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,10 +22,17 @@ STEPS = ["--max_steps", "6", "--save_every", "3", "--batch_tokens", str(4 * 4 * 
 
 
 def torchrun(data_dir, out, *args, script="pretrain.py"):
-    """A 2-process run of `script` (its stderr kept in OUT/../stderr)."""
-    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
-                           "--nproc_per_node", "2", script, "--data", str(data_dir), "--out", str(out), *TINY, *STEPS,
-                           *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
+    """A 2-process run of `script` (its stderr kept in OUT/../stderr). A fresh run (not --resume) whose process
+    was killed by a signal is run once more from an empty OUT: on a loaded 2-core machine gloo has aborted a
+    process in one full suite out of several. A run that fails otherwise, or twice, fails the test."""
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node", "2",
+           script, "--data", str(data_dir), "--out", str(out), *TINY, *STEPS, *args]
+    for attempt in range(1 if "--resume" in args else 2):
+        if attempt:
+            shutil.rmtree(out, ignore_errors=True)
+        proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
+        if proc.returncode == 0 or "exitcode: -" not in proc.stderr:
+            break
     assert proc.returncode == 0, proc.stderr[-3000:]
     (out.parent / "stderr").write_text(proc.stderr)
     return proc.stderr
@@ -122,7 +129,8 @@ def test_the_compiled_model_trains_as_the_eager_one(data_dir, ddp, fsdp, tmp_pat
     out = tmp_path / "run"
     err = torchrun(data_dir, out, "--compile_cpu", "aot_eager", *(["--fsdp"] if parallel == "fsdp" else []),
                    script=str(driver))
-    graphs = [json.loads(line)["graphs"] for line in err.splitlines() if line.startswith('{"graphs"')]
+    # the two processes share stderr, so their lines can run together: find the records, not lines
+    graphs = [int(n) for n in re.findall(r'\{"graphs": (\d+)\}', err)]
     assert len(graphs) == 2 and all(g >= 1 for g in graphs)  # each process compiled its model
     eager = {"ddp": ddp, "fsdp": fsdp}[parallel]
     assert np.allclose(losses(out), losses(eager), rtol=0, atol=1e-5)
