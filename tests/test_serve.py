@@ -160,9 +160,9 @@ def scripted_text(n_tokens: int) -> str:
 
 
 @contextmanager
-def in_process_server(model, prefix_cache_tokens=0, **cfg_fields):
+def in_process_server(model, **cfg_fields):
     import uvicorn
-    cfg = ServeConfig(checkpoint="scripted", prefix_cache_tokens=prefix_cache_tokens, **cfg_fields)
+    cfg = ServeConfig(**{"checkpoint": "scripted", "prefix_cache_tokens": 0, **cfg_fields})
     app = create_app(cfg, model)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
