@@ -19,6 +19,7 @@ run.
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -466,22 +467,32 @@ def wrap(model: GPT, cfg: TrainConfig, device: torch.device, world: int):
 
 
 class Meter:
-    """The pace: seconds per step (for planned_steps) and tokens per second (moving averages from a process's second
-    step on: its first includes warm-up, torch.compile on CUDA) and, on a GPU with a known peak, MFU."""
+    """The pace: seconds per step (for planned_steps), tokens per second and, on a GPU with a known peak, MFU: moving
+    averages from a process's second step on (its first includes warm-up, torch.compile on CUDA). A row's tokens are
+    counted up to its last target, so fine-tuning's right padding is left out, and their FLOPs at the length of
+    their batch and the width of the output layer (GPT.flops_per_token)."""
 
     def __init__(self, model: GPT, device: torch.device, dtype: torch.dtype, world: int):
-        self.flops_per_token, self.peak, self.world = model.flops_per_token(), peak_flops(device, dtype), world
-        self.steps, self.sec_per_step, self.tok_rate, self.mfu = 0, None, None, None
+        self.flops_per_token = functools.cache(model.flops_per_token)  # by sequence length: the model is fixed
+        self.peak, self.world = peak_flops(device, dtype), world
+        self.steps, self.sec_per_step, self.tok_rate, self.flop_rate, self.mfu = 0, None, None, None, None
 
-    def update(self, tokens: float, dt: float) -> tuple[float, float | None]:
-        """(tokens/s, MFU or None) after a step of `tokens` (all ranks) in dt seconds."""
+    def work(self, x, y) -> torch.Tensor:
+        """[tokens, training FLOPs] of a micro-batch (x, y), on its device: reading it would wait for the device."""
+        last_target = (torch.arange(1, y.size(1) + 1, device=y.device) * (y != -1)).amax(dim=1)
+        tokens = last_target.sum().float()
+        return torch.stack([tokens, tokens * self.flops_per_token(x.size(1))])
+
+    def update(self, tokens: float, flops: float, dt: float) -> tuple[float, float | None]:
+        """(tokens/s, MFU or None) after a step of `tokens` and `flops` (sums of `work` over all ranks) in dt s."""
         self.steps += 1
         if self.steps <= 2:  # the first step includes warm-up (compiling on CUDA): shown alone, never averaged
-            self.tok_rate, self.sec_per_step = tokens / dt, dt if self.steps == 2 else None
+            self.tok_rate, self.flop_rate, self.sec_per_step = tokens / dt, flops / dt, dt if self.steps == 2 else None
         else:
             self.sec_per_step = 0.9 * self.sec_per_step + 0.1 * dt
             self.tok_rate = 0.9 * self.tok_rate + 0.1 * tokens / dt
-        self.mfu = self.flops_per_token * self.tok_rate / (self.peak * self.world) if self.peak else None
+            self.flop_rate = 0.9 * self.flop_rate + 0.1 * flops / dt
+        self.mfu = self.flop_rate / (self.peak * self.world) if self.peak else None
         return self.tok_rate, self.mfu
 
     def text(self, loss: float, lr: float, val_loss: float | None) -> str:
@@ -614,8 +625,9 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # Micro-steps, reading the next batch while the device works. [summed losses, tokens, target tokens, stop
-            # requested, time is up] are all-reduced, so that every rank takes the same decisions.
-            stats = torch.zeros(5, device=device)
+            # requested, time is up, tokens and FLOPs for the pace (Meter.work)] are all-reduced, so that every rank
+            # takes the same decisions.
+            stats = torch.zeros(7, device=device)
             for micro in range(grad_accum):
                 x, y = batch
                 batch = load(state.step, micro + 1) if micro + 1 < grad_accum else load(state.step + 1, 0)
@@ -629,6 +641,7 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
                 stats[0] += loss.detach().float()
                 stats[1] += x.numel()
                 stats[2] += (y != -1).sum()
+                stats[5:] += meter.work(x, y)
             stats[3] = float(stop.set)
             stats[4] = float(bool(cfg.max_time) and state.elapsed + time.perf_counter() - t0 >= cfg.max_time)
             if world > 1:
@@ -647,7 +660,7 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
             time_up, interrupted = bool(stats[4] > 0), bool(stats[3] > 0)
 
             # Log, and stop after too many bad steps.
-            tok_rate, mfu = meter.update(stats[1].item(), dt)
+            tok_rate, mfu = meter.update(*stats[5:].tolist(), dt)
             bar.update(1)
             bar.set_postfix_str(meter.text(loss_val, lr, last_val), refresh=False)
             if every(cfg.log_every, state.step) or state.step == 1:

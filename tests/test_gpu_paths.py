@@ -46,12 +46,36 @@ def test_the_pace_leaves_the_first_step_out(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16))
     meter = train.Meter(model, torch.device("cuda", 0), torch.bfloat16, world=1)
-    meter.update(1000, 60.0)  # compiling
-    rate, mfu = meter.update(1000, 0.01)
+    meter.update(1000, 1e12, 60.0)  # compiling
+    rate, mfu = meter.update(1000, 1e12, 0.01)
     assert rate == pytest.approx(100_000) and meter.sec_per_step == pytest.approx(0.01)
-    assert mfu == pytest.approx(model.flops_per_token() * 100_000 / 989e12)
-    rate, _ = meter.update(1000, 0.02)
-    assert rate == pytest.approx(0.9 * 100_000 + 0.1 * 50_000)
+    assert mfu == pytest.approx(1e14 / 989e12)
+    rate, mfu = meter.update(1000, 2e12, 0.02)
+    assert rate == pytest.approx(0.9 * 100_000 + 0.1 * 50_000) and mfu == pytest.approx(1e14 / 989e12)
+
+
+def test_the_pace_counts_tokens_without_padding_at_their_batchs_length(monkeypatch):
+    """Fine-tuning pads rows on the right: a row's tokens count up to its last target (the prompt's, untrained,
+    count too). Their FLOPs are 6N + 12 L C T at the batch's length T, not the context, with N counting the output
+    layer as wide as restrict_output leaves it; the MFU follows from them."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200 NVL")
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=64))
+    # N = 50304 * 32 (tied embedding) + 12 * 32^2 + 13 * 32 (one block) + 2 * 32 (final LayerNorm); T = 16
+    assert model.flops_per_token(16) == 6 * 1_622_496 + 12 * 32 * 16 == 9_741_120
+    y = torch.full((3, 16), -1)
+    y[0, 2:10] = 7  # a prompt of 2, a reply of 8, then padding: 10 tokens
+    y[1, 4] = 7  # 5 tokens
+    y[2] = 7  # a full row: 16
+    tokens, flops = train.Meter(model, torch.device("cpu"), torch.float32, world=1).work(y, y).tolist()
+    assert (tokens, flops) == (31, 31 * 9_741_120)
+
+    model.restrict_output(torch.arange(100, 164))  # 64 ids and the shared row: N - (50304 - 65) * 32 = 14,848
+    meter = train.Meter(model, torch.device("cuda", 0), torch.bfloat16, world=2)
+    tokens, flops = meter.work(y, y).tolist()
+    assert (tokens, flops) == (31, 31 * (6 * 14_848 + 12 * 32 * 16))
+    meter.update(2 * tokens, 2 * flops, 60.0)  # two ranks
+    rate, mfu = meter.update(2 * tokens, 2 * flops, 0.001)
+    assert rate == pytest.approx(62_000) and mfu == pytest.approx(62_000 * 95_232 / (2 * 836e12))
 
 
 def test_warmup_never_fills_a_short_run():
