@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import model as model_module
 import train
 from config import ConfigError, ModelConfig, TrainConfig
-from model import GPT, enable_tf32
+from model import GPT, LinearCrossEntropy, enable_tf32
 
 
 def test_torchrun_refuses_one_gpu_index_for_every_process(monkeypatch):
@@ -180,6 +180,35 @@ def test_the_pretraining_step_compiles_without_graph_breaks():
     assert explained.graph_break_count == 0 and explained.graph_count == 1
     compiled = torch.compile(model, backend="aot_eager")
     assert compiled(x, x.roll(-1, 1)).item() == pytest.approx(model(x, x.roll(-1, 1)).item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("restricted", [False, True])
+def test_the_gpu_loss_branch_has_the_cpu_branchs_loss_and_gradients(monkeypatch, restricted):
+    """CUDA's loss (full-shape logits, cross_entropy with ignore_index; faster_loss's full-shape branch when
+    restricted) against the CPU's (masked rows skipped, LinearCrossEntropy in chunks): the same loss and gradients,
+    with masked targets."""
+    monkeypatch.setattr(LinearCrossEntropy, "CHUNK_ELEMENTS", 640)  # several chunks, restricted or not
+    chunked = []
+    apply = LinearCrossEntropy.apply
+    monkeypatch.setattr(LinearCrossEntropy, "apply", lambda *args: chunked.append(1) or apply(*args))
+    model = small_model(restricted)
+    x = torch.randint(100, 164, (2, 32))
+    y = x.roll(-1, 1)
+    y[0, :7], y[1, 20:] = -1, -1
+
+    def loss_and_gradients():
+        model.zero_grad()
+        loss = model(x, y)
+        loss.backward()
+        return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    cpu_loss, cpu_grads = loss_and_gradients()
+    monkeypatch.setattr(model_module, "cpu_speedups", lambda x: False)
+    gpu_loss, gpu_grads = loss_and_gradients()
+    assert chunked == [1]  # the CPU branch chunked, the GPU branch did not
+    assert gpu_loss == pytest.approx(cpu_loss, abs=1e-5) and cpu_loss > 1
+    for name, grad in gpu_grads.items():
+        assert grad.abs().sum() > 0 and torch.allclose(grad, cpu_grads[name], atol=1e-6, rtol=1e-4), name
 
 
 def test_bf16_autocast_trains_through_the_gpu_loss_branch(gpu_loss_branch):
