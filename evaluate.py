@@ -24,6 +24,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,15 +84,25 @@ class EvalConfig:
 
 # ---- loss ---------------------------------------------------------------------------------------------------
 
+# Tokens per forward pass of the loss. Its logits are tokens x vocabulary, in fp32 and again as the log-softmax:
+# for batch_size whole sequences of a long context they would not fit in a smaller GPU's memory.
+LOSS_TOKENS = 8192
+
+
 @torch.no_grad()
-def _mean_loss(model, batches) -> tuple[float, int]:
-    """(mean cross-entropy per target token, target tokens) over (x, y) batches."""
+def _mean_loss(model, batches, max_tokens: int = LOSS_TOKENS) -> tuple[float, int]:
+    """(mean cross-entropy per target token, target tokens) over (x, y) batches, scored max_tokens at a time (whole
+    rows, at least one), in bf16 autocast on CUDA as in training."""
     total, count = 0.0, 0
     for x, y in batches:
-        n = int((y != -1).sum())
-        if n:
-            total += model(x, y).item() * n
-            count += n
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else nullcontext()
+        rows = max(1, max_tokens // x.size(1))
+        for xs, ys in zip(x.split(rows), y.split(rows)):
+            n = int((ys != -1).sum())
+            if n:
+                with autocast:
+                    total += model(xs, ys).item() * n
+                count += n
     return total / max(count, 1), count
 
 

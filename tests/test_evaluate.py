@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import demo_data
 import evaluate
@@ -100,6 +102,39 @@ def test_loss_on_a_chat_file_counts_assistant_tokens_only(tmp_path):
             count += int(keep.sum())
     assert got["tokens"] == count
     assert got["loss"] == pytest.approx(total / count, rel=1e-4)
+
+
+class LargestTensor(TorchDispatchMode):
+    """The most elements of any tensor an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.numel = max([self.numel] + [t.numel() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)])
+        return out
+
+
+def test_the_loss_is_scored_in_slices_of_max_tokens_with_the_whole_batchs_value(monkeypatch):
+    """The loss as CUDA computes it (full-shape logits): max_tokens at a time, so that no tensor is larger than
+    their logits, and the mean is the one of a single forward pass over the whole batch."""
+    import model as model_module
+    monkeypatch.setattr(model_module, "cpu_speedups", lambda x: False)
+    model = tiny_model(block_size=64)
+    x, y = torch.randint(0, 50257, (10, 64)), torch.randint(0, 50257, (10, 64))
+    y[:, :20], y[3] = -1, -1  # prompts, and a row without targets
+    with torch.no_grad():
+        whole = model(x, y).item()
+    cap = 3 * 64 * 50304  # the logits of 3 rows: 4 slices, the last of one row
+    with LargestTensor() as sliced:
+        loss, tokens = evaluate._mean_loss(model, [(x, y)], max_tokens=3 * 64)
+    assert tokens == 9 * 44 and loss == pytest.approx(whole, rel=1e-5) and loss > 10
+    assert 50304 * 64 < sliced.numel <= cap
+    with LargestTensor() as unsliced:
+        assert evaluate._mean_loss(model, [(x, y)], max_tokens=10 * 64)[0] == pytest.approx(whole, rel=1e-5)
+    assert unsliced.numel == 10 * 64 * 50304
 
 
 def test_cli_writes_reports_into_the_checkpoint_folder(tmp_path, capsys):
