@@ -34,9 +34,10 @@ from tokenizer import EOT_ID
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
                   "system": "system"}
-# Batches are padded to a multiple of this many tokens: a compiled model sees few distinct shapes, while short
-# rows (most dialogs) waste little compute.
+# Batches are padded to a multiple of this many tokens: short rows (most dialogs) waste little compute.
 PAD_MULTIPLE = 16
+# A compiled model instead gets this many lengths at most (length_buckets): each is a graph of its own to compile.
+COMPILE_LENGTHS = 4
 # Length grouping: examples are sorted by length within windows of this many batches of a shuffled epoch.
 BUCKET_BATCHES = 50
 
@@ -288,10 +289,22 @@ def encode(conversations, max_tokens: int, train_on_prompt: bool = False, counts
     return examples
 
 
-def collate(examples, block_size: int):
-    """(x, y) LongTensors (B, T): x = ids[:-1], y = ids[1:] where trained else -1; rows right-padded."""
+def length_buckets(block_size: int) -> list[int]:
+    """The padded lengths of a compiled fine-tuning run: the context, its half, its quarter, ... (at most
+    COMPILE_LENGTHS, rounded up to multiples of PAD_MULTIPLE, never past the context). torch.compile (dynamic=False)
+    then builds one graph per length, not one per multiple of PAD_MULTIPLE; a row is padded to about twice its
+    length at most (or to the shortest length)."""
+    lengths = (-(-(block_size >> k) // PAD_MULTIPLE) * PAD_MULTIPLE for k in range(COMPILE_LENGTHS))
+    return sorted({min(block_size, n) for n in lengths})
+
+
+def collate(examples, block_size: int, buckets: list[int] | None = None):
+    """(x, y) LongTensors (B, T): x = ids[:-1], y = ids[1:] where trained else -1; rows right-padded to a multiple of
+    PAD_MULTIPLE, or with `buckets` (length_buckets) to the shortest that holds them."""
     longest = max(len(ids) - 1 for ids, _ in examples)
     T = min(block_size, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+    if buckets:
+        T = min(b for b in buckets if b >= T)
     x = np.full((len(examples), T), EOT_ID, dtype=np.int64)
     y = np.full((len(examples), T), -1, dtype=np.int64)
     for r, (ids, mask) in enumerate(examples):
@@ -310,18 +323,19 @@ class ChatData:
     examples are sorted by length (little padding), then the batches are shuffled. Batch number
     g = (step * micro_steps + micro) * world + rank runs through the epochs in order, so a batch is a pure
     function of (seed, step, micro, rank, world). micro_steps is the number of micro-batches per optimizer
-    step; any value gives valid batches, the right one makes consecutive steps use consecutive batches.
+    step; any value gives valid batches, the right one makes consecutive steps use consecutive batches. With
+    `buckets` (length_buckets, for a compiled model) the training batches are padded to those lengths only.
     """
 
     def __init__(self, train, val, block_size: int, batch_size: int, seed: int = 0, micro_steps: int = 1,
-                 eval_batches: int = 20):
+                 eval_batches: int = 20, buckets: list[int] | None = None):
         if not train or not val:
             raise ChatDataError(f"need training and validation examples, got {len(train)} and {len(val)}")
         if any(len(ids) > block_size + 1 for ids, _ in train + val):
             raise ValueError(f"examples must have at most block_size + 1 = {block_size + 1} tokens")
         self.train, self.val = train, val
         self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
-        self.micro_steps, self.eval_batches = micro_steps, eval_batches
+        self.micro_steps, self.eval_batches, self.buckets = micro_steps, eval_batches, buckets
         h = hashlib.sha256()
         for ids, mask in train + [(np.array([-1], np.int32), np.array([True]))] + val:  # -1 marks the split
             h.update(ids.tobytes())
@@ -344,7 +358,7 @@ class ChatData:
     def batch(self, step: int, micro: int = 0, rank: int = 0, world: int = 1):
         g = (step * self.micro_steps + micro) * world + rank
         rows = self._epoch(g // self.batches_per_epoch)[g % self.batches_per_epoch]
-        return collate([self.train[i] for i in rows], self.block_size)
+        return collate([self.train[i] for i in rows], self.block_size, self.buckets)
 
     @functools.lru_cache(maxsize=1)
     def val_batches(self):

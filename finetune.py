@@ -28,13 +28,13 @@ import numpy as np
 import torch
 
 import chat_format
-from chat_data import ChatData, ChatDataError, Rehearsal, encode, read_files, split
+from chat_data import ChatData, ChatDataError, Rehearsal, encode, length_buckets, read_files, split
 from checkpoint import CheckpointError, load_checkpoint
 from config import FinetuneConfig, ModelConfig, TrainConfig, cli, to_dict
-from model import GPT
+from model import GPT, pick_device
 from shard_data import ShardData, data_vocab_ids
 from shards import ShardError
-from train import fit, micro_steps
+from train import compile_backend, fit, micro_steps
 
 # Fine-tuning starts from a trained model: a smaller learning rate than pretraining, a short warmup, frequent
 # evals (fit keeps RUN/best by validation loss, so over-fitting a small data set costs nothing).
@@ -63,7 +63,9 @@ def load_data(ft: FinetuneConfig, cfg: TrainConfig, block_size: int, world: int)
     val_ex = encode(val, block_size + 1, ft.train_on_prompt, counts)
     # micro-batches per optimizer step, as train.fit counts them: consecutive steps then read consecutive batches
     grad_accum = micro_steps(cfg, block_size, world)
-    data = ChatData(train_ex, val_ex, block_size, cfg.batch_size, cfg.seed, grad_accum, cfg.eval_batches)
+    # a model that fit compiles sees a few fixed lengths, each compiled once
+    buckets = length_buckets(block_size) if compile_backend(cfg, pick_device(cfg.device).type) else None
+    data = ChatData(train_ex, val_ex, block_size, cfg.batch_size, cfg.seed, grad_accum, cfg.eval_batches, buckets)
     summary.update(counts, **data.stats())
     return data, summary
 
@@ -100,6 +102,8 @@ def report(summary: dict, cfg: TrainConfig, data: ChatData, world: int) -> None:
     if cfg.max_steps:
         epochs = cfg.max_steps * data.micro_steps * world / data.batches_per_epoch
         print(f"  {cfg.max_steps:,} steps x {data.micro_steps * world} batches of {cfg.batch_size} = {epochs:.3g} epochs")
+    if data.buckets:
+        print(f"  compiled: batches padded to {', '.join(map(str, data.buckets))} tokens, one graph each")
 
 
 def main(argv: list[str]) -> None:

@@ -460,10 +460,16 @@ def wrap(model: GPT, cfg: TrainConfig, device: torch.device, world: int):
         shard(model)
     elif world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-    backend = {"cuda": "inductor", "cpu": cfg.compile_cpu}.get(device.type)
-    if cfg.compile and backend:
-        model = torch.compile(model, backend=backend)
+    backend = compile_backend(cfg, device.type)
+    if backend:  # static shapes: pretraining has one, compiled fine-tuning a few (chat_data.length_buckets)
+        model = torch.compile(model, backend=backend, dynamic=False)
     return raw_model, model
+
+
+def compile_backend(cfg: TrainConfig, device_type: str) -> str | None:
+    """The torch.compile backend that fit trains with on this kind of device: inductor on CUDA, cfg.compile_cpu's on
+    the CPU; None when it does not compile."""
+    return {"cuda": "inductor", "cpu": cfg.compile_cpu or None}.get(device_type) if cfg.compile else None
 
 
 class Meter:

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import finetune
-from chat_data import ChatData, ChatDataError, Rehearsal, collate, encode, fit_context, read_file, read_files, split
+from chat_data import (ChatData, ChatDataError, Rehearsal, collate, encode, fit_context, length_buckets, read_file,
+                       read_files, split)
 from chat_format import ASSISTANT, END, SYSTEM, USER, render
 from checkpoint import export_hf, load_checkpoint, save_checkpoint
 from config import FinetuneConfig, TrainConfig
@@ -250,6 +251,30 @@ def test_batches_are_a_pure_function_of_seed_step_micro_rank():
     assert a.fingerprint == b.fingerprint != make_data(n=51).fingerprint
     val = a.val_batches()
     assert len(val) == 2 and all(torch.equal(p[0], q[0]) for p, q in zip(val, b.val_batches()))
+
+
+def test_a_compiled_run_gets_batches_of_a_few_lengths(tmp_path):
+    """With length_buckets (finetune.py passes them when fit compiles) every training batch is padded to one of a
+    few lengths, instead of a multiple of 16; the rows themselves and their targets are unchanged."""
+    assert length_buckets(64) == [16, 32, 64] and length_buckets(1024) == [128, 256, 512, 1024]
+    assert length_buckets(100) == [16, 32, 64, 100]  # never past the context
+    convs = [exchanges(1 + i % 8, start=i) for i in range(200)]  # 8 to 64 tokens
+    plain, bucketed = (ChatData(encode(convs, 65), encode(convs[:4], 65), 64, 4, seed=1, buckets=buckets)
+                       for buckets in (None, length_buckets(64)))
+    widths = {"plain": set(), "bucketed": set()}
+    for step in range(plain.batches_per_epoch):
+        (x, y), (bx, by) = plain.batch(step), bucketed.batch(step)
+        widths["plain"].add(x.size(1))
+        widths["bucketed"].add(bx.size(1))
+        assert bx.size(1) >= x.size(1) and torch.equal(bx[:, :x.size(1)], x) and torch.equal(by[:, :y.size(1)], y)
+        assert (by[:, y.size(1):] == -1).all()
+    assert widths["bucketed"] == {16, 32, 64}
+    assert widths["plain"] == {16, 32, 48, 64}
+    records = write(tmp_path / "chat.jsonl", [{"messages": exchanges(1 + i % 4, start=i)} for i in range(20)])
+    ft = FinetuneConfig(data=[str(records)])
+    assert finetune.load_data(ft, TrainConfig(device="cpu"), 64, 1)[0].buckets is None  # not compiled: no buckets
+    compiled = TrainConfig(device="cpu", compile_cpu="aot_eager")
+    assert finetune.load_data(ft, compiled, 64, 1)[0].buckets == [16, 32, 64]
 
 
 def test_an_epoch_visits_every_example_once():

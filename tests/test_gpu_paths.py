@@ -226,3 +226,26 @@ def test_bf16_autocast_trains_through_the_gpu_loss_branch(gpu_loss_branch):
     weight, rest = model.state_dict()["wte.weight"], model.rest_ids
     assert torch.equal(weight[rest], weight[rest[:1]].expand(len(rest), -1))
     assert model(x, x.roll(-1, 1)).item() < fp32  # the step helped
+
+
+def test_compiled_fine_tuning_builds_one_graph_per_length_and_evaluates_uncompiled(tmp_path):
+    """fit compiles with dynamic=False; fine-tuning batches come in length_buckets' few lengths: one graph for each
+    length trained on (a dynamic graph, or one per multiple of 16, would give another count), and none for the
+    evaluations, which run the uncompiled model (its no-grad forward would be a graph of its own)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from chat_data import ChatData, encode, length_buckets
+    from test_chat_data import exchanges
+    convs = [exchanges(1 + i % 8, start=i) for i in range(64)]  # 8 to 64 tokens
+    data = ChatData(encode(convs, 65), encode(convs[:6], 65), 64, 4, seed=0, eval_batches=2,
+                    buckets=length_buckets(64))
+    steps = 6
+    trained = {data.batch(step)[0].size(1) for step in range(steps)}
+    assert trained <= {16, 32, 64} and len(trained) >= 2
+    torch._dynamo.reset()
+    counters.clear()
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=64))
+    cfg = TrainConfig(out=str(tmp_path / "run"), device="cpu", compile_cpu="aot_eager", max_steps=steps,
+                      batch_size=4, eval_every=2, eval_batches=2, save_every=0, log_every=1)
+    train.fit(model, cfg, data, {"kind": "finetune"})
+    assert counters["stats"]["unique_graphs"] == len(trained)
