@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.utils._pytree import tree_map_only
 
 from config import ModelConfig, ConfigError, model_config_from_dict, to_dict
 from model import GPT
@@ -71,19 +72,39 @@ def save_checkpoint(path, model: GPT, provenance: dict | None = None, train_stat
                     extra: dict | None = None, weights: dict | None = None) -> Path:
     """Write `model` (unwrapped, not DDP/compiled) and optionally the training state to directory `path`.
     `weights` replaces model.state_dict(): the whole weights of a model that FSDP shards (train.gather_shards)."""
+    weights = model.state_dict() if weights is None else weights
+    return write_checkpoint(path, model.config, {k: v.detach().cpu() for k, v in weights.items()}, provenance,
+                            train_state, extra)
+
+
+def cpu_copy(tree):
+    """`tree` (dicts, lists and tuples of tensors and other values) with every tensor copied to the CPU, a tensor
+    that appears twice (the tied wte and lm_head) copied once: training can go on changing the originals while
+    write_checkpoint writes the copy in the background."""
+    copies = {}
+
+    def copy(t):
+        if id(t) not in copies:
+            copies[id(t)] = t.detach().to("cpu", copy=True)
+        return copies[id(t)]
+    return tree_map_only(torch.Tensor, copy, tree)
+
+
+def write_checkpoint(path, model_config: ModelConfig, weights: dict, provenance: dict | None = None,
+                     train_state: dict | None = None, extra: dict | None = None) -> Path:
+    """save_checkpoint's writing, from a model's config and its weights and training state on the CPU."""
     final = Path(path)
     tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights = model.state_dict() if weights is None else weights
-    state = {k: v.detach().cpu().contiguous() for k, v in weights.items() if k != "lm_head.weight"}
+    state = {k: v.contiguous() for k, v in weights.items() if k != "lm_head.weight"}
     save_file(state, tmp / "model.safetensors")  # lm_head is tied to wte: stored once
     if train_state is not None:
         torch.save(train_state, tmp / "train_state.pt")
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
     config = {
         "format": FORMAT, "version": VERSION,
-        "model": to_dict(model.config),
+        "model": to_dict(model_config),
         "tokenizer": {"name": TOKENIZER_NAME, "eot_id": EOT_ID, "special_tokens": CHAT_SPECIAL_TOKENS},
         "provenance": {"git_commit": git_commit(), **(provenance or {})},
         **(extra or {}),

@@ -10,11 +10,11 @@ fit() picks the device and precision (bf16 autocast, TF32 and torch.compile on C
 parallel under torchrun (DDP, or with cfg.fsdp FSDP2's sharding; NCCL on CUDA, gloo on CPU), steps the optimizer
 (optim.py) with warmup + cosine / wsd / constant learning rate, accumulates gradients up to cfg.batch_tokens, clips
 them, and skips (and counts) steps whose loss is not finite. It never loses a run: RUN/step_NNNNNNN checkpoints
-every cfg.save_every steps and at the end (the last cfg.keep_last are kept), RUN/best by validation loss,
-SIGINT/SIGTERM finish the step, save and return, and cfg.resume continues exactly from the newest valid checkpoint
-(a corrupted one is skipped with a warning). Only rank 0 writes: checkpoints, RUN/log.jsonl (one JSON record per
-line) and RUN/loss.png (drawn by plot_loss.py in a background process). `python train.py` only says which script to
-run.
+every cfg.save_every steps and at the end (the last cfg.keep_last are kept; written by a background thread while
+training goes on), RUN/best by validation loss, SIGINT/SIGTERM finish the step, save and return, and cfg.resume
+continues exactly from the newest valid checkpoint (a corrupted one is skipped with a warning). Only rank 0 writes:
+checkpoints, RUN/log.jsonl (one JSON record per line) and RUN/loss.png (drawn by plot_loss.py in a background
+process). `python train.py` only says which script to run.
 """
 
 import contextlib
@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint, step_checkpoints
+from checkpoint import CheckpointError, cpu_copy, load_checkpoint, step_checkpoints, write_checkpoint
 from config import ConfigError, TrainConfig, progress_interval, to_dict
 from model import GPT, enable_tf32, pick_device
 from optim import check_optimizer, make_optimizer
@@ -331,37 +332,61 @@ class Log:
 
 class Checkpoints:
     """Rank 0's checkpoints: RUN/step_NNNNNNN with the training state (the newest keep_last are kept) and RUN/best,
-    the weights with the lowest validation loss. Every rank calls the saves: a sharded model's are gathered first."""
+    the weights with the lowest validation loss. Every rank calls the saves: a sharded model's are gathered first.
+    A save copies the state to the CPU, then a background thread writes and hashes it while training goes on. One
+    write at a time: the next save, and close(), wait for it (and raise its error). A write is atomic
+    (checkpoint.write_checkpoint): a crash meanwhile leaves the checkpoints before it."""
 
     def __init__(self, out: Path, model: GPT, optimizer, scaler, cfg: TrainConfig, provenance: dict,
                  extra_config: dict | None, enabled: bool, sharded: bool):
         self.out, self.model, self.optimizer, self.scaler = out, model, optimizer, scaler
         self.keep_last, self.provenance, self.extra_config = cfg.keep_last, provenance, extra_config
         self.enabled, self.sharded = enabled, sharded
+        self.writer, self.writing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint"), None
 
-    def _save(self, name: str, state: TrainState, with_state: bool, val_loss: float | None = None) -> None:
-        weights, optimizer_state = None, None  # None: the model's and the optimizer's own
-        if self.sharded:
+    def _save(self, name: str, state: TrainState, with_state: bool, val_loss: float | None = None,
+              then=lambda: None) -> None:
+        self.wait()  # before copying: one copy of the state at a time
+        weights, optimizer_state = None, None
+        if self.sharded:  # gathered into copies on rank 0's CPU
             weights, optimizer_state = gather_shards(self.model, self.optimizer if with_state else None)
         if not self.enabled:
             return
+        if not self.sharded:
+            weights = cpu_copy(self.model.state_dict())
+            optimizer_state = cpu_copy(self.optimizer.state_dict()) if with_state else None
         provenance = {**self.provenance, "step": state.step, "tokens": state.tokens}
         if val_loss is not None:
             provenance["val_loss"] = val_loss
         train_state = None
         if with_state:
-            train_state = {"optimizer": self.optimizer.state_dict() if optimizer_state is None else optimizer_state,
-                           "scaler": self.scaler.state_dict(), **dataclasses.asdict(state)}
-        save_checkpoint(self.out / name, self.model, provenance, train_state, self.extra_config, weights)
+            train_state = {"optimizer": optimizer_state, "scaler": self.scaler.state_dict(),
+                           **dataclasses.asdict(state)}
+
+        def write():
+            write_checkpoint(self.out / name, self.model.config, weights, provenance, train_state, self.extra_config)
+            then()
+        self.writing = self.writer.submit(write)
 
     def save_step(self, state: TrainState) -> None:
-        self._save(f"step_{state.step:07d}", state, with_state=True)
-        if self.enabled:
-            for old in step_checkpoints(self.out)[:-self.keep_last] if self.keep_last > 0 else []:
-                remove_dir(old)
+        self._save(f"step_{state.step:07d}", state, with_state=True, then=self._prune)
+
+    def _prune(self) -> None:
+        for old in step_checkpoints(self.out)[:-self.keep_last] if self.keep_last > 0 else []:
+            remove_dir(old)
 
     def save_best(self, state: TrainState, val_loss: float) -> None:
         self._save("best", state, with_state=False, val_loss=val_loss)
+
+    def wait(self) -> None:
+        """Wait for the checkpoint being written, if any; a failed write raises its error here."""
+        if self.writing is not None:
+            writing, self.writing = self.writing, None
+            writing.result()
+
+    def close(self) -> None:
+        self.wait()
+        self.writer.shutdown()
 
 
 class Plotter:
@@ -674,9 +699,11 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
                                "grad_norm": grad_norm, "tok_per_s": tok_rate, "mfu": mfu, "elapsed": state.elapsed,
                                "target_tokens": int(stats[2].item())})
             if state.bad_steps >= cfg.max_bad_steps:
+                checkpoints.close()
                 stop_on_bad_steps(state, cfg, out, run_log, world, bar)
     bar.close()
     plotter.wait()
+    checkpoints.close()
     run_log.write({"type": "end", "step": state.step, "tokens": state.tokens, "reason": reason,
                    "elapsed": state.elapsed, "skipped_steps": state.skipped_steps})
     if master:

@@ -3,9 +3,11 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 import pretrain
+import train
 from checkpoint import export_hf, load_checkpoint, step_checkpoints
 from config import ModelConfig, TrainConfig
 from model import GPT, LinearCrossEntropy
@@ -151,6 +154,35 @@ def test_kill_9_while_saving_then_resume_is_bit_for_bit(data_dir, reference, tmp
 
     run(data_dir, out, "--max_steps", "12", "--save_every", "4", "--resume")
     assert not list(out.glob("*.tmp-*"))
+    assert_same_weights(final_weights(out), final_weights(reference))
+
+
+def test_a_checkpoint_is_written_while_training_goes_on(data_dir, reference, tmp_path, monkeypatch):
+    """A save copies the state, and a background thread writes it: step 4's checkpoint, held back until the loop
+    reads step 6's batch (the weights have changed since), still holds step 4's state, and resuming from it ends as
+    the uninterrupted run. (A save that wrote in the loop would wait for itself until the timeout.)"""
+    later, writers = threading.Event(), []
+    batch, write = ShardData.batch, train.write_checkpoint
+
+    def batch_and_note(self, step, micro, rank, world):
+        if step == 6:
+            later.set()
+        return batch(self, step, micro, rank, world)
+
+    def write_later(path, *args, **kwargs):
+        if path.name == "step_0000004":
+            writers.append((threading.current_thread().name, later.wait(timeout=30)))
+        return write(path, *args, **kwargs)
+
+    monkeypatch.setattr(ShardData, "batch", batch_and_note)
+    monkeypatch.setattr(train, "write_checkpoint", write_later)
+    out = tmp_path / "run"
+    run(data_dir, out, "--max_steps", "12", "--save_every", "4")
+    assert len(writers) == 1 and writers[0][0].startswith("checkpoint") and writers[0][1]
+    assert [p.name for p in step_checkpoints(out)] == ["step_0000004", "step_0000008", "step_0000012"]
+    for newer in ("step_0000008", "step_0000012"):
+        shutil.rmtree(out / newer)
+    run(data_dir, out, "--max_steps", "12", "--save_every", "4", "--resume")
     assert_same_weights(final_weights(out), final_weights(reference))
 
 
