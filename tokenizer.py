@@ -10,6 +10,7 @@ file: from tiktoken's download if the network allows, else from the `openai-whis
 PyPI, which carries the same file as whisper/assets/gpt2.tiktoken. The sha256 is always checked.
 """
 
+import base64
 import hashlib
 import os
 import subprocess
@@ -58,9 +59,12 @@ def _sha256(path: Path) -> str:
 def _load_ranks() -> dict[bytes, int]:
     for path in _candidates():
         if path.is_file():
-            if _sha256(path) != BPE_SHA256:
+            # Read, checked and parsed here, once: tiktoken's loader would hash it again and copy it to a cache.
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != BPE_SHA256:
                 raise TokenizerNotFound(f"{path} is not the GPT-2 BPE file (sha256 mismatch); delete it and run `make setup`")
-            return load_tiktoken_bpe(str(path), expected_hash=BPE_SHA256)
+            lines = (line.split() for line in data.splitlines() if line)
+            return {base64.b64decode(token): int(rank) for token, rank in lines}
     try:  # last resort: tiktoken's own download
         return load_tiktoken_bpe(BPE_URL, expected_hash=BPE_SHA256)
     except Exception as e:
