@@ -288,15 +288,24 @@ def token_logprobs(logits, tokens: list[int], top: int) -> list[Logprob]:
     return [Logprob(t, lp, tp) for t, lp, tp in zip(tokens, chosen, tops)]
 
 
+def most_likely(logits) -> list[int]:
+    """Each row's most likely real id (the first of equal ones, as torch.argmax) from logits (n, V). On the CPU
+    through NumPy, whose argmax over one row is several times faster than torch's."""
+    real = logits[:, :N_VOCAB]
+    if real.device.type == "cpu":
+        return real.numpy().argmax(axis=-1).tolist()
+    return real.argmax(dim=-1).tolist()
+
+
 def sample(logits, seqs: list[Sequence]) -> tuple[list[int], list[Logprob | None]]:
     """The next token of each sequence from its row of logits (n, V), greedy rows together, and its Logprob where
     the sequence asked for logprobs."""
     tokens = [0] * len(seqs)
     greedy = [i for i, s in enumerate(seqs) if s.params.temperature == 0]
     if len(greedy) == len(seqs):
-        tokens = logits[:, :N_VOCAB].argmax(dim=-1).tolist()
+        tokens = most_likely(logits)
     elif greedy:
-        for i, t in zip(greedy, logits[greedy, :N_VOCAB].argmax(dim=-1).tolist()):
+        for i, t in zip(greedy, most_likely(logits[greedy])):
             tokens[i] = t
     for i, s in enumerate(seqs):
         p = s.params
@@ -441,7 +450,7 @@ class Engine:
             self.thread.join(timeout=10)
 
     # -- the stepping side
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self) -> None:
         """Drop what is gone, admit what fits, decode one token for every active row. A failure (a bug, out of
         memory) ends the sequences involved with GenerationFailed and the engine goes on; a device error stops it."""
