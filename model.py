@@ -42,6 +42,11 @@ def rotate(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+def dropout(x, p: float, training: bool):
+    """F.dropout, without its call where it changes nothing (evaluation, p 0): decoding runs many small steps."""
+    return F.dropout(x, p) if training and p > 0 else x
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -54,7 +59,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope=None, cache=None, layer=0):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = self.c_attn(x).chunk(3, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head)
         k = k.view(B, T, self.n_head, C // self.n_head)
         v = v.view(B, T, self.n_head, C // self.n_head)
@@ -67,7 +72,7 @@ class CausalSelfAttention(nn.Module):
         else:  # decoding (engine.py): this step's keys and values go into the cache, q attends to the cache
             y = cache.attend(layer, q, k, v)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return F.dropout(self.c_proj(y), self.dropout, self.training)
+        return dropout(self.c_proj(y), self.dropout, self.training)
 
 
 class MLP(nn.Module):
@@ -80,7 +85,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         # GPT-2 uses the tanh approximation of GELU ("gelu_new"); matching it keeps HF interop exact.
-        return F.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")), self.dropout, self.training)
+        return dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")), self.dropout, self.training)
 
 
 class Block(nn.Module):
@@ -109,7 +114,6 @@ class GPT(nn.Module):
             cos, sin = rotary_tables(cfg.n_embd // cfg.n_head, cfg.block_size)
             self.register_buffer("rope_cos", cos, persistent=False)  # derived, not saved in checkpoints
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -179,7 +183,7 @@ class GPT(nn.Module):
             x = x + self.wpe(pos)
         else:
             rope = self.rope_cos[pos], self.rope_sin[pos]
-        x = self.drop(x)
+        x = dropout(x, self.config.dropout, self.training)
         for i, block in enumerate(self.h):
             x = block(x, rope, cache, i)
         return self.ln_f(x)

@@ -149,14 +149,14 @@ def test_a_training_forward_never_reads_the_device(gpu_loss_branch, restricted):
 
 
 def test_a_decode_step_has_a_fixed_budget():
-    """One decode step of 3 rows: no host reads; its inputs come from 3 Python lists (tokens, positions, prevs)."""
+    """One decode step of 3 rows: no host reads; its inputs (tokens, positions, prevs) come from Python in one copy."""
     from engine import KVCache, decode_one_step, output_layer
     model = small_model().eval()
     cache = KVCache(model.config, 3, 32, torch.device("cpu"), torch.float32)
     output_layer(model)  # the CPU's transposed copy of the output layer is made once, outside the step
     with torch.no_grad(), HostReads() as reads:
         logits = decode_one_step(model, cache, [5, 6, 7], [3, 4, 5], [1, 2, 3])
-    assert logits.shape == (3, 50304) and reads.syncs == [] and reads.from_python == 3
+    assert logits.shape == (3, 50304) and reads.syncs == [] and reads.from_python == 1
 
 
 @pytest.mark.parametrize("restricted", [False, True])
