@@ -51,7 +51,7 @@ from config import ServeConfig, cli
 from engine import (MAX_LOGPROBS, STOP_IDS, ContextTooLong, DeadlineExceeded, Engine, EngineError, EngineStopped, Event,
                     Logprob, QueueFull, SamplingParams, Sequence, TextStream, fit_conversation)
 from model import pick_device
-from tokenizer import decode, decode_bytes, encode
+from tokenizer import N_VOCAB, decode, decode_bytes, encode
 
 log = logging.getLogger("parley.serve")
 WEB_PAGE = Path(__file__).resolve().parent / "web" / "chat.html"
@@ -354,7 +354,7 @@ class ChatCompletionRequest(Sampling):
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # text, or token ids (lm-evaluation-harness sends both)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool | None = None
     max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt only
@@ -658,13 +658,21 @@ class Server:
 
     async def completions(self, request: Request):
         body = await read_json(request, CompletionRequest, self.cfg.max_body_bytes)
-        if isinstance(body.prompt, list) and len(body.prompt) != 1:
-            raise ApiError(400, "prompt: send one string (a list of exactly one string is accepted too)",
-                           param="prompt", code="invalid_value")
-        text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-        if not text:
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            prompt = [prompt]  # one prompt of token ids
+        if isinstance(prompt, list) and len(prompt) != 1:
+            raise ApiError(400, "prompt: send one prompt: a string or a list of token ids (or a list of exactly one "
+                           "of them)", param="prompt", code="invalid_value")
+        prompt = prompt if isinstance(prompt, str) else prompt[0]
+        if not prompt:
             raise ApiError(400, "prompt: must not be empty", param="prompt", code="invalid_value")
-        return await self.generate(request, body, encode(text), text)
+        if isinstance(prompt, str):
+            return await self.generate(request, body, encode(prompt), prompt)
+        if bad := next((t for t in prompt if not 0 <= t < N_VOCAB), None):
+            raise ApiError(400, f"prompt: token id {bad} is not a GPT-2 token id (0 to {N_VOCAB - 1})",
+                           param="prompt", code="invalid_value")
+        return await self.generate(request, body, prompt, decode(prompt))
 
     async def tokenize(self, request: Request):
         body = await read_json(request, TokenizeRequest, self.cfg.max_body_bytes)

@@ -498,7 +498,8 @@ def test_malformed_requests_get_4xx_in_the_error_shape(client):
         "tools": [[{"type": "function"}]],
     }
     cases = [("/v1/chat/completions", {**valid, k: v}) for k, values in bad_values.items() for v in values]
-    cases += [("/v1/completions", {"prompt": p, "max_tokens": 2}) for p in (None, 5, "", [], ["a", "b"], [1])]
+    cases += [("/v1/completions", {"prompt": p, "max_tokens": 2})
+              for p in (None, 5, "", [], ["a", "b"], [-1], [1.5], ["a", 1])]
     cases += [("/chat", b) for b in ({}, {"message": 5}, {"message": ""}, {"message": "hi", "session_id": "../x"},
                                      {"message": "hi", "session_id": "x" * 200}, {"message": "hi", "max_tokens": 0})]
     cases += [("/tokenize", b) for b in ({}, {"text": 5}, {"text": "a", "messages": msgs}, {"messages": []})]
@@ -982,3 +983,21 @@ def test_a_device_error_stops_the_server_process(monkeypatch):
     assert killed == [(os.getpid(), serve.signal.SIGTERM)] and not server.ready
     with pytest.raises(serve.EngineStopped, match="engine failed"):
         server.engine.submit([serve.Sequence([1, 2, 3], serve.SamplingParams(max_tokens=2), index=0)])
+
+
+def test_completions_take_token_ids(client, model):
+    """A prompt of token ids, alone or as the one list in a list (OpenAI's shapes; lm-evaluation-harness sends
+    them): the same completion and prompt log-probabilities as the text they decode to; bad ids get a 400."""
+    text = "Once upon a time"
+    ids = encode(text)
+    want = client.post("/v1/completions", json={"prompt": text, "max_tokens": 6, "temperature": 0, "echo": True,
+                                                "logprobs": 1}).json()["choices"][0]
+    for prompt in (ids, [ids]):
+        got = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 6, "temperature": 0,
+                                                   "echo": True, "logprobs": 1}).json()["choices"][0]
+        assert got["text"] == want["text"] and got["text"].startswith(text)
+        assert got["logprobs"]["token_logprobs"] == pytest.approx(want["logprobs"]["token_logprobs"], abs=1e-6)
+    for prompt, says in (([5, 70000], "token id 70000"), ([[1, 2], [3]], "send one prompt"), ([], "send one prompt"),
+                         ([[]], "must not be")):
+        r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2})
+        assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
