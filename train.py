@@ -542,6 +542,26 @@ def is_finite(state: TrainState, cfg: TrainConfig, loss: float, grad_norm: float
     return False
 
 
+def clip_and_step(model: GPT, optimizer, scaler, state: TrainState, cfg: TrainConfig, loss: float) -> float:
+    """Clip the gradients, then step unless the loss or the gradient is not finite (is_finite), and clear them;
+    the gradient norm before clipping."""
+    scaler.unscale_(optimizer)
+    grad_norm = clip_gradients(model, cfg.grad_clip)
+    if is_finite(state, cfg, loss, grad_norm, fp16=scaler.is_enabled()):
+        scaler.step(optimizer)  # with fp16, the scaler itself skips steps whose gradients overflowed
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def run_record(model: GPT, cfg: TrainConfig, provenance: dict, world: int, sharded: bool, grad_accum: int,
+               tokens_per_step: int) -> dict:
+    """The first record of a new run's log: what it trains, from what, and how."""
+    return {"type": "run", "kind": provenance.get("kind"), "init_from": provenance.get("init_from")
+            or cfg.init_from or None, "config": {**to_dict(cfg), "model": to_dict(model.config)},
+            "world": world, "sharded": sharded, "grad_accum": grad_accum, "tokens_per_step": tokens_per_step}
+
+
 def is_sharded(model: GPT, cfg: TrainConfig, world: int, master: bool) -> bool:
     """Whether FSDP shards the model: with cfg.fsdp under torchrun. One process has nothing to shard (a note says
     so); a restricted output layer cannot be sharded (an error)."""
@@ -573,10 +593,7 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
         prepare_run_dir(out, resuming=resumed_from is not None)
     run_log = Log(out / "log.jsonl", master)
     if resumed_from is None:
-        run_log.start({"type": "run", "kind": provenance.get("kind"), "init_from": provenance.get("init_from")
-                       or cfg.init_from or None, "config": {**to_dict(cfg), "model": to_dict(raw_model.config)},
-                       "world": world, "sharded": sharded, "grad_accum": grad_accum,
-                       "tokens_per_step": tokens_per_step})
+        run_log.start(run_record(raw_model, cfg, provenance, world, sharded, grad_accum, tokens_per_step))
     else:
         run_log.resume(state, resumed_from)
     checkpoints = Checkpoints(out, raw_model, optimizer, scaler, cfg, {**provenance, "data": data.fingerprint},
@@ -635,13 +652,7 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
                 dist.all_reduce(stats)
             loss_val = stats[0].item() / (grad_accum * world)
 
-            # Clip, then step unless the loss or the gradient is not finite.
-            scaler.unscale_(optimizer)
-            grad_norm = clip_gradients(raw_model, cfg.grad_clip)
-            if is_finite(state, cfg, loss_val, grad_norm, fp16=scaler.is_enabled()):
-                scaler.step(optimizer)  # with fp16, the scaler itself skips steps whose gradients overflowed
-                scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = clip_and_step(raw_model, optimizer, scaler, state, cfg, loss_val)
             dt = time.perf_counter() - t0
             state.step, state.tokens, state.elapsed = state.step + 1, state.tokens + int(stats[1]), state.elapsed + dt
             time_up, interrupted = bool(stats[4] > 0), bool(stats[3] > 0)
@@ -658,6 +669,11 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
                 stop_on_bad_steps(state, cfg, out, run_log, world, bar)
     bar.close()
     plotter.wait()
+    finish(state, reason, run_log, out, master, world)
+
+
+def finish(state: TrainState, reason: str, run_log: Log, out: Path, master: bool, world: int) -> None:
+    """Log why the run stopped and where it was saved, then leave the process group."""
     run_log.write({"type": "end", "step": state.step, "tokens": state.tokens, "reason": reason,
                    "elapsed": state.elapsed, "skipped_steps": state.skipped_steps})
     if master:
