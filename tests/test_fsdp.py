@@ -81,7 +81,9 @@ def test_fsdp_trains_as_ddp_and_one_process(one, ddp, fsdp):
     for other in (ddp, one):
         assert np.allclose(losses(fsdp), losses(other), rtol=0, atol=1e-5)
         assert np.allclose(val_losses(fsdp), val_losses(other), rtol=0, atol=1e-5)
-        assert_close_weights(final_weights(fsdp), final_weights(other))
+        # the gradients are summed in another order (reduce-scatter, all-reduce, one process), and Adam's
+        # normalized steps carry the rounding into the weights, more on some CPUs' kernels than on others
+        assert_close_weights(final_weights(fsdp), final_weights(other), atol=2e-5)
     saved = [torch.load(run / "step_0000006" / "train_state.pt", weights_only=True) for run in (fsdp, ddp)]
     assert saved[0].keys() == saved[1].keys() and saved[0]["step"] == 6
     optimizers = [s["optimizer"] for s in saved]  # numbered parameters, as optimizer.state_dict() has them
