@@ -514,7 +514,8 @@ def record_eval(state: TrainState, val_loss: float | None, run_log: Log, checkpo
     """Log a validation loss, keep the best weights, redraw the plot."""
     if val_loss is None:
         return
-    run_log.write({"type": "eval", "step": state.step, "tokens": state.tokens, "val_loss": val_loss})
+    run_log.write({"type": "eval", "step": state.step, "tokens": state.tokens, "elapsed": state.elapsed,
+                   "val_loss": val_loss})
     if val_loss < state.best_val:
         checkpoints.save_best(state, val_loss)
     state.best_val = min(state.best_val, val_loss)
