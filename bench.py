@@ -4,6 +4,7 @@
   python bench.py train       training throughput against transformers' GPT2LMHeadModel
   python bench.py serve       time to first token, decode speed and concurrency of serve.py;
                               with --turns, its conversation reuse
+  python bench.py speedrun    time to loss on Gutenberg: the vanilla GPT-2 recipe against parley's
 """
 
 import contextlib
@@ -481,7 +482,200 @@ def bench_serve(argv):
         _print_reuse_table(reuse, turns)
 
 
-BENCHES = {"tokenizer": bench_tokenizer, "train": bench_train, "serve": bench_serve}
+# bench.py speedrun, per device: the model shape and micro-batch both runs share (so they evaluate the same
+# validation windows), each recipe's pretrain.py flags, the tokens between evaluations (an equal spacing in time
+# when both recipes process tokens at about the same rate) and the size of the Gutenberg slice to tokenize. On the
+# CPU the shape is the tiny preset's, the one model this machine trains, so what the benchmark finds can set its
+# defaults. vanilla's lr is the best of a sweep (BENCHMARKS.md); parley's lr is AdamW's, which with Muon trains
+# only the embeddings, gains and biases. The cuda settings are a starting point, not yet measured.
+SPEEDRUN = {
+    "cpu": {"shape": "--n_layer 4 --n_head 4 --n_embd 128 --block_size 256 --batch_size 8 --eval_batches 8",
+            "vanilla": "--rope false --smear false --optimizer adamw --schedule cosine --lr 3e-3 --warmup_steps 20",
+            "parley": "--rope true --smear true --optimizer muon --schedule wsd --lr 1.2e-2 --muon_lr 0.01 "
+                      "--warmup_steps 20 --data_vocab true",
+            "eval_tokens": 50_000, "corpus_tokens": 6_000_000},
+    "cuda": {"shape": "--n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --batch_size 32 --eval_batches 16 "
+                      "--batch_tokens 262144 --device cuda",
+             "vanilla": "--rope false --smear false --optimizer adamw --schedule cosine --lr 6e-4 --warmup_steps 50",
+             "parley": "--rope true --smear true --optimizer muon --schedule wsd --lr 1.8e-3 --muon_lr 0.02 "
+                       "--warmup_steps 50",
+             "eval_tokens": 8_000_000, "corpus_tokens": 90_000_000},
+}
+
+
+def time_to_loss(curve: list[tuple[float, float]], target: float) -> float | None:
+    """The time a validation-loss curve [(seconds, loss), ...] first reaches `target`, interpolated linearly
+    between the two evaluations around it; None if it never does."""
+    if curve and curve[0][1] <= target:
+        return curve[0][0]
+    for (t0, l0), (t1, l1) in zip(curve, curve[1:]):
+        if l1 <= target:
+            return t0 + (t1 - t0) * (l0 - target) / (l0 - l1)
+    return None
+
+
+def _speedrun_data(corpus, out, tokens: int, workers: int):
+    """`out`: token shards, as they are if the folder exists (tokenize_data.py writes it whole or not at all), else
+    the first books of the Gutenberg corpus up to `tokens` tokens, 5% of the books held out for validation."""
+    import gzip
+    import json
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    if out.is_dir():
+        return out
+    files = sorted(Path(corpus).glob("train_*.jsonl.gz"))
+    if not files:
+        sys.exit(f"speedrun: no Gutenberg corpus (train_*.jsonl.gz) in {corpus}: give its folder with --corpus, "
+                 f"or token shards with --data")
+    with tempfile.TemporaryDirectory() as tmp:
+        books, n = Path(tmp) / "books.jsonl.gz", 0
+        with gzip.open(books, "wt", encoding="utf-8") as f:
+            for path in files:
+                with gzip.open(path, "rt", encoding="utf-8") as source:
+                    for line in source:
+                        f.write(line)
+                        n += json.loads(line)["n_tokens"]
+                        if n >= tokens:
+                            break
+                if n >= tokens:
+                    break
+        cmd = [sys.executable, str(Path(__file__).resolve().parent / "tokenize_data.py"), str(books), "--out",
+               str(out), "--val_fraction", "0.05", *(["--workers", str(workers)] if workers else [])]
+        subprocess.run(cmd, check=True)
+    return out
+
+
+def _speedrun_flags(setup: dict, data, extra: dict, minutes: float, eval_tokens: int) -> dict:
+    """{recipe: its pretrain.py flags}: the shared shape, the recipe's own, extra[recipe] (flags given on the
+    command line), the time limit and an eval every eval_tokens tokens. Exits if the two would evaluate different
+    validation windows."""
+    from config import ModelConfig, TrainConfig, parse_args
+    from train import micro_steps
+
+    runs, windows = {}, set()
+    for name in ("vanilla", "parley"):
+        flags = [*setup["shape"].split(), *setup[name].split(), "--data", str(data), "--save_every", "0",
+                 "--log_every", "10", *extra[name], "--max_time", str(minutes * 60)]
+        tcfg, mcfg = TrainConfig(), ModelConfig()
+        parse_args(flags, [tcfg, mcfg])
+        step_tokens = micro_steps(tcfg, mcfg.block_size, 1) * tcfg.batch_size * mcfg.block_size
+        runs[name] = flags + ["--eval_every", str(max(1, round(eval_tokens / step_tokens)))]
+        windows.add((tcfg.batch_size, tcfg.eval_batches, tcfg.seed, mcfg.block_size))
+    if len(windows) > 1:  # ShardData draws the validation windows from these
+        sys.exit("speedrun: the two runs would evaluate different validation windows: keep batch_size, "
+                 "eval_batches, seed and block_size the same")
+    return runs
+
+
+def _speedrun_run(name: str, flags: list[str], out, threads: int) -> list[tuple[float, float]]:
+    """Train one recipe with pretrain.py in its own process; its validation curve [(seconds of training, loss)]."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / "pretrain.py"), *flags, "--out", str(out / name)]
+    print(f"== {name}: pretrain.py {' '.join(flags)}", flush=True)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    if subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL).returncode != 0:
+        sys.exit(f"speedrun: the {name} run failed (its output is above)")
+    records = [json.loads(line) for line in (out / name / "log.jsonl").read_text().splitlines()]
+    return [(r["elapsed"], r["val_loss"]) for r in records if r["type"] == "eval"]
+
+
+def _plot_speedrun(curves: dict, target: float, reached: float | None, path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5))
+    ax = fig.add_subplot()
+    for name, curve in curves.items():
+        ax.plot([t / 60 for t, _ in curve], [loss for _, loss in curve], marker=".", label=name)
+    ax.axhline(target, color="gray", linestyle="--", linewidth=0.8, label="vanilla's final loss")
+    if reached is not None:
+        ax.axvline(reached / 60, color="gray", linestyle=":", linewidth=0.8, label="parley reaches it")
+    # from the second evaluation up: the first, of the initial weights, would flatten the rest
+    top = max(curve[min(1, len(curve) - 1)][1] for curve in curves.values())
+    ax.set(xlabel="minutes of training (evaluations excluded)", ylabel="validation loss",
+           ylim=(min(loss for curve in curves.values() for _, loss in curve) - 0.1, top + 0.1))
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def _speedrun_report(curves: dict, setting: dict, out) -> None:
+    """The ratio, the table, and OUT/speedrun.png, .json (`setting`, the curves, the figures) and .csv."""
+    import csv
+    import json
+
+    total, target = curves["vanilla"][-1]
+    reached = time_to_loss(curves["parley"], target)
+    ratio = reached / total if reached is not None else None
+    _plot_speedrun(curves, target, reached, out / "speedrun.png")
+    (out / "speedrun.json").write_text(json.dumps({**setting, "curves": curves, "target": target,
+                                                   "vanilla_time": total, "parley_time_to_target": reached,
+                                                   "ratio": ratio}, indent=1))
+    with open(out / "speedrun.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("run", "seconds", "val_loss")] +
+                                [(name, t, loss) for name, curve in curves.items() for t, loss in curve])
+    print(f"\n| recipe | evaluations | training time | final val loss | time to {target:.4f} |\n|---|---|---|---|---|")
+    for name, curve in curves.items():
+        when = time_to_loss(curve, target)
+        print(f"| {name} | {len(curve)} | {curve[-1][0]:.0f} s | {curve[-1][1]:.4f} | "
+              + (f"{when:.0f} s |" if when is not None else "not reached |"))
+    print("\nparley reaches vanilla's final loss in "
+          + (f"{ratio:.2f}x vanilla's time" if ratio is not None else "- (not within its time)")
+          + f"; the curves: {out / 'speedrun.png'}")
+
+
+def bench_speedrun(argv):
+    """Time to loss: the vanilla GPT-2 recipe against parley's on the same model shape, data and validation set.
+
+    usage: python bench.py speedrun [--minutes M] [--threads N] [--device cpu|cuda] [--corpus DIR] [--data DIR]
+                                    [--out DIR] [--eval_tokens N] [--vanilla FLAGS] [--parley FLAGS]
+                                    [-- PRETRAIN_FLAGS...]
+    Each recipe trains with pretrain.py for M minutes (default 8) on the first books of the shared Gutenberg corpus
+    (tokenized once into --data, default data/speedrun-DEVICE: 6M tokens for the CPU, 90M for cuda) and is
+    evaluated on the same validation windows every --eval_tokens tokens. vanilla: GPT-2's learned positions, AdamW,
+    warmup and cosine decay. parley: rotary positions, smear, Muon for the blocks' matrices, warmup-stable-decay
+    (fitted to the time, as every --max_time run is), a higher AdamW lr, and on the CPU the softmax over the
+    corpus's ids (--data_vocab: the same full-vocabulary loss). Time is training time: evaluations are not
+    counted. The figure: the time parley takes to reach vanilla's final validation loss (linear between
+    evaluations) over vanilla's time. --device cuda trains GPT-2 small's shape (bf16 autocast, torch.compile).
+    --vanilla and --parley add pretrain.py flags to one run ("--lr 1e-3"), PRETRAIN_FLAGS after `--` to both;
+    --threads sets OMP_NUM_THREADS for the runs (default: torch's choice). Writes OUT/vanilla and OUT/parley (the
+    run folders), OUT/speedrun.png (the curves), OUT/speedrun.json and OUT/speedrun.csv (the points); --out
+    defaults to checkpoints/speedrun.
+    """
+    import argparse
+    from pathlib import Path
+
+    shared = argv[argv.index("--") + 1:] if "--" in argv else []
+    parser = argparse.ArgumentParser(prog="bench.py speedrun")
+    parser.add_argument("--minutes", type=float, default=8.0)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--device", default="cpu", choices=list(SPEEDRUN))
+    parser.add_argument("--corpus", default=str(Path(__file__).resolve().parent.parent / "shared" / "data" /
+                                                "pretrain" / "gutenberg_top100_authors"))
+    parser.add_argument("--data", default="")
+    parser.add_argument("--out", default="checkpoints/speedrun")
+    parser.add_argument("--eval_tokens", type=int, default=0)
+    parser.add_argument("--vanilla", default="")
+    parser.add_argument("--parley", default="")
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    setup, out = SPEEDRUN[args.device], Path(args.out)
+    data = _speedrun_data(args.corpus, Path(args.data or f"data/speedrun-{args.device}"), setup["corpus_tokens"],
+                          args.threads)
+    extra = {name: [*shared, *getattr(args, name).split()] for name in ("vanilla", "parley")}
+    runs = _speedrun_flags(setup, data, extra, args.minutes, args.eval_tokens or setup["eval_tokens"])
+    out.mkdir(parents=True, exist_ok=True)
+    curves = {name: _speedrun_run(name, flags, out, args.threads) for name, flags in runs.items()}
+    _speedrun_report(curves, {"device": args.device, "minutes": args.minutes, "threads": args.threads,
+                              "flags": runs}, out)
+
+
+BENCHES = {"tokenizer": bench_tokenizer, "train": bench_train, "serve": bench_serve, "speedrun": bench_speedrun}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHES:

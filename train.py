@@ -556,7 +556,8 @@ def record_eval(state: TrainState, val_loss: float | None, run_log: Log, checkpo
     """Log a validation loss, keep the best weights, redraw the plot."""
     if val_loss is None:
         return
-    run_log.write({"type": "eval", "step": state.step, "tokens": state.tokens, "val_loss": val_loss})
+    run_log.write({"type": "eval", "step": state.step, "tokens": state.tokens, "elapsed": state.elapsed,
+                   "val_loss": val_loss})
     if val_loss < state.best_val:
         checkpoints.save_best(state, val_loss)
     state.best_val = min(state.best_val, val_loss)
@@ -582,6 +583,26 @@ def is_finite(state: TrainState, cfg: TrainConfig, loss: float, grad_norm: float
     log(f"step {state.step}: non-finite loss ({loss}) or gradient norm ({grad_norm}): step skipped "
         f"({state.bad_steps} in a row, the limit is max_bad_steps={cfg.max_bad_steps})")
     return False
+
+
+def clip_and_step(model: GPT, optimizer, scaler, state: TrainState, cfg: TrainConfig, loss: float) -> float:
+    """Clip the gradients, then step unless the loss or the gradient is not finite (is_finite), and clear them;
+    the gradient norm before clipping."""
+    scaler.unscale_(optimizer)
+    grad_norm = clip_gradients(model, cfg.grad_clip)
+    if is_finite(state, cfg, loss, grad_norm, fp16=scaler.is_enabled()):
+        scaler.step(optimizer)  # with fp16, the scaler itself skips steps whose gradients overflowed
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def run_record(model: GPT, cfg: TrainConfig, provenance: dict, world: int, sharded: bool, grad_accum: int,
+               tokens_per_step: int) -> dict:
+    """The first record of a new run's log: what it trains, from what, and how."""
+    return {"type": "run", "kind": provenance.get("kind"), "init_from": provenance.get("init_from")
+            or cfg.init_from or None, "config": {**to_dict(cfg), "model": to_dict(model.config)},
+            "world": world, "sharded": sharded, "grad_accum": grad_accum, "tokens_per_step": tokens_per_step}
 
 
 def is_sharded(model: GPT, cfg: TrainConfig, world: int, master: bool) -> bool:
@@ -615,10 +636,7 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
         prepare_run_dir(out, resuming=resumed_from is not None)
     run_log = Log(out / "log.jsonl", master)
     if resumed_from is None:
-        run_log.start({"type": "run", "kind": provenance.get("kind"), "init_from": provenance.get("init_from")
-                       or cfg.init_from or None, "config": {**to_dict(cfg), "model": to_dict(raw_model.config)},
-                       "world": world, "sharded": sharded, "grad_accum": grad_accum,
-                       "tokens_per_step": tokens_per_step})
+        run_log.start(run_record(raw_model, cfg, provenance, world, sharded, grad_accum, tokens_per_step))
     else:
         run_log.resume(state, resumed_from)
     checkpoints = Checkpoints(out, raw_model, optimizer, scaler, cfg, {**provenance, "data": data.fingerprint},
@@ -679,13 +697,7 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
                 dist.all_reduce(stats)
             loss_val = stats[0].item() / (grad_accum * world)
 
-            # Clip, then step unless the loss or the gradient is not finite.
-            scaler.unscale_(optimizer)
-            grad_norm = clip_gradients(raw_model, cfg.grad_clip)
-            if is_finite(state, cfg, loss_val, grad_norm, fp16=scaler.is_enabled()):
-                scaler.step(optimizer)  # with fp16, the scaler itself skips steps whose gradients overflowed
-                scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = clip_and_step(raw_model, optimizer, scaler, state, cfg, loss_val)
             dt = time.perf_counter() - t0
             state.step, state.tokens, state.elapsed = state.step + 1, state.tokens + int(stats[1]), state.elapsed + dt
             time_up, interrupted = bool(stats[4] > 0), bool(stats[3] > 0)
@@ -699,11 +711,15 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
                                "grad_norm": grad_norm, "tok_per_s": tok_rate, "mfu": mfu, "elapsed": state.elapsed,
                                "target_tokens": int(stats[2].item())})
             if state.bad_steps >= cfg.max_bad_steps:
-                checkpoints.close()
-                stop_on_bad_steps(state, cfg, out, run_log, world, bar)
+                stop_on_bad_steps(state, cfg, checkpoints, run_log, world, bar)
     bar.close()
     plotter.wait()
     checkpoints.close()
+    finish(state, reason, run_log, out, master, world)
+
+
+def finish(state: TrainState, reason: str, run_log: Log, out: Path, master: bool, world: int) -> None:
+    """Log why the run stopped and where it was saved, then leave the process group."""
     run_log.write({"type": "end", "step": state.step, "tokens": state.tokens, "reason": reason,
                    "elapsed": state.elapsed, "skipped_steps": state.skipped_steps})
     if master:
@@ -714,10 +730,12 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
         dist.destroy_process_group()
 
 
-def stop_on_bad_steps(state: TrainState, cfg: TrainConfig, out: Path, run_log: Log, world: int, bar) -> None:
+def stop_on_bad_steps(state: TrainState, cfg: TrainConfig, checkpoints: Checkpoints, run_log: Log, world: int,
+                      bar) -> None:
     """Too many non-finite steps in a row: stop the run with an error naming the last good checkpoint."""
     bar.close()
-    kept = step_checkpoints(out)
+    checkpoints.close()  # the last one written
+    kept = step_checkpoints(checkpoints.out)
     run_log.write({"type": "stopped", "step": state.step, "reason": "non-finite loss"})
     if world > 1:
         dist.destroy_process_group()

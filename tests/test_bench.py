@@ -16,6 +16,7 @@ from checkpoint import save_checkpoint
 from config import ModelConfig
 from conftest import ROOT
 from model import GPT
+from test_train import data_dir  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TEXTS = [f"Document {i}: the quick brown fox — naïve café {i * 7} jumps.\nSecond line." for i in range(20)]
@@ -69,6 +70,41 @@ def test_serve_bench_compares_a_rope_model_through_a_gpt2_shaped_stand_in(tmp_pa
     assert prompt_on // 2 < cached_on < prompt_on and cached_off == 0
 
 
+def test_time_to_loss_interpolates_between_evaluations():
+    curve = [(0.0, 10.0), (10.0, 6.0), (20.0, 4.0), (30.0, 3.0)]
+    assert bench.time_to_loss(curve, 5.0) == 15.0
+    assert bench.time_to_loss(curve, 3.5) == 25.0
+    assert bench.time_to_loss(curve, 6.0) == 10.0
+    assert bench.time_to_loss(curve, 10.0) == 0.0
+    assert bench.time_to_loss(curve, 2.9) is None
+
+
+def test_speedrun_trains_both_recipes_and_reads_the_ratio_off_their_curves(data_dir, tmp_path, capsys):  # noqa: F811
+    """A few seconds of each recipe on a 1-layer model: both curves are written, and the ratio is parley's time to
+    vanilla's final loss over vanilla's time, as time_to_loss reads it off the curves."""
+    out = tmp_path / "speedrun"
+    bench.bench_speedrun(["--minutes", "0.05", "--threads", "1", "--data", str(data_dir), "--out", str(out),
+                          "--eval_tokens", "4096", "--parley", "--muon_lr 0.02", "--", "--n_layer", "1", "--n_head",
+                          "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "4", "--eval_batches", "2",
+                          "--lr", "1e-2"])
+    result = json.loads((out / "speedrun.json").read_text())
+    curves = result["curves"]
+    assert all(len(curves[name]) >= 2 for name in ("vanilla", "parley"))
+    vanilla, parley = (" ".join(result["flags"][name]) for name in ("vanilla", "parley"))
+    assert "--rope false" in vanilla and "--muon_lr" not in vanilla and "--lr 1e-2 --max_time 3.0" in vanilla
+    assert "--optimizer muon" in parley and "--lr 1e-2 --muon_lr 0.02 --max_time 3.0" in parley
+    total, target = curves["vanilla"][-1]
+    assert (result["vanilla_time"], result["target"]) == (total, target) and 2 < total < 10
+    reached = bench.time_to_loss(curves["parley"], target)
+    assert result["ratio"] == (reached / total if reached is not None else None)
+    rows = (out / "speedrun.csv").read_text().splitlines()
+    assert rows[0] == "run,seconds,val_loss" and len(rows) == 1 + len(curves["vanilla"]) + len(curves["parley"])
+    assert (out / "speedrun.png").stat().st_size > 0
+    text = capsys.readouterr().out
+    assert re.search(r"^\| vanilla \| \d+ \| \d+ s \| [\d.]+ \| \d+ s \|$", text, re.M)
+    assert "parley reaches vanilla's final loss in" in text
+
+
 def run_bench(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "bench.py"), *args], capture_output=True, text=True)
 
@@ -79,3 +115,7 @@ def test_help_and_a_missing_input_get_a_message_not_a_traceback(tmp_path):
     missing = run_bench("tokenizer", str(tmp_path / "nope.jsonl.gz"))
     assert missing.returncode == 1 and f"no such input file: {tmp_path / 'nope.jsonl.gz'}" in missing.stderr
     assert "Traceback" not in shown.stderr + missing.stderr
+    shown = run_bench("speedrun", "--help")
+    assert shown.returncode == 1 and "usage: python bench.py speedrun" in shown.stderr
+    no_corpus = run_bench("speedrun", "--corpus", str(tmp_path), "--data", str(tmp_path / "shards"))
+    assert no_corpus.returncode == 1 and f"no Gutenberg corpus (train_*.jsonl.gz) in {tmp_path}" in no_corpus.stderr
