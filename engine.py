@@ -30,14 +30,13 @@ import heapq
 import logging
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from chat_format import render
-from model import enable_tf32, sample as sample_logits
+from model import enable_tf32, inference_autocast, sample as sample_logits
 from tokenizer import EOT_ID, N_VOCAB, decode_bytes
 
 log = logging.getLogger("parley.engine")
@@ -401,7 +400,7 @@ class Engine:
         if cuda:
             enable_tf32()
         dtype = torch.bfloat16 if cuda else model.wte.weight.dtype
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+        self.autocast = inference_autocast(self.device)
         self.max_len = model.config.block_size
         self.cache = KVCache(model.config, max_batch, self.max_len, self.device, dtype)
         self.free = list(range(max_batch))  # a heap: the lowest free row first

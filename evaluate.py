@@ -24,7 +24,6 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import demo_data
 from chat_data import collate, encode, read_file
 from checkpoint import CheckpointError, load_checkpoint, resolve
 from config import cli
-from model import pick_device
+from model import inference_autocast, pick_device
 from shards import ShardError, list_shards, open_shard
 from tokenizer import decode
 
@@ -95,7 +94,7 @@ def _mean_loss(model, batches, max_tokens: int = LOSS_TOKENS) -> tuple[float, in
     rows, at least one), in bf16 autocast on CUDA as in training."""
     total, count = 0.0, 0
     for x, y in batches:
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else nullcontext()
+        autocast = inference_autocast(x.device)
         rows = max(1, max_tokens // x.size(1))
         for xs, ys in zip(x.split(rows), y.split(rows)):
             n = int((ys != -1).sum())

@@ -18,6 +18,7 @@ output layer on the CPU).
 """
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -361,6 +362,11 @@ def enable_tf32() -> None:
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+def inference_autocast(device: torch.device):
+    """The precision of decoding and evaluation: bf16 autocast on CUDA, as training uses there; fp32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def pick_device(name: str = "auto") -> torch.device:
