@@ -237,8 +237,10 @@ def inputs(data_root: Path, profile: Profile, work: Path) -> dict:
 
 def train_log(run_dir: Path) -> dict:
     """Figures of a training run from RUN/log.jsonl (train.py's records). tok_per_s and mfu are train.py's
-    moving averages at the end; steady_tok_per_s counts from the second logged step on, leaving out the first
-    step's warm-up (torch.compile on CUDA); steady_mfu scales mfu by the same ratio (FLOPs per token / peak)."""
+    moving averages at the end; steady_tok_per_s is the mean of the logged tok_per_s from the second logged step on,
+    each weighted by the time since the record before: the first step's warm-up (torch.compile on CUDA) is left out,
+    and so is fine-tuning's padding, which the records' cumulative "tokens" (the schedule's count) include but
+    train.Meter's rates do not. steady_mfu scales mfu by the same ratio (FLOPs per token / peak)."""
     records = [json.loads(line) for line in open(run_dir / "log.jsonl") if line.strip()]
     train = [r for r in records if r["type"] == "train"]
     evals = [r["val_loss"] for r in records if r["type"] == "eval" and r.get("val_loss") is not None]
@@ -250,7 +252,8 @@ def train_log(run_dir: Path) -> dict:
            "first_val_loss": evals[0] if evals else None, "final_val_loss": evals[-1] if evals else None,
            "best_val_loss": min(evals) if evals else None}
     if len(train) >= 3 and last["elapsed"] > train[1]["elapsed"]:
-        out["steady_tok_per_s"] = (last["tokens"] - train[1]["tokens"]) / (last["elapsed"] - train[1]["elapsed"])
+        spans = [(b["elapsed"] - a["elapsed"], b["tok_per_s"]) for a, b in zip(train[1:], train[2:])]
+        out["steady_tok_per_s"] = sum(dt * rate for dt, rate in spans) / sum(dt for dt, _ in spans)
         if last.get("mfu") and last.get("tok_per_s"):
             out["flops_per_token_over_peak"] = last["mfu"] / last["tok_per_s"]
             out["steady_mfu"] = out["steady_tok_per_s"] * out["flops_per_token_over_peak"]
@@ -466,7 +469,7 @@ def training_section(st: dict) -> list[str]:
     ft = st.get("finetune", {})
     if "train_examples" in ft:
         md += ["", f"Fine-tuning data: {ft['train_examples']:,} train examples ({ft['train_tokens']:,} tokens), "
-                   f"{ft.get('val_examples', 0):,} validation examples; its tokens/s count padding too."]
+                   f"{ft.get('val_examples', 0):,} validation examples; its tokens/s leave padding out."]
     bench, ratio_of = st.get("bench", {}), st.get("pretrain", {}).get("flops_per_token_over_peak")
     if bench.get("tok_per_s"):
         md += ["", f"`bench.py train`: {bench.get('setup', '')}", "", "| model | tokens/s | MFU |", "|---|---|---|"]

@@ -39,6 +39,22 @@ def test_deadline_shares_time_and_skips_what_cannot_fit(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "report.json").read_text())["deadline_s"] == 200
 
 
+def test_steady_rate_leaves_out_warmup_and_padding(tmp_path):
+    # Fine-tuning's cumulative "tokens" count padded rows (the schedule's count); the logged rates (train.Meter) count
+    # real tokens. The steady rate is their time-weighted mean from the second logged step on, without step 1's
+    # compilation.
+    import gpu_reference as g
+    rows = [(1, 8192, 100.0, 50.0), (2, 16384, 1000.0, 51.0), (4, 32768, 1100.0, 53.0), (8, 65536, 1300.0, 55.0)]
+    with open(tmp_path / "log.jsonl", "w") as f:
+        for step, tokens, rate, elapsed in rows:
+            f.write(json.dumps({"type": "train", "step": step, "tokens": tokens, "loss": 1.0, "tok_per_s": rate,
+                                "mfu": None, "elapsed": elapsed}) + "\n")
+        f.write(json.dumps({"type": "end", "step": 8, "tokens": 65536, "reason": "max_steps", "elapsed": 55.0}) + "\n")
+    out = g.train_log(tmp_path)
+    assert out["steady_tok_per_s"] == pytest.approx((2 * 1100 + 2 * 1300) / 4)  # not 49152 tokens / 4 s
+    assert out["tok_per_s"] == 1300.0 and out["steps"] == 8 and "steady_mfu" not in out
+
+
 @pytest.mark.slow
 @needs_data
 def test_smoke_run_reports_every_stage(tmp_path):
