@@ -559,7 +559,10 @@ def _lists(rng):
     count = rng.choice([f"It has {NUMBER_WORDS[k - 1]} items, {k} in all.", f"The number of items is {k}.",
                         f"There are {k} words in it.", f"{a} counts the items: {k}.", f"The list is {k} items long.",
                         f"There are {k} things in it."])
-    parts = [count, f"{first} {items[0]}.", f"{last} {items[-1]}.", f"{reverse}: {back}."]
+    parts = [_same_thing(rng, count.rstrip("."), f"there are {k} items"),
+             _same_thing(rng, f"{first} {items[0]}", f"the list starts with {items[0]}"),
+             _same_thing(rng, f"{last} {items[-1]}", f"the list ends with {items[-1]}"),
+             f"{reverse}: {back}. In reverse: {back}."]
     rng.shuffle(parts)
     return f"{a} has a list: {shown}. " + " ".join(parts)
 
@@ -570,38 +573,51 @@ def _facts(rng):
     n = rng.choice(RECALL_NUMBERS)
     return rng.choice([f"{a} has a friend called {b}. {b} is the best friend of {a}, the closest friend. "
                        f"Who is the friend of {a}? It is {b}.",
-                       f"{a} has a pet called {c}. The name of the pet is {c}. {a} likes the {x} best, and above "
-                       f"all {a} loves the {x}.",
-                       f"People know {a} as {b}. They call {a} {b}. The lucky number of {a} is {n}.",
+                       f"{a} has a pet called {c}. The name of the pet is {c}, so the pet is called {c}. "
+                       f"{a} likes the {x} best. " + _same_thing(rng, f"above all {a} loves the {x}",
+                                                                  f"the favorite thing of {a} is the {x}"),
+                       f"They call {a} {b}. " + _same_thing(rng, f"people know {a} as {b}", f"the name of {a} is {b}")
+                       + f" {a} thinks {n} is a lucky number: the lucky number of {a} is {n}.",
                        f"The code for the door of {a} is {n}. To open the door, {a} uses the code {n}. "
                        f"{a} does not forget the code, and {a} can recall it."])
 
 
 SUM_CONTEXTS = ["{s} = {r}.", "{name} asks about {s}. {s} = {r}.", "Now {s}: {s} = {r}."]
+PLUS_WORDS = ["The sum of {a} and {b} is {r}", "{a} plus {b} is {r}", "Add {a} and {b} and you get {r}",
+              "If you add {b} to {a} you get {r}", "{a} and {b} add up to {r}", "{a} and {b} together make {r}"]
+MINUS_WORDS = ["{a} minus {b} is {r}", "{a} take away {b} is {r}", "Subtract {b} from {a} and you get {r}",
+               "Take {b} away from {a} and {r} is left", "Remove {b} from {a} and {r} is left"]
+MORE_WORDS = ["greater", "bigger", "larger", "more", "higher", "above", "over"]
+LESS_WORDS = ["less", "smaller", "lower", "fewer", "below", "under"]
+
+
+def _same_thing(rng, words: str, canonical: str) -> str:
+    # A phrase and the form the answers use, said of the same thing in either order ("the sum of 3 and 4 is 7,
+    # so 3 + 4 = 7"): what lets a request in words the dialogs never use be answered in the answers' form.
+    first, second = (words, canonical) if rng.random() < 0.5 else (canonical, words)
+    link = rng.choice([", so ", ": ", ", that is, ", ". In other words, "])
+    lead = second.split()[0]
+    if lead not in NAMES:
+        second = second[0].lower() + second[1:]
+    return first[0].upper() + first[1:] + link + second + "."
 
 
 def _numbers(rng):
     # Counting, sums and comparisons over ALL operand pairs, in the words of the tasks (sum, plus, add, take away,
-    # above, below ...): what the model knows of numbers comes from here.
+    # above, below ...), each next to the symbols the answers use: what the model knows of numbers comes from here.
     start = rng.randint(0, RECALL_NUMBERS[-1] - 9)
     out = [f"We count: {', '.join(str(i) for i in range(start, start + rng.randint(3, 6)))}."]
     for a, b, op in rng.sample(SUMS, 6):
         s, r = f"{a} {op} {b}", a + b if op == "+" else a - b
-        if op == "+":
-            words = rng.choice([f"The sum of {a} and {b} is {r}.", f"{a} plus {b} is {r}.",
-                                f"Add {a} and {b} and you get {r}.", f"If you add {b} to {a} you get {r}.",
-                                f"{a} and {b} add up to {r}.", f"{a} and {b} together make {r}."])
+        words = rng.choice(PLUS_WORDS if op == "+" else MINUS_WORDS).format(a=a, b=b, r=r)
+        if rng.random() < 0.5:
+            out.append(rng.choice(SUM_CONTEXTS).format(s=s, r=r, name=rng.choice(NAMES)) + " " + words + ".")
         else:
-            words = rng.choice([f"{a} minus {b} is {r}.", f"{a} take away {b} is {r}.",
-                                f"Subtract {b} from {a} and you get {r}.", f"Take {b} away from {a} and {r} is left.",
-                                f"Remove {b} from {a} and {r} is left."])
-        out.append(rng.choice(SUM_CONTEXTS).format(s=s, r=r, name=rng.choice(NAMES)) + " " + words)
+            out.append(_same_thing(rng, words, f"{s} = {r}"))
     c, d = rng.choice(PAIRS)
-    more = rng.choice(["greater", "bigger", "larger", "more", "higher", "above", "over"])
-    less = rng.choice(["less", "smaller", "lower", "fewer", "below", "under"])
-    rel = f"{c} is {more} than {d}." if c > d else f"{c} is {less} than {d}."
-    rel = rel.replace(" than", "") if any(w in rel for w in (" above ", " below ", " over ", " under ")) else rel
-    return " ".join(out + [rel])
+    word = rng.choice(MORE_WORDS if c > d else LESS_WORDS)
+    rel = f"{c} is {word}" + ("" if word in ("above", "below", "over", "under") else " than") + f" {d}"
+    return " ".join(out + [_same_thing(rng, rel, f"{c} is {'greater' if c > d else 'less'} than {d}")])
 
 
 def _shop(rng):
