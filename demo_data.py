@@ -640,6 +640,22 @@ def _shop(rng):
     return f"{b['name']} is a small business. " + " ".join(lines)
 
 
+def _rule_story(rng):
+    # A helper that keeps a rule it was given over several answers. The start word is said in the rule with a
+    # space before it (" Sure") and opens each answer without one ("Sure."): two different tokens, which the
+    # model must learn are the same word before it can obey the rule.
+    a, b = rng.sample(NAMES, 2)
+    kind = rng.choice(["start", "start", "sign"])
+    value = rng.choice(START_WORDS if kind == "start" else NAMES)
+    rule = rng.choice([r for r in RULES[kind] if not r.startswith("~")]).format(value)
+    lines = [f"{a} got a rule: {rule}"]
+    for _ in range(rng.randint(2, 4)):
+        turn, reply = rng.choice(SIMPLE)(Draw(rng, pools("train"), False))
+        reply = f"{value}. {reply}" if kind == "start" else f"{reply} - {value}"
+        lines.append(f'{b} asked: "{turn[0]["content"]}" {a} said: "{reply}"')
+    return " ".join(lines)
+
+
 def _booking_story(rng):
     a = rng.choice(NAMES)
     day, k = rng.choice(DAYS), rng.randint(2, 12)
@@ -728,7 +744,7 @@ def pretrain_documents(seed: int = 0, n_docs: int = 6000) -> list[str]:
     rng = random.Random(f"pretrain-{_check_seed(seed)}")
     p = pools("train")  # its words, names and numbers are all of them (see the module docstring)
     # Copying is what the dialog tasks need most (and what a small model learns last): many repeated phrases.
-    makers = [(_story, 1), (_repeat, 8), (_lists, 3), (_facts, 2), (_numbers, 4), (_shop, 3), (_booking_story, 1),
+    makers = [(_story, 1), (_repeat, 8), (_lists, 3), (_facts, 2), (_numbers, 4), (_shop, 3), (_rule_story, 2), (_booking_story, 1),
               (_people_talk, 2), (_chatter, 2)]
     makers = [f for f, weight in makers for _ in range(weight)]
     docs = []
