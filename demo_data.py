@@ -664,7 +664,23 @@ def _booking_story(rng):
                        f"{a} wished to reserve a table for {day}. How many people will come? {k} of them. "
                        f"So they booked a table for {k} people on {day}, under the name {a}.",
                        f"{a} said that {k} of them would come, on {day}, and to put the table under the name {a}. "
-                       f"Booked: a table for {k} people on {day}, name {a}."])
+                       f"Booked: a table for {k} people on {day}, name {a}.",
+                       _booking_details(rng, a, day, k)])
+
+
+def _booking_details(rng, a, day, k):
+    # The details of a booking said in several ways, each next to what it means for the booking.
+    details = [_same_thing(rng, rng.choice([f"{a} asked to put it under {a}", f"the booking is for {a}",
+                                            f"it is under the name {a}", f"{a} wants it booked for {a}"]),
+                           f"the name on the booking is {a}"),
+               _same_thing(rng, rng.choice([f"they will come on {day}", f"they want to come on {day}",
+                                            f"they will be there on {day}", f"the visit is on {day}"]),
+                           f"the day is {day}"),
+               _same_thing(rng, rng.choice([f"{k} of them will come", f"they are {k}", f"{k} people will come",
+                                            f"the group is {k} people"]),
+                           f"it is a table for {k} people")]
+    rng.shuffle(details)
+    return f"{a} wished to reserve a table. " + " ".join(details) + f" Booked: a table for {k} people on {day}, name {a}."
 
 
 def _people_talk(rng):
