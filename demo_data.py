@@ -84,6 +84,10 @@ DEFAULT_NAME = "Parley"  # the assistant's name when no system prompt gives one
 
 FAMILIES = ("copy", "list", "arithmetic", "compare", "recall", "rules", "support", "booking", "greeting")
 SPLIT_SIZES = {"train": 2500, "val": 30, "eval": 50}  # dialogs per family
+# The training split's share of each family, times SPLIT_SIZES["train"]: more dialogs for the skills a small model
+# learns last (looking a value up in the support bot's prompt, bookings), fewer for those it learns first.
+TRAIN_WEIGHTS = {"copy": 0.6, "list": 1, "arithmetic": 1, "compare": 0.6, "recall": 1, "rules": 1, "support": 2.4,
+                 "booking": 1.4, "greeting": 0.6}
 SPLIT_SEEDS = {"train": 0, "val": 1, "eval": 2}  # combined with the caller's seed
 
 # ---- wordings ---------------------------------------------------------------------------------------------------
@@ -497,10 +501,11 @@ def examples(split: str, seed: int = 0, per_family: int | None = None) -> list[d
     p = pools(split)
     rng = random.Random(f"{_check_seed(seed)}-{SPLIT_SEEDS[split]}")
     n = SPLIT_SIZES[split] if per_family is None else per_family
+    sizes = {f: round(n * TRAIN_WEIGHTS[f]) if split == "train" else n for f in FAMILIES}
     out = []
-    for i in range(n):
+    for i in range(max(sizes.values())):
         held = ("wording" if i % 2 == 0 else "filler") if split == "eval" else None
-        for family in FAMILIES:
+        for family in (f for f in FAMILIES if i < sizes[f]):
             messages, answer = GENERATORS[family](Draw(rng, p, held == "wording"))
             out.append({"family": family, "held_out": held,
                         "messages": messages + [{"role": "assistant", "content": answer}], "answer": answer})
