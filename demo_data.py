@@ -632,12 +632,20 @@ def _shop(rng):
     (day, (a, c)), (day2, (a2, c2)) = rng.sample(list(b["hours"].items()), 2)
     closed = [x for x in DAYS if x not in b["hours"]]
     item, unsold = b["sold"][0], list(b["items"])[-1]
+    price, (d0, d1), phone = b["items"][item], b["delivery"], b["phone"]
     lines = [b["facts"],
-             f"On {day} they are open from {a} to {c}.", f"{day2}: open from {a2} to {c2}.",
-             f"The {item} costs {b['items'][item]} dollars, and you pay that price for it.",
-             f"They do not list the {unsold}, so the helper does not know its price: call {b['phone']}.",
-             f"They deliver on {b['delivery'][0]} and {b['delivery'][1]}, and bring the order to your house.",
-             f"To reach them by phone, call {b['phone']}.",
+             _same_thing(rng, rng.choice([f"you can visit them on {day} from {a} to {c}",
+                                          f"you can come on {day} between {a} and {c}"]),
+                         f"they are open on {day} from {a} to {c}"),
+             f"{day2}: open from {a2} to {c2}.",
+             _same_thing(rng, rng.choice([f"they charge {price} dollars for the {item}",
+                                          f"you pay {price} dollars for the {item}"]),
+                         f"the {item} costs {price} dollars"),
+             f"They do not list the {unsold}, so the helper does not know its price: call {phone}.",
+             _same_thing(rng, rng.choice([f"they bring the order to your house on {d0} and {d1}",
+                                          f"delivery is on {d0} and {d1}"]), f"they deliver on {d0} and {d1}"),
+             _same_thing(rng, rng.choice([f"you can ring them at {phone}", f"to reach them by phone, call {phone}"]),
+                         f"their phone number is {phone}"),
              f"When the helper does not know something, the helper says so and gives the number {b['phone']}."]
     if closed:
         lines.append(f"On {closed[0]} they are closed, so you cannot visit them then.")
@@ -707,6 +715,10 @@ def _people_talk(rng):
                        f"{a} opens each reply with one word, Sure: the first word of each answer, the word at the "
                        f"start, is what you begin with. {b} puts the name {a} at the end of each message, to "
                        f"finish every answer.",
+                       _same_thing(rng, f"{b} greeted {a}", f"{b} said hello to {a}") + " "
+                       + _same_thing(rng, f"{b} asked who {a} is", f"{b} asked for the name of {a}") + " "
+                       + _same_thing(rng, f"{b} asked what {a} is able to do", f"{b} asked what {a} can do") + " "
+                       + _same_thing(rng, f"{b} was very thankful", f"{b} said thanks"),
                        f"{b} asked if the shop is near the station, if they take dogs, if they can bring an order "
                        f"to the house and which number to ring. {a} answered from what {a} knew."])
 
