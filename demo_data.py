@@ -31,8 +31,9 @@ hash of the pair, whatever the seed), so no sum or comparison the suite asks abo
 
 The pretraining corpus is different text: stories, lists, sums and comparisons written out as sentences, shops and
 bookings described in prose, people greeting each other. It uses every key word, the held-out ones too, in the
-sense the tasks give them ("In the opposite order the list reads ..."), but never a task in the chat format and
-never a held-out core. So the suite measures whether fine-tuning taught the model to follow instructions, in
+sense the tasks give them ("In the opposite order the list reads ..."), and says the other ways of putting a thing
+next to the form the answers use ("the sum of 3 and 4 is 7, so 3 + 4 = 7"; "they charge 4 dollars for the cake:
+the cake costs 4 dollars"), but never a task in the chat format and never a held-out core. So the suite measures whether fine-tuning taught the model to follow instructions, in
 words it knows from pretraining but was never tuned on.
 Fillers are single GPT-2 tokens after a space (" tree", " Mira", " 213"), and answers put a space before them,
 so copying a word means copying its token.

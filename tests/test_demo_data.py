@@ -114,6 +114,22 @@ def test_every_word_the_suite_uses_is_in_the_pretraining_corpus(held_out, corpus
     assert all("<|" not in doc for doc in corpus)  # plain text, never the chat format
 
 
+def test_the_corpus_says_other_wordings_next_to_the_answers_form_and_both_agree(corpus):
+    # "The sum of 3 and 4 is 7, so 3 + 4 = 7." and the like, in either order: the held-out key words (sum, take
+    # away, above, below ...) each said of the same numbers as the symbols the answers use, and never wrongly.
+    text = " ".join(corpus)
+    link = r"(?:, so |: |, that is, |\. In other words, )"
+    sums = re.findall(r"[Tt]he sum of (\d+) and (\d+) is (\d+)" + link + r"(\d+) \+ (\d+) = (\d+)", text)
+    takes = re.findall(r"(\d+) - (\d+) = (\d+)" + link + r"(\d+) take away (\d+) is (\d+)", text)
+    above = re.findall(r"(\d+) is above (\d+)" + link + r"(\d+) is greater than (\d+)", text)
+    costs = re.findall(r"charge (\d+) dollars for the (\w+)" + link + r"the (\w+) costs (\d+) dollars", text)
+    assert min(len(sums), len(takes), len(above), len(costs)) >= 20
+    assert all(a == d and b == e and int(a) + int(b) == int(c) == int(f) for a, b, c, d, e, f in sums)
+    assert all(a == d and b == e and int(a) - int(b) == int(c) == int(f) for a, b, c, d, e, f in takes)
+    assert all(a == c and b == d and int(a) > int(b) for a, b, c, d in above)
+    assert all(p == q and item == other for p, item, other, q in costs)
+
+
 def test_dialogs_are_valid_and_fit_the_tiny_context(train, held_out):
     block = PRESETS["tiny"]["block_size"]
     for e in train[::3] + held_out:
