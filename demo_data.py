@@ -414,8 +414,8 @@ def _support_turn(d: Draw, b: dict):
         day = d.rng.choice(DAYS)
         if day in b["hours"]:
             a, c = b["hours"][day]
-            return d.phrase(SUPPORT_ASK[kind], day), f"We are open on {day} from {a} to {c}."
-        return d.phrase(SUPPORT_ASK[kind], day), f"Sorry, we are closed on {day}."
+            return d.phrase(SUPPORT_ASK[kind], day), f"On {day} we are open from {a} to {c}."
+        return d.phrase(SUPPORT_ASK[kind], day), f"On {day} we are closed."
     if kind == "price":
         item = d.rng.choice(list(b["items"]))
         answer = f"The {item} costs {b['items'][item]} dollars." if item in b["sold"] else fallback
@@ -637,7 +637,7 @@ def _shop(rng):
     lines = [b["facts"],
              _same_thing(rng, rng.choice([f"you can visit them on {day} from {a} to {c}",
                                           f"you can come on {day} between {a} and {c}"]),
-                         f"they are open on {day} from {a} to {c}"),
+                         f"on {day} they are open from {a} to {c}"),
              f"{day2}: open from {a2} to {c2}.",
              _same_thing(rng, rng.choice([f"they charge {price} dollars for the {item}",
                                           f"you pay {price} dollars for the {item}"]),

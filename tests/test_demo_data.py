@@ -180,9 +180,9 @@ def _support_answer_is_right(e):
         assert answer == f"Sorry, I do not know that. Please call us at {phone}."
         item = re.search(r"the (\w+)\?", question)
         assert not item or not re.search(rf"\b{item.group(1)}\b", system)
-    elif m := re.fullmatch(r"We are open on (\w+) from (\d+) to (\d+)\.", answer):
+    elif m := re.fullmatch(r"On (\w+) we are open from (\d+) to (\d+)\.", answer):
         assert re.search(rf"{m[1]} (from )?{m[2]} to {m[3]}\b", system) and m[1] in question
-    elif m := re.fullmatch(r"Sorry, we are closed on (\w+)\.", answer):
+    elif m := re.fullmatch(r"On (\w+) we are closed\.", answer):
         assert m[1] in question and not re.search(rf"{m[1]} (from )?\d", system)
     elif m := re.fullmatch(r"The (\w+) costs (\d+) dollars\.", answer):
         assert re.search(rf"{m[1]} (costs |for )?{m[2]} dollars", system)
