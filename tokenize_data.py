@@ -207,13 +207,15 @@ def held_out(ids: np.ndarray, key: bytes, val_fraction: float) -> bool:
 
 def encode_batch(encoding: Future, docs: list[str], key: bytes, val_fraction: float, first_to_val: bool):
     """Tokens of a batch of documents, each followed by EOT, split into (train, val) uint16 arrays, plus counts.
-    `encoding` is the future of tokenizer.get_encoding(), so that the BPE is loaded once, by one worker.
+    `encoding` is the future of tokenizer.get_encoding(), so that the BPE is loaded once, by one worker; each worker
+    then encodes with its own copy (tokenizer.thread_encoding: threads sharing one are slower).
 
     Runs in a worker thread: tiktoken releases the GIL while it encodes, so threads use every core without
     pickling text to other processes. encode_to_numpy also skips the Python list of ints that encode_ordinary
     builds under the GIL, which is what keeps encode_ordinary_batch from scaling with threads (BENCHMARKS.md).
     """
-    enc = encoding.result()
+    encoding.result()
+    enc = tokenizer.thread_encoding()
     pieces = ([], [])  # train, val
     for i, doc in enumerate(docs):
         try:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 from pathlib import Path
 
 import tiktoken
@@ -77,18 +78,34 @@ def _load_ranks() -> dict[bytes, int]:
         ) from None
 
 
-_ENCODING = None
+_RANKS, _ENCODING = None, None
+_THREAD = threading.local()
+
+
+def _new_encoding(ranks: dict[bytes, int]) -> tiktoken.Encoding:
+    return tiktoken.Encoding(name=TOKENIZER_NAME, pat_str=PAT_STR, mergeable_ranks=ranks,
+                             special_tokens={EOT: EOT_ID, **CHAT_SPECIAL_TOKENS})
 
 
 def get_encoding() -> tiktoken.Encoding:
     """The GPT-2 encoding with <|endoftext|> and the chat special tokens; cached per process."""
-    global _ENCODING
+    global _RANKS, _ENCODING
     if _ENCODING is None:
-        _ENCODING = tiktoken.Encoding(
-            name=TOKENIZER_NAME, pat_str=PAT_STR, mergeable_ranks=_load_ranks(),
-            special_tokens={EOT: EOT_ID, **CHAT_SPECIAL_TOKENS},
-        )
+        _RANKS = _load_ranks()
+        _ENCODING = _new_encoding(_RANKS)
     return _ENCODING
+
+
+def thread_encoding() -> tiktoken.Encoding:
+    """The calling thread's own copy of get_encoding(), for encoding in several threads at once. tiktoken's regex
+    keeps its scratch space in a pool that only one thread reads without a lock: threads sharing one Encoding take
+    the pool's locked path for every piece of text, and two of them run little faster than one (BENCHMARKS.md,
+    Tokenizer). A copy is built from the ranks already loaded, not from the file."""
+    enc = getattr(_THREAD, "encoding", None)
+    if enc is None:
+        get_encoding()
+        enc = _THREAD.encoding = _new_encoding(_RANKS)
+    return enc
 
 
 def encode(text: str) -> list[int]:

@@ -57,3 +57,25 @@ def test_wrong_bpe_file_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(tokenizer, "_ENCODING", None)
     with pytest.raises(tokenizer.TokenizerNotFound, match="sha256"):
         tokenizer.get_encoding()
+
+
+def test_each_thread_encodes_with_its_own_copy_and_the_same_tokens():
+    # tokenize_data.py's workers: a copy per thread (a shared Encoding is slower in threads), the same vocabulary
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    text = "Hello, world! <|endoftext|> 1234 \u00e9t\u00e9 " * 50
+    both_running = threading.Barrier(2)
+
+    def twice():
+        both_running.wait(timeout=10)  # the two calls run on two threads at once
+        return tokenizer.thread_encoding(), tokenizer.thread_encoding()
+
+    with ThreadPoolExecutor(2) as pool:
+        first, second = [f.result() for f in [pool.submit(twice), pool.submit(twice)]]
+    assert first[0] is first[1] and second[0] is second[1]  # one copy per thread, kept
+    copies = {id(first[0]), id(second[0]), id(tokenizer.thread_encoding())}
+    assert len(copies) == 3 and id(tokenizer.get_encoding()) not in copies
+    for enc in (first[0], tokenizer.thread_encoding()):
+        assert enc.encode_to_numpy(text, disallowed_special=()).tolist() == \
+            tokenizer.get_encoding().encode(text, disallowed_special=())
+        assert enc.n_vocab == tokenizer.get_encoding().n_vocab
