@@ -529,6 +529,17 @@ def check(example: dict, output: str) -> bool:
 NUMBER_WORDS = "one two three four five six seven eight nine ten eleven twelve".split()
 
 
+def _same_thing(rng, words: str, canonical: str) -> str:
+    # A phrase and the form the answers use, said of the same thing in either order ("the sum of 3 and 4 is 7,
+    # so 3 + 4 = 7"): what lets a request in words the dialogs never use be answered in the answers' form.
+    first, second = (words, canonical) if rng.random() < 0.5 else (canonical, words)
+    link = rng.choice([", so ", ": ", ", that is, ", ". In other words, "])
+    lead = second.split()[0]
+    if lead not in NAMES:
+        second = second[0].lower() + second[1:]
+    return first[0].upper() + first[1:] + link + second + "."
+
+
 def _story(rng):
     a, b = rng.sample(NAMES, 2)
     x, y, z = rng.sample(NOUNS, 3)
@@ -595,17 +606,6 @@ MINUS_WORDS = ["{a} minus {b} is {r}", "{a} take away {b} is {r}", "Subtract {b}
                "Take {b} away from {a} and {r} is left", "Remove {b} from {a} and {r} is left"]
 MORE_WORDS = ["greater", "bigger", "larger", "more", "higher", "above", "over"]
 LESS_WORDS = ["less", "smaller", "lower", "fewer", "below", "under"]
-
-
-def _same_thing(rng, words: str, canonical: str) -> str:
-    # A phrase and the form the answers use, said of the same thing in either order ("the sum of 3 and 4 is 7,
-    # so 3 + 4 = 7"): what lets a request in words the dialogs never use be answered in the answers' form.
-    first, second = (words, canonical) if rng.random() < 0.5 else (canonical, words)
-    link = rng.choice([", so ", ": ", ", that is, ", ". In other words, "])
-    lead = second.split()[0]
-    if lead not in NAMES:
-        second = second[0].lower() + second[1:]
-    return first[0].upper() + first[1:] + link + second + "."
 
 
 def _numbers(rng):

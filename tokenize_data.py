@@ -207,8 +207,8 @@ def held_out(ids: np.ndarray, key: bytes, val_fraction: float) -> bool:
 
 def encode_batch(encoding: Future, docs: list[str], key: bytes, val_fraction: float, first_to_val: bool):
     """Tokens of a batch of documents, each followed by EOT, split into (train, val) uint16 arrays, plus counts.
-    `encoding` is the future of tokenizer.get_encoding(), so that the BPE is loaded once, by one worker; each worker
-    then encodes with its own copy (tokenizer.thread_encoding: threads sharing one are slower).
+    `encoding` is the future of the first worker's tokenizer.thread_encoding(), so that the BPE file is read once,
+    by one worker; each worker encodes with its own copy (threads sharing one are slower).
 
     Runs in a worker thread: tiktoken releases the GIL while it encodes, so threads use every core without
     pickling text to other processes. encode_to_numpy also skips the Python list of ints that encode_ordinary
@@ -235,7 +235,7 @@ def encode_in_order(batches, workers: int, key: bytes, val_fraction: float):
     The BPE loads in a worker while this thread reads the first batches (a missing BPE file raises from the
     first result)."""
     with ThreadPoolExecutor(workers) as pool:
-        encoding = pool.submit(tokenizer.get_encoding)
+        encoding = pool.submit(tokenizer.thread_encoding)
         in_flight = deque()
         for i, batch in enumerate(batches):
             in_flight.append(pool.submit(encode_batch, encoding, batch, key, val_fraction, i == 0 and val_fraction > 0))

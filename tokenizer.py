@@ -100,10 +100,12 @@ def thread_encoding() -> tiktoken.Encoding:
     """The calling thread's own copy of get_encoding(), for encoding in several threads at once. tiktoken's regex
     keeps its scratch space in a pool that only one thread reads without a lock: threads sharing one Encoding take
     the pool's locked path for every piece of text, and two of them run little faster than one (BENCHMARKS.md,
-    Tokenizer). A copy is built from the ranks already loaded, not from the file."""
+    Tokenizer). The BPE file is read once, by the first thread that asks; the others build theirs from its ranks."""
+    global _RANKS
     enc = getattr(_THREAD, "encoding", None)
     if enc is None:
-        get_encoding()
+        if _RANKS is None:
+            _RANKS = _load_ranks()
         enc = _THREAD.encoding = _new_encoding(_RANKS)
     return enc
 

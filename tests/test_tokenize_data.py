@@ -219,6 +219,7 @@ def test_missing_bpe_file_stops_with_its_message_and_leaves_nothing(tmp_path, mo
     def missing():
         raise tokenizer.TokenizerNotFound("GPT-2 BPE file not found")
     monkeypatch.setattr(tokenizer, "_ENCODING", None)
+    monkeypatch.setattr(tokenizer, "_RANKS", None)  # the workers' copies are built from these
     monkeypatch.setattr(tokenizer, "_load_ranks", missing)
     write_jsonl(tmp_path / "t.jsonl", DOCS)
     with pytest.raises(SystemExit) as e:

@@ -1,6 +1,8 @@
 import hashlib
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -61,8 +63,6 @@ def test_wrong_bpe_file_is_refused(tmp_path, monkeypatch):
 
 def test_each_thread_encodes_with_its_own_copy_and_the_same_tokens():
     # tokenize_data.py's workers: a copy per thread (a shared Encoding is slower in threads), the same vocabulary
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
     text = "Hello, world! <|endoftext|> 1234 \u00e9t\u00e9 " * 50
     both_running = threading.Barrier(2)
 
