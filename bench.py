@@ -280,9 +280,11 @@ def _server(ckpt, threads: int, *args: str):
         server.wait(timeout=30)
 
 
-def _server_figures(ckpt, threads: int, n_new: int, clients: list[int]):
-    """serve.py on `ckpt` in its own process: (time to first token, streaming tokens/s) of one client, and
-    {clients: aggregate tokens/s} for each number of concurrent clients."""
+def _server_figures(ckpt, threads: int, n_new: int, clients: list[int], reference):
+    """serve.py on `ckpt` in its own process: (time to first token, streaming tokens/s) of one client, the
+    reference's tokens/s measured in turn with each stream (`reference()`, while the server idles, so that a
+    change in the machine's speed meets both sides alike), and {clients: aggregate tokens/s} for each number of
+    concurrent clients."""
     import asyncio
     import statistics
     import time
@@ -301,7 +303,10 @@ def _server_figures(ckpt, threads: int, n_new: int, clients: list[int]):
             return stamps[0] - start, (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
         one_stream()
-        runs = [one_stream() for _ in range(5)]
+        runs, reference_rates = [], []
+        for _ in range(5):
+            reference_rates.append(reference())
+            runs.append(one_stream())
         single = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
         async def load(n_clients, rounds, n_tokens):
@@ -322,7 +327,7 @@ def _server_figures(ckpt, threads: int, n_new: int, clients: list[int]):
             total, wall = asyncio.run(load(n_clients, 3 if n_clients < 16 else 2, min(64, n_new)))
             concurrency[n_clients] = total / wall
             print(f"  {n_clients:>2} clients: {total} tokens in {wall:.2f} s = {total / wall:.0f} tokens/s")
-    return single, concurrency
+    return single, statistics.median(reference_rates), concurrency
 
 
 REPLY_TOKENS = 12  # per /chat reply: 8 turns grow a conversation to about 200 prompt tokens
@@ -385,6 +390,8 @@ def _print_reuse_table(figures: dict, turns: int) -> None:
 def bench_serve(argv):
     """serve.py: time to first token and single-stream decode speed against transformers' `generate` (KV cache,
     same weights, greedy), then aggregate tokens/s of a running server at 1, 4, 16 and 64 concurrent clients.
+    The two sides are timed in turn, round after round (each HTTP stream after a transformers run), so that a
+    change in the machine's speed meets both alike; the ratios compare figures measured side by side.
 
     usage: python bench.py serve [--checkpoint DIR] [--threads N] [--tokens N] [--clients 1,4,16,64]
                                  [--turns N [--conversations N]]
@@ -440,13 +447,16 @@ def bench_serve(argv):
         prompt = render([{"role": "user", "content": "Tell me a short story about a dog who learns to fly."}],
                         add_generation_prompt=True)[0]
 
-        def median_time(fn, repeat=5):
-            times = []
+        def median_times(*fns, repeat=5):
+            """The median time of each fn, the fns run in turn in every round: a change in the machine's speed
+            (another job, a frequency change) meets them alike instead of favouring the one timed later."""
+            times = [[] for _ in fns]
             for _ in range(repeat):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-            return statistics.median(times)
+                for fn, t in zip(fns, times):
+                    start = time.perf_counter()
+                    fn()
+                    t.append(time.perf_counter() - start)
+            return [statistics.median(t) for t in times]
 
         ids = torch.tensor([prompt])
         with torch.no_grad():
@@ -459,11 +469,18 @@ def bench_serve(argv):
 
             hf_generate(4), our_generate(4)  # warm-up
             same = hf_generate(n_new)[0, len(prompt):].tolist() == our_generate(n_new)
-            hf_ttft, hf_full = median_time(lambda: hf_generate(1)), median_time(lambda: hf_generate(n_new), 3)
-            our_ttft, our_full = median_time(lambda: our_generate(1)), median_time(lambda: our_generate(n_new), 3)
-        hf_rate, our_rate = (n_new - 1) / (hf_full - hf_ttft), (n_new - 1) / (our_full - our_ttft)
-        print(f"greedy tokens identical to transformers: {same}")
-        (srv_ttft, srv_rate), concurrency = _server_figures(ckpt, threads, n_new, clients)
+            hf_ttft, our_ttft = median_times(lambda: hf_generate(1), lambda: our_generate(1))
+            hf_full, our_full = median_times(lambda: hf_generate(n_new), lambda: our_generate(n_new))
+
+            def hf_rate_now():
+                start = time.perf_counter()
+                hf_generate(n_new)
+                return (n_new - 1) / (time.perf_counter() - start - hf_ttft)
+
+            hf_rate, our_rate = (n_new - 1) / (hf_full - hf_ttft), (n_new - 1) / (our_full - our_ttft)
+            print(f"greedy tokens identical to transformers: {same}")
+            (srv_ttft, srv_rate), hf_rate_http, concurrency = _server_figures(ckpt, threads, n_new, clients,
+                                                                              hf_rate_now)
         turns = int(opts["turns"])
         reuse = _reuse_figures(ckpt, threads, turns, int(opts["conversations"])) if turns else {}
     finally:
@@ -473,8 +490,9 @@ def bench_serve(argv):
     print(f"| {n_new} new tokens, prompt of {len(prompt)} | time to first token | decode tokens/s |")
     print("|---|---|---|")
     print(f"| transformers GPT2LMHeadModel.generate (KV cache) | {hf_ttft * 1e3:.1f} ms | {hf_rate:.0f} |")
-    print(f"| ours, GPT.generate in process | {our_ttft * 1e3:.1f} ms | {our_rate:.0f} ({our_rate / hf_rate:.1f}x) |")
-    print(f"| ours, serve.py over HTTP, streaming | {srv_ttft * 1e3:.1f} ms | {srv_rate:.0f} ({srv_rate / hf_rate:.1f}x) |")
+    print(f"| ours, GPT.generate in process | {our_ttft * 1e3:.1f} ms | {our_rate:.0f} ({our_rate / hf_rate:.2f}x) |")
+    print(f"| ours, serve.py over HTTP, streaming | {srv_ttft * 1e3:.1f} ms | {srv_rate:.0f} "
+          f"({srv_rate / hf_rate_http:.2f}x transformers' {hf_rate_http:.0f} measured in turn with it) |")
     print(f"\n| concurrent clients | aggregate tokens/s | vs {clients[0]} |\n|---|---|---|")
     for n_clients, rate in concurrency.items():
         print(f"| {n_clients} | {rate:.0f} | {rate / concurrency[clients[0]]:.1f}x |")
