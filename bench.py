@@ -147,6 +147,7 @@ def bench_train(argv):
     args = parser.parse_args(argv)
     mcfg, tcfg = ModelConfig(), TrainConfig(device=args.device, dtype=args.dtype)
     apply_overrides([mcfg, tcfg], PRESETS[args.preset], f"preset {args.preset}")
+    tcfg.optimizer = "adamw"  # the step transformers' side takes too (a preset may train with Muon)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

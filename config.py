@@ -108,9 +108,12 @@ class ServeConfig:
 PRESETS: dict[str, dict] = {
     # Trains on a 2-core CPU in minutes. Most of its FLOPs are in the 50K-wide output layer (see --data_vocab).
     # Rotary positions and smear: at this size and training length it learns to copy from its context, which
-    # with GPT-2's learned positions it does not (model.py).
+    # with GPT-2's learned positions it does not (model.py). Muon for the blocks' matrices, AdamW's lr for the
+    # rest, and warmup-stable-decay: `bench.py speedrun`'s settings at this shape on real text, which reach
+    # GPT-2's recipe's loss in a fraction of its time (BENCHMARKS.md, "Time to loss").
     "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=8, rope=True, smear=True,
-                 lr=3e-3, warmup_steps=10, max_steps=100, eval_every=25, save_every=25, eval_batches=4),
+                 optimizer="muon", muon_lr=0.01, lr=1.2e-2, schedule="wsd", warmup_steps=20, max_steps=100,
+                 eval_every=25, save_every=25, eval_batches=4),
     # GPT-2 small, 124M parameters.
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16, batch_tokens=524288,
                  lr=6e-4, warmup_steps=700, max_steps=19000),

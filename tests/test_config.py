@@ -23,6 +23,19 @@ def test_defaults_preset_file_and_command_line_in_that_order(tmp_path):
     assert train.max_steps == 7
 
 
+def test_the_tiny_preset_trains_with_what_the_cpu_speedrun_measured():
+    import bench  # the settings live with the benchmark that measured them
+
+    shape, parley = bench.SPEEDRUN["cpu"]["shape"].split(), bench.SPEEDRUN["cpu"]["parley"].split()
+    (measured, measured_model), _ = parse(shape + parley)
+    (preset, preset_model), _ = parse(["--preset", "tiny"])
+    for field in ("optimizer", "lr", "muon_lr", "schedule", "warmup_steps"):
+        assert getattr(preset, field) == getattr(measured, field), field
+    for field in ("n_layer", "n_head", "n_embd", "block_size", "rope", "smear"):
+        assert getattr(preset_model, field) == getattr(measured_model, field), field
+    assert preset.optimizer == "muon"
+
+
 def test_gpt2_presets_have_the_published_shapes():
     (_, m), _ = parse(["--preset", "gpt2"])
     assert (m.n_layer, m.n_head, m.n_embd, m.block_size) == (12, 12, 768, 1024)
