@@ -494,9 +494,9 @@ def bench_serve(argv):
     print(f"| ours, GPT.generate in process | {our_ttft * 1e3:.1f} ms | {our_rate:.0f} ({our_rate / hf_rate:.2f}x) |")
     print(f"| ours, serve.py over HTTP, streaming | {srv_ttft * 1e3:.1f} ms | {srv_rate:.0f} "
           f"({srv_rate / hf_rate_http:.2f}x transformers' {hf_rate_http:.0f} measured in turn with it) |")
-    print(f"\n| concurrent clients | aggregate tokens/s | vs {clients[0]} |\n|---|---|---|")
+    print(f"\n| concurrent clients | aggregate tokens/s | vs {clients[0]} | vs one HTTP stream |\n|---|---|---|---|")
     for n_clients, rate in concurrency.items():
-        print(f"| {n_clients} | {rate:.0f} | {rate / concurrency[clients[0]]:.1f}x |")
+        print(f"| {n_clients} | {rate:.0f} | {rate / concurrency[clients[0]]:.1f}x | {rate / srv_rate:.1f}x |")
     if reuse:
         _print_reuse_table(reuse, turns)
 

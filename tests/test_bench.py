@@ -62,6 +62,7 @@ def test_serve_bench_compares_a_rope_model_through_a_gpt2_shaped_stand_in(tmp_pa
     assert "greedy tokens identical to transformers: True" in out
     assert "  1 clients: 24 tokens" in out and "  2 clients: 48 tokens" in out  # 3 requests each, 8 tokens
     assert re.search(r"^\| ours, serve\.py over HTTP, streaming \| [\d.]+ ms \| \d+ ", out, re.M)
+    assert re.search(r"^\| 1 \| \d+ \| 1\.0x \| [\d.]+x \|$", out, re.M)  # aggregate vs 1 client, vs one stream
     # conversation reuse: the same greedy conversation either way, its third turn mostly cached only with reuse
     rows = {name: (int(prompt), int(cached)) for name, prompt, cached in re.findall(
         r"^\| reuse (on|off) [^|]*\| [\d.]+ ms \| [\d.]+ ms \| [\d.]+x \| (\d+) \| \d+, (\d+) \|$", out, re.M)}
