@@ -355,10 +355,12 @@ class PrefixStore:
             return
         for old in [t for t in self.entries if t == tokens[: len(t)]]:
             self._drop(old)
+        # Room is made before the entry goes in, so that `size` keeps its bound at every moment: a server's
+        # other threads read it (metrics) while the stepping thread puts.
+        while self.size + len(tokens) > self.max_tokens:
+            self._drop(next(iter(self.entries)))
         self.entries[tokens] = (k, v)
         self.size += len(tokens)
-        while self.size > self.max_tokens:
-            self._drop(next(iter(self.entries)))
 
     def match(self, prompt: tuple) -> tuple[int, tuple | None]:
         """(n, (k, v)) of the entry sharing the longest prefix with prompt, n <= len(prompt) - 1 (the last prompt

@@ -162,8 +162,12 @@ def test_common_prefix_and_the_store_bound():
     assert list(store.entries) == [(1, 2, 3, 4, 5)] and store.size == 5
     store.put((7, 8, 9), *kv)
     assert store.match((1, 2, 3, 4, 5))[0] == 4  # the last prompt token is always prefilled
+    sizes_seen = []  # the size at each eviction: another thread may read it then
+    drop = store._drop
+    store._drop = lambda tokens: (sizes_seen.append(store.size), drop(tokens))
     store.put((6, 6, 6), *kv)  # over 10 tokens: the least recently used, (7, 8, 9), goes
     assert list(store.entries) == [(1, 2, 3, 4, 5), (6, 6, 6)] and store.size == 8
+    assert sizes_seen == [8] and max(sizes_seen) <= store.max_tokens
     assert store.match((9, 9))[0] == 0
 
 
