@@ -37,7 +37,7 @@ import sys
 import time
 import zlib
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,16 +205,14 @@ def held_out(ids: np.ndarray, key: bytes, val_fraction: float) -> bool:
     return int.from_bytes(digest.digest()[:8], "little") < val_fraction * 2**64
 
 
-def encode_batch(encoding: Future, docs: list[str], key: bytes, val_fraction: float, first_to_val: bool):
+def encode_batch(docs: list[str], key: bytes, val_fraction: float, first_to_val: bool):
     """Tokens of a batch of documents, each followed by EOT, split into (train, val) uint16 arrays, plus counts.
-    `encoding` is the future of the first worker's tokenizer.thread_encoding(), so that the BPE file is read once,
-    by one worker; each worker encodes with its own copy (threads sharing one are slower).
+    Each worker encodes with its own copy of the tokenizer (threads sharing one are slower).
 
     Runs in a worker thread: tiktoken releases the GIL while it encodes, so threads use every core without
     pickling text to other processes. encode_to_numpy also skips the Python list of ints that encode_ordinary
     builds under the GIL, which is what keeps encode_ordinary_batch from scaling with threads (BENCHMARKS.md).
     """
-    encoding.result()
     enc = tokenizer.thread_encoding()
     pieces = ([], [])  # train, val
     for i, doc in enumerate(docs):
@@ -232,13 +230,12 @@ def encode_batch(encoding: Future, docs: list[str], key: bytes, val_fraction: fl
 def encode_in_order(batches, workers: int, key: bytes, val_fraction: float):
     """encode_batch over `batches` in `workers` threads. Results come back in submission order, so the output does
     not depend on which thread finishes first; at most 2 batches per worker are in flight, so memory stays flat.
-    The BPE loads in a worker while this thread reads the first batches (a missing BPE file raises from the
-    first result)."""
+    The BPE file loads in the first worker while this thread reads the first batches (a missing BPE file raises
+    from the first result)."""
     with ThreadPoolExecutor(workers) as pool:
-        encoding = pool.submit(tokenizer.thread_encoding)
         in_flight = deque()
         for i, batch in enumerate(batches):
-            in_flight.append(pool.submit(encode_batch, encoding, batch, key, val_fraction, i == 0 and val_fraction > 0))
+            in_flight.append(pool.submit(encode_batch, batch, key, val_fraction, i == 0 and val_fraction > 0))
             if len(in_flight) >= 2 * workers:
                 yield in_flight.popleft().result()
         while in_flight:

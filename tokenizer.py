@@ -79,7 +79,17 @@ def _load_ranks() -> dict[bytes, int]:
 
 
 _RANKS, _ENCODING = None, None
+_RANKS_LOCK = threading.Lock()
 _THREAD = threading.local()
+
+
+def _ranks() -> dict[bytes, int]:
+    """The BPE file's ranks, read once: threads that ask while the first one reads wait for its result."""
+    global _RANKS
+    with _RANKS_LOCK:
+        if _RANKS is None:
+            _RANKS = _load_ranks()
+        return _RANKS
 
 
 def _new_encoding(ranks: dict[bytes, int]) -> tiktoken.Encoding:
@@ -89,10 +99,9 @@ def _new_encoding(ranks: dict[bytes, int]) -> tiktoken.Encoding:
 
 def get_encoding() -> tiktoken.Encoding:
     """The GPT-2 encoding with <|endoftext|> and the chat special tokens; cached per process."""
-    global _RANKS, _ENCODING
+    global _ENCODING
     if _ENCODING is None:
-        _RANKS = _load_ranks()
-        _ENCODING = _new_encoding(_RANKS)
+        _ENCODING = _new_encoding(_ranks())
     return _ENCODING
 
 
@@ -101,12 +110,9 @@ def thread_encoding() -> tiktoken.Encoding:
     keeps its scratch space in a pool that only one thread reads without a lock: threads sharing one Encoding take
     the pool's locked path for every piece of text, and two of them run little faster than one (BENCHMARKS.md,
     Tokenizer). The BPE file is read once, by the first thread that asks; the others build theirs from its ranks."""
-    global _RANKS
     enc = getattr(_THREAD, "encoding", None)
     if enc is None:
-        if _RANKS is None:
-            _RANKS = _load_ranks()
-        enc = _THREAD.encoding = _new_encoding(_RANKS)
+        enc = _THREAD.encoding = _new_encoding(_ranks())
     return enc
 
 

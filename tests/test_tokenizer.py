@@ -2,6 +2,7 @@ import hashlib
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -57,8 +58,24 @@ def test_wrong_bpe_file_is_refused(tmp_path, monkeypatch):
     bad.write_text("not the file")
     monkeypatch.setenv("PARLEY_BPE_FILE", str(bad))
     monkeypatch.setattr(tokenizer, "_ENCODING", None)
+    monkeypatch.setattr(tokenizer, "_RANKS", None)
     with pytest.raises(tokenizer.TokenizerNotFound, match="sha256"):
         tokenizer.get_encoding()
+
+
+def test_threads_asking_at_once_read_the_bpe_file_once(monkeypatch):
+    """tokenize_data.py's workers all ask for their copy as they start: the first reads the file, the rest wait."""
+    reads, load = [], tokenizer._load_ranks
+    def slow_load():
+        reads.append(1)
+        time.sleep(0.2)  # the other threads ask while this one reads
+        return load()
+    monkeypatch.setattr(tokenizer, "_RANKS", None)
+    monkeypatch.setattr(tokenizer, "_load_ranks", slow_load)
+    monkeypatch.setattr(tokenizer, "_THREAD", threading.local())
+    with ThreadPoolExecutor(4) as pool:
+        copies = list(pool.map(lambda _: tokenizer.thread_encoding(), range(4)))
+    assert len(reads) == 1 and all(enc.encode("a b c") == copies[0].encode("a b c") for enc in copies)
 
 
 def test_each_thread_encodes_with_its_own_copy_and_the_same_tokens():
