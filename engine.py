@@ -355,8 +355,8 @@ class PrefixStore:
             return
         for old in [t for t in self.entries if t == tokens[: len(t)]]:
             self._drop(old)
-        # Room is made before the entry goes in, so that `size` keeps its bound at every moment: a server's
-        # other threads read it (metrics) while the stepping thread puts.
+        # Room is made before the entry goes in, so that `size` keeps its bound at every moment, also for a
+        # reader on another thread while the stepping thread puts.
         while self.size + len(tokens) > self.max_tokens:
             self._drop(next(iter(self.entries)))
         self.entries[tokens] = (k, v)
