@@ -230,8 +230,8 @@ def encode_batch(docs: list[str], key: bytes, val_fraction: float, first_to_val:
 def encode_in_order(batches, workers: int, key: bytes, val_fraction: float):
     """encode_batch over `batches` in `workers` threads. Results come back in submission order, so the output does
     not depend on which thread finishes first; at most 2 batches per worker are in flight, so memory stays flat.
-    The BPE file loads in the first worker while this thread reads the first batches (a missing BPE file raises
-    from the first result)."""
+    The BPE file loads in the worker that takes the first batch, while this thread reads the next ones (a missing
+    BPE file raises from the first result)."""
     with ThreadPoolExecutor(workers) as pool:
         in_flight = deque()
         for i, batch in enumerate(batches):
