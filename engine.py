@@ -587,7 +587,17 @@ class Engine:
         self.observe("completion_tokens", len(seqs))
 
     def _finish(self, seq: Sequence, error: EngineError | None = None, keep: bool = True):
-        """Report the end of seq (done, or `error` if given) and free its row, its tokens kept for reuse."""
+        """Free seq's row (its tokens kept for reuse), then report its end (done, or `error` if given): the row is
+        free before the client hears, so a reader on another thread never sees a finished request still active."""
+        row, seq.row = seq.row, None
+        if row is not None and self.active.get(row) is seq:
+            del self.active[row]
+            heapq.heappush(self.free, row)
+            context = self.context[row]
+            if self.store is not None and keep and error is None:
+                n = len(context)
+                self.store.put(tuple(context), self.cache.k[:, row, :, :n].clone(),
+                               self.cache.v[:, row, :, :n].clone())
         if error is not None:
             seq.emit(Event("error", seq.index, error=error))
         elif seq.finish_reason:
@@ -595,15 +605,6 @@ class Engine:
                            tokens=len(seq.tokens)))
             if len(seq.tokens) > 1:
                 self.observe("tpot", (time.monotonic() - seq.first_token_at) / (len(seq.tokens) - 1))
-        row, seq.row = seq.row, None
-        if row is None or self.active.get(row) is not seq:
-            return
-        del self.active[row]
-        heapq.heappush(self.free, row)
-        context = self.context[row]
-        if self.store is not None and keep and error is None:
-            n = len(context)
-            self.store.put(tuple(context), self.cache.k[:, row, :, :n].clone(), self.cache.v[:, row, :, :n].clone())
 
 
 # ---- synchronous use -----------------------------------------------------------------------------------------

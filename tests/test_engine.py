@@ -152,6 +152,27 @@ def test_queue_full_deadline_and_cancel():
     assert not engine.busy() and engine.free == [0]
 
 
+def test_a_sequence_has_left_its_row_when_its_end_is_reported():
+    """The server's threads hear of an end from the stepping thread: by then the row is free and the finished
+    conversation stored, so a reader there never sees a finished request still active."""
+    engine = Engine(make_model(), max_batch=2, reuse_tokens=1000)
+    seen = []  # (kind, rows active, tokens stored) at each end
+
+    def record(event):
+        if event.kind in ("done", "error"):
+            seen.append((event.kind, len(engine.active), engine.store.size))
+
+    short = Sequence([1, 2, 3], SamplingParams(max_tokens=2, temperature=0, stop_tokens=frozenset()), emit=record)
+    late = Sequence([4, 5], GREEDY, emit=record)
+    engine.submit([short, late])
+    while not seen:
+        engine.step()
+    late.deadline = time.monotonic() - 1
+    engine.step()
+    # stored: the 3 prompt tokens and the first new one (the last was never fed back); a row ended by error is not
+    assert seen == [("done", 1, 4), ("error", 0, 4)]
+
+
 def test_common_prefix_and_the_store_bound():
     assert common_prefix((1, 2, 3, 4), (1, 2, 5)) == 2 and common_prefix((), (1,)) == 0
     assert common_prefix((1, 2), (1, 2)) == 2
