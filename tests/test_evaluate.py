@@ -183,4 +183,5 @@ def test_a_short_fine_tune_raises_accuracy_on_held_out_wordings(tmp_path):
     print(f"yes/no accuracy on held-out wordings: {before['overall']:.2f} -> {after['overall']:.2f}")
     assert before["overall"] == 0.0
     assert after["overall"] >= 0.25
-    assert all(f["got"] in ("Yes.", "No.") for f in after["failures"])  # every reply is now a yes/no answer
+    # every reply is now a yes or no answer (this tiny model sometimes ends it before the full stop)
+    assert all(f["got"].removesuffix(".") in ("Yes", "No") for f in after["failures"])
