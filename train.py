@@ -107,6 +107,45 @@ def setup_device(cfg: TrainConfig):
     return device, rank, world
 
 
+def cpu_times(cpus) -> dict | None:
+    """{"cpuN": [user, nice, system, idle, iowait, irq, softirq, steal]} in clock ticks since boot, for the given
+    CPUs (Linux's /proc/stat); None where there is no such file."""
+    try:
+        with open("/proc/stat") as f:
+            rows = {line.split()[0]: [int(v) for v in line.split()[1:9]] for line in f if line.startswith("cpu")}
+    except OSError:
+        return None
+    return {f"cpu{i}": rows[f"cpu{i}"] for i in cpus if f"cpu{i}" in rows}
+
+
+def idle_cores(before: dict, after: dict) -> float:
+    """How many cores were idle between two cpu_times readings (a core half busy counts a half)."""
+    idle = 0.0
+    for cpu, start in before.items():
+        ticks = [b - a for a, b in zip(start, after[cpu])]
+        idle += (ticks[3] + ticks[4]) / sum(ticks) if sum(ticks) else 1.0
+    return idle
+
+
+def use_idle_cores(seconds: float = 0.3) -> str:
+    """Train on the CPU with one torch thread per core that other work leaves idle (a core counts when at least
+    three quarters idle), and say so when that is fewer than torch's default. torch's default, a thread per core,
+    collapses beside a busy process: every parallel op waits for the thread that shares a core with it (BENCHMARKS.md,
+    Demo v4: the demo beside one busy process trained a tenth of its steps). OMP_NUM_THREADS, when set, decides
+    instead, as it does under torchrun."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    before = cpu_times(cpus) if "OMP_NUM_THREADS" not in os.environ else None
+    if not before:
+        return ""
+    time.sleep(seconds)
+    threads = max(1, min(torch.get_num_threads(), int(idle_cores(before, cpu_times(cpus)) + 0.25)))
+    if threads == torch.get_num_threads():
+        return ""
+    torch.set_num_threads(threads)
+    return (f"cpu: {threads} torch thread(s): other work keeps {len(cpus) - threads} of the {len(cpus)} cores busy "
+            f"(set OMP_NUM_THREADS to choose)")
+
+
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     if cfg.dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
@@ -620,6 +659,7 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
     """Train `model` on `data` per `cfg` (see the module docstring); `provenance` goes into every checkpoint."""
     check_config(cfg)
     device, rank, world = setup_device(cfg)
+    note = use_idle_cores() if device.type == "cpu" and world == 1 else ""
     master, out = rank == 0, Path(cfg.out)
     dtype, autocast, scaler = setup_precision(cfg, device)
     grad_accum = micro_steps(cfg, model.config.block_size, world)
@@ -644,7 +684,7 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
     plotter = Plotter(out, enabled=master)
     meter = Meter(raw_model, device, dtype, world)
     if master:
-        log(describe(raw_model, cfg, device, dtype, world, grad_accum, step_limit))
+        log(describe(raw_model, cfg, device, dtype, world, grad_accum, step_limit) + (f"\n{note}" if note else ""))
 
     def load(step: int, micro: int):
         return to_device(data.batch(step, micro, rank, world), device)

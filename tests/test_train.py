@@ -391,3 +391,29 @@ def test_data_vocab_trains_only_the_rows_it_uses_and_resumes_bit_for_bit(data_di
 def test_running_train_py_says_which_script_to_run():
     proc = subprocess.run([sys.executable, "train.py"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "pretrain.py" in proc.stderr and "finetune.py" in proc.stderr
+
+
+def test_training_on_the_cpu_takes_one_thread_per_idle_core(monkeypatch):
+    # /proc/stat ticks [user, nice, system, idle, iowait, irq, softirq, steal]: cpu1 busy with other work throughout
+    start = {"cpu0": [500, 0, 100, 9000, 10, 0, 0, 0], "cpu1": [700, 0, 100, 8000, 0, 0, 0, 0]}
+    busy = {"cpu0": [502, 0, 100, 9028, 10, 0, 0, 0], "cpu1": [729, 0, 101, 8000, 0, 0, 0, 0]}
+    quiet = {"cpu0": [501, 0, 100, 9029, 10, 0, 0, 0], "cpu1": [701, 0, 100, 8029, 0, 0, 0, 0]}
+    assert train.idle_cores(start, busy) == pytest.approx(28 / 30)
+    assert train.idle_cores(start, quiet) == pytest.approx(2 * 29 / 30)
+
+    threads = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    try:
+        for after, expect_threads, expect_note in ((quiet, 2, ""), (busy, 1, "keeps 1 of the 2 cores busy")):
+            readings = iter([start, after])
+            monkeypatch.setattr(train, "cpu_times", lambda cpus: next(readings))
+            torch.set_num_threads(2)
+            note = train.use_idle_cores(seconds=0)
+            assert torch.get_num_threads() == expect_threads and expect_note in note and bool(note) == bool(expect_note)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice stands, and nothing is read
+        monkeypatch.setattr(train, "cpu_times", lambda cpus: pytest.fail("read /proc/stat"))
+        torch.set_num_threads(2)
+        assert train.use_idle_cores(seconds=0) == "" and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
