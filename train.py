@@ -138,12 +138,13 @@ def use_idle_cores(seconds: float = 0.3) -> str:
     if not before:
         return ""
     time.sleep(seconds)
-    threads = max(1, min(torch.get_num_threads(), int(idle_cores(before, cpu_times(cpus)) + 0.25)))
-    if threads == torch.get_num_threads():
+    idle, default = idle_cores(before, cpu_times(cpus)), torch.get_num_threads()
+    threads = max(1, min(default, int(idle + 0.25)))
+    if threads == default:
         return ""
     torch.set_num_threads(threads)
-    return (f"cpu: {threads} torch thread(s): other work keeps {len(cpus) - threads} of the {len(cpus)} cores busy "
-            f"(set OMP_NUM_THREADS to choose)")
+    return (f"cpu: {threads} torch thread(s), not {default}: other work leaves {idle:.1f} of the {len(cpus)} cores "
+            f"idle (set OMP_NUM_THREADS to choose)")
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
