@@ -128,11 +128,11 @@ def idle_cores(before: dict, after: dict) -> float:
 
 
 def use_idle_cores(seconds: float = 0.3) -> str:
-    """Train on the CPU with one torch thread per core that other work leaves idle (a core counts when at least
-    three quarters idle), and say so when that is fewer than torch's default. torch's default, a thread per core,
-    collapses beside a busy process: every parallel op waits for the thread that shares a core with it (BENCHMARKS.md,
-    Demo v4: the demo beside one busy process trained a tenth of its steps). OMP_NUM_THREADS, when set, decides
-    instead, as it does under torchrun."""
+    """Train on the CPU with one torch thread per core that other work leaves idle (the idle share of the cores,
+    summed and rounded down unless its fraction is at least three quarters), and say so when that is fewer than
+    torch's default. torch's default, a thread per core, collapses beside a busy process: every parallel op waits
+    for the thread that shares a core with it (BENCHMARKS.md, Demo v4, a slower or busier machine).
+    OMP_NUM_THREADS, when set, decides instead, as it does under torchrun."""
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     before = cpu_times(cpus) if "OMP_NUM_THREADS" not in os.environ else None
     if not before:
