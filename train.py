@@ -127,24 +127,47 @@ def idle_cores(before: dict, after: dict) -> float:
     return idle
 
 
-def use_idle_cores(seconds: float = 0.3) -> str:
-    """Train on the CPU with one torch thread per core that other work leaves idle (the idle share of the cores,
-    summed and rounded down unless its fraction is at least three quarters), and say so when that is fewer than
-    torch's default. torch's default, a thread per core, collapses beside a busy process: every parallel op waits
-    for the thread that shares a core with it (BENCHMARKS.md, Demo v4, a slower or busier machine).
-    OMP_NUM_THREADS, when set, decides instead, as it does under torchrun."""
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    before = cpu_times(cpus) if "OMP_NUM_THREADS" not in os.environ else None
-    if not before:
-        return ""
-    time.sleep(seconds)
-    idle, default = idle_cores(before, cpu_times(cpus)), torch.get_num_threads()
-    threads = max(1, min(default, int(idle + 0.25)))
-    if threads == default:
-        return ""
-    torch.set_num_threads(threads)
-    return (f"cpu: {threads} torch thread(s), not {default}: other work leaves {idle:.1f} of the {len(cpus)} cores "
-            f"idle (set OMP_NUM_THREADS to choose)")
+class CpuThreads:
+    """Train on the CPU with one torch thread per core that other work leaves free, measured before training and
+    again every `every` seconds of it. torch's default, a thread per core, collapses beside a busy process: every
+    parallel op waits for the thread that shares a core with it (BENCHMARKS.md, Demo v4, a slower or busier
+    machine), and a job started mid-run does that as surely as one running before. A core counts as free when it
+    is idle or runs this process (its CPU time over the wall time), so that the process's own threads do not read
+    as other work; the free share is summed and rounded down unless its fraction is at least three quarters.
+    OMP_NUM_THREADS, when set, decides instead, as it does under torchrun; `enabled` False does nothing."""
+
+    def __init__(self, enabled: bool = True, every: float = 10.0):
+        self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.most, self.every = torch.get_num_threads(), every
+        self.reading = self._read() if enabled and "OMP_NUM_THREADS" not in os.environ else None
+
+    def _read(self):
+        times = cpu_times(self.cpus)
+        return (times, time.process_time(), time.monotonic()) if times else None
+
+    def start(self, seconds: float = 0.3) -> str:
+        """The first measurement, over `seconds` before training: adjust's message."""
+        if self.reading is None:
+            return ""
+        time.sleep(seconds)
+        return self.adjust(force=True)
+
+    def adjust(self, force: bool = False) -> str:
+        """Measure once `every` seconds have passed since the last reading (force: now) and set the threads; a
+        message when they change."""
+        if self.reading is None or not (force or time.monotonic() - self.reading[2] >= self.every):
+            return ""
+        (before, own0, wall0), self.reading = self.reading, self._read()
+        if self.reading is None:
+            return ""
+        after, own1, wall1 = self.reading
+        free = idle_cores(before, after) + (own1 - own0) / max(wall1 - wall0, 1e-9)
+        was, threads = torch.get_num_threads(), max(1, min(self.most, int(free + 0.25)))
+        if threads == was:
+            return ""
+        torch.set_num_threads(threads)
+        return (f"cpu: {threads} torch thread(s), not {was}: other work leaves {min(free, len(self.cpus)):.1f} of the "
+                f"{len(self.cpus)} cores free (set OMP_NUM_THREADS to choose)")
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
@@ -660,7 +683,8 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
     """Train `model` on `data` per `cfg` (see the module docstring); `provenance` goes into every checkpoint."""
     check_config(cfg)
     device, rank, world = setup_device(cfg)
-    note = use_idle_cores() if device.type == "cpu" and world == 1 else ""
+    cpu_threads = CpuThreads(enabled=device.type == "cpu" and world == 1)
+    note = cpu_threads.start()
     master, out = rank == 0, Path(cfg.out)
     dtype, autocast, scaler = setup_precision(cfg, device)
     grad_accum = micro_steps(cfg, model.config.block_size, world)
@@ -745,6 +769,8 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
 
             # Log, and stop after too many bad steps.
             tok_rate, mfu = meter.update(*stats[5:].tolist(), dt)
+            if threads_note := cpu_threads.adjust():
+                log(threads_note)
             bar.update(1)
             bar.set_postfix_str(meter.text(loss_val, lr, last_val), refresh=False)
             if every(cfg.log_every, state.step) or state.step == 1:

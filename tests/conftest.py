@@ -12,7 +12,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 from config import ModelConfig  # noqa: E402
 from model import GPT  # noqa: E402
 
-# Training in the tests keeps the threads each test sets (train.use_idle_cores defers to OMP_NUM_THREADS).
+# Training in the tests keeps the threads each test sets (train.CpuThreads defers to OMP_NUM_THREADS).
 os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 

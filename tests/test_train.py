@@ -393,7 +393,7 @@ def test_running_train_py_says_which_script_to_run():
     assert proc.returncode == 2 and "pretrain.py" in proc.stderr and "finetune.py" in proc.stderr
 
 
-def test_training_on_the_cpu_takes_one_thread_per_idle_core(monkeypatch):
+def test_training_on_the_cpu_takes_one_thread_per_free_core_before_and_during_the_run(monkeypatch):
     # /proc/stat ticks [user, nice, system, idle, iowait, irq, softirq, steal]: cpu1 busy with other work throughout
     start = {"cpu0": [500, 0, 100, 9000, 10, 0, 0, 0], "cpu1": [700, 0, 100, 8000, 0, 0, 0, 0]}
     busy = {"cpu0": [502, 0, 100, 9028, 10, 0, 0, 0], "cpu1": [729, 0, 101, 8000, 0, 0, 0, 0]}
@@ -401,19 +401,43 @@ def test_training_on_the_cpu_takes_one_thread_per_idle_core(monkeypatch):
     assert train.idle_cores(start, busy) == pytest.approx(28 / 30)
     assert train.idle_cores(start, quiet) == pytest.approx(2 * 29 / 30)
 
+    def later(reading, busy0, busy1):  # 30 more ticks on each core, of which busy0 and busy1 busy, the rest idle
+        return {cpu: [t[0] + b] + t[1:3] + [t[3] + 30 - b] + t[4:] for (cpu, t), b in zip(reading.items(), (busy0, busy1))}
+
     threads = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     try:
-        for after, expect_threads, expect_note in ((quiet, 2, ""), (busy, 1, "not 2: other work leaves 0.9 of the 2 cores idle")):
+        clock = {"wall": 0.0, "own": 0.0}  # time.monotonic and this process's CPU time
+        monkeypatch.setattr(train.time, "monotonic", lambda: clock["wall"])
+        monkeypatch.setattr(train.time, "process_time", lambda: clock["own"])
+        # Before training, this process is idle: the idle cores decide.
+        for after, expect_threads, expect_note in ((quiet, 2, ""), (busy, 1, "not 2: other work leaves 0.9 of the 2 cores free")):
             readings = iter([start, after])
             monkeypatch.setattr(train, "cpu_times", lambda cpus: next(readings))
             torch.set_num_threads(2)
-            note = train.use_idle_cores(seconds=0)
+            note = train.CpuThreads().start(seconds=0)
             assert torch.get_num_threads() == expect_threads and expect_note in note and bool(note) == bool(expect_note)
+
+        # During training, the cores this process keeps busy count as free; the threads follow other work both
+        # ways, and nothing is read before `every` seconds have passed.
+        both_busy = later(start, 30, 30)
+        readings = iter([start, both_busy, later(both_busy, 30, 30), later(later(both_busy, 30, 30), 1, 30)])
+        monkeypatch.setattr(train, "cpu_times", lambda cpus: next(readings))
+        torch.set_num_threads(2)
+        cpu = train.CpuThreads(every=10)
+        clock.update(wall=9.0, own=18.0)
+        assert cpu.adjust() == "" and torch.get_num_threads() == 2  # too soon: no reading taken
+        clock.update(wall=10.0, own=20.0)  # both cores busy, all of it this process: nothing else runs
+        assert cpu.adjust() == "" and torch.get_num_threads() == 2
+        clock.update(wall=20.0, own=32.0)  # both cores busy, 1.2 of them this process: another job started
+        assert "1 torch thread(s), not 2" in cpu.adjust() and torch.get_num_threads() == 1
+        clock.update(wall=30.0, own=42.0)  # cpu0 idle 29 of 30 ticks, one core's worth of this process: it ended
+        assert "2 torch thread(s), not 1" in cpu.adjust() and torch.get_num_threads() == 2
+
         monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice stands, and nothing is read
         monkeypatch.setattr(train, "cpu_times", lambda cpus: pytest.fail("read /proc/stat"))
-        torch.set_num_threads(2)
-        assert train.use_idle_cores(seconds=0) == "" and torch.get_num_threads() == 2
+        cpu = train.CpuThreads(every=0)
+        assert cpu.start(seconds=0) == "" and cpu.adjust() == "" and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
