@@ -130,8 +130,8 @@ def idle_cores(before: dict, after: dict) -> float:
 class CpuThreads:
     """Train on the CPU with one torch thread per core that other work leaves free, measured before training and
     again every `every` seconds of it. torch's default, a thread per core, collapses beside a busy process: every
-    parallel op waits for the thread that shares a core with it (BENCHMARKS.md, Demo v4, a slower or busier
-    machine), and a job started mid-run does that as surely as one running before. A core counts as free when it
+    parallel op waits for the thread that shares a core with it, and a job started mid-run does that as surely as
+    one running before (BENCHMARKS.md, Demo: v4's "a slower or busier machine" and "a busy process started mid-run"). A core counts as free when it
     is idle or runs this process (its CPU time over the wall time), so that the process's own threads do not read
     as other work; the free share is summed and rounded down unless its fraction is at least three quarters.
     OMP_NUM_THREADS, when set, decides instead, as it does under torchrun; `enabled` False does nothing."""
