@@ -281,6 +281,9 @@ def _server(ckpt, threads: int, *args: str):
         server.wait(timeout=30)
 
 
+LOAD_ROUNDS = 6  # requests per client at each level of concurrency
+
+
 def _server_figures(ckpt, threads: int, n_new: int, clients: list[int], reference):
     """serve.py on `ckpt` in its own process: (time to first token, streaming tokens/s) of one client, the
     reference's tokens/s measured in turn with each stream (`reference()`, while the server idles, so that a
@@ -323,12 +326,15 @@ def _server_figures(ckpt, threads: int, n_new: int, clients: list[int], referenc
                 total = sum(await asyncio.gather(*(client(i) for i in range(n_clients))))
                 return total, time.perf_counter() - start
 
-        concurrency = {}
-        for n_clients in clients:
-            total, wall = asyncio.run(load(n_clients, 3 if n_clients < 16 else 2, min(64, n_new)))
-            concurrency[n_clients] = total / wall
-            print(f"  {n_clients:>2} clients: {total} tokens in {wall:.2f} s = {total / wall:.0f} tokens/s")
-    return single, statistics.median(reference_rates), concurrency
+        # Every level in turn, three times over, each client sending LOAD_ROUNDS requests: a level's figure is
+        # the median of three runs of at least a second, not one run that starts and ends with fewer rows busy.
+        rates = {n: [] for n in clients}
+        for _ in range(3):
+            for n_clients in clients:
+                total, wall = asyncio.run(load(n_clients, LOAD_ROUNDS, min(64, n_new)))
+                rates[n_clients].append(total / wall)
+                print(f"  {n_clients:>2} clients: {total} tokens in {wall:.2f} s = {total / wall:.0f} tokens/s")
+    return single, statistics.median(reference_rates), {n: statistics.median(r) for n, r in rates.items()}
 
 
 REPLY_TOKENS = 12  # per /chat reply: 8 turns grow a conversation to about 200 prompt tokens
