@@ -224,9 +224,11 @@ class KVCache:
 
 
 def output_layer(model):
-    """The output layer as a function of hidden states. On the CPU: x @ W.T with W.T stored contiguous, several
-    times faster than nn.Linear's layout for a few rows. The copy lives on the model until its weights change
-    (their version or storage; GPT.train drops it, as an optimizer may update them without a version)."""
+    """The output layer as a function of hidden states (rows, C). On the CPU, from copies of the weights laid out
+    for it: one row (a single stream) reads W.T stored contiguous, several times faster than nn.Linear's layout;
+    several rows go through oneDNN with W packed for its kernel, where x @ W.T's matrix product on a few rows is
+    much slower (BENCHMARKS.md, Serving). The copies live on the model until its weights change (their version or
+    storage; GPT.train drops them, as an optimizer may update them without a version)."""
     weight, token_map = model.lm_head.weight, getattr(model, "token_map", None)
     if token_map is not None:  # a model in training (GPT.restrict_output): one row per id again
         return lambda x: model.lm_head(x)[..., token_map]
@@ -234,9 +236,32 @@ def output_layer(model):
         return model.lm_head
     key = (weight.data_ptr(), weight._version)
     if getattr(model, "decode_weights", None) is None or model.decode_weights[0] != key:
-        model.decode_weights = (key, weight.detach().t().contiguous())
-    weight_t = model.decode_weights[1]
-    return lambda x: x @ weight_t
+        model.decode_weights = (key, weight.detach().t().contiguous(), packed_for_onednn(weight.detach()))
+    _, weight_t, packed = model.decode_weights
+    if packed is None:
+        return lambda x: x @ weight_t
+    return lambda x: x @ weight_t if len(x) == 1 else onednn_linear(x, packed)
+
+
+ONEDNN_ROWS = 16  # the batch oneDNN lays the packed weights out for; 2 to 64 rows all run faster than x @ W.T
+
+
+def packed_for_onednn(weight):
+    """weight (V, C) packed for oneDNN's fp32 linear kernel, or None where this torch has no oneDNN."""
+    if weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return None
+    try:  # private ops (torch.compile's CPU backend uses them): checked on a probe before they are trusted
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, ONEDNN_ROWS)
+        probe = torch.linspace(-1, 1, 2 * weight.size(1)).view(2, -1)
+        if torch.allclose(onednn_linear(probe, packed), probe @ weight.t(), rtol=1e-4, atol=1e-5):
+            return packed
+    except (AttributeError, RuntimeError):  # a build without the ops
+        pass
+    return None
+
+
+def onednn_linear(x, packed):
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
 def prefill(model, cache: KVCache, rows: list[int], chunks: list[list[int]], starts: list[int], prevs: list[int],

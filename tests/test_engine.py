@@ -8,7 +8,7 @@ import torch
 
 from config import ModelConfig
 from engine import (STOP_IDS, ContextTooLong, DeadlineExceeded, Engine, KVCache, PrefixStore, QueueFull,
-                    SamplingParams, Sequence, common_prefix, decode_one_step, generate, prefill, stream)
+                    SamplingParams, Sequence, common_prefix, decode_one_step, generate, output_layer, prefill, stream)
 from model import GPT
 from tokenizer import EOT_ID, N_VOCAB, decode
 
@@ -58,6 +58,20 @@ def test_prefill_and_decode_steps_give_the_models_logits(model):
             a, b = a + [new_a], b + [new_b]
             assert torch.allclose(logits[0], full_logits(model, a)[-1], atol=1e-4)
             assert torch.allclose(logits[1], full_logits(model, b)[-1], atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+def test_the_cpu_output_layer_takes_several_rows_through_packed_weights():
+    """One row reads the transposed copy; two or more go through oneDNN's packed copy: both give x @ W.T."""
+    model = make_model()
+    out = output_layer(model)
+    assert model.decode_weights[2] is not None  # the packed copy exists: several rows use it
+    x = torch.randn(17, 32)
+    for rows in (1, 2, 3, 16, 17):
+        assert torch.allclose(out(x[:rows]), x[:rows] @ model.lm_head.weight.t(), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)  # new weights: new copies
+    assert torch.allclose(output_layer(model)(x[:3]), x[:3] @ model.lm_head.weight.t(), rtol=1e-4, atol=1e-5)
 
 
 def test_continuous_batching_equals_one_sequence_at_a_time(model):
