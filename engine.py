@@ -243,7 +243,7 @@ def output_layer(model):
     return lambda x: x @ weight_t if len(x) == 1 else onednn_linear(x, packed)
 
 
-ONEDNN_ROWS = 16  # the batch oneDNN lays the packed weights out for; 2 to 64 rows all run faster than x @ W.T
+ONEDNN_ROWS = 16  # the batch size oneDNN lays the packed weights out for; any number of rows can use them
 
 
 def packed_for_onednn(weight):
