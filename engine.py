@@ -236,11 +236,10 @@ def output_layer(model):
         return model.lm_head
     key = (weight.data_ptr(), weight._version)
     if getattr(model, "decode_weights", None) is None or model.decode_weights[0] != key:
-        model.decode_weights = (key, weight.detach().t().contiguous(), packed_for_onednn(weight.detach()))
+        w = weight.detach()
+        model.decode_weights = (key, w.t().contiguous(), packed_for_onednn(w))
     _, weight_t, packed = model.decode_weights
-    if packed is None:
-        return lambda x: x @ weight_t
-    return lambda x: x @ weight_t if len(x) == 1 else onednn_linear(x, packed)
+    return lambda x: onednn_linear(x, packed) if packed is not None and len(x) > 1 else x @ weight_t
 
 
 ONEDNN_ROWS = 16  # the batch size oneDNN lays the packed weights out for; any number of rows can use them
