@@ -32,6 +32,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -225,21 +226,38 @@ class KVCache:
 
 def output_layer(model):
     """The output layer as a function of hidden states (rows, C). On the CPU, from copies of the weights laid out
-    for it: one row (a single stream) reads W.T stored contiguous, several times faster than nn.Linear's layout;
-    several rows go through oneDNN with W packed for its kernel, where x @ W.T's matrix product on a few rows is
-    much slower (BENCHMARKS.md, Serving). The copies live on the model until its weights change (their version or
-    storage; GPT.train drops them, as an optimizer may update them without a version)."""
+    for it (decode_copies): one row (a single stream) reads W.T stored contiguous, several times faster than
+    nn.Linear's layout; several rows go through oneDNN with W packed for its kernel, where x @ W.T's matrix product
+    on a few rows is much slower (BENCHMARKS.md, Serving)."""
     weight, token_map = model.lm_head.weight, getattr(model, "token_map", None)
     if token_map is not None:  # a model in training (GPT.restrict_output): one row per id again
         return lambda x: model.lm_head(x)[..., token_map]
     if weight.device.type != "cpu":
         return model.lm_head
+    copies = decode_copies(model)
+    return lambda x: onednn_linear(x, copies.packed) if copies.packed is not None and len(x) > 1 else x @ copies.weight_t
+
+
+@dataclass
+class DecodeCopies:
+    weight_t: torch.Tensor  # W.T, contiguous: one row's logits
+    packed: torch.Tensor | None  # W packed for oneDNN's fp32 kernel: several rows' logits
+    screen: torch.Tensor | None  # the real ids' rows of W in bf16, packed for oneDNN: greedy_ids's screen
+    max_norm: float  # the largest norm of those rows: the screen's error bound
+    key: tuple
+
+
+def decode_copies(model) -> DecodeCopies:
+    """The CPU's copies of the output layer for decoding, made once and kept on the model until its weights change
+    (their version or storage; GPT.train drops them, as an optimizer may update them without a version)."""
+    weight = model.lm_head.weight
     key = (weight.data_ptr(), weight._version)
-    if getattr(model, "decode_weights", None) is None or model.decode_weights[0] != key:
+    if getattr(model, "decode_weights", None) is None or model.decode_weights.key != key:
         w = weight.detach()
-        model.decode_weights = (key, w.t().contiguous(), packed_for_onednn(w))
-    _, weight_t, packed = model.decode_weights
-    return lambda x: onednn_linear(x, packed) if packed is not None and len(x) > 1 else x @ weight_t
+        real = w[:N_VOCAB]
+        model.decode_weights = DecodeCopies(w.t().contiguous(), packed_for_onednn(w), screen_for_onednn(real),
+                                            real.norm(dim=1).max().item(), key)
+    return model.decode_weights
 
 
 ONEDNN_ROWS = 16  # the batch size oneDNN lays the packed weights out for; any number of rows can use them
@@ -263,12 +281,61 @@ def onednn_linear(x, packed):
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
+# bf16 keeps 8 significant bits: rounding x, W and each product's sum to it costs at most 2^-8 of sum |x_i w_i|
+# each, and fp32 accumulation far less, so a bf16 logit is within 3 * 2^-8 * |x| |w| < SCREEN_ERROR * |x| |w| of
+# the exact one (Cauchy-Schwarz).
+SCREEN_ERROR = 2.0 ** -6
+SCREEN_MAX_CANDIDATES = 64  # per row on average; past that the screen saves nothing and the fp32 logits decide
+
+
+def screen_for_onednn(weight):
+    """weight (V, C) in bf16, packed for oneDNN, or None where this CPU or torch has no fast bf16 kernel (or the
+    packed copy fails its probe: a bf16 product off by more than the bound)."""
+    if weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return None
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16), ONEDNN_ROWS)
+        probe = torch.linspace(-1, 1, 2 * weight.size(1)).view(2, -1)
+        error = (onednn_linear(probe.to(torch.bfloat16), packed).float() - probe @ weight.t()).abs()
+        bound = SCREEN_ERROR * probe.norm(dim=1, keepdim=True) * weight.norm(dim=1)
+        if bool((error <= bound).all()):
+            return packed
+    except (AttributeError, RuntimeError):
+        pass
+    return None
+
+
+def greedy_ids(model, x) -> list[int] | None:
+    """Each row's most likely real id from its hidden state x (n, C): the argmax of the fp32 logits, ties to the
+    first, found without computing all of them. On the CPU, a bf16 product (half the bytes, twice the arithmetic
+    rate) screens the vocabulary: every id whose bf16 logit is within twice the error bound of the row's best
+    may be the winner, and only those get their fp32 logit. None where there is no screen (CUDA, a model in
+    training, a CPU without fast bf16) or it leaves too many candidates (the caller then takes the fp32 logits)."""
+    if x.device.type != "cpu" or getattr(model, "token_map", None) is not None or x.dtype != torch.float32:
+        return None
+    copies = decode_copies(model)
+    if copies.screen is None:
+        return None
+    approx = onednn_linear(x.to(torch.bfloat16), copies.screen).float().numpy()
+    margin = (2 * SCREEN_ERROR * copies.max_norm) * x.norm(dim=1).numpy()
+    rows, ids = np.divmod(np.flatnonzero(approx >= (approx.max(axis=1) - margin)[:, None]), approx.shape[1])
+    counts = np.bincount(rows, minlength=len(x))
+    if counts.min() == 0 or len(ids) > SCREEN_MAX_CANDIDATES * len(x):  # NaN, or logits too close to screen
+        return None
+    exact = (model.lm_head.weight.detach()[torch.from_numpy(ids)] * x[torch.from_numpy(rows)]).sum(dim=1).numpy()
+    order = np.lexsort((ids, -exact, rows))  # by row, then the highest logit, then the lowest id
+    firsts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    return ids[order[firsts]].tolist()
+
+
 def prefill(model, cache: KVCache, rows: list[int], chunks: list[list[int]], starts: list[int], prevs: list[int],
             all_positions: list[bool]):
     """Feed each row (a cache row) its chunk of new tokens at positions starts[i].. (prevs[i]: the token before the
     chunk, for smear). Chunks are right-padded to the longest; padding lands past a row's end, where it is
-    overwritten before it is ever attended to. Returns the logits of each row's last new token (n, V) and, for
-    rows with all_positions, the logits of all its new tokens (T_i, V) (else None)."""
+    overwritten before it is ever attended to. Returns the hidden state of each row's last new token (n, C) and,
+    for rows with all_positions, the logits of all its new tokens (T_i, V) (else None)."""
     device = cache.k.device
     n, T = len(chunks), max(len(c) for c in chunks)
     idx = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=device)
@@ -280,7 +347,7 @@ def prefill(model, cache: KVCache, rows: list[int], chunks: list[list[int]], sta
     x = model.hidden_states(idx, cache, pos, torch.tensor(prevs, device=device))
     out = output_layer(model)
     ends = torch.tensor([len(c) - 1 for c in chunks], device=device)
-    last = out(x[torch.arange(n, device=device), ends]).float()
+    last = x[torch.arange(n, device=device), ends]
     full = [out(x[i, : len(c)]).float() if want else None for i, (c, want) in enumerate(zip(chunks, all_positions))]
     return last, full
 
@@ -288,7 +355,7 @@ def prefill(model, cache: KVCache, rows: list[int], chunks: list[list[int]], sta
 def decode_one_step(model, cache: KVCache, tokens: list[int], positions: list[int], prevs: list[int],
                     static: bool = False):
     """One new token for each of the first len(tokens) rows of the cache, row i's at positions[i] (prevs[i]: the
-    token before it). Returns the logits (n, V). static: always all rows and the whole context, so every step
+    token before it). Returns the hidden state of each new token (n, C). static: always all rows and the whole context, so every step
     has the same shapes (for torch.compile and CUDA graphs); rows past len(tokens) compute padding."""
     device = cache.k.device
     if static:
@@ -301,8 +368,7 @@ def decode_one_step(model, cache: KVCache, tokens: list[int], positions: list[in
     cache.index, cache.pos, cache.kv_len, cache.write_rows = slice(0, n), pos, kv_len, cache.row_ids[:n]
     # One row attending to everything up to its own position needs no mask.
     cache.mask = None if n == 1 and not static else (torch.arange(kv_len, device=device) <= pos)[:, None, None]
-    x = model.hidden_states(idx, cache, pos, prev)
-    return output_layer(model)(x[:, -1]).float()
+    return model.hidden_states(idx, cache, pos, prev)[:, -1]
 
 
 def token_logprobs(logits, tokens: list[int], top: int) -> list[Logprob]:
@@ -326,9 +392,14 @@ def most_likely(logits) -> list[int]:
     return real.argmax(dim=-1).tolist()
 
 
-def sample(logits, seqs: list[Sequence]) -> tuple[list[int], list[Logprob | None]]:
-    """The next token of each sequence from its row of logits (n, V), greedy rows together, and its Logprob where
-    the sequence asked for logprobs."""
+def sample(model, hidden, seqs: list[Sequence]) -> tuple[list[int], list[Logprob | None]]:
+    """The next token of each sequence from the hidden state of its last token (n, C), greedy rows together, and
+    its Logprob where the sequence asked for logprobs. All greedy without logprobs: greedy_ids, where it can."""
+    if all(s.params.temperature == 0 and s.params.logprobs is None for s in seqs):
+        tokens = greedy_ids(model, hidden)
+        if tokens is not None:
+            return tokens, [None] * len(seqs)
+    logits = output_layer(model)(hidden).float()
     tokens = [0] * len(seqs)
     greedy = [i for i, s in enumerate(seqs) if s.params.temperature == 0]
     if len(greedy) == len(seqs):
@@ -548,7 +619,7 @@ class Engine:
             starts.append(seq.reused)
             self.observe("prompt_tokens", len(seq.prompt))
         prevs = [s.prompt[start - 1] if start else 0 for s, start in zip(seqs, starts)]
-        logits, full = prefill(self.model, self.cache, [s.row for s in seqs], chunks, starts, prevs,
+        hidden, full = prefill(self.model, self.cache, [s.row for s in seqs], chunks, starts, prevs,
                                [s.params.prompt_logprobs for s in seqs])
         for seq, f in zip(seqs, full):
             if f is not None:
@@ -561,7 +632,7 @@ class Engine:
                 seq.finish_reason = "length"
                 self._finish(seq)
         if generating:
-            self._advance([seqs[i] for i in generating], logits[generating])
+            self._advance([seqs[i] for i in generating], hidden[generating])
 
     def _reuse(self, seq: Sequence) -> int:
         """Copy the longest stored prefix of seq's prompt into its row; the number of tokens reused."""
@@ -579,15 +650,15 @@ class Engine:
             context = self.context[row]
             tokens[row], positions[row], prevs[row] = seq.tokens[-1], len(context), context[-1]
             context.append(seq.tokens[-1])
-        logits = decode_one_step(self.model, self.cache, tokens, positions, prevs, self.static)
+        hidden = decode_one_step(self.model, self.cache, tokens, positions, prevs, self.static)
         rows = list(self.active)
-        if rows != list(range(len(logits))):
-            logits = logits[rows]
-        self._advance(list(self.active.values()), logits)
+        if rows != list(range(len(hidden))):
+            hidden = hidden[rows]
+        self._advance(list(self.active.values()), hidden)
 
-    def _advance(self, seqs: list[Sequence], logits):
+    def _advance(self, seqs: list[Sequence], hidden):
         now = time.monotonic()
-        tokens, logprobs = sample(logits, seqs)
+        tokens, logprobs = sample(self.model, hidden, seqs)
         for seq, token, logprob in zip(seqs, tokens, logprobs):
             seq.tokens.append(token)
             if seq.first_token_at is None:

@@ -124,7 +124,7 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
         self.register_state_dict_post_hook(_full_embedding_rows)
         self.register_load_state_dict_pre_hook(_compact_embedding_rows)
-        self.decode_weights = None  # engine.output_layer's copies of the output layer, laid out for decoding
+        self.decode_weights = None  # engine.decode_copies: the output layer laid out for decoding
 
     def train(self, mode: bool = True):
         if mode:  # training changes the weights, not always visibly (a fused optimizer keeps their _version)

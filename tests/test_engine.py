@@ -8,7 +8,8 @@ import torch
 
 from config import ModelConfig
 from engine import (STOP_IDS, ContextTooLong, DeadlineExceeded, Engine, KVCache, PrefixStore, QueueFull,
-                    SamplingParams, Sequence, common_prefix, decode_one_step, generate, output_layer, prefill, stream)
+                    SamplingParams, Sequence, common_prefix, decode_copies, decode_one_step, generate, greedy_ids,
+                    output_layer, prefill, stream)
 from model import GPT
 from tokenizer import EOT_ID, N_VOCAB, decode
 
@@ -47,14 +48,14 @@ def full_logits(model, ids):
 def test_prefill_and_decode_steps_give_the_models_logits(model):
     """Two rows prefilled together (different lengths), then decoded one token at a time, each at its own position."""
     a, b = [5, 6, 7, 8, 9], [300, 301]
-    cache = KVCache(model.config, 3, 64, "cpu", torch.float32)
+    cache, out = KVCache(model.config, 3, 64, "cpu", torch.float32), output_layer(model)
     with torch.no_grad():
         last, full = prefill(model, cache, [0, 1], [a, b], [0, 0], [0, 0], [True, False])
         assert full[1] is None and torch.allclose(full[0], full_logits(model, a), atol=1e-4)
-        assert torch.allclose(last[1], full_logits(model, b)[-1], atol=1e-4)
+        assert torch.allclose(out(last)[1], full_logits(model, b)[-1], atol=1e-4)
         for step in range(6):
             new_a, new_b = 1000 + step, 2000 + step
-            logits = decode_one_step(model, cache, [new_a, new_b], [len(a), len(b)], [a[-1], b[-1]])
+            logits = out(decode_one_step(model, cache, [new_a, new_b], [len(a), len(b)], [a[-1], b[-1]]))
             a, b = a + [new_a], b + [new_b]
             assert torch.allclose(logits[0], full_logits(model, a)[-1], atol=1e-4)
             assert torch.allclose(logits[1], full_logits(model, b)[-1], atol=1e-4)
@@ -65,13 +66,61 @@ def test_the_cpu_output_layer_takes_several_rows_through_packed_weights():
     """One row reads the transposed copy; two or more go through oneDNN's packed copy: both give x @ W.T."""
     model = make_model()
     out = output_layer(model)
-    assert model.decode_weights[2] is not None  # the packed copy exists: several rows use it
+    assert decode_copies(model).packed is not None  # the packed copy exists: several rows use it
     x = torch.randn(17, 32)
     for rows in (1, 2, 3, 16, 17):
         assert torch.allclose(out(x[:rows]), x[:rows] @ model.lm_head.weight.t(), rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         model.lm_head.weight.mul_(2)  # new weights: new copies
     assert torch.allclose(output_layer(model)(x[:3]), x[:3] @ model.lm_head.weight.t(), rtol=1e-4, atol=1e-5)
+
+
+needs_screen = pytest.mark.skipif(decode_copies(make_model()).screen is None, reason="no fast bf16 on this CPU")
+
+
+@needs_screen
+def test_greedy_ids_are_the_argmax_of_the_fp32_logits():
+    """The bf16 screen finds the fp32 winner, also where bf16 ranks a rival above it, and ties go to the first id,
+    as argmax's do."""
+    model = make_model()
+    x = torch.randn(40, 32, generator=torch.Generator().manual_seed(0)) * 3
+    w = model.lm_head.weight
+    with torch.no_grad():
+        assert greedy_ids(model, x) == (x @ w.t())[:, :N_VOCAB].argmax(dim=1).tolist()
+        # On x = (1, 1, -1, -1, 0, ...), row 11 scores 0.5 and row 7 0.04; every other row -400. Rounded to bf16
+        # (steps of 0.5 at 100), row 7's weights become (100.5, 100, 100, 99.5): 1.0, ahead of row 11.
+        x = torch.zeros(1, 32)
+        x[0, :4] = torch.tensor([1.0, 1.0, -1.0, -1.0])
+        w[:, :4] = torch.tensor([-100.0, -100.0, 100.0, 100.0])
+        w[11, :4] = torch.tensor([100.0, 100.0, 100.0, 99.5])
+        w[7, :4] = torch.tensor([100.26, 99.76, 100.24, 99.74])
+        in_bf16 = (x.to(torch.bfloat16) @ w.to(torch.bfloat16).t()).float()[0, :N_VOCAB]
+        exact = (x @ w.t())[0, :N_VOCAB]
+    assert int(in_bf16.argmax()) == 7 and int(exact.argmax()) == 11
+    assert greedy_ids(model, x) == [11]
+    with torch.no_grad():
+        w[7], w[5] = w[11], w[11]  # a three-way tie: the first id
+    assert greedy_ids(model, x) == [5]
+    assert greedy_ids(model, torch.full((1, 32), float("nan"))) is None  # no candidate: the caller's fp32 logits
+
+
+@needs_screen
+def test_greedy_decoding_takes_the_screen_and_equals_the_models_argmax():
+    model = make_model(True, True)
+    calls = []
+    import engine
+    real = engine.greedy_ids
+    engine.greedy_ids = lambda m, x: calls.append(len(x)) or real(m, x)
+    try:
+        tokens = generate(model, PROMPTS[:3], GREEDY)
+    finally:
+        engine.greedy_ids = real
+    assert calls and max(calls) == 3
+    for prompt, new in zip(PROMPTS[:3], tokens):
+        ids = list(prompt)
+        for _ in new:
+            ids.append(int(full_logits(model, ids)[-1, :N_VOCAB].argmax()))
+        assert new == ids[len(prompt):]
 
 
 def test_continuous_batching_equals_one_sequence_at_a_time(model):

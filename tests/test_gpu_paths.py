@@ -155,7 +155,7 @@ def test_a_decode_step_has_a_fixed_budget():
     cache = KVCache(model.config, 3, 32, torch.device("cpu"), torch.float32)
     output_layer(model)  # the CPU's transposed copy of the output layer is made once, outside the step
     with torch.no_grad(), HostReads() as reads:
-        logits = decode_one_step(model, cache, [5, 6, 7], [3, 4, 5], [1, 2, 3])
+        logits = output_layer(model)(decode_one_step(model, cache, [5, 6, 7], [3, 4, 5], [1, 2, 3]))
     assert logits.shape == (3, 50304) and reads.syncs == [] and reads.from_python == 1
 
 
