@@ -281,21 +281,22 @@ def onednn_linear(x, packed):
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
-# bf16 keeps 8 significant bits: rounding x, W and each product's sum to it costs at most 2^-8 of sum |x_i w_i|
-# each, and fp32 accumulation far less, so a bf16 logit is within 3 * 2^-8 * |x| |w| < SCREEN_ERROR * |x| |w| of
-# the exact one (Cauchy-Schwarz).
+# bf16 keeps 8 significant bits: rounding x, a row w of W and the result to it each err by at most 2^-8 of
+# sum |x_i w_i|, and the kernel's fp32 accumulation by far less, so a bf16 logit is within 3 * 2^-8 * |x| |w| <
+# SCREEN_ERROR * |x| |w| of the fp32 one (Cauchy-Schwarz). The winner's bf16 logit is then within twice that of
+# the best bf16 logit.
 SCREEN_ERROR = 2.0 ** -6
 SCREEN_MAX_CANDIDATES = 64  # per row on average; past that the screen saves nothing and the fp32 logits decide
 
 
 def screen_for_onednn(weight):
-    """weight (V, C) in bf16, packed for oneDNN, or None where this CPU or torch has no fast bf16 kernel (or the
-    packed copy fails its probe: a bf16 product off by more than the bound)."""
-    if weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+    """weight (V, C) in bf16, packed for oneDNN, or None where the CPU has no bf16 dot products (AVX512-BF16 or
+    AMX: elsewhere oneDNN converts to fp32 and gains little), this torch no oneDNN, or the packed copy fails its
+    probe (a bf16 product off by more than the bound)."""
+    native = [getattr(torch.cpu, f"_is_{isa}_supported", lambda: False)() for isa in ("avx512_bf16", "amx_tile")]
+    if weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available() or not any(native):
         return None
     try:
-        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return None
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16), ONEDNN_ROWS)
         probe = torch.linspace(-1, 1, 2 * weight.size(1)).view(2, -1)
         error = (onednn_linear(probe.to(torch.bfloat16), packed).float() - probe @ weight.t()).abs()
