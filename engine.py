@@ -17,6 +17,9 @@ the cache (the first rows, up to the longest position), with no gathers and no h
 Rows are handed out lowest first, so a lone sequence decodes as a batch of one. On the CPU the output layer
 multiplies by a transposed copy of the embedding matrix, which a single row reads far faster than the
 (vocabulary, width) layout (BENCHMARKS.md, "Serving"); on CUDA decoding runs in bf16 with the cache in bf16.
+Greedy steps on a CPU with bf16 dot products skip most of the fp32 output layer: `greedy_ids` screens the
+vocabulary with a bf16 product and computes the fp32 logits of the few ids its error bound leaves, so the tokens
+are the fp32 logits' argmax.
 
 Conversation reuse (`reuse_tokens`): when a sequence ends, the keys and values of its tokens go to a bounded
 store (least recently used dropped first); a new prompt that starts with stored tokens (the next turn of a
