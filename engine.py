@@ -323,12 +323,13 @@ def greedy_ids(model, x) -> list[int] | None:
     if copies.screen is None:
         return None
     approx = onednn_linear(x.to(torch.bfloat16), copies.screen).float().numpy()
-    margin = (2 * SCREEN_ERROR * copies.max_norm) * x.norm(dim=1).numpy()
+    hidden = x.detach().numpy()
+    margin = (2 * SCREEN_ERROR * copies.max_norm) * np.linalg.norm(hidden, axis=1)
     rows, ids = np.divmod(np.flatnonzero(approx >= (approx.max(axis=1) - margin)[:, None]), approx.shape[1])
     counts = np.bincount(rows, minlength=len(x))
     if counts.min() == 0 or len(ids) > SCREEN_MAX_CANDIDATES * len(x):  # NaN, or logits too close to screen
         return None
-    exact = (model.lm_head.weight.detach()[torch.from_numpy(ids)] * x[torch.from_numpy(rows)]).sum(dim=1).numpy()
+    exact = np.einsum("ij,ij->i", model.lm_head.weight.detach().numpy()[ids], hidden[rows])
     order = np.lexsort((ids, -exact, rows))  # by row, then the highest logit, then the lowest id
     firsts = np.concatenate(([0], np.cumsum(counts)[:-1]))
     return ids[order[firsts]].tolist()
