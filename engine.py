@@ -7,9 +7,10 @@ GPT.generate. A library: no web framework here.
   engine = Engine(model, max_batch=16, max_queue=64, reuse_tokens=16384); engine.start()  # a server's thread
 
 Decoding runs in named phases, as in gpt-fast: `prefill` (a chunk of new tokens per row, right-padded, into the
-cache), `decode_one_step` (one token for every active row, each at its own position), `sample` (each row with
-its own parameters and generator) and the scheduler, `Engine.step`, which between decode steps admits waiting
-sequences into free rows of the cache (continuous batching) and drops the ones whose client went away.
+cache), `decode_one_step` (one token for every active row, each at its own position), `sample` (the output
+layer, then each row's choice with its own parameters and generator) and the scheduler, `Engine.step`, which
+between decode steps admits waiting sequences into free rows of the cache (continuous batching) and drops the
+ones whose client went away.
 
 The KV cache is allocated once, (layers, rows, heads, context, head size), and a row keeps its place for the
 whole sequence: a decode step writes one key and value per row at the row's position and attends to a view of
@@ -238,7 +239,8 @@ def output_layer(model):
     if weight.device.type != "cpu":
         return model.lm_head
     copies = decode_copies(model)
-    return lambda x: onednn_linear(x, copies.packed) if copies.packed is not None and len(x) > 1 else x @ copies.weight_t
+    several = copies.packed is not None
+    return lambda x: onednn_linear(x, copies.packed) if several and len(x) > 1 else x @ copies.weight_t
 
 
 @dataclass
@@ -360,8 +362,9 @@ def prefill(model, cache: KVCache, rows: list[int], chunks: list[list[int]], sta
 def decode_one_step(model, cache: KVCache, tokens: list[int], positions: list[int], prevs: list[int],
                     static: bool = False):
     """One new token for each of the first len(tokens) rows of the cache, row i's at positions[i] (prevs[i]: the
-    token before it). Returns the hidden state of each new token (n, C). static: always all rows and the whole context, so every step
-    has the same shapes (for torch.compile and CUDA graphs); rows past len(tokens) compute padding."""
+    token before it). Returns the hidden state of each new token (n, C), from which `sample` chooses. static:
+    always all rows and the whole context, so every step has the same shapes (for torch.compile and CUDA graphs);
+    rows past len(tokens) compute padding."""
     device = cache.k.device
     if static:
         pad = cache.rows - len(tokens)
