@@ -239,8 +239,8 @@ def output_layer(model):
     if weight.device.type != "cpu":
         return model.lm_head
     copies = decode_copies(model)
-    several = copies.packed is not None
-    return lambda x: onednn_linear(x, copies.packed) if several and len(x) > 1 else x @ copies.weight_t
+    packed, weight_t = copies.packed, copies.weight_t
+    return lambda x: onednn_linear(x, packed) if packed is not None and len(x) > 1 else x @ weight_t
 
 
 @dataclass
