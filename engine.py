@@ -260,26 +260,34 @@ def decode_copies(model) -> DecodeCopies:
     if getattr(model, "decode_weights", None) is None or model.decode_weights.key != key:
         w = weight.detach()
         real = w[:N_VOCAB]
-        model.decode_weights = DecodeCopies(w.t().contiguous(), packed_for_onednn(w), screen_for_onednn(real),
-                                            real.norm(dim=1).max().item(), key)
+        model.decode_weights = DecodeCopies(w.t().contiguous(), packed_for_onednn(w),
+                                            packed_for_onednn(real, bf16=True), real.norm(dim=1).max().item(), key)
     return model.decode_weights
 
 
 ONEDNN_ROWS = 16  # the batch size oneDNN lays the packed weights out for; any number of rows can use them
 
 
-def packed_for_onednn(weight):
-    """weight (V, C) packed for oneDNN's fp32 linear kernel, or None where this torch has no oneDNN."""
-    if weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+def packed_for_onednn(weight, bf16: bool = False):
+    """weight (V, C) packed for oneDNN's linear kernel, in fp32, or in bf16 for greedy_ids's screen; None where this
+    torch has no oneDNN, bf16 where the CPU has no bf16 dot products (AVX512-BF16 or AMX: elsewhere oneDNN converts
+    to fp32 and gains little). The ops are private (torch.compile's CPU backend uses them), so the packed copy is
+    checked on a probe before it is trusted: fp32 must equal x @ W.T, bf16 stay within SCREEN_ERROR's bound."""
+    native = [getattr(torch.cpu, f"_is_{isa}_supported", lambda: False)() for isa in ("avx512_bf16", "amx_tile")]
+    if weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available() or (bf16 and not any(native)):
         return None
-    try:  # private ops (torch.compile's CPU backend uses them): checked on a probe before they are trusted
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, ONEDNN_ROWS)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), ONEDNN_ROWS)
         probe = torch.linspace(-1, 1, 2 * weight.size(1)).view(2, -1)
-        if torch.allclose(onednn_linear(probe, packed), probe @ weight.t(), rtol=1e-4, atol=1e-5):
-            return packed
+        got, want = onednn_linear(probe.to(dtype), packed).float(), probe @ weight.t()
+        if bf16:
+            ok = bool(((got - want).abs() <= SCREEN_ERROR * probe.norm(dim=1, keepdim=True) * weight.norm(dim=1)).all())
+        else:
+            ok = torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+        return packed if ok else None
     except (AttributeError, RuntimeError):  # a build without the ops
-        pass
-    return None
+        return None
 
 
 def onednn_linear(x, packed):
@@ -292,25 +300,6 @@ def onednn_linear(x, packed):
 # the best bf16 logit.
 SCREEN_ERROR = 2.0 ** -6
 SCREEN_MAX_CANDIDATES = 64  # per row on average; past that the screen saves nothing and the fp32 logits decide
-
-
-def screen_for_onednn(weight):
-    """weight (V, C) in bf16, packed for oneDNN, or None where the CPU has no bf16 dot products (AVX512-BF16 or
-    AMX: elsewhere oneDNN converts to fp32 and gains little), this torch no oneDNN, or the packed copy fails its
-    probe (a bf16 product off by more than the bound)."""
-    native = [getattr(torch.cpu, f"_is_{isa}_supported", lambda: False)() for isa in ("avx512_bf16", "amx_tile")]
-    if weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available() or not any(native):
-        return None
-    try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16), ONEDNN_ROWS)
-        probe = torch.linspace(-1, 1, 2 * weight.size(1)).view(2, -1)
-        error = (onednn_linear(probe.to(torch.bfloat16), packed).float() - probe @ weight.t()).abs()
-        bound = SCREEN_ERROR * probe.norm(dim=1, keepdim=True) * weight.norm(dim=1)
-        if bool((error <= bound).all()):
-            return packed
-    except (AttributeError, RuntimeError):
-        pass
-    return None
 
 
 def greedy_ids(model, x) -> list[int] | None:
