@@ -9,7 +9,7 @@ import torch
 from config import ModelConfig
 from engine import (STOP_IDS, ContextTooLong, DeadlineExceeded, Engine, KVCache, PrefixStore, QueueFull,
                     SamplingParams, Sequence, common_prefix, decode_copies, decode_one_step, generate, greedy_ids,
-                    output_layer, prefill, stream)
+                    output_layer, prefill, sample, stream)
 from model import GPT
 from tokenizer import EOT_ID, N_VOCAB, decode
 
@@ -102,6 +102,10 @@ def test_greedy_ids_are_the_argmax_of_the_fp32_logits():
         w[7], w[5] = w[11], w[11]  # a three-way tie: the first id
     assert greedy_ids(model, x) == [5]
     assert greedy_ids(model, torch.full((1, 32), float("nan"))) is None  # no candidate: the caller's fp32 logits
+    # x = 0: every logit is 0, every id a candidate, past SCREEN_MAX_CANDIDATES: the caller's fp32 logits, whose
+    # argmax is the first id.
+    assert greedy_ids(model, torch.zeros(1, 32)) is None
+    assert sample(model, torch.zeros(1, 32), [Sequence([1], GREEDY)])[0] == [0]
 
 
 @needs_screen
