@@ -263,21 +263,25 @@ class TrainState:
 
 def resume(out: Path, model: GPT, optimizer, scaler, master: bool, sharded: bool) -> tuple[TrainState, Path | None]:
     """(counters, checkpoint) of the newest checkpoint in `out` that loads, after loading its weights and optimizer
-    state (sharded: every process reads the whole checkpoint and keeps its shard); corrupted ones are skipped with a
-    warning. A fresh TrainState and None when there is none."""
+    state; corrupted ones are skipped with a warning. Sharded, rank 0 alone reads it and sends each process its
+    shard (a process's memory never holds the whole model and optimizer state but rank 0's). A fresh TrainState
+    and None when there is none."""
     for ckpt in reversed(step_checkpoints(out)):
-        try:
-            loaded, config, saved = load_checkpoint(ckpt, train_state=True)
-        except CheckpointError as e:
-            log(f"warning: skipping checkpoint {ckpt}: {e}")
+        weights, saved, problem = read_for_resume(ckpt, model) if master or not sharded else (None, None, None)
+        if sharded:  # every process follows rank 0's reading: skip, stop, or load this checkpoint
+            shared = [problem, saved and {k: v for k, v in saved.items() if k != "optimizer"}]
+            dist.broadcast_object_list(shared, src=0)
+            problem, counters = shared
+        if isinstance(problem, CheckpointError):
+            raise problem
+        if problem:
+            log(f"warning: skipping checkpoint {ckpt}: {problem}")
             continue
-        if loaded.config != model.config:
-            raise CheckpointError(f"{ckpt}: model config {to_dict(loaded.config)} does not match this run's "
-                                  f"{to_dict(model.config)}")
         if sharded:
-            load_into_shards(model, optimizer, loaded.state_dict(), saved["optimizer"])
+            load_into_shards(model, optimizer, weights or {}, saved["optimizer"] if saved else {})
+            saved = counters
         else:
-            model.load_state_dict(loaded.state_dict())
+            model.load_state_dict(weights)
             optimizer.load_state_dict(saved["optimizer"])
         if saved["scaler"]:  # empty when saved without fp16
             scaler.load_state_dict(saved["scaler"])
@@ -288,6 +292,19 @@ def resume(out: Path, model: GPT, optimizer, scaler, master: bool, sharded: bool
     if master:
         log(f"--resume: no checkpoint in {out}, starting from the beginning")
     return TrainState(), None
+
+
+def read_for_resume(ckpt: Path, model: GPT) -> tuple[dict | None, dict | None, str | CheckpointError | None]:
+    """(weights, saved training state, None), or (None, None, problem): the text of why `ckpt` does not load (a
+    corrupted checkpoint, to skip), or a CheckpointError to raise (one made for another model)."""
+    try:
+        loaded, _, saved = load_checkpoint(ckpt, train_state=True)
+    except CheckpointError as e:
+        return None, None, str(e)
+    if loaded.config != model.config:
+        return None, None, CheckpointError(f"{ckpt}: model config {to_dict(loaded.config)} does not match this "
+                                           f"run's {to_dict(model.config)}")
+    return loaded.state_dict(), saved, None
 
 
 # ---- FSDP's shards and whole checkpoints ---------------------------------------------------------------------
@@ -328,10 +345,13 @@ def gather_shards(model: GPT, optimizer) -> tuple[dict, dict | None]:
 
 
 def load_into_shards(model: GPT, optimizer, weights: dict, optimizer_state: dict) -> None:
-    """Load whole states (as gather_shards returns them, on every rank) into the sharded model and its optimizer."""
-    names = {id(p): name for name, p in model.named_parameters()}
-    by_name = renumbered(optimizer_state, [names[id(p)] for g in optimizer.param_groups for p in g["params"]])
-    options = StateDictOptions(full_state_dict=True)
+    """Load whole states (as gather_shards returns them) into the sharded model and its optimizer: rank 0 passes
+    them and sends each process its shard; the other ranks pass empty dicts. A collective: every rank calls it."""
+    by_name = {}
+    if optimizer_state:
+        names = {id(p): name for name, p in model.named_parameters()}
+        by_name = renumbered(optimizer_state, [names[id(p)] for g in optimizer.param_groups for p in g["params"]])
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, weights, options=options)
     set_optimizer_state_dict(model, optimizer, by_name, options=options)
 

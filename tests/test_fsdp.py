@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import step_checkpoints
+from checkpoint import load_checkpoint, step_checkpoints
 from test_train import ENV, ROOT, TINY, assert_same_weights, data_dir, final_weights, read_log, run  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -106,20 +106,43 @@ def test_fsdp_trains_as_ddp_and_one_process(one, ddp, fsdp):
 
 def test_a_resumed_fsdp_run_ends_as_an_uninterrupted_one(data_dir, fsdp, one, tmp_path):
     """A copy of the sharded run stopped after step 3's checkpoint, resumed with --fsdp: bit for bit the
-    uninterrupted run's weights; the same checkpoint resumed by one process: the one-process run's."""
+    uninterrupted run's weights; the same checkpoint resumed by one process: the one-process run's. The sharded
+    resume finds step 6's checkpoint corrupted: rank 0 alone reads it, and both processes skip it together."""
     for resumer in ("fsdp", "one"):
         out = tmp_path / resumer
         shutil.copytree(fsdp, out)
-        shutil.rmtree(out / "step_0000006")
         if resumer == "fsdp":
+            with open(out / "step_0000006" / "model.safetensors", "r+b") as f:
+                f.seek(-8, os.SEEK_END)
+                f.write(b"\0" * 8)
             err = torchrun(data_dir, out, "--fsdp", "--resume")
+            assert err.count("skipping checkpoint") == 2 and "sha256 does not match" in err  # one line a process
             assert "resuming from" in err and "step_0000003" in err
             assert_same_weights(final_weights(out), final_weights(fsdp))
         else:
+            shutil.rmtree(out / "step_0000006")
             run(data_dir, out, *STEPS, "--resume")
             assert_close_weights(final_weights(out), final_weights(one))
         assert [r["step"] for r in read_log(out) if r["type"] == "train"] == list(range(1, 7))
         assert [p.name for p in step_checkpoints(out)] == ["step_0000003", "step_0000006"]
+
+
+def test_a_sharded_resume_reads_the_checkpoint_on_rank_0_only(fsdp, monkeypatch):
+    """Rank 1 of a sharded resume opens no checkpoint: it takes rank 0's counters and loads its shards from rank 0
+    (load_into_shards with empty states)."""
+    import train
+    counters = {k: v for k, v in load_checkpoint(fsdp / "step_0000006", train_state=True)[2].items() if k != "optimizer"}
+    loads = []
+
+    def from_rank_0(objects, src):
+        assert src == 0 and objects == [None, None]  # rank 1 read nothing of its own
+        objects[:] = [None, counters]
+
+    monkeypatch.setattr(train, "load_checkpoint", lambda *a, **k: pytest.fail("rank 1 read a checkpoint"))
+    monkeypatch.setattr(train.dist, "broadcast_object_list", from_rank_0)
+    monkeypatch.setattr(train, "load_into_shards", lambda model, optimizer, weights, state: loads.append((weights, state)))
+    state, ckpt = train.resume(fsdp, None, None, None, master=False, sharded=True)
+    assert (state.step, ckpt.name, loads) == (6, "step_0000006", [({}, {})])
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
