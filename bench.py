@@ -281,7 +281,13 @@ def _server(ckpt, threads: int, *args: str):
         server.wait(timeout=30)
 
 
-LOAD_ROUNDS = 6  # requests per client at each level of concurrency
+LOAD_ROUNDS = 6  # requests per client at each level of concurrency, at least
+LOAD_REQUESTS = 48  # requests at each level, at least: one client's figure, the ratios' denominator, is no shorter
+
+
+def load_rounds(n_clients: int) -> int:
+    """Requests per client at a level of concurrency."""
+    return max(LOAD_ROUNDS, -(-LOAD_REQUESTS // n_clients))
 
 
 def _server_figures(ckpt, threads: int, n_new: int, clients: list[int], reference):
@@ -326,12 +332,13 @@ def _server_figures(ckpt, threads: int, n_new: int, clients: list[int], referenc
                 total = sum(await asyncio.gather(*(client(i) for i in range(n_clients))))
                 return total, time.perf_counter() - start
 
-        # Every level in turn, three times over, each client sending LOAD_ROUNDS requests: a level's figure is
-        # the median of three runs of at least a second, not one run that starts and ends with fewer rows busy.
+        # Every level in turn, three times over, each client sending load_rounds requests: a level's figure is
+        # the median of three runs of several seconds, not one run that starts and ends with fewer rows busy; one
+        # client sends as many requests as 8 clients do, or its figure swings with a second's noise.
         rates = {n: [] for n in clients}
         for _ in range(3):
             for n_clients in clients:
-                total, wall = asyncio.run(load(n_clients, LOAD_ROUNDS, min(64, n_new)))
+                total, wall = asyncio.run(load(n_clients, load_rounds(n_clients), min(64, n_new)))
                 rates[n_clients].append(total / wall)
                 print(f"  {n_clients:>2} clients: {total} tokens in {wall:.2f} s = {total / wall:.0f} tokens/s")
     return single, statistics.median(reference_rates), {n: statistics.median(r) for n, r in rates.items()}
