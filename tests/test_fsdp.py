@@ -131,7 +131,8 @@ def test_a_sharded_resume_reads_the_checkpoint_on_rank_0_only(fsdp, monkeypatch)
     """Rank 1 of a sharded resume opens no checkpoint: it takes rank 0's counters and loads its shards from rank 0
     (load_into_shards with empty states)."""
     import train
-    counters = {k: v for k, v in load_checkpoint(fsdp / "step_0000006", train_state=True)[2].items() if k != "optimizer"}
+    saved = load_checkpoint(fsdp / "step_0000006", train_state=True)[2]
+    counters = {k: v for k, v in saved.items() if k != "optimizer"}
     loads = []
 
     def from_rank_0(objects, src):
@@ -140,7 +141,7 @@ def test_a_sharded_resume_reads_the_checkpoint_on_rank_0_only(fsdp, monkeypatch)
 
     monkeypatch.setattr(train, "load_checkpoint", lambda *a, **k: pytest.fail("rank 1 read a checkpoint"))
     monkeypatch.setattr(train.dist, "broadcast_object_list", from_rank_0)
-    monkeypatch.setattr(train, "load_into_shards", lambda model, optimizer, weights, state: loads.append((weights, state)))
+    monkeypatch.setattr(train, "load_into_shards", lambda model, opt, weights, state: loads.append((weights, state)))
     state, ckpt = train.resume(fsdp, None, None, None, master=False, sharded=True)
     assert (state.step, ckpt.name, loads) == (6, "step_0000006", [({}, {})])
 
