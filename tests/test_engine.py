@@ -109,17 +109,20 @@ def test_greedy_ids_are_the_argmax_of_the_fp32_logits():
 
 
 @needs_screen
-def test_greedy_decoding_takes_the_screen_and_equals_the_models_argmax():
-    model = make_model(True, True)
-    calls = []
+def test_greedy_decoding_takes_the_screen_and_equals_the_models_argmax(monkeypatch):
     import engine
+    model = make_model(True, True)
+    calls = []  # (rows, whether the screen chose them)
     real = engine.greedy_ids
-    engine.greedy_ids = lambda m, x: calls.append(len(x)) or real(m, x)
-    try:
-        tokens = generate(model, PROMPTS[:3], GREEDY)
-    finally:
-        engine.greedy_ids = real
-    assert calls and max(calls) == 3
+
+    def counted(m, x):
+        tokens = real(m, x)
+        calls.append((len(x), tokens is not None))
+        return tokens
+
+    monkeypatch.setattr(engine, "greedy_ids", counted)
+    tokens = generate(model, PROMPTS[:3], GREEDY)
+    assert calls and max(rows for rows, _ in calls) == 3 and all(screened for _, screened in calls)
     for prompt, new in zip(PROMPTS[:3], tokens):
         ids = list(prompt)
         for _ in new:
