@@ -1,6 +1,5 @@
 """optim.py: the parameter split, Muon's update, its checkpoint/resume and DDP, on a 2-layer, 32-wide model."""
 
-import json
 import os
 import subprocess
 import sys
@@ -14,33 +13,16 @@ from checkpoint import load_checkpoint, step_checkpoints
 from config import ModelConfig, TrainConfig
 from model import GPT
 from optim import Muon, MuonAdamW, make_optimizer, orthogonalize
-from shards import write_shard
+from test_train import ENV, ROOT, data_dir, read_log  # noqa: F401 (data_dir: a fixture)
+from test_train import TINY as TINY_ADAMW
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "4",
-        "--eval_batches", "2", "--warmup_steps", "2", "--lr", "1e-2", "--log_every", "1", "--eval_every", "0",
-        "--optimizer", "muon", "--muon_lr", "0.05"]
+TINY = [*TINY_ADAMW, "--optimizer", "muon", "--muon_lr", "0.05"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """Shards of a repeating 64-token cycle: easy to learn, so the loss must fall fast."""
-    d = tmp_path_factory.mktemp("data")
-    for split, n in (("train", 20_000), ("val", 2_000)):
-        (d / split).mkdir()
-        write_shard(d / split / "000.bin", np.tile(np.arange(100, 164), n // 64))
-    return d
-
-
 def run(data_dir, out, *args):
     pretrain.main(["--data", str(data_dir), "--out", str(out), *TINY, *args])
-
-
-def read_log(out):
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
 def weights(ckpt):
