@@ -13,8 +13,9 @@ from checkpoint import load_checkpoint, step_checkpoints
 from config import ModelConfig, TrainConfig
 from model import GPT
 from optim import Muon, MuonAdamW, make_optimizer, orthogonalize
-from test_train import ENV, ROOT, data_dir, read_log  # noqa: F401 (data_dir: a fixture)
 from test_train import TINY as TINY_ADAMW
+from test_train import (ENV, ROOT, assert_same_weights, data_dir,  # noqa: F401 (data_dir: a fixture)
+                        final_weights, read_log)
 
 TINY = [*TINY_ADAMW, "--optimizer", "muon", "--muon_lr", "0.05"]
 
@@ -89,10 +90,7 @@ def test_muon_checkpoint_resume_is_bit_for_bit(data_dir, tmp_path):
     for d in step_checkpoints(out)[-1:]:
         os.replace(d, tmp_path / d.name)  # the run "stopped" after its step-8 checkpoint
     run(data_dir, out, "--max_steps", "12", "--save_every", "4", "--keep_last", "5", "--resume")
-    resumed = weights(out / "step_0000012")
-    assert resumed.keys() == reference.keys()
-    for k in reference:
-        assert torch.equal(resumed[k], reference[k]), f"{k} differs"
+    assert_same_weights(weights(out / "step_0000012"), reference)
 
 
 def test_resuming_with_another_optimizer_is_a_clear_error(tiny_model):
@@ -119,7 +117,7 @@ def test_torchrun_two_processes_match_one_process_with_accumulation(data_dir, tm
     assert [c[0] for c in curves[0]] == [c[0] for c in curves[1]] == [1, 2, 3, 4]
     assert np.allclose([c[1] for c in curves[0]], [c[1] for c in curves[1]], rtol=1e-4)
     assert curves[0][-1][1] < curves[0][0][1] - 1
-    final = [weights(step_checkpoints(out)[-1]) for out in (one, two)]
+    final = [final_weights(out) for out in (one, two)]
     for k in final[0]:
         assert torch.allclose(final[0][k], final[1][k], atol=1e-5), k
 
