@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -313,13 +313,17 @@ def read_for_resume(ckpt: Path, model: GPT) -> tuple[dict | None, dict | None, s
 # resume a DDP, FSDP or one-process run, and load for evaluation, fine-tuning and serving. torch.distributed.checkpoint
 # gathers and shards these states, keyed by parameter names, which `renumbered` translates.
 
-def shard(model: GPT) -> None:
+def shard(model: GPT, dtype: torch.dtype) -> None:
     """FSDP2, in place: each block's parameters, then the rest (embeddings, final LayerNorm), sharded across the
     processes. A block's weights are gathered for its forward and its backward only, so a process holds one
-    block whole at a time, besides its shards."""
+    block whole at a time, besides its shards. Under bf16 autocast the weights are gathered in bf16, the precision
+    the forward computes in anyway, which halves what the gathers move; gradients are still reduced, and the
+    shards kept and stepped, in fp32."""
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if dtype == torch.bfloat16 else MixedPrecisionPolicy()
     for block in model.h:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
 
 
 def renumbered(optimizer_state: dict, keys: list) -> dict:
@@ -557,7 +561,7 @@ def every(n: int, step: int) -> bool:
     return n > 0 and step % n == 0
 
 
-def wrap(model: GPT, cfg: TrainConfig, device: torch.device, world: int):
+def wrap(model: GPT, cfg: TrainConfig, device: torch.device, world: int, dtype: torch.dtype):
     """(raw model, the model to train): with several processes under DDP, or sharded in place (cfg.fsdp: the raw
     model is then the sharded one), then compiled on CUDA, and on the CPU with cfg.compile_cpu's backend. DDP
     first, as PyTorch's DDP notes advise: its optimizer then splits the compiled graph at the gradient buckets. No
@@ -565,7 +569,7 @@ def wrap(model: GPT, cfg: TrainConfig, device: torch.device, world: int):
     Evaluation runs the raw model: compiling its no-grad forward would cost a second graph."""
     raw_model = model
     if world > 1 and cfg.fsdp:
-        shard(model)
+        shard(model, dtype)
     elif world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     backend = compile_backend(cfg, device.type)
@@ -713,7 +717,7 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
 
     # Wrap (a sharded model's optimizer takes its shards), then resume or start afresh; rank 0 keeps the run folder.
     sharded = is_sharded(model, cfg, world, master)
-    raw_model, model = wrap(model.to(device), cfg, device, world)
+    raw_model, model = wrap(model.to(device), cfg, device, world, dtype)
     optimizer = make_optimizer(raw_model, cfg, device)
     state, resumed_from = (resume(out, raw_model, optimizer, scaler, master, sharded) if cfg.resume
                            else (TrainState(), None))

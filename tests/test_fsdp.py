@@ -199,3 +199,33 @@ def test_fsdp_with_float16_and_its_gradient_scaler_trains_as_one_process(data_di
     scales = [torch.load(out / "step_0000006" / "train_state.pt", weights_only=True)["scaler"]["scale"]
               for out in (sharded, one)]
     assert scales == [65536.0, 65536.0]  # the scaler was on (its initial scale), and no step overflowed
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fsdp_gathers_the_weights_in_the_precision_the_forward_computes_in(dtype, monkeypatch):
+    """Under bf16 autocast each block's weights are gathered in bf16 (half the bytes), the shards stay fp32 for the
+    optimizer; in fp32 the gathers are fp32. One in-process gloo rank: the gathers and casts are FSDP2's all the same."""
+    import socket
+
+    import torch.distributed as dist
+
+    from model import GPT, ModelConfig
+    from train import shard
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, rope=True, smear=True))
+        shard(model, dtype)
+        seen = []
+        model.h[0].attn.c_attn.register_forward_pre_hook(lambda module, args: seen.append(module.weight.dtype))
+        idx = torch.randint(100, (2, 17))
+        model(idx[:, :-1], idx[:, 1:]).backward()
+        assert seen == [dtype]
+        assert {(p.dtype, p.grad.dtype) for p in model.parameters()} == {(torch.float32, torch.float32)}
+    finally:
+        dist.destroy_process_group()
