@@ -1,18 +1,22 @@
 """Data parallel training under torchrun on the CPU (gloo, 2 processes, the 2-layer model of test_train.py): FSDP2
-(--fsdp) against DDP and one process, resuming a sharded run, DDP and FSDP with the model compiled (--compile_cpu)."""
+(--fsdp) against DDP and one process, resuming a sharded run, DDP and FSDP with the model compiled (--compile_cpu), and the precision FSDP gathers in."""
 
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 from checkpoint import load_checkpoint, step_checkpoints
+from model import GPT, ModelConfig
 from test_train import ENV, ROOT, TINY, assert_same_weights, data_dir, final_weights, read_log, run  # noqa: F401
+from train import shard
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -205,13 +209,6 @@ def test_fsdp_with_float16_and_its_gradient_scaler_trains_as_one_process(data_di
 def test_fsdp_gathers_the_weights_in_the_precision_the_forward_computes_in(dtype, monkeypatch):
     """Under bf16 autocast each block's weights are gathered in bf16 (half the bytes), the shards stay fp32 for the
     optimizer; in fp32 the gathers are fp32. One in-process gloo rank: the gathers and casts are FSDP2's all the same."""
-    import socket
-
-    import torch.distributed as dist
-
-    from model import GPT, ModelConfig
-    from train import shard
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
