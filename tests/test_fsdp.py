@@ -1,10 +1,10 @@
 """Data parallel training under torchrun on the CPU (gloo, 2 processes, the 2-layer model of test_train.py): FSDP2
-(--fsdp) against DDP and one process, resuming a sharded run, DDP and FSDP with the model compiled (--compile_cpu), and the precision FSDP gathers in."""
+(--fsdp) against DDP and one process, resuming a sharded run, DDP and FSDP with the model compiled (--compile_cpu),
+and the precision FSDP gathers in."""
 
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -15,7 +15,9 @@ import torch.distributed as dist
 
 from checkpoint import load_checkpoint, step_checkpoints
 from model import GPT, ModelConfig
-from test_train import ENV, ROOT, TINY, assert_same_weights, data_dir, final_weights, read_log, run  # noqa: F401
+from test_serve import free_port
+from test_train import (ENV, ROOT, TINY, assert_close_weights, assert_same_weights, data_dir,  # noqa: F401
+                        final_weights, read_log, run)
 from train import shard
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -48,12 +50,6 @@ def losses(out):
 
 def val_losses(out):
     return [r["val_loss"] for r in read_log(out) if r["type"] == "eval"]
-
-
-def assert_close_weights(a, b, atol=1e-5):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=atol, rtol=1e-4), f"{k} differs by {(a[k] - b[k]).abs().max()}"
 
 
 def without_key_biases(weights):
@@ -208,12 +204,10 @@ def test_fsdp_with_float16_and_its_gradient_scaler_trains_as_one_process(data_di
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fsdp_gathers_the_weights_in_the_precision_the_forward_computes_in(dtype, monkeypatch):
     """Under bf16 autocast each block's weights are gathered in bf16 (half the bytes), the shards stay fp32 for the
-    optimizer; in fp32 the gathers are fp32. One in-process gloo rank: the gathers and casts are FSDP2's all the same."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    optimizer; in fp32 the gathers are fp32. One in-process gloo rank: the gathers and casts are FSDP2's all the
+    same."""
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, rope=True, smear=True))

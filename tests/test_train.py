@@ -60,6 +60,12 @@ def assert_same_weights(a, b):
         assert torch.equal(a[k], b[k]), f"{k} differs"
 
 
+def assert_close_weights(a, b, atol=1e-5, rtol=1e-4):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=atol, rtol=rtol), f"{k} differs by {(a[k] - b[k]).abs().max()}"
+
+
 @pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory):
     """An uninterrupted 12-step run, checkpoints every 4 steps."""
