@@ -12,6 +12,27 @@ import inspect
 import sys
 
 
+def cpu_name() -> str:
+    """The CPU's model name, for the figures' machine line."""
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+
+
+def median_times(*fns, repeat: int = 5) -> list[float]:
+    """The median time of each fn, the fns run in turn in every round: a change in the machine's speed (another
+    job, a frequency change) meets them alike instead of favouring the one timed later."""
+    import statistics
+    import time
+
+    times = [[] for _ in fns]
+    for _ in range(repeat):
+        for fn, t in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
 def bench_tokenizer(argv):
     """tokenize_data.py end to end against tiktoken's encode_ordinary_batch on the same text and thread count.
 
@@ -43,8 +64,7 @@ def bench_tokenizer(argv):
     if missing := [str(f) for f in files if not f.is_file()]:
         sys.exit(f"error: no such input file: {', '.join(missing)}")
     workers = len(os.sched_getaffinity(0))
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"machine: {cpu}, {workers} cores usable; load average before: {os.getloadavg()}")
+    print(f"machine: {cpu_name()}, {workers} cores usable; load average before: {os.getloadavg()}")
     # A forked child's max RSS starts at its parent's (Linux keeps it across exec), and this process holds a
     # lot of text: a small Python wrapper runs tokenize_data.py and reports its wall time, RSS and CPU time.
     wrapper = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
@@ -108,6 +128,24 @@ def bench_tokenizer(argv):
               f"{rss:.0f} MB | {rss_small_shards:.0f} MB |")
 
 
+def _train_args(argv):
+    import argparse
+
+    from config import PRESETS
+
+    parser = argparse.ArgumentParser(prog="bench.py train")
+    parser.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0 = torch's default)")
+    parser.add_argument("--batch_size", type=int, default=0, help="sequences per step (0 = the preset's)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per model per round")
+    parser.add_argument("--dtype", default="auto", help="autocast dtype for all rows (auto: train.py's choice)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile ours on the CPU too")
+    parser.add_argument("--data_vocab", default="", help="also time the loss over the ids of these shards")
+    return parser.parse_args(argv)
+
+
 def bench_train(argv):
     """Training throughput: our GPT with train.py's settings against transformers' GPT2LMHeadModel.
 
@@ -122,10 +160,7 @@ def bench_train(argv):
     on random tokens drawn from those ids. The
     models alternate in rounds, so all see the same machine load; the figure is the median step time.
     """
-    import argparse
     import os
-    import statistics
-    import time
 
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -134,17 +169,7 @@ def bench_train(argv):
     from model import GPT, enable_tf32
     from train import autocast_dtype, make_optimizer
 
-    parser = argparse.ArgumentParser(prog="bench.py train")
-    parser.add_argument("--preset", default="tiny", choices=list(PRESETS))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0 = torch's default)")
-    parser.add_argument("--batch_size", type=int, default=0, help="sequences per step (0 = the preset's)")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per model per round")
-    parser.add_argument("--dtype", default="auto", help="autocast dtype for all rows (auto: train.py's choice)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile ours on the CPU too")
-    parser.add_argument("--data_vocab", default="", help="also time the loss over the ids of these shards")
-    args = parser.parse_args(argv)
+    args = _train_args(argv)
     mcfg, tcfg = ModelConfig(), TrainConfig(device=args.device, dtype=args.dtype)
     apply_overrides([mcfg, tcfg], PRESETS[args.preset], f"preset {args.preset}")
     tcfg.optimizer = "adamw"  # the step transformers' side takes too (a preset may train with Muon)
@@ -155,8 +180,7 @@ def bench_train(argv):
     B, T = args.batch_size or tcfg.batch_size, mcfg.block_size
     if device.type == "cuda":
         enable_tf32()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu}, {torch.get_num_threads()} threads"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
     print(f"preset {args.preset}: {mcfg.n_layer} layers, {mcfg.n_embd} wide, context {T}, batch {B}x{T}; {where}; "
           f"{str(dtype).split('.')[-1]}; torch {torch.__version__}; load average before: {os.getloadavg()}")
 
@@ -204,19 +228,20 @@ def bench_train(argv):
     for step in steps.values():  # warm-up: allocator, kernels, compilation
         for _ in range(3 if device.type == "cuda" else 1):
             step()
-    times = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
+
+    def timed(step):
+        def run():
             sync()
-            start = time.perf_counter()
             for _ in range(args.steps):
                 step()
             sync()
-            times[name].append((time.perf_counter() - start) / args.steps)
-    rate = {name: B * T / statistics.median(t) for name, t in times.items()}
-    for name, t in times.items():
-        print(f"  {name:32s} {rate[name]:>10,.0f} tokens/s  (median step {statistics.median(t) * 1000:,.0f} ms, "
-              f"{len(t)} rounds of {args.steps})")
+        return run
+
+    medians = median_times(*map(timed, steps.values()), repeat=args.rounds)
+    rate = {name: B * T * args.steps / t for name, t in zip(steps, medians)}
+    for name, t in zip(steps, medians):
+        print(f"  {name:32s} {rate[name]:>10,.0f} tokens/s  (median step {t / args.steps * 1000:,.0f} ms, "
+              f"{args.rounds} rounds of {args.steps})")
     ours_rate, plain_rate, hf_rate = list(rate.values())[:3]
     print(f"  ratio ours / transformers: {ours_rate / hf_rate:.2f}x (with the plain loss: {plain_rate / hf_rate:.2f}x); "
           f"load average after: {os.getloadavg()}")
@@ -421,7 +446,6 @@ def bench_serve(argv):
     """
     import os
     import shutil
-    import statistics
     import tempfile
     import time
     from pathlib import Path
@@ -440,8 +464,7 @@ def bench_serve(argv):
         opts[flag.removeprefix("--")] = value
     threads, n_new, clients = int(opts["threads"]), int(opts["tokens"]), [int(c) for c in opts["clients"].split(",")]
     torch.set_num_threads(threads)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"machine: {cpu}, {os.cpu_count()} cores; torch threads {threads}; load average before: {os.getloadavg()}")
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; torch threads {threads}; load average before: {os.getloadavg()}")
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     if Path(opts["checkpoint"]).exists():
@@ -460,17 +483,6 @@ def bench_serve(argv):
         reference, hf = _transformers_twin(model, tmp / "hf")
         prompt = render([{"role": "user", "content": "Tell me a short story about a dog who learns to fly."}],
                         add_generation_prompt=True)[0]
-
-        def median_times(*fns, repeat=5):
-            """The median time of each fn, the fns run in turn in every round: a change in the machine's speed
-            (another job, a frequency change) meets them alike instead of favouring the one timed later."""
-            times = [[] for _ in fns]
-            for _ in range(repeat):
-                for fn, t in zip(fns, times):
-                    start = time.perf_counter()
-                    fn()
-                    t.append(time.perf_counter() - start)
-            return [statistics.median(t) for t in times]
 
         ids = torch.tensor([prompt])
         with torch.no_grad():
