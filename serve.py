@@ -177,18 +177,39 @@ def api_error(e: EngineError) -> ApiError:
     return ApiError(500, "internal error during generation", "server_error", code="server_error")
 
 
+class Mailbox:
+    """Events from the engine's thread to the event loop's queues. A decode step emits an event for every active
+    row: the loop is woken once for those that arrive together, not once per event, so that at many concurrent
+    requests the loop's thread takes the interpreter from the engine's less often."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.letters, self.woken = loop, collections.deque(), False
+
+    def post(self, queue: asyncio.Queue, event: Event):  # on the engine's thread
+        self.letters.append((queue, event))
+        if not self.woken:
+            self.woken = True
+            try:
+                self.loop.call_soon_threadsafe(self.deliver)
+            except RuntimeError:  # the loop is closed: the server is shutting down
+                pass
+
+    def deliver(self):  # on the loop; cleared first, so a letter posted meanwhile is delivered now or wakes it again
+        self.woken = False
+        while self.letters:
+            queue, event = self.letters.popleft()
+            queue.put_nowait(event)
+
+
 class Job:
     """A request's choices on the event-loop side: submits them to the engine and receives their Events."""
 
-    def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams, n: int, timeout: float):
-        loop = asyncio.get_running_loop()
+    def __init__(self, engine: Engine, mailbox: Mailbox, prompt: list[int], params: SamplingParams, n: int,
+                 timeout: float):
         self.events: asyncio.Queue = asyncio.Queue()
 
         def emit(event):
-            try:
-                loop.call_soon_threadsafe(self.events.put_nowait, event)
-            except RuntimeError:  # the loop is closed: the server is shutting down
-                pass
+            mailbox.post(self.events, event)
 
         deadline = time.monotonic() + timeout
         self.engine = engine
@@ -490,11 +511,12 @@ class Server:
                              observe=self.metrics.observe, on_failure=self.on_engine_failure)
         self.metrics.watch(self.engine, cfg.max_batch)
         self.sessions = Sessions(cfg.max_sessions, cfg.session_ttl)
+        self.mailbox: Mailbox | None = None  # made on the event loop, when the app starts (lifespan)
         self.ready = False
 
     async def warm_up(self):
         try:
-            job = Job(self.engine, [ASSISTANT], SamplingParams(max_tokens=2, temperature=0), 1,
+            job = Job(self.engine, self.mailbox, [ASSISTANT], SamplingParams(max_tokens=2, temperature=0), 1,
                       self.cfg.request_timeout)
             await job.collect(None)
             self.ready = True
@@ -577,7 +599,7 @@ class Server:
         params = self.sampling(body, len(prompt), body.max_completion_tokens or body.max_tokens, stop, top, echo)
         if self.cfg.log_prompts:
             log.info("prompt (%d tokens): %r", len(prompt), decode(prompt))
-        job = Job(self.engine, prompt, params, n, self.cfg.request_timeout)
+        job = Job(self.engine, self.mailbox, prompt, params, n, self.cfg.request_timeout)
         shape = ChoiceShape(chat, top is not None, prompt, prompt_text, echo)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
@@ -702,7 +724,7 @@ class Server:
             reserve = body.max_tokens or min(self.cfg.max_tokens_cap, self.block // 4)
             prompt, kept, dropped = fit_conversation(conversation, reserve, self.block)
             params = self.sampling(body, len(prompt), body.max_tokens)
-            job = Job(self.engine, prompt, params, 1, self.cfg.request_timeout)
+            job = Job(self.engine, self.mailbox, prompt, params, 1, self.cfg.request_timeout)
             (result,) = await job.collect(request)
             session["messages"] = kept + [{"role": "assistant", "content": result["text"]}]
         first = 1 if conversation[0]["role"] == "system" else 0
@@ -750,6 +772,7 @@ def create_app(cfg: ServeConfig, model=None, exit_on_failure: bool = False) -> F
 
     @asynccontextmanager
     async def lifespan(app):
+        server.mailbox = Mailbox(asyncio.get_running_loop())
         server.engine.start()
         warm = asyncio.ensure_future(server.warm_up())
         yield

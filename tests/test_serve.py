@@ -1,6 +1,7 @@
 """serve.py: a real uvicorn process on a tiny random checkpoint, plus in-process uvicorn servers around a
 scripted model (exact tokens, fixed speed) for UTF-8 streaming, disconnects, floods, deadlines and the page."""
 
+import asyncio
 import json
 import os
 import random
@@ -25,7 +26,7 @@ from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from config import ModelConfig, ServeConfig  # noqa: E402
 from model import GPT  # noqa: E402
 from engine import STOP_IDS, TextStream, fit_conversation  # noqa: E402
-from serve import create_app  # noqa: E402
+from serve import Mailbox, create_app  # noqa: E402
 from tokenizer import EOT_ID, N_VOCAB, decode, decode_bytes, encode  # noqa: E402
 
 KEY = "test-key-123"
@@ -722,6 +723,39 @@ def test_the_prefix_cache_keeps_its_bound_dropping_the_least_recently_used(model
 
 
 # ---- UTF-8, disconnects, floods, deadlines (the scripted model) ---------------------------------
+
+def test_the_mailbox_wakes_the_loop_once_per_batch_and_loses_no_event():
+    loop = asyncio.new_event_loop()
+    wakeups = []
+    call_soon = loop.call_soon_threadsafe
+    loop.call_soon_threadsafe = lambda *a: (wakeups.append(a), call_soon(*a))[1]
+    mailbox = Mailbox(loop)
+    queues = [asyncio.Queue(), asyncio.Queue()]
+    try:
+        for i in range(6):  # one engine step's events, posted while the loop is busy elsewhere
+            mailbox.post(queues[i % 2], i)
+        assert len(wakeups) == 1
+        loop.run_until_complete(asyncio.sleep(0))
+        assert [q.get_nowait() for q in queues for _ in range(3)] == [0, 2, 4, 1, 3, 5]
+        mailbox.post(queues[0], 6)  # the next step wakes it again
+        assert len(wakeups) == 2
+
+        # An engine thread posting while the loop delivers: every event arrives, in order.
+        n, got = 20_000, []
+
+        async def receive():
+            while len(got) < n:
+                got.append(await queues[1].get())
+
+        poster = threading.Thread(target=lambda: [mailbox.post(queues[1], i) for i in range(n)])
+        reader = loop.create_task(receive())
+        poster.start()
+        loop.run_until_complete(asyncio.wait_for(reader, 30))
+        poster.join()
+        assert got == list(range(n)) and len(wakeups) < n
+    finally:
+        loop.close()
+
 
 def test_text_stream_holds_back_split_characters():
     emoji = encode("😀")
