@@ -180,7 +180,8 @@ def bench_train(argv):
     B, T = args.batch_size or tcfg.batch_size, mcfg.block_size
     if device.type == "cuda":
         enable_tf32()
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{cpu_name()}, {torch.get_num_threads()} threads")
     print(f"preset {args.preset}: {mcfg.n_layer} layers, {mcfg.n_embd} wide, context {T}, batch {B}x{T}; {where}; "
           f"{str(dtype).split('.')[-1]}; torch {torch.__version__}; load average before: {os.getloadavg()}")
 
@@ -464,7 +465,8 @@ def bench_serve(argv):
         opts[flag.removeprefix("--")] = value
     threads, n_new, clients = int(opts["threads"]), int(opts["tokens"]), [int(c) for c in opts["clients"].split(",")]
     torch.set_num_threads(threads)
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; torch threads {threads}; load average before: {os.getloadavg()}")
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; torch threads {threads}; "
+          f"load average before: {os.getloadavg()}")
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     if Path(opts["checkpoint"]).exists():
