@@ -722,13 +722,15 @@ def test_the_prefix_cache_keeps_its_bound_dropping_the_least_recently_used(model
         assert cached(texts[3] + " today") >= len(encode(texts[3]))  # the newest is still there
 
 
-# ---- UTF-8, disconnects, floods, deadlines (the scripted model) ---------------------------------
-
 def test_the_mailbox_wakes_the_loop_once_per_batch_and_loses_no_event():
     loop = asyncio.new_event_loop()
-    wakeups = []
-    call_soon = loop.call_soon_threadsafe
-    loop.call_soon_threadsafe = lambda *a: (wakeups.append(a), call_soon(*a))[1]
+    wakeups, call_soon = [], loop.call_soon_threadsafe
+
+    def counted(*args):
+        wakeups.append(args)
+        return call_soon(*args)
+
+    loop.call_soon_threadsafe = counted
     mailbox = Mailbox(loop)
     queues = [asyncio.Queue(), asyncio.Queue()]
     try:
@@ -756,6 +758,8 @@ def test_the_mailbox_wakes_the_loop_once_per_batch_and_loses_no_event():
     finally:
         loop.close()
 
+
+# ---- UTF-8, disconnects, floods, deadlines (the scripted model) ---------------------------------
 
 def test_text_stream_holds_back_split_characters():
     emoji = encode("😀")
