@@ -84,8 +84,9 @@ EVAL_EVERY = 4  # one operand pair in EVAL_EVERY is held out for the evaluation 
 DEFAULT_NAME = "Parley"  # the assistant's name when no system prompt gives one
 
 FAMILIES = ("copy", "list", "arithmetic", "compare", "recall", "rules", "support", "booking", "greeting")
-SPLIT_SIZES = {"train": 2500, "val": 30, "eval": 250}  # dialogs per family; the suite (eval) is large enough that a
-# family's score measures the model rather than the draw of its dialogs (BENCHMARKS.md, Demo)
+# Dialogs per family. The suite (eval) is large enough that a family's score measures the model rather than the
+# draw of its dialogs (BENCHMARKS.md, Demo).
+SPLIT_SIZES = {"train": 2500, "val": 30, "eval": 250}
 # The training split's share of each family, times SPLIT_SIZES["train"]: more dialogs for the skills a small model
 # learns last (looking a value up in the support bot's prompt, bookings), fewer for those it learns first.
 TRAIN_WEIGHTS = {"copy": 0.6, "list": 1, "arithmetic": 1, "compare": 0.6, "recall": 1, "rules": 1, "support": 2.4,
