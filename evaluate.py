@@ -73,7 +73,7 @@ SAMPLE_PROMPTS = [
 class EvalConfig:
     data: list[str] = field(default_factory=list)  # token-shard folders or chat files for the loss
     suite: bool = True  # run the instruction-following suite
-    per_family: int = demo_data.SPLIT_SIZES["eval"]  # suite conversations per task family (at most the default)
+    per_family: int = demo_data.SPLIT_SIZES["eval"]  # suite conversations per task family
     seed: int = 0  # demo_data seed of the suite
     batch_size: int = 64  # conversations decoded together / sequences per loss batch
     max_new_tokens: int = 48
