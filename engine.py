@@ -18,8 +18,8 @@ the cache (the first rows, up to the longest position), with no gathers and no h
 Rows are handed out lowest first, so a lone sequence decodes as a batch of one. On the CPU the output layer
 multiplies by a transposed copy of the embedding matrix, which a single row reads far faster than the
 (vocabulary, width) layout (BENCHMARKS.md, "Serving"); on CUDA decoding runs in bf16 with the cache in bf16.
-Greedy steps on a CPU with int8 dot products (VNNI) skip most of the fp32 output layer: `greedy_ids` screens the
-vocabulary with an int8 product and computes the fp32 logits of the few ids its error bound leaves, so the tokens
+Greedy steps on a CPU with bf16 dot products skip most of the fp32 output layer: `greedy_ids` screens the
+vocabulary with a bf16 product and computes the fp32 logits of the few ids its error bound leaves, so the tokens
 are the fp32 logits' argmax.
 
 Conversation reuse (`reuse_tokens`): when a sequence ends, the keys and values of its tokens go to a bounded
@@ -244,22 +244,11 @@ def output_layer(model):
 
 
 @dataclass
-class Screen:
-    """The real ids' rows of the output layer W in int8, one scale a row (W[v] is about scales[v] times int8 row v),
-    packed for oneDNN's int8 kernel: greedy_ids's screen. max_scale and max_l1 (the largest scale, the largest L1
-    norm of a rounded row) set its error bound (screen_logits)."""
-    packed: torch.Tensor
-    scales: torch.Tensor
-    zero_points: torch.Tensor
-    max_scale: float
-    max_l1: float
-
-
-@dataclass
 class DecodeCopies:
     weight_t: torch.Tensor  # W.T, contiguous: one row's logits
     packed: torch.Tensor | None  # W packed for oneDNN's fp32 kernel: several rows' logits
-    screen: Screen | None
+    screen: torch.Tensor | None  # the real ids' rows of W in bf16, packed for oneDNN: greedy_ids's screen
+    max_norm: float  # the largest norm of those rows: the screen's error bound
     key: tuple
 
 
@@ -270,22 +259,33 @@ def decode_copies(model) -> DecodeCopies:
     key = (weight.data_ptr(), weight._version)
     if getattr(model, "decode_weights", None) is None or model.decode_weights.key != key:
         w = weight.detach()
-        model.decode_weights = DecodeCopies(w.t().contiguous(), packed_for_onednn(w), int8_screen(w[:N_VOCAB]), key)
+        real = w[:N_VOCAB]
+        model.decode_weights = DecodeCopies(w.t().contiguous(), packed_for_onednn(w),
+                                            packed_for_onednn(real, bf16=True), real.norm(dim=1).max().item(), key)
     return model.decode_weights
 
 
 ONEDNN_ROWS = 16  # the batch size oneDNN lays the packed weights out for; any number of rows can use them
 
 
-def packed_for_onednn(weight):
-    """weight (V, C) packed for oneDNN's fp32 linear kernel; None where this torch has no oneDNN. The ops are
-    private (torch.compile's CPU backend uses them), so the packed copy is checked on a probe before it is trusted."""
-    if weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+def packed_for_onednn(weight, bf16: bool = False):
+    """weight (V, C) packed for oneDNN's linear kernel, in fp32, or in bf16 for greedy_ids's screen; None where this
+    torch has no oneDNN, bf16 where the CPU has no bf16 dot products (AVX512-BF16 or AMX: elsewhere oneDNN converts
+    to fp32 and gains little). The ops are private (torch.compile's CPU backend uses them), so the packed copy is
+    checked on a probe before it is trusted: fp32 must equal x @ W.T, bf16 stay within SCREEN_ERROR's bound."""
+    native = [getattr(torch.cpu, f"_is_{isa}_supported", lambda: False)() for isa in ("avx512_bf16", "amx_tile")]
+    if weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available() or (bf16 and not any(native)):
         return None
+    dtype = torch.bfloat16 if bf16 else torch.float32
     try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, ONEDNN_ROWS)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), ONEDNN_ROWS)
         probe = torch.linspace(-1, 1, 2 * weight.size(1)).view(2, -1)
-        return packed if torch.allclose(onednn_linear(probe, packed), probe @ weight.t(), rtol=1e-4, atol=1e-5) else None
+        got, want = onednn_linear(probe.to(dtype), packed).float(), probe @ weight.t()
+        if bf16:
+            ok = bool(((got - want).abs() <= SCREEN_ERROR * probe.norm(dim=1, keepdim=True) * weight.norm(dim=1)).all())
+        else:
+            ok = torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+        return packed if ok else None
     except (AttributeError, RuntimeError):  # a build without the ops
         return None
 
@@ -294,59 +294,29 @@ def onednn_linear(x, packed):
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
-def int8_screen(weight) -> Screen | None:
-    """greedy_ids's int8 copy of weight (V, C); None where the CPU has no VNNI dot products (without them oneDNN's
-    int8 kernel may saturate its 16-bit sums) or this torch lacks the ops. Checked on a probe, as the ops are
-    private: the screen's logits must stay within their bound."""
-    if weight.dtype != torch.float32 or not getattr(torch.cpu, "_is_vnni_supported", lambda: False)():
-        return None
-    try:
-        scales = weight.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
-        q = torch.round(weight / scales[:, None]).to(torch.int8)
-        screen = Screen(torch.ops.onednn.qlinear_prepack(q, [ONEDNN_ROWS, weight.size(1)]), scales,
-                        torch.zeros(len(scales), dtype=torch.int64), scales.max().item(),
-                        (q.float() * scales[:, None]).abs().sum(dim=1).max().item())
-        probe = 127 * torch.linspace(-1, 1, 2 * weight.size(1)).view(2, -1).numpy()
-        approx, bound = screen_logits(screen, probe)
-        ok = bool((np.abs(approx - probe @ weight.numpy().T) <= bound[:, None]).all())
-        return screen if ok else None
-    except (AttributeError, RuntimeError):  # a build without the ops
-        return None
-
-
-def screen_logits(screen: Screen, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The screen's logits of hidden states u (n, C) whose entries are at most 127 in size, and a bound on each
-    row's error against the fp32 logits u @ W.T. u is rounded to integers q (|q - u| <= 1/2) and each row of W
-    to a multiple of its scale s (|W~ - W| <= s/2), so a logit errs by at most
-    |(q - u) . W~| + |u . (W~ - W)| <= max_l1 / 2 + |u|_1 max_scale / 2. The kernel's int32 sums are exact and its
-    fp32 scaling errs by less than 2^-20 of the largest possible result, 127 max_l1."""
-    q = torch.from_numpy((np.rint(u) + 128).astype(np.uint8))  # oneDNN takes unsigned 8-bit with a zero point
-    approx = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, screen.packed, screen.scales, screen.zero_points, None,
-                                                1.0, 0, torch.float32, "none", [], "").numpy()
-    bound = screen.max_l1 * (0.5 + 127 * 2.0 ** -20) + 0.5 * screen.max_scale * np.abs(u).sum(axis=1)
-    return approx, bound
-
-
+# bf16 keeps 8 significant bits: rounding x, a row w of W and the result to it each err by at most 2^-8 of
+# sum |x_i w_i|, and the kernel's fp32 accumulation by far less, so a bf16 logit is within 3 * 2^-8 * |x| |w| <
+# SCREEN_ERROR * |x| |w| of the fp32 one (Cauchy-Schwarz). The winner's bf16 logit is then within twice that of
+# the best bf16 logit.
+SCREEN_ERROR = 2.0 ** -6
 SCREEN_MAX_CANDIDATES = 64  # per row on average; past that the screen saves nothing and the fp32 logits decide
 
 
 def greedy_ids(model, x) -> list[int] | None:
     """Each row's most likely real id from its hidden state x (n, C): the argmax of the fp32 logits, ties to the
-    first, found without computing all of them. On the CPU an int8 product (a quarter of the bytes, four times
-    fp32's arithmetic rate with VNNI) screens the vocabulary: each row, scaled so that its largest entry is 127
-    (which keeps its argmax), gets the screen's logits, and every id within twice the error bound of the row's best
-    may be the winner; only those get their fp32 logit. None where there is no screen (CUDA, a model in training, a
-    CPU without VNNI), a row is zero or not finite, or the screen leaves too many candidates (the caller then takes
-    the fp32 logits)."""
+    first, found without computing all of them. On the CPU, a bf16 product (half the bytes, twice the arithmetic
+    rate) screens the vocabulary: every id whose bf16 logit is within twice the error bound of the row's best
+    may be the winner, and only those get their fp32 logit. None where there is no screen (CUDA, a model in
+    training, a CPU without fast bf16) or it leaves too many candidates (the caller then takes the fp32 logits)."""
     if x.device.type != "cpu" or getattr(model, "token_map", None) is not None or x.dtype != torch.float32:
         return None
-    screen = decode_copies(model).screen
-    hidden = x.detach().numpy()
-    peak = np.abs(hidden).max(axis=1)
-    if screen is None or not (np.isfinite(peak).all() and peak.min() > 0):
+    copies = decode_copies(model)
+    if copies.screen is None:
         return None
-    approx, bound = screen_logits(screen, hidden * (127 / peak)[:, None])
-    rows, ids = np.divmod(np.flatnonzero(approx >= (approx.max(axis=1) - 2 * bound)[:, None]), approx.shape[1])
+    approx = onednn_linear(x.to(torch.bfloat16), copies.screen).float().numpy()
+    hidden = x.detach().numpy()
+    margin = (2 * SCREEN_ERROR * copies.max_norm) * np.linalg.norm(hidden, axis=1)
+    rows, ids = np.divmod(np.flatnonzero(approx >= (approx.max(axis=1) - margin)[:, None]), approx.shape[1])
     counts = np.bincount(rows, minlength=len(x))
     if counts.min() == 0 or len(ids) > SCREEN_MAX_CANDIDATES * len(x):  # NaN, or logits too close to screen
         return None
