@@ -268,7 +268,7 @@ def _transformers_twin(model, out_dir):
     torch.manual_seed(0)
     reference = GPT(dataclasses.replace(model.config, rope=False, smear=False))
     with torch.no_grad():
-        reference.wte.weight[EOT_ID:N_VOCAB] = 0  # never stops early, like `model` (bench_serve)
+        reference.wte.weight[EOT_ID:N_VOCAB] = 0  # no special token is ever its greedy choice, as for bench_serve's
     return reference.eval(), GPT2LMHeadModel.from_pretrained(export_hf(reference, out_dir)).eval()
 
 
@@ -330,7 +330,7 @@ def _server_figures(ckpt, threads: int, n_new: int, clients: list[int], referenc
     with _server(ckpt, threads, "--max-batch", "64", "--max-queue", "256", "--max-tokens-cap", str(n_new)) as url:
         def one_stream():
             body = {"messages": [{"role": "user", "content": "Tell me a short story about a dog who learns to fly."}],
-                    "temperature": 0, "max_tokens": n_new, "stream": True}
+                    "temperature": 0, "max_tokens": n_new, "stream": True, "ignore_eos": True}
             start, stamps = time.perf_counter(), []
             with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
                 for line in r.iter_lines():
@@ -351,7 +351,7 @@ def _server_figures(ckpt, threads: int, n_new: int, clients: list[int], referenc
                     tokens = 0
                     for j in range(rounds):
                         body = {"messages": [{"role": "user", "content": f"Tell me about topic {i}-{j}."}],
-                                "temperature": 0, "max_tokens": n_tokens}
+                                "temperature": 0, "max_tokens": n_tokens, "ignore_eos": True}
                         tokens += (await c.post("/v1/chat/completions", json=body)).json()["usage"]["completion_tokens"]
                     return tokens
                 start = time.perf_counter()
@@ -436,9 +436,10 @@ def bench_serve(argv):
     usage: python bench.py serve [--checkpoint DIR] [--threads N] [--tokens N] [--clients 1,4,16,64]
                                  [--turns N [--conversations N]]
     Default model: checkpoints/demo-chat (from `make demo`) if it exists, else a random-init model of the tiny
-    preset's size (n_layer=4, n_head=4, n_embd=128, block_size=256, learned positions). Its special-token
-    embeddings are zeroed so that it never stops early: every request generates exactly the tokens asked for, in
-    both implementations (this is a speed test). A model GPT-2 cannot express (the demo's: rope and smear) cannot
+    preset's size (n_layer=4, n_head=4, n_embd=128, block_size=256, learned positions), whose special-token
+    embeddings are zeroed so that its /chat replies do not end at once. Every request generates exactly the tokens
+    asked for, in both implementations (this is a speed test): the server's requests send `ignore_eos`, as vLLM's
+    benchmark does, so that a chat model's replies do not end at its first <|end|>. A model GPT-2 cannot express (the demo's: rope and smear) cannot
     be exported to transformers: the in-process comparison then runs on a random GPT-2-shaped model of its size,
     and serve.py on the model itself. The server runs as its own process (--max-batch 64); the clients (httpx,
     asyncio) run in this process, on the same cores. --threads sets torch's threads here and in the server.
@@ -476,9 +477,9 @@ def bench_serve(argv):
         tiny = {k: PRESETS["tiny"][k] for k in ("n_layer", "n_head", "n_embd", "block_size")}
         torch.manual_seed(0)
         model = GPT(ModelConfig(**tiny))
+        with torch.no_grad():
+            model.wte.weight[EOT_ID:N_VOCAB] = 0
         print(f"model: random init, tiny preset {tiny} (no chat checkpoint at {opts['checkpoint']})")
-    with torch.no_grad():
-        model.wte.weight[EOT_ID:N_VOCAB] = 0
     model.eval()
     try:
         ckpt = save_checkpoint(tmp / "ckpt", model)

@@ -361,6 +361,7 @@ class Sampling(Strict):
     n: int | None = Field(None, ge=1)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
+    ignore_eos: bool | None = None  # vLLM's extension: generate max_tokens whatever the model says (benchmarks)
     # Accepted only at their neutral values: the server does not implement them, and says so.
     frequency_penalty: float | None = Field(None, allow_inf_nan=False)
     presence_penalty: float | None = Field(None, allow_inf_nan=False)
@@ -553,8 +554,9 @@ class Server:
             raise ApiError(400, f"max_tokens {max_tokens} is over this server's cap of {cap}", param="max_tokens",
                            code="invalid_value")
         temperature = 1.0 if body.temperature is None else body.temperature
+        stop_tokens = frozenset() if isinstance(body, Sampling) and body.ignore_eos else STOP_IDS
         return SamplingParams(max_tokens, temperature, body.top_p or 1.0, body.top_k or 0, body.seed, tuple(stop),
-                              logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                              stop_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
     def check_sampling(self, body: Sampling) -> tuple[int, list[str]]:
         unsupported = [name for name, value in (("tools", body.tools), ("frequency_penalty", body.frequency_penalty),

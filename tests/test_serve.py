@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from chat_format import render  # noqa: E402
+from chat_format import END, render  # noqa: E402
 from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from config import ModelConfig, ServeConfig  # noqa: E402
 from model import GPT  # noqa: E402
@@ -418,6 +418,20 @@ def test_stop_strings_are_cut_and_not_returned(client):
         events = sse_events(resp.iter_lines())
     text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
     assert text == want and stop not in text and events[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_ignore_eos_generates_max_tokens_past_the_end_of_the_reply():
+    """vLLM's `ignore_eos`, which benchmarks send: a model that ends its reply after 'Hello' goes on to max_tokens."""
+    script = encode("Hello") + [END]
+    with in_process_server(ScriptedModel(script), max_batch=2) as (url, _), httpx.Client(base_url=url) as c:
+        chat = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 10}
+        done = c.post("/v1/chat/completions", json=chat).json()
+        assert done["choices"][0]["message"]["content"] == "Hello" and done["choices"][0]["finish_reason"] == "stop"
+        assert done["usage"]["completion_tokens"] == len(script)
+        for path, body in (("/v1/chat/completions", chat), ("/v1/completions", {"prompt": "hi", "max_tokens": 10})):
+            r = c.post(path, json={**body, "ignore_eos": True}).json()
+            assert r["choices"][0]["finish_reason"] == "length" and r["usage"]["completion_tokens"] == 10, path
+        assert c.post("/v1/completions", json={"prompt": "hi", "ignore_eos": 1}).status_code == 400  # strict bool
 
 
 def test_context_limits_are_honest(client):
