@@ -268,7 +268,7 @@ def _transformers_twin(model, out_dir):
     torch.manual_seed(0)
     reference = GPT(dataclasses.replace(model.config, rope=False, smear=False))
     with torch.no_grad():
-        reference.wte.weight[EOT_ID:N_VOCAB] = 0  # no special token is ever its greedy choice, as for bench_serve's
+        reference.wte.weight[EOT_ID:N_VOCAB] = 0  # no special token is its greedy choice
     return reference.eval(), GPT2LMHeadModel.from_pretrained(export_hf(reference, out_dir)).eval()
 
 
@@ -439,10 +439,11 @@ def bench_serve(argv):
     preset's size (n_layer=4, n_head=4, n_embd=128, block_size=256, learned positions), whose special-token
     embeddings are zeroed so that its /chat replies do not end at once. Every request generates exactly the tokens
     asked for, in both implementations (this is a speed test): the server's requests send `ignore_eos`, as vLLM's
-    benchmark does, so that a chat model's replies do not end at its first <|end|>. A model GPT-2 cannot express (the demo's: rope and smear) cannot
-    be exported to transformers: the in-process comparison then runs on a random GPT-2-shaped model of its size,
-    and serve.py on the model itself. The server runs as its own process (--max-batch 64); the clients (httpx,
-    asyncio) run in this process, on the same cores. --threads sets torch's threads here and in the server.
+    benchmark does, so that a chat model's replies do not end at its first <|end|>. A model GPT-2 cannot express
+    (the demo's: rope and smear) cannot be exported to transformers: the in-process comparison then runs on a
+    random GPT-2-shaped model of its size, and serve.py on the model itself. The server runs as its own process
+    (--max-batch 64); the clients (httpx, asyncio) run in this process, on the same cores. --threads sets torch's
+    threads here and in the server.
     --turns N adds conversation reuse: the time to first token of turn 1 and turn N of /chat conversations, on a
     server with the prefix cache and on one without (medians of --conversations, default 5).
     """
