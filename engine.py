@@ -268,13 +268,18 @@ def decode_copies(model) -> DecodeCopies:
 ONEDNN_ROWS = 16  # the batch size oneDNN lays the packed weights out for; any number of rows can use them
 
 
+def fast_bf16_cpu() -> bool:
+    """Whether this CPU has bf16 dot products (AVX512-BF16 or AMX) and this torch has oneDNN: greedy_ids's screen."""
+    return torch.backends.mkldnn.is_available() and any(
+        getattr(torch.cpu, f"_is_{isa}_supported", lambda: False)() for isa in ("avx512_bf16", "amx_tile"))
+
+
 def packed_for_onednn(weight, bf16: bool = False):
     """weight (V, C) packed for oneDNN's linear kernel, in fp32, or in bf16 for greedy_ids's screen; None where this
     torch has no oneDNN, bf16 where the CPU has no bf16 dot products (AVX512-BF16 or AMX: elsewhere oneDNN converts
     to fp32 and gains little). The ops are private (torch.compile's CPU backend uses them), so the packed copy is
     checked on a probe before it is trusted: fp32 must equal x @ W.T, bf16 stay within SCREEN_ERROR's bound."""
-    native = [getattr(torch.cpu, f"_is_{isa}_supported", lambda: False)() for isa in ("avx512_bf16", "amx_tile")]
-    if weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available() or (bf16 and not any(native)):
+    if weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available() or (bf16 and not fast_bf16_cpu()):
         return None
     dtype = torch.bfloat16 if bf16 else torch.float32
     try:

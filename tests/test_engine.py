@@ -8,8 +8,8 @@ import torch
 
 from config import ModelConfig
 from engine import (STOP_IDS, ContextTooLong, DeadlineExceeded, Engine, KVCache, PrefixStore, QueueFull,
-                    SamplingParams, Sequence, common_prefix, decode_copies, decode_one_step, generate, greedy_ids,
-                    output_layer, prefill, sample, stream)
+                    SamplingParams, Sequence, common_prefix, decode_copies, decode_one_step, fast_bf16_cpu, generate,
+                    greedy_ids, output_layer, prefill, sample, stream)
 from model import GPT
 from tokenizer import EOT_ID, N_VOCAB, decode
 
@@ -76,10 +76,7 @@ def test_the_cpu_output_layer_takes_several_rows_through_packed_weights():
 
 
 # Skipped only where the CPU lacks bf16 dot products: a screen that fails its probe check elsewhere fails these tests.
-needs_screen = pytest.mark.skipif(
-    not torch.backends.mkldnn.is_available()
-    or not any(getattr(torch.cpu, f"_is_{isa}_supported", lambda: False)() for isa in ("avx512_bf16", "amx_tile")),
-    reason="no fast bf16 on this CPU")
+needs_screen = pytest.mark.skipif(not fast_bf16_cpu(), reason="no fast bf16 on this CPU")
 
 
 @needs_screen
