@@ -21,6 +21,8 @@ model is a small assistant inside a small world. Nine task families, every answe
               missing (name, day, people) and then confirms all three
   greeting    hello, who are you, what can you do, thanks (the name from the system prompt, or Parley), and
               a short fallback for requests outside its world
+Fine-tuning also answers requests in words outside the corpus ("Explain quantum physics.") with that fallback
+(TRAIN_ONLY "unknown"), which the suite does not score: its words are all in the corpus.
 
 Every task is asked in many wordings: cores (each holding the task's key word, e.g. reverse / backwards /
 opposite order) combined with polite prefixes. Held out: some whole cores and one key word per task occur only
@@ -84,13 +86,14 @@ EVAL_EVERY = 4  # one operand pair in EVAL_EVERY is held out for the evaluation 
 DEFAULT_NAME = "Parley"  # the assistant's name when no system prompt gives one
 
 FAMILIES = ("copy", "list", "arithmetic", "compare", "recall", "rules", "support", "booking", "greeting")
+TRAIN_ONLY = ("unknown",)  # requests in words outside the corpus (UNKNOWN_WORDS): fine-tuning only, never scored
 # Dialogs per family. The suite (eval) is large enough that a family's score measures the model rather than the
 # draw of its dialogs (BENCHMARKS.md, Demo).
 SPLIT_SIZES = {"train": 2500, "val": 30, "eval": 250}
 # The training split's share of each family, times SPLIT_SIZES["train"]: more dialogs for the skills a small model
 # learns last (looking a value up in the support bot's prompt, bookings), fewer for those it learns first.
 TRAIN_WEIGHTS = {"copy": 0.6, "list": 1, "arithmetic": 1, "compare": 0.6, "recall": 1, "rules": 1, "support": 2.4,
-                 "booking": 1.4, "greeting": 0.6}
+                 "booking": 1.4, "greeting": 0.6, "unknown": 0.24}
 SPLIT_SEEDS = {"train": 0, "val": 1, "eval": 2}  # combined with the caller's seed
 
 # ---- wordings ---------------------------------------------------------------------------------------------------
@@ -278,6 +281,21 @@ GREET = {
 }
 CAN_DO = ("I can repeat text, work with lists, add and subtract, compare numbers, remember what you tell me, "
           "answer from my instructions and book tables.")
+OUTSIDE = f"Sorry, I cannot help with that. {CAN_DO}"
+# Fine-tuning only: requests about words outside the corpus, none of whose tokens pretraining ever saw, answered
+# with OUTSIDE. Such a word keeps the shared row of the ids pretraining never saw (finetune.py), so all of them look
+# alike to the model and these teach it to answer OUTSIDE to any word it cannot read. The suite asks none of them:
+# its words are all in the corpus.
+UNKNOWN_WORDS = """France Spanish airplane algebra army basketball battery beer bitcoin calculus chemistry chocolate
+climate coffee database desert dinosaur doctor earthquake economy election elephant emperor empire essay fashion
+forecast galaxy government hurricane insurance internet javascript jewelry makeup market medicine mortgage navy
+olympics opera painting passport peace penguin philosophy politics prison programming python quantum recipe
+religion revolution satellite science smartphone stock symphony tattoo tennis translate universe vacation vaccine
+violin virus visa volcano war website wine yoga""".split()
+UNKNOWN_ASK = ["Explain {}.", "What is {}?", "Tell me about {}.", "Can you help me with {}?", "I need help with {}.",
+               "Write something about {}.", "How does {} work?", "What do you know about {}?", "Teach me {}.",
+               "Give me facts about {}.", "What is the best {}?", "Please tell me about the {}.",
+               "Talk about {} with me."]
 IDENTITY_SYSTEM = ["You are {}, a helpful assistant.", "Your name is {}.", "You are {}.",
                    "You are called {}.", "Your name is {}, and you help people.",
                    "~Introduce yourself as {}."]
@@ -508,8 +526,7 @@ def _greeting(d: Draw):
     name = rng.choice(d.p["names"]) if rng.random() < 0.7 else DEFAULT_NAME
     messages = [{"role": "system", "content": d.pick(IDENTITY_SYSTEM).format(name)}] if name != DEFAULT_NAME else []
     replies = {"hello": f"Hello! I am {name}. How can I help you?", "who": f"I am {name}, a small assistant.",
-               "can": CAN_DO, "thanks": "You are welcome!",
-               "outside": f"Sorry, I cannot help with that. {CAN_DO}"}
+               "can": CAN_DO, "thanks": "You are welcome!", "outside": OUTSIDE}
     earlier = Draw(rng, d.p, False)
     for _ in range(rng.randint(0, 1)):
         kind = rng.choice(list(replies))
@@ -520,8 +537,13 @@ def _greeting(d: Draw):
         replies[kind]
 
 
+def _unknown(d: Draw):
+    topic = " and ".join(d.rng.sample(UNKNOWN_WORDS, d.rng.choice([1, 1, 2])))
+    return [{"role": "user", "content": d.rng.choice(UNKNOWN_ASK).format(topic)}], OUTSIDE
+
+
 GENERATORS = {"copy": _copy, "list": _list, "arithmetic": _arithmetic, "compare": _compare, "recall": _recall,
-              "rules": _rules, "support": _support, "booking": _booking, "greeting": _greeting}
+              "rules": _rules, "support": _support, "booking": _booking, "greeting": _greeting, "unknown": _unknown}
 
 
 def _check_seed(seed) -> int:
@@ -536,11 +558,12 @@ def examples(split: str, seed: int = 0, per_family: int | None = None) -> list[d
     p = pools(split)
     rng = random.Random(f"{_check_seed(seed)}-{SPLIT_SEEDS[split]}")
     n = SPLIT_SIZES[split] if per_family is None else per_family
-    sizes = {f: round(n * TRAIN_WEIGHTS[f]) if split == "train" else n for f in FAMILIES}
+    sizes = {f: round(n * TRAIN_WEIGHTS[f]) for f in FAMILIES + TRAIN_ONLY} if split == "train" else \
+        dict.fromkeys(FAMILIES, n)
     out = []
     for i in range(max(sizes.values())):
         held = ("wording" if i % 2 == 0 else "filler") if split == "eval" else None
-        for family in (f for f in FAMILIES if i < sizes[f]):
+        for family in (f for f in sizes if i < sizes[f]):
             messages, answer = GENERATORS[family](Draw(rng, p, held == "wording"))
             out.append({"family": family, "held_out": held,
                         "messages": messages + [{"role": "assistant", "content": answer}], "answer": answer})

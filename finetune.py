@@ -15,7 +15,8 @@ context loses its oldest exchanges (the system message stays); one whose last ex
 --rehearse DIR adds --rehearse_rows windows of pretraining text (token shards) to every batch, all their tokens
 trained (chat_data.Rehearsal): a narrow fine-tuning set otherwise overwrites what pretraining taught
 (BENCHMARKS.md, Demo). An init pretrained with --data_vocab keeps its softmax restricted to the ids it or the
-data uses: the same loss, cheaper.
+data trains on: the same loss, cheaper. An id that neither trains on (one only a prompt uses) keeps the shared row
+of the ids pretraining never saw: the model reads every such id as the same unknown word.
 The chat template is stored in every checkpoint (config.json "chat_template"). Every field: --help.
 """
 
@@ -72,15 +73,20 @@ def load_data(ft: FinetuneConfig, cfg: TrainConfig, block_size: int, world: int)
 
 def restrict_to_used_ids(model: GPT, data: ChatData, rehearse: str) -> int:
     """After a --data_vocab pretraining, the ids that never occurred share one embedding row (GPT.shared_rows);
-    the loss's softmax is then restricted to the others and to every id the data uses (which may move away from
-    the shared row): the same loss, at a fraction of the output layer's cost. Returns the number of shared rows
-    left (0: nothing restricted)."""
+    the loss's softmax is then restricted to the others and to every id the data trains on (which may move away
+    from the shared row): the same loss, at a fraction of the output layer's cost. Returns the number of shared
+    rows left (0: nothing restricted).
+
+    An id that only the prompts use stays on the shared row. Given a row of its own, it would be trained from its
+    few prompts alone, and the model would tell the words of its fine-tuning data from the words it never read
+    (BENCHMARKS.md, Demo, "requests with words outside the corpus"): on the shared row, every word it cannot read
+    looks alike, so what fine-tuning teaches about such words holds for all of them."""
     shared = model.shared_rows()
     if len(shared) == 0:
         return 0
     keep = torch.ones(model.config.vocab_size, dtype=torch.bool)
     keep[shared.cpu()] = False
-    used = [ids for ids, _ in data.train + data.val] + ([data_vocab_ids(rehearse)] if rehearse else [])
+    used = [ids[mask] for ids, mask in data.train + data.val] + ([data_vocab_ids(rehearse)] if rehearse else [])
     keep[torch.from_numpy(np.unique(np.concatenate(used)).astype(np.int64))] = True
     model.restrict_output(keep.nonzero().squeeze(1))
     return len(model.rest_ids)
@@ -132,7 +138,7 @@ def main(argv: list[str]) -> None:
         report(summary, train_cfg, data, world)
     shared = restrict_to_used_ids(model, data, ft.rehearse)
     if master and shared:
-        print(f"loss: softmax over the {len(model.output_ids):,} token ids that the init trained or the data uses, "
+        print(f"loss: softmax over the {len(model.output_ids):,} token ids that the init or the data trains on, "
               f"plus one logit for the {shared:,} others (the init was pretrained with --data_vocab)")
     if text is not None:
         if master:

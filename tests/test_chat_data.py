@@ -348,6 +348,10 @@ def test_finetune_restricts_the_loss_after_data_vocab_pretraining_and_rehearses_
     assert "plus one logit for the" in printed and "rehearsal: 3 windows" in printed
     model, config, _ = load_checkpoint(tmp_path / "chat" / "step_0000002")
     assert config["finetune"]["rehearse"] == str(text) and config["finetune"]["rehearse_rows"] == 3
+    # An id the answers train on gets a row of its own; one only the prompts use keeps the shared row.
+    (question,), (answer,) = tok("question"), tok("answer")  # each turn starts a line
+    shared = set(model.shared_rows().tolist())
+    assert question in shared and answer not in shared and 100 not in shared
     # The restricted loss is the full-vocabulary loss: the logged validation loss is what the saved model computes.
     logged = [json.loads(r) for r in (tmp_path / "chat" / "log.jsonl").read_text().splitlines()]
     logged = [r["val_loss"] for r in logged if r["type"] == "eval"][-1]

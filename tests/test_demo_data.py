@@ -69,6 +69,8 @@ def test_nine_families_in_every_split_and_the_suite_holds_out_wordings_and_fille
         counts = {f: sum(e["family"] == f for e in examples) for f in demo_data.FAMILIES}
         weights = demo_data.TRAIN_WEIGHTS if split == "train" else dict.fromkeys(demo_data.FAMILIES, 1)
         assert counts == {f: round(demo_data.SPLIT_SIZES[split] * weights[f]) for f in demo_data.FAMILIES}
+        unknown = sum(e["family"] == "unknown" for e in examples)
+        assert unknown == (600 if split == "train" else 0)  # fine-tuning only
     assert set(demo_data.FAMILIES) == {"copy", "list", "arithmetic", "compare", "recall", "rules", "support",
                                        "booking", "greeting"}
     assert {e["held_out"] for e in tuned} == {None}
@@ -250,6 +252,19 @@ def test_requests_outside_its_world_get_the_fallback(held_out):
             name = e["answer"].split()[3].rstrip(".")
             system = e["messages"][0]["content"] if e["messages"][0]["role"] == "system" else ""
             assert name in system or (name == demo_data.DEFAULT_NAME and not system)
+
+
+def test_requests_in_words_the_corpus_never_uses_get_the_fallback_in_fine_tuning_only(train, held_out, corpus):
+    seen = set(encode(" ".join(corpus)))
+    for word in demo_data.UNKNOWN_WORDS:  # pretraining never saw any of their tokens, so all keep the shared row
+        assert not seen & set(encode(" " + word)), word
+    unknown = [e for e in train if e["family"] == "unknown"]
+    asked = [e["messages"][-2]["content"] for e in unknown]
+    assert all(e["answer"] == demo_data.OUTSIDE and len(e["messages"]) == 2 for e in unknown)
+    assert len({a.split()[-1] for a in asked}) > 50  # many words, in many frames
+    assert len({re.sub(r"\b(" + "|".join(demo_data.UNKNOWN_WORDS) + r")\b", "_", a) for a in asked}) > 20
+    suite_words = set(re.findall(r"[A-Za-z]+", " ".join(prompts(held_out))))
+    assert not suite_words & set(demo_data.UNKNOWN_WORDS)
 
 
 def test_write_jsonl_reads_back_as_chat_files(tmp_path, monkeypatch):
