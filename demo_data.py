@@ -22,7 +22,8 @@ model is a small assistant inside a small world. Nine task families, every answe
   greeting    hello, who are you, what can you do, thanks (the name from the system prompt, or Parley), and
               a short fallback for requests outside its world
 Fine-tuning also answers requests in words outside the corpus ("Explain quantum physics.") with that fallback
-(TRAIN_ONLY "unknown"), which the suite does not score: its words are all in the corpus.
+(TRAIN_ONLY "unknown"). The suite does not score them, as its words are all in the corpus; unknown_requests(seed)
+asks them in other words and wordings, for evaluate.py's report.
 
 Every task is asked in many wordings: cores (each holding the task's key word, e.g. reverse / backwards /
 opposite order) combined with polite prefixes. Held out: some whole cores and one key word per task occur only
@@ -282,20 +283,24 @@ GREET = {
 CAN_DO = ("I can repeat text, work with lists, add and subtract, compare numbers, remember what you tell me, "
           "answer from my instructions and book tables.")
 OUTSIDE = f"Sorry, I cannot help with that. {CAN_DO}"
-# Fine-tuning only: requests about words outside the corpus, none of whose tokens pretraining ever saw, answered
-# with OUTSIDE. Such a word keeps the shared row of the ids pretraining never saw (finetune.py), so all of them look
-# alike to the model and these teach it to answer OUTSIDE to any word it cannot read. The suite asks none of them:
-# its words are all in the corpus.
+# Requests about words outside the corpus, none of whose tokens pretraining ever saw, answered with OUTSIDE: in
+# fine-tuning (TRAIN_ONLY), and held out ("~": other words, other wordings) in unknown_requests, which evaluate.py
+# reports apart from the suite (whose words are all in the corpus). Such a word keeps the shared row of the ids
+# pretraining never saw (finetune.py), so all of them look alike to the model, and the fallback tuned on some of
+# them holds for any word it cannot read.
 UNKNOWN_WORDS = """France Spanish airplane algebra army basketball battery beer bitcoin calculus chemistry chocolate
 climate coffee database desert dinosaur doctor earthquake economy election elephant emperor empire essay fashion
 forecast galaxy government hurricane insurance internet javascript jewelry makeup market medicine mortgage navy
 olympics opera painting passport peace penguin philosophy politics prison programming python quantum recipe
 religion revolution satellite science smartphone stock symphony tattoo tennis translate universe vacation vaccine
-violin virus visa volcano war website wine yoga""".split()
+violin virus visa volcano war website wine yoga ~biology ~sushi ~hotel ~court ~sculpture ~pyramid ~flight
+~software ~capital ~taxes ~giraffe ~computer ~president ~email ~salary ~lawyer ~physics ~history ~museum ~poetry
+~prince ~football ~author ~novel ~meditation""".split()
 UNKNOWN_ASK = ["Explain {}.", "What is {}?", "Tell me about {}.", "Can you help me with {}?", "I need help with {}.",
                "Write something about {}.", "How does {} work?", "What do you know about {}?", "Teach me {}.",
                "Give me facts about {}.", "What is the best {}?", "Please tell me about the {}.",
-               "Talk about {} with me."]
+               "Talk about {} with me.", "~Could you explain {} to me?", "~I want to learn about {}.",
+               "~Say something about {}.", "~What do you think of {}?"]
 IDENTITY_SYSTEM = ["You are {}, a helpful assistant.", "Your name is {}.", "You are {}.",
                    "You are called {}.", "Your name is {}, and you help people.",
                    "~Introduce yourself as {}."]
@@ -327,11 +332,14 @@ class Draw:
     def __init__(self, rng: random.Random, p: dict, held_out_wording: bool):
         self.rng, self.p, self.held = rng, p, held_out_wording
 
-    def pick(self, options: list[str]) -> str:
-        """A wording: from the held-out ones ("~") when asking in held-out wordings, else from the tuned ones."""
+    def options(self, options: list[str]) -> list[str]:
+        """The held-out options ("~") when asking in held-out wordings, else the tuned ones."""
         held = [o[1:] for o in options if o.startswith("~")]
-        tuned = [o for o in options if not o.startswith("~")]
-        return self.rng.choice(held if self.held and held else tuned)
+        return held if self.held and held else [o for o in options if not o.startswith("~")]
+
+    def pick(self, options: list[str]) -> str:
+        """A wording: from the held-out ones when asking in held-out wordings, else from the tuned ones."""
+        return self.rng.choice(self.options(options))
 
     def ask(self, task: str, *args, **kwargs) -> str:
         return self.phrase(WORDINGS[task], *args, **kwargs)
@@ -538,8 +546,8 @@ def _greeting(d: Draw):
 
 
 def _unknown(d: Draw):
-    topic = " and ".join(d.rng.sample(UNKNOWN_WORDS, d.rng.choice([1, 1, 2])))
-    return [{"role": "user", "content": d.rng.choice(UNKNOWN_ASK).format(topic)}], OUTSIDE
+    topic = " and ".join(d.rng.sample(d.options(UNKNOWN_WORDS), d.rng.choice([1, 1, 2])))
+    return [{"role": "user", "content": d.pick(UNKNOWN_ASK).format(topic)}], OUTSIDE
 
 
 GENERATORS = {"copy": _copy, "list": _list, "arithmetic": _arithmetic, "compare": _compare, "recall": _recall,
@@ -567,6 +575,18 @@ def examples(split: str, seed: int = 0, per_family: int | None = None) -> list[d
             messages, answer = GENERATORS[family](Draw(rng, p, held == "wording"))
             out.append({"family": family, "held_out": held,
                         "messages": messages + [{"role": "assistant", "content": answer}], "answer": answer})
+    return out
+
+
+def unknown_requests(seed: int = 0, n: int = 100) -> list[dict]:
+    """n requests in held-out words outside the corpus and held-out wordings, each answered with OUTSIDE, as
+    examples() gives them (family "unknown"): whether the model answers the fallback to words it cannot read."""
+    rng = random.Random(f"{_check_seed(seed)}-unknown")
+    out = []
+    for _ in range(n):
+        messages, answer = _unknown(Draw(rng, pools("eval"), True))
+        out.append({"family": "unknown", "held_out": "wording",
+                    "messages": messages + [{"role": "assistant", "content": answer}], "answer": answer})
     return out
 
 

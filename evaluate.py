@@ -13,7 +13,8 @@ CHECKPOINT is a checkpoint of ours (or a run folder: its best checkpoint) or a H
     them asked in wordings never tuned on): each conversation without its final answer is rendered with the chat
     template, the reply is decoded greedily (batched, stopping at <|end|>) and must match the reference answer
     exactly. Accuracy per task family and overall (over all examples, the same number per family), split into
-    held-out wordings and held-out fillers, with every failure listed.
+    held-out wordings and held-out fillers, with every failure listed. Apart from it, as many requests in words
+    outside the demo corpus (demo_data.unknown_requests), which should get the out-of-world fallback.
   * Sample replies to a fixed set of conversations.
 
 Writes eval.md and eval.json into the CHECKPOINT folder given (atomically) and prints a short table.
@@ -205,6 +206,9 @@ def table(report: dict) -> str:
             lines.append(f"{name:<12} {100 * s['accuracy']:>8.1f}% {s['correct']:>4}/{s['total']:<4}   "
                          f"{_held_out_accuracy(s, 'wording'):>12}   {_held_out_accuracy(s, 'filler'):>11}")
         lines.append(f"{'overall':<12} {100 * suite['overall']:>8.1f}% {suite['correct']:>4}/{suite['total']:<4}")
+        unknown = report["unknown"]
+        lines.append(f"not in the suite: requests in words outside the corpus answered with the fallback, "
+                     f"{100 * unknown['overall']:.1f}% ({unknown['correct']}/{unknown['total']})")
     return "\n".join(lines)
 
 
@@ -230,6 +234,12 @@ def markdown(report: dict) -> str:
                f"### Failures ({len(suite['failures'])})", ""]
         md += [f"- {f['family']}{' (new wording)' if f.get('held_out') == 'wording' else ''}: {f['prompt']!r} "
                f"expected {f['expected']!r}, got {f['got']!r}" for f in suite["failures"]]
+        unknown = report["unknown"]
+        md += ["", "## Requests in words outside the corpus (not in the suite)", "",
+               f"Answered with the out-of-world fallback: **{100 * unknown['overall']:.1f}%** "
+               f"({unknown['correct']}/{unknown['total']}). Words none of whose tokens the demo corpus uses, never "
+               "tuned on, in wordings never tuned on.", ""]
+        md += [f"- {f['prompt']!r} got {f['got']!r}" for f in unknown["failures"]]
     md += ["", "## Sample conversations (greedy)", ""]
     for s in report["samples"]:
         md += [_render_conversation(s["messages"] + [{"role": "assistant", "content": s["reply"]}]), ""]
@@ -253,6 +263,8 @@ def evaluate(checkpoint, cfg: EvalConfig) -> dict:
     if cfg.suite:
         suite_examples = demo_data.examples("eval", cfg.seed, per_family=cfg.per_family)
         report["suite"] = run_suite(model, suite_examples, cfg.max_new_tokens, cfg.batch_size)
+        report["unknown"] = run_suite(model, demo_data.unknown_requests(cfg.seed, cfg.per_family),
+                                      cfg.max_new_tokens, cfg.batch_size)
     replies = reply(model, SAMPLE_PROMPTS, cfg.max_new_tokens, cfg.batch_size)
     report["samples"] = [{"messages": m, "reply": r} for m, r in zip(SAMPLE_PROMPTS, replies)]
     report["seconds"] = time.time() - t0

@@ -254,17 +254,27 @@ def test_requests_outside_its_world_get_the_fallback(held_out):
             assert name in system or (name == demo_data.DEFAULT_NAME and not system)
 
 
-def test_requests_in_words_the_corpus_never_uses_get_the_fallback_in_fine_tuning_only(train, held_out, corpus):
+def test_requests_in_words_the_corpus_never_uses_get_the_fallback_and_are_held_out_apart_from_the_suite(
+        tuned, held_out, corpus):
     seen = set(encode(" ".join(corpus)))
-    for word in demo_data.UNKNOWN_WORDS:  # pretraining never saw any of their tokens, so all keep the shared row
+    words = [w.lstrip("~") for w in demo_data.UNKNOWN_WORDS]
+    for word in words:  # pretraining never saw any of their tokens, so all keep the shared row
         assert not seen & set(encode(" " + word)), word
-    unknown = [e for e in train if e["family"] == "unknown"]
-    asked = [e["messages"][-2]["content"] for e in unknown]
-    assert all(e["answer"] == demo_data.OUTSIDE and len(e["messages"]) == 2 for e in unknown)
-    assert len({a.split()[-1] for a in asked}) > 50  # many words, in many frames
-    assert len({re.sub(r"\b(" + "|".join(demo_data.UNKNOWN_WORDS) + r")\b", "_", a) for a in asked}) > 20
+    probe = demo_data.unknown_requests(seed=3, n=200)
+    assert probe == demo_data.unknown_requests(seed=3, n=200) != demo_data.unknown_requests(seed=4, n=200)
+    asked = {split: [e["messages"][-2]["content"] for e in examples if e["family"] == "unknown"]
+             for split, examples in (("tuned", tuned), ("probe", probe))}
+    assert len(asked["tuned"]) == 600 and len(asked["probe"]) == 200
+    assert all(e["answer"] == demo_data.OUTSIDE and len(e["messages"]) == 2
+               for e in tuned + probe if e["family"] == "unknown")
+    # tuned and probe requests share no word outside the corpus, and no wording (the text around the words)
+    pattern = re.compile(r"\b(" + "|".join(words) + r")\b")
+    used = {split: set(w for a in asks for w in pattern.findall(a)) for split, asks in asked.items()}
+    frames = {split: {pattern.sub("_", a).replace("_ and _", "_") for a in asks} for split, asks in asked.items()}
+    assert len(used["tuned"]) == 73 and len(used["probe"]) == 25 and not used["tuned"] & used["probe"]
+    assert len(frames["tuned"]) == 13 and len(frames["probe"]) == 4 and not frames["tuned"] & frames["probe"]
     suite_words = set(re.findall(r"[A-Za-z]+", " ".join(prompts(held_out))))
-    assert not suite_words & set(demo_data.UNKNOWN_WORDS)
+    assert not suite_words & set(words)  # the suite's words are all in the corpus
 
 
 def test_write_jsonl_reads_back_as_chat_files(tmp_path, monkeypatch):

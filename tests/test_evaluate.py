@@ -143,14 +143,21 @@ def test_cli_writes_reports_into_the_checkpoint_folder(tmp_path, capsys):
     report = json.loads((ckpt / "eval.json").read_text())
     assert report["suite"]["total"] == 18 and set(report["suite"]["families"]) == set(demo_data.FAMILIES)
     assert len(report["suite"]["failures"]) == 18 - report["suite"]["correct"]
+    unknown = report["unknown"]  # requests in words outside the corpus, as many as a family, apart from the suite
+    assert unknown["total"] == 2 and set(unknown["families"]) == {"unknown"}
+    assert [f["prompt"] for f in unknown["failures"]] == \
+        [e["messages"][-2]["content"] for e in demo_data.unknown_requests(0, 2)][:len(unknown["failures"])]
     assert report["losses"][0]["kind"].startswith("demo eval dialogs") and report["losses"][0]["tokens"] > 1000
     assert len(report["samples"]) == len(evaluate.SAMPLE_PROMPTS)
     md = (ckpt / "eval.md").read_text()
     assert "| **overall** |" in md and "## Sample conversations" in md
+    assert "## Requests in words outside the corpus (not in the suite)" in md
     assert "| family | accuracy | correct | held-out wordings | held-out fillers |" in md
     assert "Rosa's Cafe" in md and "book a table" in md  # the samples: a support bot and a booking
     out = capsys.readouterr().out
     assert "overall" in out and "new wordings" in out and "How much is the pizza?" in out
+    assert f"requests in words outside the corpus answered with the fallback, " \
+        f"{50 * unknown['correct']:.1f}% ({unknown['correct']}/2)" in out
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
