@@ -80,7 +80,8 @@ def restrict_to_used_ids(model: GPT, data: ChatData, rehearse: str) -> int:
     An id that only the prompts use stays on the shared row. Given a row of its own, it would be trained from its
     few prompts alone, and the model would tell the words of its fine-tuning data from the words it never read
     (BENCHMARKS.md, Demo, "requests with words outside the corpus"): on the shared row, every word it cannot read
-    looks alike, so what fine-tuning teaches about such words holds for all of them."""
+    looks alike, so what fine-tuning teaches about such words holds for all of them. The price: a word that the
+    prompts use often and the corpus lacks reads as unknown too, so the corpus should hold the prompts' words."""
     shared = model.shared_rows()
     if len(shared) == 0:
         return 0
