@@ -248,27 +248,36 @@ def bench_train(argv):
           f"load average after: {os.getloadavg()}")
 
 
+def _random_model(config):
+    """A seeded random-init GPT whose special-token embeddings are zeroed, so that no special token is its greedy
+    choice: its replies never end early, and every request generates the tokens asked for."""
+    import torch
+
+    from model import GPT
+    from tokenizer import EOT_ID, N_VOCAB
+
+    torch.manual_seed(0)
+    model = GPT(config)
+    with torch.no_grad():
+        model.wte.weight[EOT_ID:N_VOCAB] = 0
+    return model
+
+
 def _transformers_twin(model, out_dir):
     """(reference, hf): `model` and its transformers GPT2LMHeadModel (same weights). A model GPT-2 cannot express
     (rope, smear) gets a random GPT-2-shaped stand-in of the same size (learned positions) as the reference: the
     speed comparison needs one model in both implementations."""
     import dataclasses
 
-    import torch
     from transformers import GPT2LMHeadModel
 
     from checkpoint import CheckpointError, export_hf
-    from model import GPT
-    from tokenizer import EOT_ID, N_VOCAB
 
     try:
         return model, GPT2LMHeadModel.from_pretrained(export_hf(model, out_dir)).eval()
     except CheckpointError as e:
         print(f"transformers: {e}; comparing with a random GPT-2-shaped model of the same size instead")
-    torch.manual_seed(0)
-    reference = GPT(dataclasses.replace(model.config, rope=False, smear=False))
-    with torch.no_grad():
-        reference.wte.weight[EOT_ID:N_VOCAB] = 0  # no special token is its greedy choice
+    reference = _random_model(dataclasses.replace(model.config, rope=False, smear=False))
     return reference.eval(), GPT2LMHeadModel.from_pretrained(export_hf(reference, out_dir)).eval()
 
 
@@ -458,8 +467,7 @@ def bench_serve(argv):
     from chat_format import render
     from checkpoint import load_checkpoint, save_checkpoint
     from config import ModelConfig, PRESETS
-    from model import GPT
-    from tokenizer import EOT_ID, N_VOCAB
+    from tokenizer import EOT_ID
 
     opts = {"checkpoint": "checkpoints/demo-chat", "threads": str(torch.get_num_threads()), "tokens": "128",
             "clients": "1,4,16,64", "turns": "0", "conversations": "5"}
@@ -476,10 +484,7 @@ def bench_serve(argv):
         print(f"model: {opts['checkpoint']}")
     else:
         tiny = {k: PRESETS["tiny"][k] for k in ("n_layer", "n_head", "n_embd", "block_size")}
-        torch.manual_seed(0)
-        model = GPT(ModelConfig(**tiny))
-        with torch.no_grad():
-            model.wte.weight[EOT_ID:N_VOCAB] = 0
+        model = _random_model(ModelConfig(**tiny))
         print(f"model: random init, tiny preset {tiny} (no chat checkpoint at {opts['checkpoint']})")
     model.eval()
     try:
