@@ -17,7 +17,8 @@ whole sequence: a decode step writes one key and value per row at the row's posi
 the cache (the first rows, up to the longest position), with no gathers and no host syncs inside the model.
 Rows are handed out lowest first, so a lone sequence decodes as a batch of one. On the CPU the output layer
 multiplies by a transposed copy of the embedding matrix, which a single row reads far faster than the
-(vocabulary, width) layout (BENCHMARKS.md, "Serving"); on CUDA decoding runs in bf16 with the cache in bf16.
+(vocabulary, width) layout (BENCHMARKS.md, "Serving"), and a group of equal rows (a --data_vocab model's ids that
+never occurred) is computed once; on CUDA decoding runs in bf16 with the cache in bf16.
 Greedy steps on a CPU with bf16 dot products skip most of the fp32 output layer: `greedy_ids` screens the
 vocabulary with a bf16 product and computes the fp32 logits of the few ids its error bound leaves, so the tokens
 are the fp32 logits' argmax.
@@ -239,29 +240,49 @@ def output_layer(model):
     if weight.device.type != "cpu":
         return model.lm_head
     copies = decode_copies(model)
-    packed, weight_t = copies.packed, copies.weight_t
-    return lambda x: onednn_linear(x, packed) if packed is not None and len(x) > 1 else x @ weight_t
+    packed, weight_t, expand = copies.packed, copies.weight_t, copies.expand
+
+    def logits(x):
+        out = onednn_linear(x, packed) if packed is not None and len(x) > 1 else x @ weight_t
+        return out if expand is None else out.index_select(1, expand)
+    return logits
 
 
 @dataclass
 class DecodeCopies:
-    weight_t: torch.Tensor  # W.T, contiguous: one row's logits
-    packed: torch.Tensor | None  # W packed for oneDNN's fp32 kernel: several rows' logits
-    screen: torch.Tensor | None  # the real ids' rows of W in bf16, packed for oneDNN: greedy_ids's screen
+    """The output layer's distinct rows W[ids] (decode_copies), laid out for decoding."""
+    weight_t: torch.Tensor  # W[ids].T, contiguous: one row's logits
+    packed: torch.Tensor | None  # W[ids] packed for oneDNN's fp32 kernel: several rows' logits
+    expand: torch.Tensor | None  # each id's row among W[ids] (None: all of W): every id's logit from those of ids
+    screen: torch.Tensor | None  # the rows of the real ids among ids, in bf16, packed for oneDNN: greedy_ids's screen
+    screen_ids: np.ndarray  # the id of each row of the screen
     max_norm: float  # the largest norm of those rows: the screen's error bound
     key: tuple
 
 
 def decode_copies(model) -> DecodeCopies:
     """The CPU's copies of the output layer for decoding, made once and kept on the model until its weights change
-    (their version or storage; GPT.train drops them, as an optimizer may update them without a version)."""
+    (their version or storage; GPT.train drops them, as an optimizer may update them without a version).
+
+    Equal rows have equal logits, so the largest group of them (a --data_vocab model's ids that never occurred in
+    its data: most of the vocabulary, GPT.shared_rows) keeps only its first: the output layer then costs what the
+    ids the model was trained on cost, and the argmax's ties still go to the first id."""
     weight = model.lm_head.weight
     key = (weight.data_ptr(), weight._version)
     if getattr(model, "decode_weights", None) is None or model.decode_weights.key != key:
         w = weight.detach()
-        real = w[:N_VOCAB]
-        model.decode_weights = DecodeCopies(w.t().contiguous(), packed_for_onednn(w),
-                                            packed_for_onednn(real, bf16=True), real.norm(dim=1).max().item(), key)
+        ids, expand = torch.arange(len(w)), None
+        shared = model.shared_rows()
+        if len(shared):
+            keep = torch.ones(len(w), dtype=torch.bool)
+            keep[shared[1:]] = False
+            ids, expand = keep.nonzero().squeeze(1), keep.cumsum(0) - 1
+            expand[shared] = int(expand[shared[0]])  # every id of the group reads its first's row
+            w = w[ids]
+        real = ids < N_VOCAB
+        model.decode_weights = DecodeCopies(w.t().contiguous(), packed_for_onednn(w), expand,
+                                            packed_for_onednn(w[real], bf16=True), ids[real].numpy(),
+                                            w[real].norm(dim=1).max().item(), key)
     return model.decode_weights
 
 
@@ -321,7 +342,8 @@ def greedy_ids(model, x) -> list[int] | None:
     approx = onednn_linear(x.to(torch.bfloat16), copies.screen).float().numpy()
     hidden = x.detach().numpy()
     margin = (2 * SCREEN_ERROR * copies.max_norm) * np.linalg.norm(hidden, axis=1)
-    rows, ids = np.divmod(np.flatnonzero(approx >= (approx.max(axis=1) - margin)[:, None]), approx.shape[1])
+    rows, cols = np.divmod(np.flatnonzero(approx >= (approx.max(axis=1) - margin)[:, None]), approx.shape[1])
+    ids = copies.screen_ids[cols]
     counts = np.bincount(rows, minlength=len(x))
     if counts.min() == 0 or len(ids) > SCREEN_MAX_CANDIDATES * len(x):  # NaN, or logits too close to screen
         return None

@@ -109,6 +109,29 @@ def test_greedy_ids_are_the_argmax_of_the_fp32_logits():
     assert sample(model, torch.zeros(1, 32), [Sequence([1], GREEDY)])[0] == [0]
 
 
+def test_the_output_layer_computes_a_group_of_equal_rows_once():
+    """A --data_vocab model's never-seen ids share one row: the decode copies keep its first, and the logits and
+    greedy choices are those of the whole layer, ties to the first id."""
+    model = make_model()
+    w = model.lm_head.weight
+    with torch.no_grad():
+        w[1000:] = torch.linspace(-0.04, 0.04, 32)  # ids 1000.. (specials and padding too) share one row,
+        w[5000] = -w[1000]  # but for id 5000
+    copies = decode_copies(model)
+    assert copies.weight_t.shape == (32, 1002) and copies.screen_ids.tolist() == [*range(1001), 5000]
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(1)) * 3
+    x[0] = torch.linspace(-1, 1, 32) * 5  # the shared row's best: id 1000
+    x[1] = -x[0]  # id 5000's
+    with torch.no_grad():
+        full = x @ w.t()
+        for rows in (1, 5):
+            assert torch.allclose(output_layer(model)(x[:rows]), full[:rows], rtol=1e-4, atol=1e-5)
+        want = full[:, :N_VOCAB].argmax(dim=1).tolist()
+    assert want[:2] == [1000, 5000] and any(t < 1000 for t in want)
+    if fast_bf16_cpu():
+        assert greedy_ids(model, x) == want
+
+
 @needs_screen
 def test_greedy_decoding_takes_the_screen_and_equals_the_models_argmax(monkeypatch):
     import engine
