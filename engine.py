@@ -264,16 +264,18 @@ def decode_copies(model) -> DecodeCopies:
     """The CPU's copies of the output layer for decoding, made once and kept on the model until its weights change
     (their version or storage; GPT.train drops them, as an optimizer may update them without a version).
 
-    Equal rows have equal logits, so the largest group of them (a --data_vocab model's ids that never occurred in
-    its data: most of the vocabulary, GPT.shared_rows) keeps only its first: the output layer then costs what the
-    ids the model was trained on cost, and the argmax's ties still go to the first id."""
+    Equal rows have equal logits, so where the largest group of them is most of the vocabulary (a --data_vocab
+    model's ids that never occurred in its data, GPT.shared_rows) it keeps only its first: the output layer then
+    costs what the ids the model was trained on cost, and the argmax's ties still go to the first id. A small group
+    (a random model's zeroed special tokens) is kept whole: spreading the logits back to every id costs more than a
+    few rows save (BENCHMARKS.md, Serving)."""
     weight = model.lm_head.weight
     key = (weight.data_ptr(), weight._version)
     if getattr(model, "decode_weights", None) is None or model.decode_weights.key != key:
         w = weight.detach()
         ids, expand = torch.arange(len(w)), None
         shared = model.shared_rows()
-        if len(shared):
+        if 2 * len(shared) > len(w):
             keep = torch.ones(len(w), dtype=torch.bool)
             keep[shared[1:]] = False
             ids, expand = keep.nonzero().squeeze(1), keep.cumsum(0) - 1

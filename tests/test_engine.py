@@ -110,9 +110,10 @@ def test_greedy_ids_are_the_argmax_of_the_fp32_logits():
 
 
 def test_the_output_layer_computes_a_group_of_equal_rows_once():
-    """A --data_vocab model's never-seen ids share one row: the decode copies keep its first, and the logits and
-    greedy choices are those of the whole layer, ties to the first id."""
+    """A --data_vocab model's never-seen ids, most of the vocabulary, share one row: the decode copies keep its
+    first, and the logits and greedy choices are those of the whole layer, ties to the first id."""
     model = make_model()
+    assert decode_copies(model).expand is None  # its five equal rows (the zeroed special tokens) are kept whole
     w = model.lm_head.weight
     with torch.no_grad():
         w[1000:] = torch.linspace(-0.04, 0.04, 32)  # ids 1000.. (specials and padding too) share one row,
