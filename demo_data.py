@@ -571,23 +571,22 @@ def examples(split: str, seed: int = 0, per_family: int | None = None) -> list[d
     out = []
     for i in range(max(sizes.values())):
         held = ("wording" if i % 2 == 0 else "filler") if split == "eval" else None
-        for family in (f for f in sizes if i < sizes[f]):
-            messages, answer = GENERATORS[family](Draw(rng, p, held == "wording"))
-            out.append({"family": family, "held_out": held,
-                        "messages": messages + [{"role": "assistant", "content": answer}], "answer": answer})
+        out += [_example(family, held, Draw(rng, p, held == "wording")) for family in sizes if i < sizes[family]]
     return out
+
+
+def _example(family: str, held: str | None, d: Draw) -> dict:
+    """One dialog of `family` drawn with d, as examples() gives it."""
+    messages, answer = GENERATORS[family](d)
+    return {"family": family, "held_out": held, "messages": messages + [{"role": "assistant", "content": answer}],
+            "answer": answer}
 
 
 def unknown_requests(seed: int = 0, n: int = 100) -> list[dict]:
     """n requests in held-out words outside the corpus and held-out wordings, each answered with OUTSIDE, as
     examples() gives them (family "unknown"): whether the model answers the fallback to words it cannot read."""
     rng = random.Random(f"{_check_seed(seed)}-unknown")
-    out = []
-    for _ in range(n):
-        messages, answer = _unknown(Draw(rng, pools("eval"), True))
-        out.append({"family": "unknown", "held_out": "wording",
-                    "messages": messages + [{"role": "assistant", "content": answer}], "answer": answer})
-    return out
+    return [_example("unknown", "wording", Draw(rng, pools("eval"), True)) for _ in range(n)]
 
 
 def dialogs(split: str, seed: int = 0) -> list[list[dict]]:
