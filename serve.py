@@ -204,10 +204,19 @@ class Job:
     """A request's choices on the event-loop side: submits them to the engine and receives their Events."""
 
     def __init__(self, engine: Engine, mailbox: Mailbox, prompt: list[int], params: SamplingParams, n: int,
-                 timeout: float):
+                 timeout: float, whole: bool = False):
         self.events: asyncio.Queue = asyncio.Queue()
+        held: dict[int, list[Event]] = {}  # a whole response's text so far, per choice
 
-        def emit(event):
+        def emit(event):  # on the engine's thread
+            # A whole response needs its text only at the end: the loop hears of a choice once, not once a token.
+            if whole and event.kind == "text":
+                held.setdefault(event.index, []).append(event)
+                return
+            texts = held.pop(event.index, [])
+            if texts:
+                mailbox.post(self.events, Event("text", event.index, "".join(e.text for e in texts),
+                                                [lp for e in texts for lp in e.logprobs]))
             mailbox.post(self.events, event)
 
         deadline = time.monotonic() + timeout
@@ -600,7 +609,7 @@ class Server:
         params = self.sampling(body, len(prompt), body.max_completion_tokens or body.max_tokens, stop, top, echo)
         if self.cfg.log_prompts:
             log.info("prompt (%d tokens): %r", len(prompt), decode(prompt))
-        job = Job(self.engine, self.mailbox, prompt, params, n, self.cfg.request_timeout)
+        job = Job(self.engine, self.mailbox, prompt, params, n, self.cfg.request_timeout, whole=not body.stream)
         shape = ChoiceShape(chat, top is not None, prompt, prompt_text, echo)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
@@ -725,7 +734,7 @@ class Server:
             reserve = body.max_tokens or min(self.cfg.max_tokens_cap, self.block // 4)
             prompt, kept, dropped = fit_conversation(conversation, reserve, self.block)
             params = self.sampling(body, len(prompt), body.max_tokens)
-            job = Job(self.engine, self.mailbox, prompt, params, 1, self.cfg.request_timeout)
+            job = Job(self.engine, self.mailbox, prompt, params, 1, self.cfg.request_timeout, whole=True)
             (result,) = await job.collect(request)
             session["messages"] = kept + [{"role": "assistant", "content": result["text"]}]
         first = 1 if conversation[0]["role"] == "system" else 0

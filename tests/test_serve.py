@@ -773,6 +773,26 @@ def test_the_mailbox_wakes_the_loop_once_per_batch_and_loses_no_event():
         loop.close()
 
 
+def test_a_whole_response_reaches_the_loop_once_per_choice(monkeypatch):
+    posted, post = [], Mailbox.post
+    monkeypatch.setattr(Mailbox, "post", lambda self, queue, event: (posted.append(event), post(self, queue, event)))
+    body = {"messages": [{"role": "user", "content": "Pick words"}], "max_tokens": 12, "temperature": 1.0, "seed": 7,
+            "n": 2, "ignore_eos": True, "logprobs": True}
+    with in_process_server(tiny_model()) as (url, _), httpx.Client(base_url=url, timeout=60) as client:
+        posted.clear()  # the server's warm-up
+        choices = client.post("/v1/chat/completions", json=body).json()["choices"]
+        whole = list(posted)
+        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+            events = sse_events(r.iter_lines())
+    streamed, posted = posted[len(whole):], whole
+    # Twelve tokens a choice, each told to the loop as one text event and the end, not one event per token.
+    assert sorted((e.index, e.kind) for e in posted) == [(0, "done"), (0, "text"), (1, "done"), (1, "text")]
+    texts = {e.index: e for e in posted if e.kind == "text"}
+    assert [texts[c["index"]].text for c in choices] == [c["message"]["content"] for c in choices]
+    assert [len(texts[c["index"]].logprobs) for c in choices] == [len(c["logprobs"]["content"]) for c in choices] == [12, 12]
+    assert len(events) > 12 and sum(e.kind == "text" for e in streamed) > 12  # a stream still hears of every token
+
+
 # ---- UTF-8, disconnects, floods, deadlines (the scripted model) ---------------------------------
 
 def test_text_stream_holds_back_split_characters():
