@@ -240,12 +240,16 @@ def output_layer(model):
     if weight.device.type != "cpu":
         return model.lm_head
     copies = decode_copies(model)
-    packed, weight_t, expand = copies.packed, copies.weight_t, copies.expand
 
     def logits(x):
-        out = onednn_linear(x, packed) if packed is not None and len(x) > 1 else x @ weight_t
-        return out if expand is None else out.index_select(1, expand)
+        out = distinct_logits(copies, x)
+        return out if copies.expand is None else out.index_select(1, copies.expand)
     return logits
+
+
+def distinct_logits(copies: "DecodeCopies", x):
+    """The logits of the output layer's distinct rows (copies.weight_t's columns) for hidden states x (rows, C)."""
+    return onednn_linear(x, copies.packed) if copies.packed is not None and len(x) > 1 else x @ copies.weight_t
 
 
 @dataclass
@@ -255,7 +259,7 @@ class DecodeCopies:
     packed: torch.Tensor | None  # W[ids] packed for oneDNN's fp32 kernel: several rows' logits
     expand: torch.Tensor | None  # each id's row among W[ids] (None: all of W): every id's logit from those of ids
     screen: torch.Tensor | None  # the rows of the real ids among ids, in bf16, packed for oneDNN: greedy_ids's screen
-    screen_ids: np.ndarray  # the id of each row of the screen
+    screen_ids: np.ndarray  # the id of each real row among ids (the first rows, and the screen's)
     max_norm: float  # the largest norm of those rows: the screen's error bound
     key: tuple
 
@@ -328,17 +332,25 @@ def onednn_linear(x, packed):
 # the best bf16 logit.
 SCREEN_ERROR = 2.0 ** -6
 SCREEN_MAX_CANDIDATES = 64  # per row on average; past that the screen saves nothing and the fp32 logits decide
+# Up to this many distinct real rows (a --data_vocab model's, decode_copies) their exact fp32 product costs less
+# than the screen's product and candidates, and it never leaves a step to the caller's fp32 logits.
+EXACT_MAX_ROWS = 4096
 
 
 def greedy_ids(model, x) -> list[int] | None:
     """Each row's most likely real id from its hidden state x (n, C): the argmax of the fp32 logits, ties to the
-    first, found without computing all of them. On the CPU, a bf16 product (half the bytes, twice the arithmetic
-    rate) screens the vocabulary: every id whose bf16 logit is within twice the error bound of the row's best
-    may be the winner, and only those get their fp32 logit. None where there is no screen (CUDA, a model in
-    training, a CPU without fast bf16) or it leaves too many candidates (the caller then takes the fp32 logits)."""
+    first, found without computing all of them. On the CPU, where the output layer has few distinct rows, their
+    exact fp32 logits decide (each kept row is the first id of its group). Otherwise a bf16 product (half the
+    bytes, twice the arithmetic rate) screens the vocabulary: every id whose bf16 logit is within twice the error
+    bound of the row's best may be the winner, and only those get their fp32 logit. None where there is neither
+    (CUDA, a model in training, a CPU without fast bf16) or the screen leaves too many candidates (the caller then
+    takes the fp32 logits)."""
     if x.device.type != "cpu" or getattr(model, "token_map", None) is not None or x.dtype != torch.float32:
         return None
     copies = decode_copies(model)
+    real = len(copies.screen_ids)  # the real ids come first among the kept rows, in id order
+    if real <= EXACT_MAX_ROWS:
+        return copies.screen_ids[distinct_logits(copies, x)[:, :real].numpy().argmax(axis=1)].tolist()
     if copies.screen is None:
         return None
     approx = onednn_linear(x.to(torch.bfloat16), copies.screen).float().numpy()
