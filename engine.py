@@ -247,11 +247,6 @@ def output_layer(model):
     return logits
 
 
-def distinct_logits(copies: "DecodeCopies", x):
-    """The logits of the output layer's distinct rows (copies.weight_t's columns) for hidden states x (rows, C)."""
-    return onednn_linear(x, copies.packed) if copies.packed is not None and len(x) > 1 else x @ copies.weight_t
-
-
 @dataclass
 class DecodeCopies:
     """The output layer's distinct rows W[ids] (decode_copies), laid out for decoding."""
@@ -290,6 +285,11 @@ def decode_copies(model) -> DecodeCopies:
                                             packed_for_onednn(w[real], bf16=True), ids[real].numpy(),
                                             w[real].norm(dim=1).max().item(), key)
     return model.decode_weights
+
+
+def distinct_logits(copies: DecodeCopies, x):
+    """The logits of the output layer's distinct rows (copies.weight_t's columns) for hidden states x (rows, C)."""
+    return onednn_linear(x, copies.packed) if copies.packed is not None and len(x) > 1 else x @ copies.weight_t
 
 
 ONEDNN_ROWS = 16  # the batch size oneDNN lays the packed weights out for; any number of rows can use them
