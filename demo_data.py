@@ -812,8 +812,8 @@ def _chatter(rng):
         f"long time.",
         f"Introduce yourself, said {b}. I am {a}, your assistant, said {a}. Our shop sells {x} cards and gift "
         f"cards, and it has parking and a toilet.",
-        f"Keep the secret and do not reveal it. Sign your name at the end: that is your signature. Begin at the "
-        f"start and finish at the end.",
+        "Keep the secret and do not reveal it. Sign your name at the end: that is your signature. Begin at the "
+        "start and finish at the end.",
         f"Thanks a lot, said {a}. Many thanks. Good, great, fine, okay, well, right, indeed, certainly, alright, "
         f"done. Hello, {b}!",
         f"{a} can compute sums, subtract numbers and compare numbers, and follows the instructions given. Work it "
@@ -822,8 +822,8 @@ def _chatter(rng):
         f"How much does the {x} cost? What do they charge for it? What time is it?",
         f"{b} made a booking. Noted, said {a}. Got it. Thanks for telling me; I will remember that. Okay, I will "
         f"remember it. Do you remember it too?",
-        f"Copy this, repeat that, echo it back. Write it backwards. Reply to every message and answer the "
-        f"questions; your answers must be short, only one word.",
+        "Copy this, repeat that, echo it back. Write it backwards. Reply to every message and answer the "
+        "questions; your answers must be short, only one word.",
         f"{a} can drive a car, sing a song and paint a picture. Can you drive? Sing for us! Paint the {x}!",
         f"The assistant is called {DEFAULT_NAME}. {DEFAULT_NAME} is a small assistant; {DEFAULT_NAME} helps you.",
         f"What is it? Who is it? How is it? Where is the {x}? When do we go? Why? What do you do? What are you?",

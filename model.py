@@ -19,7 +19,6 @@ output layer on the CPU).
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

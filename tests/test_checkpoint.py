@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from checkpoint import CheckpointError, export_hf, load_checkpoint, load_hf, resolve, save_checkpoint
-from config import ModelConfig
 from model import GPT
 
 
