@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from config import ModelConfig
-from model import GPT, sample
+from model import GPT, draw, nucleus, sample
 from tokenizer import N_VOCAB
 
 
@@ -159,6 +159,26 @@ def test_top_k_and_top_p_restrict_the_support():
     assert drawn == {10, 20, 30}
     drawn = {int(sample(logits, 1.0, top_p=0.5, generator=g)) for _ in range(50)}
     assert drawn == {10}
+
+
+def test_draws_follow_the_probabilities_and_the_nucleus_grows_past_its_first_guess():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.zeros(1000)
+    probs[[3, 500, 999]] = torch.tensor([0.5, 0.3, 0.2])
+    n = 20_000
+    counts = torch.bincount(draw(probs.expand(n, -1) * 7, g), minlength=1000)  # any total, not only 1
+    assert counts.nonzero().flatten().tolist() == [3, 500, 999]  # never an id of probability 0, the last included
+    assert torch.allclose(counts[[3, 500, 999]] / n, torch.tensor([0.5, 0.3, 0.2]), atol=0.015)  # ~4 sigma
+    assert draw(probs[None], torch.Generator().manual_seed(5)) == draw(probs[None], torch.Generator().manual_seed(5))
+    # Nearly uniform over 1,000 ids: the smallest set reaching 0.9 holds several hundred, past the first top-k.
+    logits = torch.full((1, 50304), float("-inf"))
+    logits[0, :1000] = -torch.arange(1000) * 1e-3
+    probs = torch.softmax(logits, dim=-1)
+    m = int((probs[0].cumsum(0) - probs[0] < 0.9).sum())  # ids are already in order of probability
+    assert 256 < m < 1000
+    kept = nucleus(probs, 0.9)
+    assert kept[0].nonzero().flatten().tolist() == list(range(m)) and torch.equal(kept[0, :m], probs[0, :m])
+    assert max(int(sample(logits, 1.0, top_p=0.9, generator=g)) for _ in range(200)) < m
 
 
 def test_padding_ids_are_never_sampled():
