@@ -393,16 +393,14 @@ def sample(logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
 
 def nucleus(probs, top_p: float):
     """probs (B, V) kept on each row's smallest set of likeliest ids whose mass reaches top_p, zero elsewhere (not
-    renormalised). A trained model's nucleus is usually a small part of the vocabulary, so only the top k are
-    sorted, k grown until they reach it: sorting the whole vocabulary costs more than the rest of a sampled decode
-    step (BENCHMARKS.md, Serving)."""
-    k = min(probs.size(-1), 256)
-    while True:
+    renormalised). A trained model's nucleus is usually a small part of the vocabulary, so the top few hundred ids
+    are sorted first, and the whole vocabulary only where they fall short: sorting all of it costs more than the
+    rest of a sampled decode step (BENCHMARKS.md, Serving)."""
+    for k in (min(probs.size(-1), 256), probs.size(-1)):
         top, ids = torch.topk(probs, k, dim=-1)  # largest first
         before = top.cumsum(dim=-1) - top  # the mass of the likelier ids
-        if k == probs.size(-1) or bool((before[:, -1] >= top_p).all()):
+        if bool((before[:, -1] >= top_p).all()):  # every row's nucleus ends within the top k
             break
-        k = min(probs.size(-1), 8 * k)
     return torch.zeros_like(probs).scatter_(-1, ids, torch.where(before < top_p, top, 0.0))
 
 
