@@ -430,6 +430,12 @@ def most_likely(logits) -> list[int]:
     return real.argmax(dim=-1).tolist()
 
 
+def sampled_together(device) -> bool:
+    """Whether a step's sampled rows go through one call of model.sample (a GPU: one launch for all) or a row at a
+    time (a CPU, where one row's logits stay in its cache and a batch's do not: BENCHMARKS.md, Serving)."""
+    return device.type != "cpu"
+
+
 def sample(model, hidden, seqs: list[Sequence]) -> tuple[list[int], list[Logprob | None]]:
     """The next token of each sequence from the hidden state of its last token (n, C), greedy rows together, and
     its Logprob where the sequence asked for logprobs. All greedy without logprobs: greedy_ids, where it can."""
@@ -445,11 +451,19 @@ def sample(model, hidden, seqs: list[Sequence]) -> tuple[list[int], list[Logprob
     elif greedy:
         for i, t in zip(greedy, most_likely(logits[greedy])):
             tokens[i] = t
-    for i, s in enumerate(seqs):
-        p = s.params
-        if p.temperature > 0:
-            row = logits[i: i + 1].cpu()  # each generator is a CPU one: the same draws on every device
-            tokens[i] = int(sample_logits(row, p.temperature, p.top_k, p.top_p, s.generator))
+    drawn = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
+    if drawn:
+        # Each sequence's number comes from its own generator, a CPU one: a seeded sequence draws the same numbers
+        # on every device and whatever shares its batch. The rows are sampled where the logits are.
+        uniform = torch.cat([torch.rand(1, generator=seqs[i].generator, dtype=torch.float64) for i in drawn])
+        rows = logits if len(drawn) == len(seqs) else logits[drawn]
+        parts = [slice(None)] if sampled_together(rows.device) else [slice(j, j + 1) for j in range(len(drawn))]
+        for part in parts:
+            params = [seqs[i].params for i in drawn[part]]
+            ids = sample_logits(rows[part], [p.temperature for p in params], [p.top_k for p in params],
+                                [p.top_p for p in params], uniform=uniform[part].to(rows.device))
+            for i, t in zip(drawn[part], ids.tolist()):
+                tokens[i] = t
     logprobs: list[Logprob | None] = [None] * len(seqs)
     wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     if wanted:

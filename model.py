@@ -375,41 +375,55 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def sample(logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator=None):
-    """Next token ids (B,) from logits (B, V). Padding ids of the vocabulary are never chosen."""
+def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, uniform=None):
+    """Next token ids (B,) from logits (B, V). temperature, top_k and top_p are one value for every row or a list of
+    one per row (a row at temperature 0 is greedy); uniform (B,), each row's number in [0, 1) to draw with, else
+    drawn from generator. Padding ids of the vocabulary are never chosen."""
+    B, V = logits.shape
+    temps, ks, ps = ([x] * B if isinstance(x, (int, float)) else list(x) for x in (temperature, top_k, top_p))
     logits = logits.float().clone()
     logits[:, N_VOCAB:] = float("-inf")
-    if temperature == 0:
+    greedy = [t == 0 for t in temps]
+    if all(greedy):
         return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+    logits = logits / torch.tensor([t or 1.0 for t in temps], device=logits.device)[:, None]
+    if any(ks):
+        values = torch.topk(logits, min(max(ks), V), dim=-1).values
+        kth = values.gather(1, torch.tensor([[min(k or V, values.size(1)) - 1] for k in ks], device=logits.device))
+        kth[torch.tensor([k == 0 for k in ks], device=logits.device)] = float("-inf")  # no top_k: every id stays
         logits[logits < kth] = float("-inf")
     probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        probs = nucleus(probs, top_p)
-    return draw(probs, generator)
+    rows = [i for i, p in enumerate(ps) if p < 1.0]
+    if rows:
+        probs[rows] = nucleus(probs[rows], torch.tensor([ps[i] for i in rows], device=probs.device)[:, None])
+    if uniform is None:
+        uniform = torch.rand(B, generator=generator, dtype=torch.float64,
+                             device=generator.device if generator is not None else probs.device)
+    drawn = draw(probs, uniform)
+    if any(greedy):
+        drawn = torch.where(torch.tensor(greedy, device=drawn.device), logits.argmax(dim=-1), drawn)
+    return drawn
 
 
-def nucleus(probs, top_p: float):
-    """probs (B, V) kept on each row's smallest set of likeliest ids whose mass reaches top_p, zero elsewhere (not
-    renormalised). A trained model's nucleus is usually a small part of the vocabulary, so the top few hundred ids
-    are sorted first, and the whole vocabulary only where they fall short: sorting all of it costs more than the
-    rest of a sampled decode step (BENCHMARKS.md, Serving)."""
+def nucleus(probs, top_p):
+    """probs (B, V) kept on each row's smallest set of likeliest ids whose mass reaches top_p (a number, or (B, 1):
+    one per row), zero elsewhere (not renormalised). A trained model's nucleus is usually a small part of the
+    vocabulary, so the top few hundred ids are sorted first, and the whole vocabulary only where they fall short:
+    sorting all of it costs more than the rest of a sampled decode step (BENCHMARKS.md, Serving)."""
     for k in (min(probs.size(-1), 256), probs.size(-1)):
         top, ids = torch.topk(probs, k, dim=-1)  # largest first
         before = top.cumsum(dim=-1) - top  # the mass of the likelier ids
-        if bool((before[:, -1] >= top_p).all()):  # every row's nucleus ends within the top k
+        if bool((before[:, -1:] >= top_p).all()):  # every row's nucleus ends within the top k
             break
     return torch.zeros_like(probs).scatter_(-1, ids, torch.where(before < top_p, top, 0.0))
 
 
-def draw(probs, generator=None):
+def draw(probs, uniform):
     """One id per row with probability probs (B, V) (not necessarily summing to 1), as torch.multinomial draws,
-    by inverting the cumulative sum at one uniform number, several times faster on a CPU at GPT-2's vocabulary
-    (BENCHMARKS.md, Serving). An id of probability 0 is never drawn: the uniform number stays under the total."""
+    by inverting the cumulative sum at the row's uniform number in [0, 1) (B,): several times faster on a CPU at
+    GPT-2's vocabulary (BENCHMARKS.md, Serving). An id of probability 0 is never drawn: the point stays under the
+    total."""
     cdf = probs.double().cumsum(dim=-1)
     total = cdf[:, -1:]
-    u = torch.rand(total.shape, generator=generator, dtype=torch.float64, device=probs.device) * total
-    u = torch.minimum(u, total * (1 - 2.0 ** -52))
+    u = torch.minimum(uniform.to(cdf)[:, None] * total, total * (1 - 2.0 ** -52))
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)

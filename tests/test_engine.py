@@ -222,6 +222,28 @@ def test_seeds_make_sampling_reproducible_whatever_shares_the_batch():
         with_others[1]  # sequence 1 uses seed 3 + 1
 
 
+@pytest.mark.parametrize("together", [False, True])  # a CPU's way, and a GPU's (all rows in one call)
+def test_rows_with_different_sampling_parameters_sample_as_if_alone(together, monkeypatch):
+    """One batch of a greedy row and sampled rows, each with its own temperature, top_k, top_p and seed: every row's
+    tokens are those it gets alone."""
+    import engine as engine_module
+    monkeypatch.setattr(engine_module, "sampled_together", lambda device: together)
+    model = make_model()
+    params = [SamplingParams(max_tokens=8, temperature=0.7, top_p=0.9, seed=1),
+              SamplingParams(max_tokens=8, temperature=0),
+              SamplingParams(max_tokens=8, temperature=2.0, top_k=50, seed=2),
+              SamplingParams(max_tokens=8, temperature=1.0, top_k=3, top_p=0.5, seed=3)]
+    prompts = [[1, 2, 3], [4, 5], [6], [7, 8]]
+    engine = Engine(model, max_batch=4)
+    seqs = [Sequence(prompt, p) for prompt, p in zip(prompts, params)]
+    engine.submit(seqs)
+    while engine.busy():
+        engine.step()
+    alone = [generate(model, [prompt], p)[0] for prompt, p in zip(prompts, params)]
+    assert [s.tokens for s in seqs] == alone and all(len(t) == 8 for t in alone)
+    assert len({tuple(t) for t in alone}) == 4
+
+
 def test_stream_yields_the_text_of_the_tokens():
     model = make_model()
     tokens = generate(model, [[10, 20, 30]], SamplingParams(max_tokens=10, temperature=0))[0]

@@ -166,10 +166,10 @@ def test_draws_follow_the_probabilities_and_the_nucleus_grows_past_its_first_gue
     probs = torch.zeros(1000)
     probs[[3, 500, 999]] = torch.tensor([0.5, 0.3, 0.2])
     n = 20_000
-    counts = torch.bincount(draw(probs.expand(n, -1) * 7, g), minlength=1000)  # any total, not only 1
+    counts = torch.bincount(draw(probs.expand(n, -1) * 7, torch.rand(n, generator=g)), minlength=1000)  # any total
     assert counts.nonzero().flatten().tolist() == [3, 500, 999]  # never an id of probability 0, the last included
     assert torch.allclose(counts[[3, 500, 999]] / n, torch.tensor([0.5, 0.3, 0.2]), atol=0.015)  # ~4 sigma
-    assert draw(probs[None], torch.Generator().manual_seed(5)) == draw(probs[None], torch.Generator().manual_seed(5))
+    assert draw(probs[None], torch.tensor([0.49])) == 3 and draw(probs[None], torch.tensor([0.51])) == 500
     # Nearly uniform over 1,000 ids: the smallest set reaching 0.9 holds several hundred, past the first top-k.
     logits = torch.full((1, 50304), float("-inf"))
     logits[0, :1000] = -torch.arange(1000) * 1e-3
@@ -179,6 +179,20 @@ def test_draws_follow_the_probabilities_and_the_nucleus_grows_past_its_first_gue
     kept = nucleus(probs, 0.9)
     assert kept[0].nonzero().flatten().tolist() == list(range(m)) and torch.equal(kept[0, :m], probs[0, :m])
     assert max(int(sample(logits, 1.0, top_p=0.9, generator=g)) for _ in range(200)) < m
+
+
+def test_each_row_samples_with_its_own_parameters():
+    logits = torch.full((2, 50304), -1e4)
+    logits[:, [10, 20]] = torch.tensor([5.0, 4.0])  # id 10 likelier; at temperature 10 the two nearly even
+    u = torch.tensor([0.9, 0.9])
+    assert sample(logits, [0.05, 10.0], uniform=u).tolist() == [10, 20]
+    assert sample(logits, [10.0, 0.05], uniform=u).tolist() == [20, 10]
+    assert sample(logits, [0, 10.0], uniform=u).tolist() == [10, 20]  # temperature 0: greedy
+    assert sample(logits, 10.0, top_k=[1, 2], uniform=u).tolist() == [10, 20]
+    assert sample(logits, 10.0, top_k=[2, 1], uniform=u).tolist() == [20, 10]
+    assert sample(logits, 10.0, top_k=[1, 0], uniform=u).tolist() == [10, 20]  # top_k 0: every id
+    assert sample(logits, 10.0, top_p=[0.4, 1.0], uniform=u).tolist() == [10, 20]
+    assert sample(logits, 10.0, top_p=[1.0, 0.4], uniform=u).tolist() == [20, 10]
 
 
 def test_padding_ids_are_never_sampled():
