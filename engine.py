@@ -19,9 +19,11 @@ Rows are handed out lowest first, so a lone sequence decodes as a batch of one. 
 multiplies by a transposed copy of the embedding matrix, which a single row reads far faster than the
 (vocabulary, width) layout (BENCHMARKS.md, "Serving"), and a group of equal rows (a --data_vocab model's ids that
 never occurred) is computed once; on CUDA decoding runs in bf16 with the cache in bf16.
-Greedy steps on a CPU with bf16 dot products skip most of the fp32 output layer: `greedy_ids` screens the
-vocabulary with a bf16 product and computes the fp32 logits of the few ids its error bound leaves, so the tokens
-are the fp32 logits' argmax.
+Greedy steps on a CPU skip most of the fp32 output layer, and their tokens are still the fp32 logits' argmax
+(`greedy_ids`): where the layer has few distinct rows (a --data_vocab model) their exact logits decide; elsewhere,
+on a CPU with bf16 dot products, a bf16 product screens the vocabulary and only the few ids its error bound leaves
+get their fp32 logits. Sampled rows take each sequence's uniform number from its own generator, so a seeded
+sequence draws the same whatever shares its batch, and are sampled where the logits are (`model.sample`).
 
 Conversation reuse (`reuse_tokens`): when a sequence ends, the keys and values of its tokens go to a bounded
 store (least recently used dropped first); a new prompt that starts with stored tokens (the next turn of a
