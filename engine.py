@@ -23,7 +23,8 @@ Greedy steps on a CPU skip most of the fp32 output layer, and their tokens are s
 (`greedy_ids`): where the layer has few distinct rows (a --data_vocab model) their exact logits decide; elsewhere,
 on a CPU with bf16 dot products, a bf16 product screens the vocabulary and only the few ids its error bound leaves
 get their fp32 logits. Sampled rows take each sequence's uniform number from its own generator, so a seeded
-sequence draws the same whatever shares its batch, and are sampled where the logits are (`model.sample`).
+sequence draws the same whatever shares its batch, and are sampled where the logits are (`model.sample`); where
+the layer has few distinct rows, over those rows, the group standing for its ids (`sample_distinct_rows`).
 
 Conversation reuse (`reuse_tokens`): when a sequence ends, the keys and values of its tokens go to a bounded
 store (least recently used dropped first); a new prompt that starts with stored tokens (the next turn of a
@@ -258,6 +259,8 @@ class DecodeCopies:
     screen: torch.Tensor | None  # the rows of the real ids among ids, in bf16, packed for oneDNN: greedy_ids's screen
     screen_ids: np.ndarray  # the id of each real row among ids (the first rows, and the screen's)
     max_norm: float  # the largest norm of those rows: the screen's error bound
+    counts: torch.Tensor  # how many real ids each of the rows stands for (the group's first: all of the group's)
+    spread_ids: np.ndarray  # those ids, row after row: model.sample's positions over the rows
     key: tuple
 
 
@@ -283,9 +286,14 @@ def decode_copies(model) -> DecodeCopies:
             expand[shared] = int(expand[shared[0]])  # every id of the group reads its first's row
             w = w[ids]
         real = ids < N_VOCAB
+        counts, spread_ids = real.double(), ids[real].numpy()
+        if expand is not None:
+            first, group = int(expand[shared[0]]), shared[shared < N_VOCAB].numpy()
+            counts[first] = len(group)
+            spread_ids = np.concatenate([ids[:first][real[:first]], group, ids[first + 1:][real[first + 1:]]])
         model.decode_weights = DecodeCopies(w.t().contiguous(), packed_for_onednn(w), expand,
                                             packed_for_onednn(w[real], bf16=True), ids[real].numpy(),
-                                            w[real].norm(dim=1).max().item(), key)
+                                            w[real].norm(dim=1).max().item(), counts, spread_ids, key)
     return model.decode_weights
 
 
@@ -438,11 +446,32 @@ def sampled_together(device) -> bool:
     return device.type != "cpu"
 
 
+def sample_distinct_rows(model, hidden, seqs: list[Sequence]) -> list[int] | None:
+    """Each sequence's next token from the output layer's distinct rows, where they are few (decode_copies: a
+    --data_vocab model's, on the CPU): model.sample over those rows, each standing for the ids that share it, draws
+    from the same distribution as over every id's logit, at a fraction of the cost (BENCHMARKS.md, Serving). All
+    rows in one call: their logits fit in the cache. None elsewhere."""
+    if hidden.device.type != "cpu" or getattr(model, "token_map", None) is not None or hidden.dtype != torch.float32:
+        return None
+    copies = decode_copies(model)
+    if copies.expand is None:
+        return None
+    params = [s.params for s in seqs]
+    uniform = torch.cat([torch.rand(1, generator=s.generator, dtype=torch.float64) if s.params.temperature > 0
+                         else torch.zeros(1, dtype=torch.float64) for s in seqs])
+    positions = sample_logits(distinct_logits(copies, hidden), [p.temperature for p in params],
+                              [p.top_k for p in params], [p.top_p for p in params], uniform=uniform,
+                              counts=copies.counts)
+    return copies.spread_ids[positions.numpy()].tolist()
+
+
 def sample(model, hidden, seqs: list[Sequence]) -> tuple[list[int], list[Logprob | None]]:
     """The next token of each sequence from the hidden state of its last token (n, C), greedy rows together, and
-    its Logprob where the sequence asked for logprobs. All greedy without logprobs: greedy_ids, where it can."""
-    if all(s.params.temperature == 0 and s.params.logprobs is None for s in seqs):
-        tokens = greedy_ids(model, hidden)
+    its Logprob where the sequence asked for logprobs. Without logprobs, greedy_ids (all greedy) or
+    sample_distinct_rows, where they can."""
+    if all(s.params.logprobs is None for s in seqs):
+        greedy = all(s.params.temperature == 0 for s in seqs)
+        tokens = greedy_ids(model, hidden) if greedy else sample_distinct_rows(model, hidden, seqs)
         if tokens is not None:
             return tokens, [None] * len(seqs)
     logits = output_layer(model)(hidden).float()

@@ -375,55 +375,103 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, uniform=None):
+def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, uniform=None, counts=None):
     """Next token ids (B,) from logits (B, V). temperature, top_k and top_p are one value for every row or a list of
     one per row (a row at temperature 0 is greedy); uniform (B,), each row's number in [0, 1) to draw with, else
-    drawn from generator. Padding ids of the vocabulary are never chosen."""
+    drawn from generator. Padding ids of the vocabulary are never chosen.
+
+    counts (V,): the logits are those of distinct rows, row j standing for counts[j] ids that share its logit (0:
+    never chosen), and the result is a position among all those ids, listed row after row (ties go to the first).
+    The ids are sampled as if each had its own logit: a --data_vocab model's never-seen ids, most of the vocabulary,
+    then cost one logit (engine.sample)."""
     B, V = logits.shape
     temps, ks, ps = ([x] * B if isinstance(x, (int, float)) else list(x) for x in (temperature, top_k, top_p))
     logits = logits.float().clone()
-    logits[:, N_VOCAB:] = float("-inf")
+    if counts is None:  # each id is its own row, and the padding ids are none
+        logits[:, N_VOCAB:] = float("-inf")
+        starts = None
+    else:
+        counts = counts.to(device=logits.device, dtype=torch.float64)
+        logits[:, counts == 0] = float("-inf")
+        starts = (counts.cumsum(0) - counts).long()  # the position of each row's first id
     greedy = [t == 0 for t in temps]
     if all(greedy):
-        return logits.argmax(dim=-1)
+        return _position(logits.argmax(dim=-1), None, starts)
     logits = logits / torch.tensor([t or 1.0 for t in temps], device=logits.device)[:, None]
     if any(ks):
-        values = torch.topk(logits, min(max(ks), V), dim=-1).values
-        kth = values.gather(1, torch.tensor([[min(k or V, values.size(1)) - 1] for k in ks], device=logits.device))
-        kth[torch.tensor([k == 0 for k in ks], device=logits.device)] = float("-inf")  # no top_k: every id stays
+        kmax = min(max(ks), V)
+        values, rows = torch.topk(logits, kmax, dim=-1)
+        # how many ids have at least each value
+        ranked = torch.arange(1.0, kmax + 1, dtype=torch.float64, device=logits.device).repeat(B, 1) \
+            if counts is None else counts[rows].cumsum(dim=-1)
+        want = torch.tensor([[k or float("inf")] for k in ks], dtype=torch.float64, device=logits.device)
+        at = torch.searchsorted(ranked, want)  # the row holding the k-th likeliest id; kmax: none (top_k 0, or
+        kth = values.gather(1, at.clamp(max=kmax - 1))  # fewer ids than k), and every id stays
+        kth[at == kmax] = float("-inf")
         logits[logits < kth] = float("-inf")
-    probs = torch.softmax(logits, dim=-1)
+    probs = torch.softmax(logits if starts is None else logits + counts.log().float(), dim=-1)  # a row's ids' mass
+    kept = None if starts is None else counts.expand(B, -1)
     rows = [i for i, p in enumerate(ps) if p < 1.0]
     if rows:
-        probs[rows] = nucleus(probs[rows], torch.tensor([ps[i] for i in rows], device=probs.device)[:, None])
+        top_p = torch.tensor([ps[i] for i in rows], device=probs.device)[:, None]
+        probs[rows], n = nucleus(probs[rows], top_p, None if starts is None else counts)
+        if kept is not None:
+            kept = kept.clone()
+            kept[rows] = n.to(kept.dtype)
     if uniform is None:
         uniform = torch.rand(B, generator=generator, dtype=torch.float64,
                              device=generator.device if generator is not None else probs.device)
-    drawn = draw(probs, uniform)
+    drawn, offset = draw(probs, uniform, kept)
     if any(greedy):
-        drawn = torch.where(torch.tensor(greedy, device=drawn.device), logits.argmax(dim=-1), drawn)
-    return drawn
+        is_greedy = torch.tensor(greedy, device=drawn.device)
+        drawn, offset = torch.where(is_greedy, logits.argmax(dim=-1), drawn), offset.masked_fill(is_greedy, 0)
+    return _position(drawn, offset, starts)
 
 
-def nucleus(probs, top_p):
-    """probs (B, V) kept on each row's smallest set of likeliest ids whose mass reaches top_p (a number, or (B, 1):
-    one per row), zero elsewhere (not renormalised). A trained model's nucleus is usually a small part of the
-    vocabulary, so the top few hundred ids are sorted first, and the whole vocabulary only where they fall short:
-    sorting all of it costs more than the rest of a sampled decode step (BENCHMARKS.md, Serving)."""
+def _position(rows, offset, starts):
+    """sample's result: row `rows` itself where each id is its own row, else the position of its ids' offset-th."""
+    if starts is None:
+        return rows
+    return starts[rows] + (0 if offset is None else offset)
+
+
+def nucleus(probs, top_p, counts=None):
+    """(probs, kept): probs (B, V) kept on each row's smallest set of likeliest ids whose mass reaches top_p (a
+    number, or (B, 1): one per row), zero elsewhere (not renormalised), and how many ids of each entry that keeps. With
+    counts (V,), entry j is the mass of counts[j] equally likely ids (sample), of which the nucleus may keep a part;
+    else each entry is one id. A trained model's nucleus is usually a small part of the vocabulary, so the top few
+    hundred entries are sorted first, and all of them only where they fall short: sorting all of GPT-2's
+    vocabulary costs more than the rest of a sampled decode step (BENCHMARKS.md, Serving)."""
+    per_id = probs if counts is None else probs / counts.clamp(min=1).to(probs.dtype)  # in the logits' order
     for k in (min(probs.size(-1), 256), probs.size(-1)):
-        top, ids = torch.topk(probs, k, dim=-1)  # largest first
+        _, ids = torch.topk(per_id, k, dim=-1)  # largest first
+        top = probs.gather(-1, ids)
         before = top.cumsum(dim=-1) - top  # the mass of the likelier ids
         if bool((before[:, -1:] >= top_p).all()):  # every row's nucleus ends within the top k
             break
-    return torch.zeros_like(probs).scatter_(-1, ids, torch.where(before < top_p, top, 0.0))
+    each = top if counts is None else per_id.gather(-1, ids)  # the probability of one of the entry's ids
+    if counts is None:
+        n = (before < top_p).to(probs.dtype)
+    else:  # the i-th id of an entry (i = 0, 1, ...) is kept while before + i * each < top_p
+        n = torch.where(each > 0, torch.ceil((top_p - before) / each.clamp(min=1e-30)), 0.0)
+        n = torch.minimum(n.clamp(min=0), counts[ids].to(probs.dtype))
+    return torch.zeros_like(probs).scatter_(-1, ids, n * each), torch.zeros_like(probs).scatter_(-1, ids, n)
 
 
-def draw(probs, uniform):
-    """One id per row with probability probs (B, V) (not necessarily summing to 1), as torch.multinomial draws,
-    by inverting the cumulative sum at the row's uniform number in [0, 1) (B,): several times faster on a CPU at
-    GPT-2's vocabulary (BENCHMARKS.md, Serving). An id of probability 0 is never drawn: the point stays under the
-    total."""
+def draw(probs, uniform, counts=None):
+    """(entry, offset): one entry per row with probability probs (B, V) (not necessarily summing to 1), as
+    torch.multinomial draws, by inverting the cumulative sum at the row's uniform number in [0, 1) (B,): several
+    times faster on a CPU at GPT-2's vocabulary (BENCHMARKS.md, Serving); and, where an entry stands for
+    counts (B, V) equally likely ids, which of them (0 where it is one id). An entry of probability 0 is never
+    drawn: the point stays under the total."""
     cdf = probs.double().cumsum(dim=-1)
     total = cdf[:, -1:]
     u = torch.minimum(uniform.to(cdf)[:, None] * total, total * (1 - 2.0 ** -52))
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
+    entry = torch.searchsorted(cdf, u, right=True)
+    if counts is None:
+        return entry.squeeze(-1), torch.zeros_like(entry.squeeze(-1))
+    n = counts.gather(-1, entry).clamp(min=1)
+    mass = probs.double().gather(-1, entry)
+    into = (u - (cdf.gather(-1, entry) - mass)) / mass  # how far into the entry's mass, in [0, 1)
+    offset = torch.minimum((into * n).floor(), n - 1).clamp(min=0).long()
+    return entry.squeeze(-1), offset.squeeze(-1)

@@ -10,7 +10,7 @@ from config import ModelConfig
 from engine import (STOP_IDS, ContextTooLong, DeadlineExceeded, Engine, KVCache, PrefixStore, QueueFull,
                     SamplingParams, Sequence, common_prefix, decode_copies, decode_one_step, fast_bf16_cpu, generate,
                     greedy_ids, output_layer, prefill, sample, stream)
-from model import GPT
+from model import GPT, sample as sample_logits
 from tokenizer import EOT_ID, N_VOCAB, decode
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -43,6 +43,27 @@ PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [42], [100, 200, 300], [7, 7, 7, 7], list(rang
 def full_logits(model, ids):
     with torch.no_grad():
         return model(torch.tensor([ids]))[0].float()
+
+
+def test_a_group_of_equal_rows_is_sampled_as_its_ids_would_be():
+    """Sampled rows of a --data_vocab model draw over the output layer's distinct rows, the group standing for all its
+    ids (model.sample's counts): at the same numbers, the ids before the group are those drawn over every id's
+    logit, the group is drawn as often, and its ids are spread over it."""
+    model = make_group_model()
+    x = -torch.linspace(-1, 1, 32)[None] * 8  # the group's ids together about as likely as the others
+    n = 400
+    seqs = [Sequence([1], SamplingParams(max_tokens=1, temperature=1.0, seed=s)) for s in range(n)]
+    got = torch.tensor(sample(model, x.expand(n, -1), seqs)[0])
+    uniform = torch.cat([torch.rand(1, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+                         for s in range(n)])
+    with torch.no_grad():
+        want = sample_logits(x.expand(n, -1) @ model.lm_head.weight.t(), 1.0, uniform=uniform)
+    before = want < 1000
+    assert torch.equal(got[before], want[before]) and (got[~before] >= 1000).all() and (got < N_VOCAB).all()
+    in_group = (got >= 1000) & (got != 5000)
+    as_ids = (want >= 1000) & (want != 5000)
+    assert 0.3 < in_group.float().mean() < 0.7 and abs(int(in_group.sum()) - int(as_ids.sum())) <= 10
+    assert len(set(got[in_group].tolist())) > 0.9 * int(in_group.sum())  # spread over the group's 49,000 ids
 
 
 def test_prefill_and_decode_steps_give_the_models_logits(model):
@@ -109,15 +130,22 @@ def test_greedy_ids_are_the_argmax_of_the_fp32_logits():
     assert sample(model, torch.zeros(1, 32), [Sequence([1], GREEDY)])[0] == [0]
 
 
+def make_group_model() -> GPT:
+    """make_model with a --data_vocab model's output layer: ids 1000.. (specials and padding too) share one row, but
+    for id 5000."""
+    model = make_model()
+    with torch.no_grad():
+        model.lm_head.weight[1000:] = torch.linspace(-0.04, 0.04, 32)
+        model.lm_head.weight[5000] = -model.lm_head.weight[1000]
+    return model
+
+
 def test_the_output_layer_computes_a_group_of_equal_rows_once():
     """A --data_vocab model's never-seen ids, most of the vocabulary, share one row: the decode copies keep its
     first, and the logits and greedy choices are those of the whole layer, ties to the first id."""
-    model = make_model()
-    assert decode_copies(model).expand is None  # its five equal rows (the zeroed special tokens) are kept whole
+    assert decode_copies(make_model()).expand is None  # its five equal rows (zeroed special tokens) are kept whole
+    model = make_group_model()
     w = model.lm_head.weight
-    with torch.no_grad():
-        w[1000:] = torch.linspace(-0.04, 0.04, 32)  # ids 1000.. (specials and padding too) share one row,
-        w[5000] = -w[1000]  # but for id 5000
     copies = decode_copies(model)
     assert copies.weight_t.shape == (32, 1002) and copies.screen_ids.tolist() == [*range(1001), 5000]
     x = torch.randn(5, 32, generator=torch.Generator().manual_seed(1)) * 3
@@ -222,13 +250,14 @@ def test_seeds_make_sampling_reproducible_whatever_shares_the_batch():
         with_others[1]  # sequence 1 uses seed 3 + 1
 
 
-@pytest.mark.parametrize("together", [False, True])  # a CPU's way, and a GPU's (all rows in one call)
-def test_rows_with_different_sampling_parameters_sample_as_if_alone(together, monkeypatch):
+@pytest.mark.parametrize("way", ["row by row", "together", "distinct rows"])  # a CPU's, a GPU's, a --data_vocab model's
+def test_rows_with_different_sampling_parameters_sample_as_if_alone(way, monkeypatch):
     """One batch of a greedy row and sampled rows, each with its own temperature, top_k, top_p and seed: every row's
     tokens are those it gets alone."""
     import engine as engine_module
-    monkeypatch.setattr(engine_module, "sampled_together", lambda device: together)
-    model = make_model()
+    monkeypatch.setattr(engine_module, "sampled_together", lambda device: way == "together")
+    model = make_group_model() if way == "distinct rows" else make_model()
+    assert (decode_copies(model).expand is not None) == (way == "distinct rows")
     params = [SamplingParams(max_tokens=8, temperature=0.7, top_p=0.9, seed=1),
               SamplingParams(max_tokens=8, temperature=0),
               SamplingParams(max_tokens=8, temperature=2.0, top_k=50, seed=2),

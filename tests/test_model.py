@@ -166,17 +166,18 @@ def test_draws_follow_the_probabilities_and_the_nucleus_grows_past_its_first_gue
     probs = torch.zeros(1000)
     probs[[3, 500, 999]] = torch.tensor([0.5, 0.3, 0.2])
     n = 20_000
-    counts = torch.bincount(draw(probs.expand(n, -1) * 7, torch.rand(n, generator=g)), minlength=1000)  # any total
+    counts = torch.bincount(draw(probs.expand(n, -1) * 7, torch.rand(n, generator=g))[0], minlength=1000)  # any total
     assert counts.nonzero().flatten().tolist() == [3, 500, 999]  # never an id of probability 0, the last included
     assert torch.allclose(counts[[3, 500, 999]] / n, torch.tensor([0.5, 0.3, 0.2]), atol=0.015)  # ~4 sigma
-    assert draw(probs[None], torch.tensor([0.49])) == 3 and draw(probs[None], torch.tensor([0.51])) == 500
+    assert draw(probs[None], torch.tensor([0.49]))[0] == 3 and draw(probs[None], torch.tensor([0.51]))[0] == 500
     # Nearly uniform over 1,000 ids: the smallest set reaching 0.9 holds several hundred, past the first top-k.
     logits = torch.full((1, 50304), float("-inf"))
     logits[0, :1000] = -torch.arange(1000) * 1e-3
     probs = torch.softmax(logits, dim=-1)
     m = int((probs[0].cumsum(0) - probs[0] < 0.9).sum())  # ids are already in order of probability
     assert 256 < m < 1000
-    kept = nucleus(probs, 0.9)
+    kept, n = nucleus(probs, 0.9)
+    assert torch.equal(n[0], (kept[0] > 0).float())
     assert kept[0].nonzero().flatten().tolist() == list(range(m)) and torch.equal(kept[0, :m], probs[0, :m])
     assert max(int(sample(logits, 1.0, top_p=0.9, generator=g)) for _ in range(200)) < m
 
@@ -193,6 +194,32 @@ def test_each_row_samples_with_its_own_parameters():
     assert sample(logits, 10.0, top_k=[1, 0], uniform=u).tolist() == [10, 20]  # top_k 0: every id
     assert sample(logits, 10.0, top_p=[0.4, 1.0], uniform=u).tolist() == [10, 20]
     assert sample(logits, 10.0, top_p=[1.0, 0.4], uniform=u).tolist() == [20, 10]
+
+
+@pytest.mark.parametrize("params", [dict(temperature=1.0), dict(temperature=0.5, top_k=4), dict(temperature=2.0, top_k=9),
+                                    dict(temperature=1.0, top_p=0.8), dict(temperature=0.7, top_k=6, top_p=0.6)])
+def test_rows_standing_for_several_ids_sample_as_those_ids_would(params):
+    """counts: each logit is that of counts[j] ids (a --data_vocab model's group of never-seen ids, engine.sample).
+    Drawn at the same numbers, a row is chosen as often as its ids are over the ids' own logits, whatever top_k or
+    top_p leave of it (here a part of the group of 5), and its ids equally often."""
+    counts = torch.tensor([1, 3, 5, 0, 1, 2])
+    row_logits = torch.tensor([[1.0, 0.5, 0.9, 9.0, 1.2, -0.3]])
+    ids_logits = row_logits[:, counts.nonzero().squeeze(1)].repeat_interleave(counts[counts > 0], dim=1)
+    n = 6000
+    grid = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    got = sample(row_logits.expand(n, -1), uniform=grid, counts=counts, **params)
+    want = sample(ids_logits.expand(n, -1), uniform=grid, **params)
+    row_of = torch.arange(len(counts)).repeat_interleave(counts)  # each id's row
+    per_row = [torch.bincount(row_of[x], minlength=len(counts)) for x in (got, want)]
+    assert (per_row[0] - per_row[1]).abs().max() <= 1 and per_row[0][3] == 0  # a row of no id never comes
+    per_id = torch.bincount(got, minlength=int(counts.sum()))
+    for r in range(len(counts)):
+        ids = per_id[row_of == r]
+        kept = ids[ids > 0]
+        assert len(kept) == 0 or kept.max() - kept.min() <= 1  # its kept ids equally often
+    assert int((per_id > 0).sum()) == int((torch.bincount(want) > 0).sum())  # as many ids kept (top_k keeps ties)
+    assert torch.equal(sample(row_logits, 0, counts=counts), torch.tensor([9]))  # greedy: row 4, its first id
+    assert int(sample(row_logits, 1.0, counts=counts, uniform=torch.tensor([0.0]))) == 0
 
 
 def test_padding_ids_are_never_sampled():
