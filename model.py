@@ -437,10 +437,10 @@ def _position(rows, offset, starts):
 
 def nucleus(probs, top_p, counts=None):
     """(probs, kept): probs (B, V) kept on each row's smallest set of likeliest ids whose mass reaches top_p (a
-    number, or (B, 1): one per row), zero elsewhere (not renormalised), and how many ids of each entry that keeps. With
-    counts (V,), entry j is the mass of counts[j] equally likely ids (sample), of which the nucleus may keep a part;
-    else each entry is one id. A trained model's nucleus is usually a small part of the vocabulary, so the top few
-    hundred entries are sorted first, and all of them only where they fall short: sorting all of GPT-2's
+    number, or (B, 1): one per row), zero elsewhere (not renormalised). With counts (V,), entry j is the mass of
+    counts[j] equally likely ids (sample), of which the nucleus may keep a part, and kept says how many; else each
+    entry is one id, and kept is None. A trained model's nucleus is usually a small part of the vocabulary, so the
+    top few hundred entries are sorted first, and all of them only where they fall short: sorting all of GPT-2's
     vocabulary costs more than the rest of a sampled decode step (BENCHMARKS.md, Serving)."""
     per_id = probs if counts is None else probs / counts.clamp(min=1).to(probs.dtype)  # in the logits' order
     for k in (min(probs.size(-1), 256), probs.size(-1)):
@@ -449,12 +449,12 @@ def nucleus(probs, top_p, counts=None):
         before = top.cumsum(dim=-1) - top  # the mass of the likelier ids
         if bool((before[:, -1:] >= top_p).all()):  # every row's nucleus ends within the top k
             break
-    each = top if counts is None else per_id.gather(-1, ids)  # the probability of one of the entry's ids
     if counts is None:
-        n = (before < top_p).to(probs.dtype)
-    else:  # the i-th id of an entry (i = 0, 1, ...) is kept while before + i * each < top_p
-        n = torch.where(each > 0, torch.ceil((top_p - before) / each.clamp(min=1e-30)), 0.0)
-        n = torch.minimum(n.clamp(min=0), counts[ids].to(probs.dtype))
+        return torch.zeros_like(probs).scatter_(-1, ids, torch.where(before < top_p, top, 0.0)), None
+    each = per_id.gather(-1, ids)  # the probability of one of the entry's ids
+    # the i-th id of an entry (i = 0, 1, ...) is kept while before + i * each < top_p
+    n = torch.where(each > 0, torch.ceil((top_p - before) / each.clamp(min=1e-30)), 0.0)
+    n = torch.minimum(n.clamp(min=0), counts[ids].to(probs.dtype))
     return torch.zeros_like(probs).scatter_(-1, ids, n * each), torch.zeros_like(probs).scatter_(-1, ids, n)
 
 
