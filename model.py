@@ -392,22 +392,22 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, uniform=
         starts = None
     else:
         counts = counts.to(device=logits.device, dtype=torch.float64)
-        logits[:, counts == 0] = float("-inf")
+        logits.masked_fill_(counts == 0, float("-inf"))
         starts = (counts.cumsum(0) - counts).long()  # the position of each row's first id
     greedy = [t == 0 for t in temps]
     if all(greedy):
         return _position(logits.argmax(dim=-1), None, starts)
     logits = logits / torch.tensor([t or 1.0 for t in temps], device=logits.device)[:, None]
     if any(ks):
+        # kth: the logit of the k-th likeliest id, found as the first of the sorted rows by which k ids are counted;
+        # where there is none (top_k 0, or fewer ids than k), every id stays
         kmax = min(max(ks), V)
-        values, rows = torch.topk(logits, kmax, dim=-1)
-        # how many ids have at least each value
-        ranked = torch.arange(1.0, kmax + 1, dtype=torch.float64, device=logits.device).repeat(B, 1) \
-            if counts is None else counts[rows].cumsum(dim=-1)
+        values, best = torch.topk(logits, kmax, dim=-1)
+        counted = torch.arange(1.0, kmax + 1, dtype=torch.float64, device=logits.device).repeat(B, 1) \
+            if counts is None else counts[best].cumsum(dim=-1)
         want = torch.tensor([[k or float("inf")] for k in ks], dtype=torch.float64, device=logits.device)
-        at = torch.searchsorted(ranked, want)  # the row holding the k-th likeliest id; kmax: none (top_k 0, or
-        kth = values.gather(1, at.clamp(max=kmax - 1))  # fewer ids than k), and every id stays
-        kth[at == kmax] = float("-inf")
+        at = torch.searchsorted(counted, want)
+        kth = values.gather(1, at.clamp(max=kmax - 1)).masked_fill_(at == kmax, float("-inf"))
         logits[logits < kth] = float("-inf")
     probs = torch.softmax(logits if starts is None else logits + counts.log().float(), dim=-1)  # a row's ids' mass
     kept = None if starts is None else counts.expand(B, -1)

@@ -45,27 +45,6 @@ def full_logits(model, ids):
         return model(torch.tensor([ids]))[0].float()
 
 
-def test_a_group_of_equal_rows_is_sampled_as_its_ids_would_be():
-    """Sampled rows of a --data_vocab model draw over the output layer's distinct rows, the group standing for all its
-    ids (model.sample's counts): at the same numbers, the ids before the group are those drawn over every id's
-    logit, the group is drawn as often, and its ids are spread over it."""
-    model = make_group_model()
-    x = -torch.linspace(-1, 1, 32)[None] * 8  # the group's ids together about as likely as the others
-    n = 400
-    seqs = [Sequence([1], SamplingParams(max_tokens=1, temperature=1.0, seed=s)) for s in range(n)]
-    got = torch.tensor(sample(model, x.expand(n, -1), seqs)[0])
-    uniform = torch.cat([torch.rand(1, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
-                         for s in range(n)])
-    with torch.no_grad():
-        want = sample_logits(x.expand(n, -1) @ model.lm_head.weight.t(), 1.0, uniform=uniform)
-    before = want < 1000
-    assert torch.equal(got[before], want[before]) and (got[~before] >= 1000).all() and (got < N_VOCAB).all()
-    in_group = (got >= 1000) & (got != 5000)
-    as_ids = (want >= 1000) & (want != 5000)
-    assert 0.3 < in_group.float().mean() < 0.7 and abs(int(in_group.sum()) - int(as_ids.sum())) <= 10
-    assert len(set(got[in_group].tolist())) > 0.9 * int(in_group.sum())  # spread over the group's 49,000 ids
-
-
 def test_prefill_and_decode_steps_give_the_models_logits(model):
     """Two rows prefilled together (different lengths), then decoded one token at a time, each at its own position."""
     a, b = [5, 6, 7, 8, 9], [300, 301]
@@ -167,6 +146,27 @@ def test_the_output_layer_computes_a_group_of_equal_rows_once():
 
 
 @needs_screen
+def test_a_group_of_equal_rows_is_sampled_as_its_ids_would_be():
+    """Sampled rows of a --data_vocab model draw over the output layer's distinct rows, the group standing for all its
+    ids (model.sample's counts): at the same numbers, the ids before the group are those drawn over every id's
+    logit, the group is drawn as often, and its ids are spread over it."""
+    model = make_group_model()
+    x = -torch.linspace(-1, 1, 32)[None] * 8  # the group's ids together about as likely as the others
+    n = 400
+    seqs = [Sequence([1], SamplingParams(max_tokens=1, temperature=1.0, seed=s)) for s in range(n)]
+    got = torch.tensor(sample(model, x.expand(n, -1), seqs)[0])
+    uniform = torch.cat([torch.rand(1, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+                         for s in range(n)])
+    with torch.no_grad():
+        want = sample_logits(x.expand(n, -1) @ model.lm_head.weight.t(), 1.0, uniform=uniform)
+    before = want < 1000
+    assert torch.equal(got[before], want[before]) and (got[~before] >= 1000).all() and (got < N_VOCAB).all()
+    in_group = (got >= 1000) & (got != 5000)
+    as_ids = (want >= 1000) & (want != 5000)
+    assert 0.3 < in_group.float().mean() < 0.7 and abs(int(in_group.sum()) - int(as_ids.sum())) <= 10
+    assert len(set(got[in_group].tolist())) > 0.9 * int(in_group.sum())  # spread over the group's 49,000 ids
+
+
 def test_greedy_decoding_takes_the_screen_and_equals_the_models_argmax(monkeypatch):
     import engine
     model = make_model(True, True)
