@@ -286,15 +286,24 @@ def decode_copies(model) -> DecodeCopies:
             expand[shared] = int(expand[shared[0]])  # every id of the group reads its first's row
             w = w[ids]
         real = ids < N_VOCAB
-        counts, spread_ids = real.double(), ids[real].numpy()
+        counts, real_ids = real.double(), ids[real].numpy()
+        spread_ids = real_ids
         if expand is not None:
             first, group = int(expand[shared[0]]), shared[shared < N_VOCAB].numpy()
             counts[first] = len(group)
             spread_ids = np.concatenate([ids[:first][real[:first]], group, ids[first + 1:][real[first + 1:]]])
         model.decode_weights = DecodeCopies(w.t().contiguous(), packed_for_onednn(w), expand,
-                                            packed_for_onednn(w[real], bf16=True), ids[real].numpy(),
+                                            packed_for_onednn(w[real], bf16=True), real_ids,
                                             w[real].norm(dim=1).max().item(), counts, spread_ids, key)
     return model.decode_weights
+
+
+def cpu_decode_copies(model, x) -> DecodeCopies | None:
+    """decode_copies where the choice of tokens from hidden states x may use them: an fp32 model on the CPU, not in
+    training (restrict_output); None elsewhere."""
+    if x.device.type != "cpu" or getattr(model, "token_map", None) is not None or x.dtype != torch.float32:
+        return None
+    return decode_copies(model)
 
 
 def distinct_logits(copies: DecodeCopies, x):
@@ -355,9 +364,9 @@ def greedy_ids(model, x) -> list[int] | None:
     bound of the row's best may be the winner, and only those get their fp32 logit. None where there is neither
     (CUDA, a model in training, a CPU without fast bf16) or the screen leaves too many candidates (the caller then
     takes the fp32 logits)."""
-    if x.device.type != "cpu" or getattr(model, "token_map", None) is not None or x.dtype != torch.float32:
+    copies = cpu_decode_copies(model, x)
+    if copies is None:
         return None
-    copies = decode_copies(model)
     real = len(copies.screen_ids)  # the real ids come first among the kept rows, in id order
     if real <= EXACT_MAX_ROWS:
         return copies.screen_ids[distinct_logits(copies, x)[:, :real].numpy().argmax(axis=1)].tolist()
@@ -446,21 +455,25 @@ def sampled_together(device) -> bool:
     return device.type != "cpu"
 
 
+def uniforms(seqs: list[Sequence]) -> torch.Tensor:
+    """Each sequence's number in [0, 1) to sample with (float64, on the CPU), from its own generator, a CPU one: a
+    seeded sequence draws the same numbers on every device and whatever shares its batch. A greedy sequence draws
+    none (its number is 0)."""
+    return torch.cat([torch.rand(1, generator=s.generator, dtype=torch.float64) if s.params.temperature > 0
+                      else torch.zeros(1, dtype=torch.float64) for s in seqs])
+
+
 def sample_distinct_rows(model, hidden, seqs: list[Sequence]) -> list[int] | None:
     """Each sequence's next token from the output layer's distinct rows, where they are few (decode_copies: a
     --data_vocab model's, on the CPU): model.sample over those rows, each standing for the ids that share it, draws
     from the same distribution as over every id's logit, at a fraction of the cost (BENCHMARKS.md, Serving). All
     rows in one call: their logits fit in the cache. None elsewhere."""
-    if hidden.device.type != "cpu" or getattr(model, "token_map", None) is not None or hidden.dtype != torch.float32:
-        return None
-    copies = decode_copies(model)
-    if copies.expand is None:
+    copies = cpu_decode_copies(model, hidden)
+    if copies is None or copies.expand is None:
         return None
     params = [s.params for s in seqs]
-    uniform = torch.cat([torch.rand(1, generator=s.generator, dtype=torch.float64) if s.params.temperature > 0
-                         else torch.zeros(1, dtype=torch.float64) for s in seqs])
     positions = sample_logits(distinct_logits(copies, hidden), [p.temperature for p in params],
-                              [p.top_k for p in params], [p.top_p for p in params], uniform=uniform,
+                              [p.top_k for p in params], [p.top_p for p in params], uniform=uniforms(seqs),
                               counts=copies.counts)
     return copies.spread_ids[positions.numpy()].tolist()
 
@@ -484,9 +497,7 @@ def sample(model, hidden, seqs: list[Sequence]) -> tuple[list[int], list[Logprob
             tokens[i] = t
     drawn = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
     if drawn:
-        # Each sequence's number comes from its own generator, a CPU one: a seeded sequence draws the same numbers
-        # on every device and whatever shares its batch. The rows are sampled where the logits are.
-        uniform = torch.cat([torch.rand(1, generator=seqs[i].generator, dtype=torch.float64) for i in drawn])
+        uniform = uniforms([seqs[i] for i in drawn])  # the rows are sampled where the logits are
         rows = logits if len(drawn) == len(seqs) else logits[drawn]
         parts = [slice(None)] if sampled_together(rows.device) else [slice(j, j + 1) for j in range(len(drawn))]
         for part in parts:

@@ -409,12 +409,12 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, uniform=
         at = torch.searchsorted(counted, want)
         kth = values.gather(1, at.clamp(max=kmax - 1)).masked_fill_(at == kmax, float("-inf"))
         logits[logits < kth] = float("-inf")
-    probs = torch.softmax(logits if starts is None else logits + counts.log().float(), dim=-1)  # a row's ids' mass
-    kept = None if starts is None else counts.expand(B, -1)
+    probs = torch.softmax(logits if counts is None else logits + counts.log().float(), dim=-1)  # a row's ids' mass
+    kept = None if counts is None else counts.expand(B, -1)
     rows = [i for i, p in enumerate(ps) if p < 1.0]
     if rows:
         top_p = torch.tensor([ps[i] for i in rows], device=probs.device)[:, None]
-        probs[rows], n = nucleus(probs[rows], top_p, None if starts is None else counts)
+        probs[rows], n = nucleus(probs[rows], top_p, counts)
         if kept is not None:
             kept = kept.clone()
             kept[rows] = n.to(kept.dtype)
