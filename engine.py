@@ -259,8 +259,10 @@ class DecodeCopies:
     screen: torch.Tensor | None  # the rows of the real ids among ids, in bf16, packed for oneDNN: greedy_ids's screen
     screen_ids: np.ndarray  # the id of each real row among ids (the first rows, and the screen's)
     max_norm: float  # the largest norm of those rows: the screen's error bound
-    counts: torch.Tensor  # how many real ids each of the rows stands for (the group's first: all of the group's)
-    spread_ids: np.ndarray  # those ids, row after row: model.sample's positions over the rows
+    # With a group kept as one row (expand): how many real ids each of the rows stands for (the group's first: all
+    # of the group's), and those ids row after row, model.sample's positions over the rows (sample_distinct_rows)
+    counts: torch.Tensor | None
+    spread_ids: np.ndarray | None
     key: tuple
 
 
@@ -286,14 +288,14 @@ def decode_copies(model) -> DecodeCopies:
             expand[shared] = int(expand[shared[0]])  # every id of the group reads its first's row
             w = w[ids]
         real = ids < N_VOCAB
-        counts, real_ids = real.double(), ids[real].numpy()
-        spread_ids = real_ids
+        counts = spread_ids = None
         if expand is not None:
             first, group = int(expand[shared[0]]), shared[shared < N_VOCAB].numpy()
+            counts = real.double()
             counts[first] = len(group)
             spread_ids = np.concatenate([ids[:first][real[:first]], group, ids[first + 1:][real[first + 1:]]])
         model.decode_weights = DecodeCopies(w.t().contiguous(), packed_for_onednn(w), expand,
-                                            packed_for_onednn(w[real], bf16=True), real_ids,
+                                            packed_for_onednn(w[real], bf16=True), ids[real].numpy(),
                                             w[real].norm(dim=1).max().item(), counts, spread_ids, key)
     return model.decode_weights
 
@@ -469,7 +471,7 @@ def sample_distinct_rows(model, hidden, seqs: list[Sequence]) -> list[int] | Non
     from the same distribution as over every id's logit, at a fraction of the cost (BENCHMARKS.md, Serving). All
     rows in one call: their logits fit in the cache. None elsewhere."""
     copies = cpu_decode_copies(model, hidden)
-    if copies is None or copies.expand is None:
+    if copies is None or copies.counts is None:
         return None
     params = [s.params for s in seqs]
     positions = sample_logits(distinct_logits(copies, hidden), [p.temperature for p in params],
