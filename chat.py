@@ -4,9 +4,10 @@
   python chat.py --url http://127.0.0.1:8000 [--api-key KEY]     (the key also from $PARLEY_API_KEY)
 
 Replies stream as they are generated. Commands: /reset (forget the conversation), /system TEXT (set the
-system message; /system alone clears it), /quit. With --checkpoint the oldest turns are dropped when the
-conversation outgrows the context; a server never truncates, it answers with an error (then /reset).
---url needs only the standard library (no torch).
+system message; /system alone clears it), /quit. The oldest turns are dropped when the conversation outgrows the
+context, leaving room for a reply (--max-tokens, else a quarter of the context): with --url, as the server's
+/tokenize counts them (a server answers a prompt over its context with an error; a server without /tokenize gets
+the whole conversation). --url needs only the standard library (no torch).
 """
 
 import json
@@ -35,7 +36,9 @@ class ChatConfig:
 
 
 class ChatError(RuntimeError):
-    pass
+    def __init__(self, message: str, status: int | None = None):  # status: the server's HTTP status, if any
+        super().__init__(message)
+        self.status = status
 
 
 def local_replier(cfg: ChatConfig):
@@ -71,21 +74,56 @@ def local_replier(cfg: ChatConfig):
 
 def remote_replier(cfg: ChatConfig):
     """reply(system, messages) streaming text pieces from a server's /v1/chat/completions (server-sent events)."""
-    url = cfg.url.rstrip("/") + "/v1/chat/completions"
-    headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+    base = cfg.url.rstrip("/")
+    headers = {"Content-Type": "application/json"}
     if cfg.api_key:
         headers["Authorization"] = f"Bearer {cfg.api_key}"
 
+    def post(path: str, body: dict, accept: str = "application/json"):
+        request = urllib.request.Request(base + path, data=json.dumps(body).encode(),
+                                         headers={**headers, "Accept": accept}, method="POST")
+        try:
+            return urllib.request.urlopen(request, timeout=cfg.timeout)
+        except urllib.error.HTTPError as e:
+            try:
+                message = json.loads(e.read())["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = e.reason
+            raise ChatError(f"{e.code}: {message}", e.code) from None
+        except (urllib.error.URLError, OSError) as e:
+            raise ChatError(f"cannot reach {cfg.url}: {getattr(e, 'reason', e)}") from None
+
+    def fit(head: list[dict], messages: list[dict]) -> None:
+        """Drop the oldest exchanges of `messages` until the prompt leaves room for a reply, counted by the
+        server's /tokenize (vLLM's names its limit max_model_len); a server without it gets them all."""
+        dropped = 0
+        while len(messages) > 1:
+            try:
+                with post("/tokenize", {"messages": head + messages}) as response:
+                    counted = json.load(response)
+            except ChatError as e:
+                if e.status in (404, 405):
+                    return
+                raise
+            limit = counted.get("max_context") or counted.get("max_model_len")
+            if not limit or counted["count"] + (cfg.max_tokens or min(256, limit // 4)) <= limit:
+                break
+            del messages[:2]  # a user turn and its reply go together
+            dropped += 2
+        if dropped:
+            print(f"[dropped the {dropped} oldest messages to fit the context of {limit} tokens]", flush=True)
+
     def reply(system: str, messages: list[dict]):
-        body = {"messages": ([{"role": "system", "content": system}] if system else []) + messages, "stream": True,
+        head = [{"role": "system", "content": system}] if system else []
+        fit(head, messages)
+        body = {"messages": head + messages, "stream": True,
                 "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k}
         if cfg.max_tokens:
             body["max_tokens"] = cfg.max_tokens
         if cfg.seed >= 0:
             body["seed"] = cfg.seed
-        request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=cfg.timeout) as response:
+        with post("/v1/chat/completions", body, accept="text/event-stream") as response:
+            try:
                 for line in response:  # one event per `data:` line; each is a whole JSON object
                     line = line.decode("utf-8").strip()
                     if not line.startswith("data: "):
@@ -97,14 +135,8 @@ def remote_replier(cfg: ChatConfig):
                         raise ChatError(chunk["error"].get("message", "error"))
                     for choice in chunk["choices"]:
                         yield choice.get("delta", {}).get("content") or ""
-        except urllib.error.HTTPError as e:
-            try:
-                message = json.loads(e.read())["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = e.reason
-            raise ChatError(f"{e.code}: {message}") from None
-        except (urllib.error.URLError, OSError) as e:
-            raise ChatError(f"cannot reach {cfg.url}: {getattr(e, 'reason', e)}") from None
+            except OSError as e:
+                raise ChatError(f"lost {cfg.url}: {e}") from None
 
     return reply
 

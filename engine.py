@@ -433,7 +433,7 @@ def decode_one_step(model, cache: KVCache, tokens: list[int], positions: list[in
 def token_logprobs(logits, tokens: list[int], top: int) -> list[Logprob]:
     """Each row's log_softmax value of its token and its `top` most likely (real) ids, from logits (n, V)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logp[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
+    chosen = logp[torch.arange(len(tokens)), torch.tensor(tokens, dtype=torch.long)].tolist()  # long: [] too
     if top:
         values, ids = torch.topk(logp[:, :N_VOCAB], top, dim=-1)
         tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]

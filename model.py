@@ -27,6 +27,10 @@ import torch.nn.functional as F
 from config import ModelConfig
 from tokenizer import N_VOCAB
 
+# A temperature under this samples as greedy: dividing logits by it would overflow float32, and the distribution
+# is already the argmax's (vLLM draws the same line).
+MIN_TEMPERATURE = 1e-5
+
 
 def rotary_tables(head_dim: int, max_len: int, base: float = 10000.0):
     """cos and sin of position * frequency, (max_len, head_dim // 2) each: the angles rope rotates by."""
@@ -394,10 +398,10 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, uniform=
         counts = counts.to(device=logits.device, dtype=torch.float64)
         logits.masked_fill_(counts == 0, float("-inf"))
         starts = (counts.cumsum(0) - counts).long()  # the position of each row's first id
-    greedy = [t == 0 for t in temps]
+    greedy = [t < MIN_TEMPERATURE for t in temps]
     if all(greedy):
         return _position(logits.argmax(dim=-1), None, starts)
-    logits = logits / torch.tensor([t or 1.0 for t in temps], device=logits.device)[:, None]
+    logits = logits / torch.tensor([1.0 if g else t for g, t in zip(greedy, temps)], device=logits.device)[:, None]
     if any(ks):
         # kth: the logit of the k-th likeliest id, found as the first of the sorted rows by which k ids are counted;
         # where there is none (top_k 0, or fewer ids than k), every id stays
@@ -437,7 +441,8 @@ def _position(rows, offset, starts):
 
 def nucleus(probs, top_p, counts=None):
     """(probs, kept): probs (B, V) kept on each row's smallest set of likeliest ids whose mass reaches top_p (a
-    number, or (B, 1): one per row), zero elsewhere (not renormalised). With counts (V,), entry j is the mass of
+    number, or (B, 1): one per row), zero elsewhere (not renormalised); the likeliest entry is always kept, however
+    small top_p (one under float32's range reads as 0). With counts (V,), entry j is the mass of
     counts[j] equally likely ids (sample), of which the nucleus may keep a part, and kept says how many; else each
     entry is one id, and kept is None. A trained model's nucleus is usually a small part of the vocabulary, so the
     top few hundred entries are sorted first, and all of them only where they fall short: sorting all of GPT-2's
@@ -449,12 +454,13 @@ def nucleus(probs, top_p, counts=None):
         before = top.cumsum(dim=-1) - top  # the mass of the likelier ids
         if bool((before[:, -1:] >= top_p).all()):  # every row's nucleus ends within the top k
             break
+    first = torch.arange(ids.size(-1), device=ids.device) == 0
     if counts is None:
-        return torch.zeros_like(probs).scatter_(-1, ids, torch.where(before < top_p, top, 0.0)), None
+        return torch.zeros_like(probs).scatter_(-1, ids, torch.where((before < top_p) | first, top, 0.0)), None
     each = per_id.gather(-1, ids)  # the probability of one of the entry's ids
     # the i-th id of an entry (i = 0, 1, ...) is kept while before + i * each < top_p
     n = torch.where(each > 0, torch.ceil((top_p - before) / each.clamp(min=1e-30)), 0.0)
-    n = torch.minimum(n.clamp(min=0), counts[ids].to(probs.dtype))
+    n = torch.minimum(n.clamp(min=first.to(n.dtype)), counts[ids].to(probs.dtype))
     return torch.zeros_like(probs).scatter_(-1, ids, n * each), torch.zeros_like(probs).scatter_(-1, ids, n)
 
 

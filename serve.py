@@ -27,6 +27,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -350,7 +351,7 @@ class TextPart(Strict):
 
 
 class Message(Strict):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
     content: str | list[TextPart]
 
 
@@ -374,7 +375,10 @@ class Sampling(Strict):
     # Accepted only at their neutral values: the server does not implement them, and says so.
     frequency_penalty: float | None = Field(None, allow_inf_nan=False)
     presence_penalty: float | None = Field(None, allow_inf_nan=False)
+    logit_bias: dict | None = None
     tools: list | None = None
+    tool_choice: str | dict | None = None
+    response_format: dict | None = None
 
 
 class ChatCompletionRequest(Sampling):
@@ -388,6 +392,8 @@ class CompletionRequest(Sampling):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool | None = None
     max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt only
+    suffix: str | None = None  # accepted only empty, as the Sampling fields above
+    best_of: int | None = None  # accepted only equal to n
 
 
 class ChatRequest(Strict):
@@ -426,6 +432,12 @@ async def read_json(request: Request, schema: type[BaseModel], max_bytes: int):
         raise ApiError(400, f"the body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+    if re.search(rb"\\u[dD][89a-fA-F]", body):  # a surrogate escape: unpaired ones are not text (nor UTF-8)
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, "the body has an unpaired surrogate (\\ud800-\\udfff) in a string: not valid "
+                                "Unicode text", code="invalid_json") from None
     try:
         return schema.model_validate(obj)
     except ValidationError as e:
@@ -440,8 +452,10 @@ def validation_error(errors) -> ApiError:
                     code="invalid_value")
 
 
-def text_of(m: Message) -> str:
-    return m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
+def as_dict(m: Message) -> dict:
+    """The message as chat_format takes it: its text, and the role system for developer."""
+    text = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
+    return {"role": "system" if m.role == "developer" else m.role, "content": text}
 
 
 # ---- /chat sessions -----------------------------------------------------------------------------
@@ -493,12 +507,36 @@ class HostGuard:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
-            header = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            headers = [v for k, v in scope["headers"] if k == b"host"]
+            header = headers[0].decode("latin-1") if len(headers) == 1 else ""  # none, or two that may disagree
             host = urlsplit("//" + header).hostname
             if not (is_loopback(host) or host in self.allowed):
                 refusal = ApiError(403, f"Host {header!r} is not allowed: this server is bound to a loopback address "
                                         "and serves only localhost (add a name with --allowed-hosts)",
                                    "permission_error", code="host_not_allowed").response()
+                return await refusal(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class OriginGuard:
+    """ASGI middleware refusing (403) a request that a web page of another origin sent: one whose Origin header
+    (which browsers add to such requests, and to every POST) is neither this server's own (its page, `/`) nor in
+    `trusted` (--cors-origins). CORS alone only keeps such a page from reading the reply; a form or a simple
+    fetch would still reach the model, or write into a /chat conversation. Requests without an Origin (curl,
+    SDKs, servers) pass."""
+
+    def __init__(self, app, trusted: set[str]):
+        self.app, self.trusted = app, trusted
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            origin = headers.get(b"origin", b"").decode("latin-1")
+            own = urlsplit(origin).netloc.lower() == headers.get(b"host", b"").decode("latin-1").lower()
+            if origin and not (own or origin in self.trusted or "*" in self.trusted):
+                refusal = ApiError(403, f"Origin {origin!r} is not allowed: this server answers only its own page "
+                                        "and the origins given with --cors-origins",
+                                   "permission_error", code="origin_not_allowed").response()
                 return await refusal(scope, receive, send)
         await self.app(scope, receive, send)
 
@@ -568,15 +606,19 @@ class Server:
                               stop_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
     def check_sampling(self, body: Sampling) -> tuple[int, list[str]]:
-        unsupported = [name for name, value in (("tools", body.tools), ("frequency_penalty", body.frequency_penalty),
-                                                ("presence_penalty", body.presence_penalty)) if value]
+        neutral = {"tools": not body.tools, "frequency_penalty": not body.frequency_penalty,
+                   "presence_penalty": not body.presence_penalty, "logit_bias": not body.logit_bias,
+                   "tool_choice": body.tool_choice in (None, "none", "auto"),
+                   "response_format": body.response_format in (None, {"type": "text"}),
+                   "suffix": not getattr(body, "suffix", None),
+                   "best_of": getattr(body, "best_of", None) in (None, body.n or 1)}
+        unsupported = [name for name, ok in neutral.items() if not ok]
         if unsupported:
             raise ApiError(400, f"{unsupported[0]} is not supported by this server", param=unsupported[0],
                            code="unsupported_parameter")
-        n = body.n or 1
-        if n > self.cfg.max_n:
-            raise ApiError(400, f"n={n} is over this server's limit of {self.cfg.max_n}", param="n",
-                           code="invalid_value")
+        n, limit = body.n or 1, min(self.cfg.max_n, self.cfg.max_queue)  # n choices wait in the queue together
+        if n > limit:
+            raise ApiError(400, f"n={n} is over this server's limit of {limit}", param="n", code="invalid_value")
         stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
         if len(stop) > 4 or any(not s for s in stop):
             raise ApiError(400, "stop must be a non-empty string or a list of up to 4 non-empty strings",
@@ -672,12 +714,18 @@ class Server:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def models(self):
-        return {"object": "list", "data": [{"id": self.model_id, "object": "model", "created": self.created_at,
-                                            "owned_by": "parley", "context_length": self.block}]}
+        return {"object": "list", "data": [await self.model_card(self.model_id)]}
+
+    async def model_card(self, model_id: str):
+        if model_id != self.model_id:
+            raise ApiError(404, f"model {model_id!r} not found: this server serves {self.model_id!r}", param="model",
+                           code="model_not_found")
+        return {"id": self.model_id, "object": "model", "created": self.created_at, "owned_by": "parley",
+                "context_length": self.block}
 
     async def chat_completions(self, request: Request):
         body = await read_json(request, ChatCompletionRequest, self.cfg.max_body_bytes)
-        messages = [{"role": m.role, "content": text_of(m)} for m in body.messages]
+        messages = [as_dict(m) for m in body.messages]
         try:
             validate(messages, "messages")
         except ChatFormatError as e:
@@ -714,7 +762,7 @@ class Server:
             ids = encode(body.text)
         else:
             try:
-                ids, _ = render([{"role": m.role, "content": text_of(m)} for m in body.messages],
+                ids, _ = render([as_dict(m) for m in body.messages],
                                 add_generation_prompt=True)
             except ChatFormatError as e:
                 raise ApiError(400, str(e), param="messages", code="invalid_value") from None
@@ -797,14 +845,16 @@ def create_app(cfg: ServeConfig, model=None, exit_on_failure: bool = False) -> F
     api.get("/ready")(server.ready_route)
     api.get("/metrics")(server.metrics_text)
     api.get("/v1/models")(server.models)
+    api.get("/v1/models/{model_id:path}")(server.model_card)
     api.post("/v1/chat/completions")(server.chat_completions)
     api.post("/v1/completions")(server.completions)
     api.post("/tokenize")(server.tokenize)
     api.post("/chat")(server.chat)
     app.include_router(api)
-    if cfg.cors_origins:
+    if cfg.cors_origins:  # any request header: the origins are trusted, and SDKs add their own (x-stainless-*)
         app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+                           allow_headers=["*"])
+    app.add_middleware(OriginGuard, trusted=set(cfg.cors_origins))
     if is_loopback(cfg.host):
         app.add_middleware(HostGuard, allowed={h.lower() for h in cfg.allowed_hosts})
     routes = {getattr(r, "path", None) for r in [*app.routes, *api.routes]}

@@ -28,16 +28,28 @@ def run_chat(args: list[str], stdin: str, timeout: float = 60) -> str:
     return r.stdout
 
 
+FAKE_CONTEXT = 160  # a reply is left a quarter: a prompt fits in 120 characters
+
+
 @pytest.fixture
 def fake_server():
     """Answers every chat request with a fixed reply streamed in pieces or, for the message "fail", a 400
-    error; records what it was sent."""
+    error, and /tokenize with a count of one token a character in a context of FAKE_CONTEXT; records what it was
+    sent."""
     received = []
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             received.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+            if self.path == "/tokenize":
+                count = sum(len(m["content"]) for m in body["messages"])
+                payload = json.dumps({"tokens": [], "count": count, "max_context": FAKE_CONTEXT}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+                return
             if body["messages"][-1]["content"] == "fail":
                 payload = json.dumps({"error": {"message": "too long", "type": "invalid_request_error",
                                                 "param": None, "code": "context_length_exceeded"}}).encode()
@@ -70,8 +82,10 @@ def test_remote_multi_turn_commands_and_errors(fake_server):
                    "Hi\n/system Be brief.\nHow are you?\nfail\n/reset\nAgain\n/quit\nnever sent\n")
     assert out.count("bot> Hello friend 😀") == 3
     assert "[system message set]" in out and "[conversation cleared]" in out and "[error: 400: too long]" in out
-    bodies = [r["body"] for r in received]
-    assert all(r["path"] == "/v1/chat/completions" and r["auth"] == "Bearer k1" for r in received)
+    assert all(r["auth"] == "Bearer k1" for r in received)
+    bodies = [r["body"] for r in received if r["path"] == "/v1/chat/completions"]
+    # every prompt of more than one turn is counted first (one turn is sent as it is: there is nothing to drop)
+    assert [r["body"] for r in received if r["path"] == "/tokenize"] == [{"messages": b["messages"]} for b in bodies[1:3]]
     assert bodies[0]["messages"] == [{"role": "user", "content": "Hi"}]
     assert bodies[0]["stream"] is True and bodies[0]["temperature"] == 0 and bodies[0]["seed"] == 3
     assert "max_tokens" not in bodies[0]  # 0 = let the server fit the context
@@ -81,7 +95,17 @@ def test_remote_multi_turn_commands_and_errors(fake_server):
     assert bodies[2]["messages"][-1] == {"role": "user", "content": "fail"}
     # the failed turn is forgotten, and /reset keeps the system message but drops the turns
     assert bodies[3]["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Again"}]
-    assert len(received) == 4
+    assert len(bodies) == 4 and len(received) == 6
+
+
+def test_remote_drops_the_oldest_turns_to_fit_the_servers_context(fake_server):
+    url, received = fake_server
+    out = run_chat(["--url", url], "a" * 50 + "\n" + "b" * 50 + "\n" + "c" * 50 + "\n")
+    bodies = [r["body"] for r in received if r["path"] == "/v1/chat/completions"]
+    assert [len(b["messages"]) for b in bodies] == [1, 3, 3]  # the third: 178 characters, 58 too many
+    assert bodies[2]["messages"][0] == {"role": "user", "content": "b" * 50}
+    assert out.count("[dropped the 2 oldest messages to fit the context of 160 tokens]") == 1
+    assert out.count("Hello friend 😀") == 3
 
 
 def test_remote_unreachable_server_is_an_error_not_a_crash():
@@ -111,6 +135,10 @@ def test_remote_against_a_real_server(model_and_ckpt):
             assert f"bot> {want}\n" in out
             out = run_chat(["--url", url, "--api-key", "wrong"], "Hello\n")
             assert "[error: 401:" in out
+            long = " ".join(["story"] * 40)  # three of these overflow the tiny model's 128 tokens
+            out = run_chat(["--url", url, "--api-key", "s3cret", "--temperature", "0", "--max-tokens", "8"],
+                           f"{long} 1\n{long} 2\n{long} 3\n")
+            assert "[dropped the 2 oldest messages to fit the context of 128 tokens]" in out and "error" not in out
     finally:
         torch.set_num_threads(threads)
 

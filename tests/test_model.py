@@ -223,6 +223,20 @@ def test_rows_standing_for_several_ids_sample_as_those_ids_would(params):
     assert int(sample(row_logits, 1.0, counts=counts, uniform=torch.tensor([0.0]))) == 0
 
 
+@pytest.mark.parametrize("counts", [None, torch.tensor([1, 3, 5, 0, 1, 2])])
+def test_vanishing_temperature_or_top_p_samples_the_likeliest_id(counts):
+    """A temperature too small to divide by (1e-40 is subnormal in float32, 1e-300 rounds to 0) samples as greedy,
+    and a top_p too small for float32 still keeps the likeliest id: the nucleus is never empty."""
+    logits = torch.full((2, 50304) if counts is None else (2, 6), -1.0)
+    logits[:, 4] = 3.0
+    want = 4 if counts is None else 9  # with counts: row 4's first id, after 1 + 3 + 5 + 0 ids
+    u = torch.tensor([0.3, 0.99])
+    for params in (dict(temperature=1e-40), dict(temperature=1e-300), dict(temperature=5e-324),
+                   dict(temperature=1.0, top_p=1e-300), dict(temperature=1.0, top_p=1e-40),
+                   dict(temperature=[1e-300, 1.0], top_p=[1.0, 1e-300])):
+        assert sample(logits, uniform=u, counts=counts, **params).tolist() == [want, want], params
+
+
 def test_padding_ids_are_never_sampled():
     logits = torch.zeros(1, 50304)
     logits[0, N_VOCAB:] = 100.0

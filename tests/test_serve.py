@@ -218,6 +218,8 @@ def test_health_ready_models_tokenize_metrics(client, server, model):
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == "tiny"
     assert models["data"][0]["context_length"] == 128
+    assert client.get("/v1/models/tiny").json() == models["data"][0]  # the OpenAI SDK's models.retrieve
+    assert_error_shape(client.get("/v1/models/gpt-4"), 404, "model_not_found")
     assert client.post("/tokenize", json={"text": "Hello world"}).json()["tokens"] == encode("Hello world")
     msgs = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}]
     r = client.post("/tokenize", json={"messages": msgs}).json()
@@ -264,10 +266,22 @@ def test_metrics_parse_as_prometheus_text_with_exact_counts():
     assert samples[("parley_active_sequences", ())] == 0 and samples[("parley_queue_depth", ())] == 0
 
 
-def test_prompts_are_not_logged_and_cors_is_off(client, server_log):
+def test_prompts_are_not_logged_and_other_origins_are_refused(client, server, server_log):
     secret = "my secret prompt 4711"
-    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": secret}], "max_tokens": 2},
-                    headers={"Origin": "http://evil.example"})
+    body = {"messages": [{"role": "user", "content": secret}], "max_tokens": 2}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    # a page of another origin cannot drive the model or write into a /chat conversation, even without reading
+    # the reply (a simple POST needs no CORS preflight): the Origin header tells its requests apart
+    for path, payload in (("/v1/chat/completions", body), ("/chat", {"message": "I am Mallory", "session_id": "a"})):
+        r = client.post(path, content=json.dumps(payload), headers={"Origin": "http://evil.example",
+                                                                     "Content-Type": "text/plain"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
+    assert client.post("/chat", json={"message": "hi", "session_id": "a", "max_tokens": 2}).json()["new_session"]
+    r = client.post("/v1/chat/completions", json=body, headers={"Origin": "null"})  # a sandboxed page
+    assert r.status_code == 403
+    # the server's own page (its origin is the Host it was loaded from) is served
+    r = client.post("/v1/chat/completions", json=body, headers={"Origin": server})
     assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
     log = server_log.read_text()
     assert "POST /v1/chat/completions" in log and secret not in log
@@ -275,12 +289,18 @@ def test_prompts_are_not_logged_and_cors_is_off(client, server_log):
 
 def test_cors_when_origins_are_given():
     with in_process_server(ScriptedModel(UTF8_SCRIPT), cors_origins=["http://ok.example"], api_key="k") as (url, _):
-        r = httpx.options(url + "/v1/chat/completions", headers={
+        r = httpx.options(url + "/v1/chat/completions", headers={  # as the OpenAI JS SDK asks
             "Origin": "http://ok.example", "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "authorization, content-type"})
+            "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os, x-stainless-lang"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://ok.example"
+        assert "x-stainless-os" in r.headers["access-control-allow-headers"].lower()
+        r = httpx.get(url + "/v1/models", headers={"Origin": "http://ok.example", "Authorization": "Bearer k"})
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://ok.example"
         r = httpx.get(url + "/v1/models", headers={"Origin": "http://other.example", "Authorization": "Bearer k"})
-        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+        assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+        r = httpx.options(url + "/v1/chat/completions", headers={
+            "Origin": "http://other.example", "Access-Control-Request-Method": "POST"})
+        assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
 
 
 def test_web_page_is_served_open_and_self_contained(server):
@@ -529,10 +549,14 @@ def test_malformed_requests_get_4xx_in_the_error_shape(client):
         r = client.post("/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"})
         assert r.status_code == 400, (raw[:40], r.text)
         assert_error_shape(r)
-    # valid JSON with odd text in it
-    lone_surrogate = b'{"messages": [{"role": "user", "content": "a\\ud800b"}], "max_tokens": 2}'
-    r = client.post("/v1/chat/completions", content=lone_surrogate, headers={"Content-Type": "application/json"})
-    assert r.status_code == 200, r.text
+    # valid JSON with odd text in it: an unpaired surrogate is not text (echoed, it could not be written as UTF-8)
+    for path, field in (("/v1/chat/completions", '"messages": [{"role": "user", "content": "a\\ud800b"}]'),
+                        ("/v1/completions", '"prompt": "a\\uDC00b", "echo": true')):
+        r = client.post(path, content=f'{{{field}, "max_tokens": 2}}', headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"], r.text
+    pair = b'{"messages": [{"role": "user", "content": "a\\ud83d\\ude00b"}], "max_tokens": 2}'  # an escaped emoji
+    r = client.post("/v1/chat/completions", content=pair, headers={"Content-Type": "application/json"})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(chat_prompt("a\U0001F600b")), r.text
     # random mutations of a valid request, bounded in number: never a 5xx
     rng = random.Random(0)
     junk = [None, True, -1, 0, 3, 1e308, float("-inf"), "", "x" * 50, [], {}, [None], {"role": "user"}, 2**70, -0.5]
@@ -640,6 +664,27 @@ def test_completions_echo_scores_the_prompt_as_lm_eval_asks(client, model):
     assert lp["text_offset"] == [len(decode(prompt[:j])) for j in range(len(prompt))]
 
 
+def test_a_one_token_prompt_is_echoed_with_nothing_to_score(client):
+    for prompt in ("The", [464]):
+        r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1})
+        assert r.status_code == 200, r.text
+        lp = r.json()["choices"][0]["logprobs"]
+        assert lp["tokens"] == ["The"] and lp["token_logprobs"] == [None] and lp["top_logprobs"] == [None]
+
+
+def test_vanishing_temperature_or_top_p_is_greedy_and_harms_no_other_request(client):
+    """A temperature of 1e-300 or a top_p that float32 reads as 0 once failed the whole batch's step."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 12, "temperature": 0}
+    greedy = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    with ThreadPoolExecutor(4) as pool:
+        others = [pool.submit(client.post, "/v1/chat/completions", json=body) for _ in range(2)]
+        odd = [pool.submit(client.post, "/v1/chat/completions", json={**body, **extra})
+               for extra in ({"temperature": 1e-300}, {"temperature": 0.8, "top_p": 1e-300})]
+        for f in others + odd:
+            r = f.result()
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == greedy, r.text
+
+
 def test_completions_logprobs_with_and_without_echo(client, model):
     text = "Once upon a midnight"
     prompt = encode(text)
@@ -681,6 +726,34 @@ def test_bad_logprobs_values_get_a_400_naming_the_field(client):
         r = client.post(path, json={**base, **extra})
         assert_error_shape(r, 400)
         assert r.json()["error"]["param"] == param, (extra, r.json())
+
+
+def test_unsupported_parameters_get_a_400_unless_neutral(client):
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    completion = {"prompt": "hi", "max_tokens": 2}
+    cases = [("/v1/chat/completions", chat, {"logit_bias": {"50256": -100}}, "logit_bias"),
+             ("/v1/chat/completions", chat, {"response_format": {"type": "json_object"}}, "response_format"),
+             ("/v1/chat/completions", chat, {"tool_choice": "required"}, "tool_choice"),
+             ("/v1/completions", completion, {"suffix": "mat."}, "suffix"),
+             ("/v1/completions", completion, {"best_of": 2}, "best_of")]
+    for path, base, extra, param in cases:
+        r = client.post(path, json={**base, **extra})
+        assert_error_shape(r, 400)
+        assert r.json()["error"]["param"] == param and r.json()["error"]["code"] == "unsupported_parameter"
+    neutral = {"logit_bias": {}, "response_format": {"type": "text"}, "tool_choice": "none", "presence_penalty": 0}
+    assert client.post("/v1/chat/completions", json={**chat, **neutral}).status_code == 200
+    assert client.post("/v1/completions", json={**completion, "suffix": "", "best_of": 1}).status_code == 200
+
+
+def test_the_developer_role_is_the_system_role(client):
+    def reply(role):
+        body = {"messages": [{"role": role, "content": "Be brief."}, {"role": "user", "content": "hi"}],
+                "max_tokens": 4, "temperature": 0}
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"], r.json()["usage"]["prompt_tokens"]
+    assert reply("developer") == reply("system")
+    assert reply("system")[1] == len(chat_prompt("hi", system="Be brief."))
 
 
 def chat_turns(url: str, messages: list[str]) -> list[dict]:
@@ -877,6 +950,11 @@ def test_flood_gets_429_and_the_server_stays_healthy(scripted):
         else:
             assert r.json()["choices"][0]["finish_reason"] == "length"
     assert httpx.post(url + "/v1/chat/completions", json=body, timeout=30).status_code == 200
+    # n choices wait in the queue together: more than its 2 places could never be served, so that is a 400, not a
+    # 429 to retry forever (max_n is 4 here)
+    r = httpx.post(url + "/v1/chat/completions", json={**body, "n": 3}, timeout=30)
+    assert_error_shape(r, 400)
+    assert r.json()["error"]["param"] == "n" and "limit of 2" in r.json()["error"]["message"]
 
 
 def test_request_deadline():
@@ -973,6 +1051,16 @@ def test_web_page_in_headless_chromium(scripted, tmp_path):
         got = browser.js(bubbles)
         assert got[2:] == [["msg user", "More please"], ["msg assistant", scripted_text(5)]]
         assert browser.js("conversation.length") == 4
+        # a third turn with room for 20 tokens outgrows the 128-token context (its prompt is 120): the oldest
+        # exchange is dropped, as the server's /tokenize counts it, and the page says so
+        browser.js("document.getElementById('max_tokens').value = '20';"
+                   "document.getElementById('input').value = 'Again';"
+                   "document.getElementById('form').requestSubmit()")
+        browser.wait_for("document.querySelectorAll('.assistant .meta').length === 3")
+        assert browser.js(bubbles)[4:] == [["msg user", "Again"], ["msg assistant", scripted_text(20)]]
+        assert browser.js("document.querySelectorAll('.assistant .meta')[2].textContent") == \
+            "(dropped the 2 oldest messages to fit the context of 128 tokens) (cut at max tokens)"
+        assert browser.js("conversation.map(m => m.content)")[::2] == ["More please", "Again"]
         shot = browser.call("Page.captureScreenshot", format="png")["data"]
         # a server with a key: the page opens, its API call fails visibly until the key is entered
         with in_process_server(ScriptedModel(UTF8_SCRIPT), api_key="page-key", max_tokens_cap=5) as (key_url, _):
@@ -1007,6 +1095,11 @@ def test_a_loopback_server_refuses_other_host_headers():
                            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
             assert r.status_code == 403, host
             assert r.json()["error"]["code"] == "host_not_allowed" and "--allowed-hosts" in r.json()["error"]["message"]
+        for hosts in (("evil.example.com", "localhost"), ("localhost", "evil.example.com")):  # either may be read
+            with socket.create_connection(("127.0.0.1", int(port)), timeout=10) as sock:
+                sock.sendall(b"GET /health HTTP/1.1\r\n" + b"".join(b"Host: %s\r\n" % h.encode() for h in hosts)
+                             + b"Connection: close\r\n\r\n")
+                assert sock.recv(4096).startswith(b"HTTP/1.1 403"), hosts
 
 
 def test_a_server_bound_to_all_interfaces_serves_any_host_as_before():
