@@ -24,6 +24,7 @@ import glob
 import os
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,11 +32,11 @@ import torch
 import chat_format
 from chat_data import ChatData, ChatDataError, Rehearsal, encode, length_buckets, read_files, split
 from checkpoint import CheckpointError, load_checkpoint
-from config import FinetuneConfig, ModelConfig, TrainConfig, cli, to_dict
+from config import ConfigError, FinetuneConfig, ModelConfig, TrainConfig, cli, to_dict
 from model import GPT, pick_device
 from shard_data import ShardData, data_vocab_ids
 from shards import ShardError
-from train import compile_backend, fit, micro_steps
+from train import check_config, compile_backend, fit, micro_steps
 
 # Fine-tuning starts from a trained model: a smaller learning rate than pretraining, a short warmup, frequent
 # evals (fit keeps RUN/best by validation loss, so over-fitting a small data set costs nothing).
@@ -113,27 +114,44 @@ def report(summary: dict, cfg: TrainConfig, data: ChatData, world: int) -> None:
         print(f"  compiled: batches padded to {', '.join(map(str, data.buckets))} tokens, one graph each")
 
 
+def fail(message: str) -> None:
+    """A configuration or input error: the message, exit code 2 (as pretrain.py and tokenize_data.py)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_options(ft: FinetuneConfig, cfg: TrainConfig, init: str) -> None:
+    """Refuse options fine-tuning cannot use, before any data is read."""
+    if not init:
+        raise ConfigError("--init CHECKPOINT_DIR is required (a checkpoint of ours or a Hugging Face GPT-2 directory)")
+    if ft.rehearse and ft.rehearse_rows < 1:
+        raise ConfigError(f"field 'rehearse_rows' expects a value >= 1 with --rehearse, got {ft.rehearse_rows}")
+    if not 0 <= ft.val_fraction < 1:
+        raise ConfigError(f"field 'val_fraction' expects a value in [0, 1), got {ft.val_fraction}")
+    out, source = Path(cfg.out).resolve(), Path(init).resolve()
+    if source == out or out in source.parents:  # a new run in --out deletes the checkpoints there
+        raise ConfigError(f"--out {cfg.out} holds --init {init}, the model to fine-tune: give another --out")
+    check_config(cfg)
+
+
 def main(argv: list[str]) -> None:
     ft, train_cfg, model_cfg = FinetuneConfig(), TrainConfig(**FINETUNE_DEFAULTS), ModelConfig()
     cli(argv, [ft, train_cfg, model_cfg], usage=__doc__)
     init = ft.init or train_cfg.init_from
-    if not init:
-        sys.exit("error: --init CHECKPOINT_DIR is required (a checkpoint of ours or a Hugging Face GPT-2 directory)")
-    if ft.rehearse and ft.rehearse_rows < 1:
-        sys.exit(f"error: field 'rehearse_rows' expects a value >= 1 with --rehearse, got {ft.rehearse_rows}")
     world = int(os.environ.get("WORLD_SIZE", 1))
     master = int(os.environ.get("RANK", 0)) == 0
     try:
+        check_options(ft, train_cfg, init)
         model, init_config, _ = load_checkpoint(init)
         data, summary = load_data(ft, train_cfg, model.config.block_size, world)
         text = ShardData(ft.rehearse, model.config.block_size, ft.rehearse_rows, train_cfg.seed, 0) \
             if ft.rehearse else None
-    except (CheckpointError, ChatDataError, ShardError) as e:
-        sys.exit(f"error: {e}")
-    if model.config.dropout != model_cfg.dropout:  # dropout is a constructor setting: rebuild with the weights
-        state = model.state_dict()
-        model = GPT(replace(model.config, dropout=model_cfg.dropout))
-        model.load_state_dict(state)
+        if model.config.dropout != model_cfg.dropout:  # dropout is a constructor setting: rebuild with the weights
+            state = model.state_dict()
+            model = GPT(replace(model.config, dropout=model_cfg.dropout))
+            model.load_state_dict(state)
+    except (ValueError, CheckpointError, ChatDataError, ShardError) as e:  # ValueError: ConfigError, a bad shape
+        fail(str(e))
     if master:
         print(f"init: {init} ({model.num_params():,} parameters, context {model.config.block_size})")
         report(summary, train_cfg, data, world)
@@ -151,9 +169,13 @@ def main(argv: list[str]) -> None:
                      "train_on_prompt": ft.train_on_prompt, "val_fraction": ft.val_fraction,
                      "rehearse": ft.rehearse or None, "rehearse_rows": ft.rehearse_rows if ft.rehearse else 0,
                      "counts": {k: v for k, v in summary.items() if k not in ("files", "skipped_where")}}
-    fit(model, train_cfg, data, provenance,
-        extra_config={"chat_template": chat_format.JINJA_TEMPLATE, "finetune": finetune_info,
-                      "train": to_dict(train_cfg)})
+    train_cfg = replace(train_cfg, data="", init_from=str(init))  # recorded as run: the data are finetune_info's
+    try:
+        fit(model, train_cfg, data, provenance,
+            extra_config={"chat_template": chat_format.JINJA_TEMPLATE, "finetune": finetune_info,
+                          "train": to_dict(train_cfg)})
+    except (CheckpointError, ConfigError) as e:  # --resume of a checkpoint that does not fit this run, say
+        fail(str(e))
 
 
 if __name__ == "__main__":

@@ -54,7 +54,6 @@ def dropout(x, p: float, training: bool):
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        assert cfg.n_embd % cfg.n_head == 0, "n_embd must be divisible by n_head"
         self.n_head = cfg.n_head
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
@@ -105,11 +104,24 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def check_shape(cfg: ModelConfig) -> None:
+    """Refuse a shape the model cannot have, naming the field (ValueError, which the scripts print)."""
+    for name in ("n_layer", "n_head", "n_embd", "block_size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"field '{name}' expects a value >= 1, got {getattr(cfg, name)}")
+    if cfg.n_embd % cfg.n_head or (cfg.rope and cfg.n_embd // cfg.n_head % 2):
+        raise ValueError(f"field 'n_head': n_embd {cfg.n_embd} must split into {cfg.n_head} heads of a whole"
+                         f"{' and even (rope rotates pairs)' if cfg.rope else ''} number of dimensions")
+    if not 0 <= cfg.dropout < 1:
+        raise ValueError(f"field 'dropout' expects a value in [0, 1), got {cfg.dropout}")
+    if cfg.vocab_size < N_VOCAB:
+        raise ValueError(f"field 'vocab_size' {cfg.vocab_size} is smaller than the tokenizer's {N_VOCAB} ids")
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.vocab_size < N_VOCAB:
-            raise ValueError(f"vocab_size {cfg.vocab_size} is smaller than the tokenizer's {N_VOCAB} ids")
+        check_shape(cfg)
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = None if cfg.rope else nn.Embedding(cfg.block_size, cfg.n_embd)

@@ -19,7 +19,7 @@ import sys
 import torch
 
 from checkpoint import CheckpointError, load_checkpoint
-from config import ModelConfig, TrainConfig, cli, to_dict
+from config import ConfigError, ModelConfig, TrainConfig, cli, to_dict
 from model import GPT
 from shard_data import ShardData, data_vocab_ids
 from shards import ShardError
@@ -47,7 +47,11 @@ def main(argv: list[str]) -> None:
         print(f"loss: softmax over the {len(model.output_ids):,} token ids that occur in {train_cfg.data} and the "
               f"chat tokens, plus one logit for the {len(model.rest_ids):,} others (--data_vocab)")
     provenance = {"kind": "pretrain", "init_from": train_cfg.init_from or None, "data_dir": str(train_cfg.data)}
-    fit(model, train_cfg, data, provenance, extra_config={"train": to_dict(train_cfg)})
+    try:
+        fit(model, train_cfg, data, provenance, extra_config={"train": to_dict(train_cfg)})
+    except (CheckpointError, ConfigError) as e:  # --resume of a checkpoint that does not fit this run, say
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, cpu_copy, load_checkpoint, step_checkpoints, write_checkpoint
 from config import ConfigError, TrainConfig, progress_interval, to_dict
 from model import GPT, enable_tf32, pick_device
-from optim import check_optimizer, make_optimizer
+from optim import MuonAdamW, check_optimizer, make_optimizer
 
 # Dense bf16 tensor-core peak FLOP/s per GPU, for MFU; a GPU not listed (and the CPU) shows no MFU. The longest
 # key the GPU's name contains wins ("NVIDIA H200 NVL" is an H200 NVL, not an H200).
@@ -65,11 +65,26 @@ def check_config(cfg: TrainConfig) -> None:
             raise ConfigError(f"field '{name}' expects a value >= {low}, got {getattr(cfg, name)!r}")
     if not (cfg.max_steps or cfg.max_tokens or cfg.max_time):
         raise ConfigError("no limit: set max_steps, max_tokens or max_time (one of them > 0)")
-    if not 0 <= cfg.decay_fraction <= 1:
-        raise ConfigError(f"field 'decay_fraction' expects a value in [0, 1], got {cfg.decay_fraction!r}")
+    for name in ("decay_fraction", "min_lr_ratio"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise ConfigError(f"field '{name}' expects a value in [0, 1], got {getattr(cfg, name)!r}")
+    check_device(cfg.device)
     check_optimizer(cfg)
     if cfg.fsdp:
         check_fsdp(cfg)
+
+
+def check_device(name: str) -> None:
+    """Refuse a --device that is not a device name, or names one this machine does not have."""
+    try:
+        device = pick_device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"field 'device' expects auto, cpu, cuda, cuda:N or mps, got {name!r} ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"field 'device' is {name!r}, but this torch sees no CUDA GPU (a CPU build, or no driver); "
+                          "use --device auto or cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"field 'device' is {name!r}, but MPS is not available here; use --device auto or cpu")
 
 
 def check_fsdp(cfg: TrainConfig) -> None:
@@ -261,13 +276,16 @@ class TrainState:
         return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls)})
 
 
-def resume(out: Path, model: GPT, optimizer, scaler, master: bool, sharded: bool) -> tuple[TrainState, Path | None]:
+def resume(out: Path, model: GPT, optimizer, scaler, master: bool, sharded: bool,
+           data_fingerprint: str) -> tuple[TrainState, Path | None]:
     """(counters, checkpoint) of the newest checkpoint in `out` that loads, after loading its weights and optimizer
-    state; corrupted ones are skipped with a warning. Sharded, rank 0 alone reads it and sends each process its
-    shard (a process's memory never holds the whole model and optimizer state but rank 0's). A fresh TrainState
-    and None when there is none."""
+    state; corrupted ones are skipped with a warning, and one made for another model, optimizer or data is an
+    error. Sharded, rank 0 alone reads it and sends each process its shard (a process's memory never holds the
+    whole model and optimizer state but rank 0's). A fresh TrainState and None when `out` holds no checkpoint; an
+    error when none of its checkpoints can be resumed (the run's files are left as they are)."""
     for ckpt in reversed(step_checkpoints(out)):
-        weights, saved, problem = read_for_resume(ckpt, model) if master or not sharded else (None, None, None)
+        weights, saved, problem = read_for_resume(ckpt, model, optimizer, data_fingerprint) if master or not sharded \
+            else (None, None, None)
         if sharded:  # every process follows rank 0's reading: skip, stop, or load this checkpoint
             shared = [problem, saved and {k: v for k, v in saved.items() if k != "optimizer"}]
             dist.broadcast_object_list(shared, src=0)
@@ -289,22 +307,63 @@ def resume(out: Path, model: GPT, optimizer, scaler, master: bool, sharded: bool
         if master:
             log(f"resuming from {ckpt} (step {state.step}, {state.tokens:,} tokens)")
         return state, ckpt
+    if step_checkpoints(out):  # none loads: a new run here would delete them, and best/ with them
+        raise CheckpointError(f"--resume: no checkpoint in {out} can be resumed (see the warnings above); the run "
+                              "there is left as it is: start afresh without --resume (which deletes it) or in "
+                              "another --out")
     if master:
         log(f"--resume: no checkpoint in {out}, starting from the beginning")
     return TrainState(), None
 
 
-def read_for_resume(ckpt: Path, model: GPT) -> tuple[dict | None, dict | None, str | CheckpointError | None]:
+def read_for_resume(ckpt: Path, model: GPT, optimizer, data_fingerprint: str
+                    ) -> tuple[dict | None, dict | None, str | CheckpointError | None]:
     """(weights, saved training state, None), or (None, None, problem): the text of why `ckpt` does not load (a
-    corrupted checkpoint, to skip), or a CheckpointError to raise (one made for another model)."""
+    corrupted checkpoint, to skip), or a CheckpointError to raise (one made for another model, optimizer or data).
+    Shapes are checked here because torch loads an optimizer's moments unchecked, and a fused step then writes past
+    the end of ones that are too small."""
     try:
-        loaded, _, saved = load_checkpoint(ckpt, train_state=True)
+        loaded, config, saved = load_checkpoint(ckpt, train_state=True)
     except CheckpointError as e:
         return None, None, str(e)
     if loaded.config != model.config:
         return None, None, CheckpointError(f"{ckpt}: model config {to_dict(loaded.config)} does not match this "
                                            f"run's {to_dict(model.config)}")
-    return loaded.state_dict(), saved, None
+    trained_on = config.get("provenance", {}).get("data")
+    if trained_on not in (None, data_fingerprint):
+        return None, None, CheckpointError(f"{ckpt} was trained on other data ({trained_on}) than this run's "
+                                           f"({data_fingerprint}): resume with the data it was trained on, or start "
+                                           "afresh in another --out")
+    weights = loaded.state_dict()
+    problem = mismatch(model.state_dict(), weights, "weights") or optimizer_mismatch(optimizer, saved["optimizer"])
+    if problem:
+        return None, None, CheckpointError(f"{ckpt}: {problem} this run's: resume with the options the run was "
+                                           "started with (--optimizer, --data_vocab)")
+    return weights, saved, None
+
+
+def mismatch(expected: dict, got: dict, what: str) -> str | None:
+    """Where tensors of `got` differ in shape from `expected`'s of the same key, as the start of a sentence."""
+    wrong = [f"{k} {tuple(got[k].shape)} (this run: {tuple(v.shape)})" for k, v in expected.items()
+             if torch.is_tensor(got.get(k)) and got[k].shape != v.shape]
+    return f"its {what} ({', '.join(wrong[:3])}) do not fit" if wrong else None
+
+
+def optimizer_mismatch(optimizer, state: dict) -> str | None:
+    """Why an optimizer's saved state_dict does not fit `optimizer`'s parameters, or None."""
+    pairs = [(optimizer, state)]
+    if isinstance(optimizer, MuonAdamW):
+        pairs = [(optimizer.adamw, state.get("adamw")), (optimizer.muon, state.get("muon"))]
+    for opt, saved in pairs:
+        params = [p for group in opt.param_groups for p in group["params"]]
+        numbers = [i for group in (saved or {}).get("param_groups", []) for i in group["params"]]
+        if len(numbers) != len(params):
+            return f"its optimizer state (for {len(numbers)} parameters) does not fit"
+        for p, i in zip(params, numbers):
+            moments = {k: v for k, v in saved["state"].get(i, {}).items() if torch.is_tensor(v) and v.dim()}
+            if problem := mismatch(dict.fromkeys(moments, p), moments, "optimizer moments"):
+                return problem
+    return None
 
 
 # ---- FSDP's shards and whole checkpoints ---------------------------------------------------------------------
@@ -412,9 +471,11 @@ class Log:
         self.write({"type": "resume", "step": step, "tokens": state.tokens, "from": str(checkpoint)})
 
     def write(self, record: dict) -> None:
+        """A non-finite number (a skipped step's loss) is written as null: NaN is not JSON."""
         if self.enabled:
+            record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(record, allow_nan=False) + "\n")
 
 
 class Checkpoints:
@@ -550,7 +611,9 @@ def stop_reason(state: TrainState, cfg: TrainConfig, step_limit: float, time_up:
     """Why the run stops before this step ("" if it does not)."""
     if interrupted:
         return "interrupted"
-    if state.step >= step_limit:
+    if state.step >= step_limit:  # the nearer of max_steps and max_tokens' steps
+        if cfg.max_tokens and step_limit < (cfg.max_steps or math.inf):
+            return f"reached max_tokens ({cfg.max_tokens:,})"
         return f"reached max_steps ({step_limit})"
     if cfg.max_tokens and state.tokens >= cfg.max_tokens:
         return f"reached max_tokens ({cfg.max_tokens:,})"
@@ -719,8 +782,8 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
     sharded = is_sharded(model, cfg, world, master)
     raw_model, model = wrap(model.to(device), cfg, device, world, dtype)
     optimizer = make_optimizer(raw_model, cfg, device)
-    state, resumed_from = (resume(out, raw_model, optimizer, scaler, master, sharded) if cfg.resume
-                           else (TrainState(), None))
+    state, resumed_from = (resume(out, raw_model, optimizer, scaler, master, sharded, data.fingerprint)
+                           if cfg.resume else (TrainState(), None))
     if master:
         prepare_run_dir(out, resuming=resumed_from is not None)
     run_log = Log(out / "log.jsonl", master)
@@ -741,7 +804,7 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
     bar = tqdm(total=step_limit if step_limit < math.inf else None, initial=state.step, disable=not master,
                unit="step", dynamic_ncols=True, mininterval=progress_interval())
     done = state.step if resumed_from else -1  # a resumed run's first step: evaluated and saved before it stopped
-    time_up, interrupted, last_val = bool(cfg.max_time) and state.elapsed >= cfg.max_time, False, None
+    time_up, interrupted, last_val, record = bool(cfg.max_time) and state.elapsed >= cfg.max_time, False, None, None
     batch = load(state.step, 0)
     model.train()
     with StopFlag() as stop:
@@ -797,13 +860,17 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
                 log(threads_note)
             bar.update(1)
             bar.set_postfix_str(meter.text(loss_val, lr, last_val), refresh=False)
+            record = {"type": "train", "step": state.step, "tokens": state.tokens, "loss": loss_val, "lr": lr,
+                      "grad_norm": grad_norm, "tok_per_s": tok_rate, "mfu": mfu, "elapsed": state.elapsed,
+                      "target_tokens": int(stats[2].item())}
             if every(cfg.log_every, state.step) or state.step == 1:
-                run_log.write({"type": "train", "step": state.step, "tokens": state.tokens, "loss": loss_val, "lr": lr,
-                               "grad_norm": grad_norm, "tok_per_s": tok_rate, "mfu": mfu, "elapsed": state.elapsed,
-                               "target_tokens": int(stats[2].item())})
+                run_log.write(record)
+                record = None
             if state.bad_steps >= cfg.max_bad_steps:
                 stop_on_bad_steps(state, cfg, checkpoints, run_log, world, bar)
     bar.close()
+    if record:  # the last step, so that the curve reaches the end
+        run_log.write(record)
     plotter.wait()
     checkpoints.close()
     finish(state, reason, run_log, out, master, world)

@@ -369,15 +369,26 @@ def test_finetune_restricts_the_loss_after_data_vocab_pretraining_and_rehearses_
     assert torch.equal(window_y, (window_x - 100 + 1) % 64 + 100)  # the next token of the cycle, none masked
 
 
-def test_finetune_reports_bad_data_and_missing_init(tiny_model, tmp_path):
+def test_finetune_reports_bad_data_options_and_init_with_exit_2(tiny_model, tmp_path, capsys):
     init = save_checkpoint(tmp_path / "init", tiny_model)
     bad = write(tmp_path / "bad.jsonl", [GOOD, {"messages": [msg(U, "a"), msg(U, "b")]}])
-    with pytest.raises(SystemExit, match=f"{bad} line 2"):
-        finetune.main(["--init", str(init), "--data", str(bad), "--out", str(tmp_path / "o")])
-    with pytest.raises(SystemExit, match="--init"):
-        finetune.main(["--data", str(bad)])
     good = write(tmp_path / "good.jsonl", [GOOD, GOOD])
-    with pytest.raises(SystemExit, match=f"no token shards in {tmp_path / 'missing'}"):
-        finetune.main(["--init", str(init), "--data", str(good), "--rehearse", str(tmp_path / "missing")])
-    with pytest.raises(SystemExit, match="'rehearse_rows' expects a value >= 1"):
-        finetune.main(["--init", str(init), "--data", str(good), "--rehearse", "x", "--rehearse_rows", "0"])
+    out = ["--out", str(tmp_path / "o")]
+    cases = [(["--init", str(init), "--data", str(bad), *out], f"{bad} line 2"),
+             (["--data", str(bad), *out], "--init"),
+             (["--init", str(init), "--data", str(good), "--rehearse", str(tmp_path / "missing"), *out],
+              f"no token shards in {tmp_path / 'missing'}"),
+             (["--init", str(init), "--data", str(good), "--rehearse", "x", "--rehearse_rows", "0", *out],
+              "'rehearse_rows' expects a value >= 1"),
+             (["--init", str(init), "--data", str(good), "--val_fraction", "1.5", *out], "'val_fraction' expects"),
+             (["--init", str(init), "--data", str(good), "--batch_size", "0", *out], "'batch_size' expects a value >= 1"),
+             (["--init", str(init), "--data", str(good), "--lr", "-1", *out], "'lr' expects a value >= 0"),
+             (["--init", str(init), "--data", str(good), "--dropout", "1.5", *out], "'dropout' expects a value in"),
+             # a new run in --out deletes the checkpoints there: never those of the model it fine-tunes
+             (["--init", str(init), "--data", str(good), "--out", str(init)], "holds --init"),
+             (["--init", str(init / "best"), "--data", str(good), "--out", str(init)], "holds --init")]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as e:
+            finetune.main(args)
+        assert e.value.code == 2 and message in capsys.readouterr().err, args
+    assert (init / "model.safetensors").exists()

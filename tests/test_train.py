@@ -239,7 +239,9 @@ def test_a_non_finite_step_is_skipped(data_dir, tmp_path, monkeypatch, capsys):
     run(data_dir, out, "--max_steps", "8", "--save_every", "0")
     log = read_log(out)
     losses = {r["step"]: r["loss"] for r in log if r["type"] == "train"}
-    assert math.isnan(losses[4]) and math.isnan(losses[5]) and all(math.isfinite(losses[s]) for s in (1, 2, 3, 6, 7, 8))
+    # a skipped step's loss is logged as null (NaN is not JSON: jq and other readers refuse it)
+    assert losses[4] is None and losses[5] is None and all(math.isfinite(losses[s]) for s in (1, 2, 3, 6, 7, 8))
+    assert "NaN" not in (out / "log.jsonl").read_text()
     assert log[-1]["skipped_steps"] == 2 and log[-1]["step"] == 8
     assert "step 4: non-finite loss" in capsys.readouterr().err
 
@@ -295,11 +297,61 @@ def test_data_batches_are_pure_functions_of_step_micro_rank(data_dir, tmp_path):
 
 @pytest.mark.parametrize("args, message", [([], "no token shards in"),
                                            (["--schedule", "linear"], "field 'schedule' expects one of cosine"),
-                                           (["--batch_size", "0"], "field 'batch_size' expects a value >= 1")])
+                                           (["--batch_size", "0"], "field 'batch_size' expects a value >= 1"),
+                                           (["--min_lr_ratio", "-2"], "field 'min_lr_ratio' expects a value in [0, 1]"),
+                                           (["--n_head", "3"], "field 'n_head': n_embd 32 must split into 3 heads"),
+                                           (["--rope", "--n_head", "32"], "even (rope rotates pairs)"),
+                                           (["--block_size", "0"], "field 'block_size' expects a value >= 1"),
+                                           (["--dropout", "1.5"], "field 'dropout' expects a value in [0, 1)"),
+                                           (["--device", "gpu"], "field 'device' expects auto, cpu, cuda")]
+                         + ([] if torch.cuda.is_available() else
+                            [(["--device", "cuda"], "this torch sees no CUDA GPU")]))
 def test_pretrain_reports_bad_input_with_exit_2(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as e:
         pretrain.main(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run"), *TINY, *args])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_resume_refuses_a_checkpoint_of_other_data_or_options_and_keeps_it(data_dir, tmp_path, capsys):
+    """Torch loads an optimizer's moments without checking their shapes, and a fused step then writes past the end
+    of ones too small (a crash, or silently wrong training): a checkpoint that does not fit is refused."""
+    other = tmp_path / "other"  # other shards: another cycle
+    for split, n in (("train", 20_000), ("val", 2_000)):
+        (other / split).mkdir(parents=True)
+        write_shard(other / split / "000.bin", np.tile(np.arange(200, 232), n // 32))
+    out = tmp_path / "run"
+    run(data_dir, out, "--max_steps", "4", "--save_every", "4", "--data_vocab")
+    for data, args, message in ((other, ["--data_vocab"], "was trained on other data"),
+                                (data_dir, [], "do not fit this run's"),  # without --data_vocab: other shapes
+                                (data_dir, ["--data_vocab", "--optimizer", "muon"], "optimizer state")):
+        with pytest.raises(SystemExit) as e:
+            pretrain.main(["--data", str(data), "--out", str(out), *TINY, "--max_steps", "8", "--resume", *args])
+        assert e.value.code == 2 and message in capsys.readouterr().err, args
+    assert [p.name for p in step_checkpoints(out)] == ["step_0000004"] and (out / "best").is_dir()
+    run(data_dir, out, "--max_steps", "8", "--save_every", "4", "--data_vocab", "--resume")  # the right options
+    assert [p.name for p in step_checkpoints(out)] == ["step_0000004", "step_0000008"]
+
+
+def test_resume_leaves_a_run_none_of_whose_checkpoints_loads(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    run(data_dir, out, "--max_steps", "8", "--save_every", "4")
+    for ckpt in step_checkpoints(out):  # as a full disk might leave them
+        weights = ckpt / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(SystemExit) as e:
+        run(data_dir, out, "--max_steps", "8", "--save_every", "4", "--resume")
+    assert e.value.code == 2 and "no checkpoint in" in capsys.readouterr().err
+    assert len(step_checkpoints(out)) == 2 and (out / "best").is_dir() and (out / "log.jsonl").exists()
+
+
+def test_the_last_step_is_logged_and_the_stop_names_its_limit(data_dir, tmp_path):
+    out = tmp_path / "run"
+    run(data_dir, out, "--max_steps", "7", "--log_every", "5", "--save_every", "0")
+    log = read_log(out)
+    assert [r["step"] for r in log if r["type"] == "train"] == [1, 5, 7]  # the curve reaches the end
+    assert log[-1]["reason"] == "reached max_steps (7)"
+    run(data_dir, out, "--max_steps", "0", "--max_tokens", "500", "--save_every", "0")  # 4 steps of 128 tokens
+    assert read_log(out)[-1] == {**read_log(out)[-1], "step": 4, "reason": "reached max_tokens (500)"}
 
 
 def test_learning_rate_schedules():
