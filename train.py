@@ -255,7 +255,7 @@ def warmup_steps(cfg: TrainConfig, total_steps: float) -> float:
 
 def micro_steps(cfg: TrainConfig, block_size: int, world: int) -> int:
     """Micro-batches per optimizer step on each process: enough to reach cfg.batch_tokens (at least one)."""
-    return max(1, cfg.batch_tokens // (cfg.batch_size * block_size * world))
+    return max(1, -(-cfg.batch_tokens // (cfg.batch_size * block_size * world)))
 
 
 # ---- the run folder -----------------------------------------------------------------------------------------------
@@ -873,15 +873,17 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
         run_log.write(record)
     plotter.wait()
     checkpoints.close()
-    finish(state, reason, run_log, out, master, world)
+    finish(state, reason, last_val, run_log, out, master, world)
 
 
-def finish(state: TrainState, reason: str, run_log: Log, out: Path, master: bool, world: int) -> None:
-    """Log why the run stopped and where it was saved, then leave the process group."""
+def finish(state: TrainState, reason: str, val_loss: float | None, run_log: Log, out: Path, master: bool,
+           world: int) -> None:
+    """Log why the run stopped, its last validation loss and where it was saved, then leave the process group."""
     run_log.write({"type": "end", "step": state.step, "tokens": state.tokens, "reason": reason,
                    "elapsed": state.elapsed, "skipped_steps": state.skipped_steps})
     if master:
-        log(f"{reason} at step {state.step}: saved {out / f'step_{state.step:07d}'} "
+        val = f", validation loss {val_loss:.4f} (best {state.best_val:.4f})" if val_loss is not None else ""
+        log(f"{reason} at step {state.step}{val}: saved {out / f'step_{state.step:07d}'} "
             f"({'resume with --resume' if reason == 'interrupted' else 'done'})")
     if world > 1:
         dist.barrier()

@@ -21,7 +21,7 @@ from config import ModelConfig, TrainConfig
 from model import GPT, LinearCrossEntropy
 from shard_data import ShardData
 from shards import write_shard
-from train import lr_at, planned_steps
+from train import lr_at, micro_steps, planned_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -344,14 +344,21 @@ def test_resume_leaves_a_run_none_of_whose_checkpoints_loads(data_dir, tmp_path,
     assert len(step_checkpoints(out)) == 2 and (out / "best").is_dir() and (out / "log.jsonl").exists()
 
 
-def test_the_last_step_is_logged_and_the_stop_names_its_limit(data_dir, tmp_path):
+def test_the_last_step_is_logged_and_the_stop_names_its_limit(data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     run(data_dir, out, "--max_steps", "7", "--log_every", "5", "--save_every", "0")
+    assert "reached max_steps (7) at step 7, validation loss " in capsys.readouterr().err
     log = read_log(out)
     assert [r["step"] for r in log if r["type"] == "train"] == [1, 5, 7]  # the curve reaches the end
     assert log[-1]["reason"] == "reached max_steps (7)"
     run(data_dir, out, "--max_steps", "0", "--max_tokens", "500", "--save_every", "0")  # 4 steps of 128 tokens
     assert read_log(out)[-1] == {**read_log(out)[-1], "step": 4, "reason": "reached max_tokens (500)"}
+
+
+def test_batch_tokens_are_reached_not_rounded_down():
+    cfg = TrainConfig(batch_size=4, batch_tokens=500)  # 128 tokens a micro-batch of 32-token windows
+    assert [micro_steps(cfg, 32, world) for world in (1, 2, 8)] == [4, 2, 1]
+    assert micro_steps(TrainConfig(batch_size=4, batch_tokens=512), 32, 1) == 4
 
 
 def test_learning_rate_schedules():
