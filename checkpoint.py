@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -59,6 +60,15 @@ def _write_json(path: Path, obj) -> None:
         os.fsync(f.fileno())
 
 
+def _save_weights(state: dict, path: Path, metadata: dict | None = None) -> None:
+    """save_file, leaving the file with the permissions of any other file written here: safetensors writes a
+    private temporary file (readable by its owner only) and renames it into place."""
+    with open(path, "wb") as f:  # a file created as usual gets the mode the umask allows
+        mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+    save_file(state, path, metadata=metadata)
+    os.chmod(path, mode)
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move a fully written directory into place, replacing any previous one."""
     old = final.with_name(final.name + f".old-{os.getpid()}")
@@ -98,7 +108,7 @@ def write_checkpoint(path, model_config: ModelConfig, weights: dict, provenance:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     state = {k: v.contiguous() for k, v in weights.items() if k != "lm_head.weight"}
-    save_file(state, tmp / "model.safetensors")  # lm_head is tied to wte: stored once
+    _save_weights(state, tmp / "model.safetensors")  # lm_head is tied to wte: stored once
     if train_state is not None:
         torch.save(train_state, tmp / "train_state.pt")
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
@@ -270,7 +280,7 @@ def export_hf(model: GPT, out_dir, extra_files: dict | None = None) -> Path:
                 bias = k[:-len("weight")] + "bias"
                 n = state[k].shape[-1] if k.endswith(_HF_TRANSPOSED) else state[k].shape[0]
                 state.setdefault(bias, torch.zeros(n, dtype=state[k].dtype))
-    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+    _save_weights(state, tmp / "model.safetensors", metadata={"format": "pt"})
     _write_json(tmp / "config.json", {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,

@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -29,6 +31,19 @@ def test_overwrite_is_atomic_and_leaves_no_temporaries(tiny_model, tmp_path):
     save_checkpoint(tmp_path / "ck", other)
     assert same_weights(load_checkpoint(tmp_path / "ck")[0], other)
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_the_weights_get_the_permissions_of_the_other_files(tiny_model, tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        folders = [save_checkpoint(tmp_path / "ck", tiny_model, train_state={"step": 1}),
+                   export_hf(tiny_model, tmp_path / "hf")]
+    finally:
+        os.umask(old)
+    for folder in folders:
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+        assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~umask}, modes
 
 
 def test_run_folder_resolves_to_best_then_newest_step(tiny_model, tmp_path):
