@@ -256,15 +256,38 @@ def load_hf(path, device="cpu") -> GPT:
     return model.to(device)
 
 
+def _check_export_target(out: Path, names: set[str]) -> None:
+    """Refuse to replace anything at `out` but an empty folder or an earlier export (files of exactly these names,
+    config.json a GPT-2 one): never a checkpoint of ours, a run folder, or a plain file."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a folder: export into a new or empty folder")
+    found = sorted(p.name for p in out.iterdir())
+    if not found or (set(found) == names and all((out / n).is_file() for n in found) and _is_gpt2_config(out)):
+        return
+    raise CheckpointError(f"{out} is neither empty nor an earlier export (it holds {', '.join(found[:4])}"
+                          f"{', ...' if len(found) > 4 else ''}): export into a new or empty folder")
+
+
+def _is_gpt2_config(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type") == "gpt2"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def export_hf(model: GPT, out_dir, extra_files: dict | None = None) -> Path:
     """Write `model` as a Hugging Face GPT2LMHeadModel directory (vocabulary kept at our padded size), plus
-    `extra_files` (name -> text, or an object written as JSON). Only GPT-2's own parts can be exported."""
+    `extra_files` (name -> text, or an object written as JSON). Only GPT-2's own parts can be exported. `out_dir`
+    must be new, an empty folder or an earlier export, which is replaced."""
     cfg = model.config
     extras = [name for name, used in (("rotary position embeddings (rope)", cfg.rope), ("smear", cfg.smear)) if used]
     if extras:
         raise CheckpointError(f"this model uses {' and '.join(extras)}, which GPT-2 does not have: "
                               "it cannot be exported as a Hugging Face GPT-2 model")
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()  # "." has no name to put a temporary one beside
+    _check_export_target(out, {"model.safetensors", "config.json", *(extra_files or {})})
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

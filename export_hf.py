@@ -9,7 +9,10 @@ logits, and AutoTokenizer.from_pretrained(OUT_DIR) the same token ids as ours, c
   tokenizer_config.json                     the chat template (Jinja) and eos_token <|end|>, the end of a turn;
   special_tokens_map.json
   generation_config.json                    generation stops at <|end|> (or <|endoftext|>); pads with <|endoftext|>.
-Models with rotary positions (rope) or smear have no GPT-2 equivalent and are refused with a message.
+OUT_DIR must not exist, be an empty folder, or hold an earlier export (the same files, a GPT-2 config.json), which
+is replaced: anything else there (a checkpoint, a run folder, a file) is refused and left as it is.
+Models with rotary positions (rope) or smear have no GPT-2 equivalent and are refused with a message. Errors exit
+with code 2.
 """
 
 import sys
@@ -56,12 +59,17 @@ def export(model: GPT, out_dir) -> Path:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) != 2 or argv[0] in ("-h", "--help"):
-        sys.exit(__doc__.strip())
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.strip())
+        return
+    if len(argv) != 2:
+        print("usage: python export_hf.py CHECKPOINT_DIR OUT_DIR  (--help: what it writes)", file=sys.stderr)
+        sys.exit(2)
     try:
         out = export(load_checkpoint(argv[0])[0], argv[1])
     except CheckpointError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"exported {argv[0]} -> {out} (load with AutoModelForCausalLM / AutoTokenizer.from_pretrained('{out}'))")
 
 

@@ -99,6 +99,38 @@ def test_export_and_import_hf_layout_without_transformers(tiny_model, tmp_path):
     assert same_weights(back, tiny_model)
 
 
+def snapshot(folder):
+    """Every path under `folder` with its bytes (None for a folder)."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("target", ["run", "run/best", "file", "notes", "export+notes"])
+def test_export_refuses_to_replace_anything_but_an_empty_folder_or_an_export(tiny_model, tmp_path, target):
+    save_checkpoint(tmp_path / "run" / "step_0000010", tiny_model, train_state={"step": 10})
+    save_checkpoint(tmp_path / "run" / "best", tiny_model)
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    export_hf(tiny_model, tmp_path / "export+notes")
+    (tmp_path / "export+notes" / "README.md").write_text("mine")
+    before = snapshot(tmp_path)
+    with pytest.raises(CheckpointError, match="not a folder" if target == "file" else "neither empty nor an earlier"):
+        export_hf(tiny_model, tmp_path / target)
+    assert snapshot(tmp_path) == before  # nothing written, moved or left beside it
+
+
+def test_export_replaces_an_empty_folder_or_an_earlier_export(tiny_model, tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    export_hf(tiny_model, tmp_path / "empty")
+    other = GPT(tiny_model.config)
+    assert export_hf(other, tmp_path / "empty") == (tmp_path / "empty").resolve()  # over the earlier export
+    assert same_weights(load_hf(tmp_path / "empty"), other)
+    monkeypatch.chdir(tmp_path / "empty")
+    assert export_hf(tiny_model, ".") == (tmp_path / "empty").resolve()  # the current folder, by its resolved name
+    assert same_weights(load_hf(tmp_path / "empty"), tiny_model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
 def test_hf_gpt2_vocab_is_padded(tmp_path):
     """An original GPT-2 directory has 50257 tokens; we pad to 50304 and keep its rows."""
     transformers = pytest.importorskip("transformers")

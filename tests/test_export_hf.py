@@ -109,5 +109,38 @@ def test_models_beyond_gpt2_are_refused_with_a_message(extra, named, tmp_path, c
     ckpt = save_checkpoint(tmp_path / "ck", model)
     with pytest.raises(SystemExit) as exit:
         export_hf.main([str(ckpt), str(tmp_path / "hf")])
-    assert str(exit.value).startswith("error: this model uses") and named in str(exit.value)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.startswith("error: this model uses") and named in err
     assert not (tmp_path / "hf").exists()
+
+
+def test_cli_refuses_an_out_dir_holding_the_checkpoints_and_exits_2(tmp_path, capsys):
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=64))
+    run = tmp_path / "run"
+    for target in (run, run / "best"):  # the run folder, and the checkpoint onto itself
+        ckpt = save_checkpoint(run / "best", model, train_state={"step": 1})
+        before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+        with pytest.raises(SystemExit) as exit:
+            export_hf.main([str(ckpt), str(target)])
+        assert exit.value.code == 2
+        assert f"{target} is neither empty nor an earlier export" in capsys.readouterr().err
+        assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_cli_exports_into_the_current_folder_and_again_over_its_export(tmp_path, capsys, monkeypatch):
+    ckpt = save_checkpoint(tmp_path / "ck", GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)))
+    (tmp_path / "hf").mkdir()
+    monkeypatch.chdir(tmp_path / "hf")
+    export_hf.main([str(ckpt), "."])
+    export_hf.main([str(ckpt), str(tmp_path / "hf")])
+    assert capsys.readouterr().out.count(f"-> {(tmp_path / 'hf').resolve()} ") == 2
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").eos_token == "<|end|>"
+
+
+def test_cli_help_exits_0_and_a_wrong_call_2(capsys):
+    export_hf.main(["--help"])
+    assert capsys.readouterr().out.startswith("Export a checkpoint to a Hugging Face GPT-2 directory")
+    with pytest.raises(SystemExit) as exit:
+        export_hf.main(["only-one"])
+    assert exit.value.code == 2 and "usage: python export_hf.py" in capsys.readouterr().err
