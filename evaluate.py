@@ -8,7 +8,8 @@ CHECKPOINT is a checkpoint of ours (or a run folder: its best checkpoint) or a H
 
   * Loss and perplexity: on token shards (a folder made by tokenize_data.py: its val split, every token predicted)
     or on a chat file (read by chat_data.py; only the assistant's tokens count, as in fine-tuning). Without --data,
-    on the held-out demo dialogs. Windows / conversations longer than the context are cut as in training.
+    on the held-out demo dialogs. Windows / conversations longer than the context are cut as in training (the
+    report says how many conversations were cut or left out); a file with nothing to score is an error.
   * The instruction-following suite (demo_data.py's "eval" split: new dialogs, sums never tuned on, and half of
     them asked in wordings never tuned on): each conversation without its final answer is rendered with the chat
     template, the reply is decoded greedily (batched, stopping at <|end|>) and must match the reference answer
@@ -124,28 +125,36 @@ def shard_batches(data_dir, block_size: int, batch_size: int, max_tokens: int, d
         yield xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
 
 
-def chat_batches(conversations, block_size: int, batch_size: int, device):
-    """Batches of conversations (assistant tokens as targets), cut to the context as in fine-tuning."""
-    examples = sorted(encode(conversations, block_size + 1), key=lambda e: len(e[0]))
+def chat_batches(conversations, block_size: int, batch_size: int, device, counts: dict | None = None):
+    """Batches of conversations (assistant tokens as targets), cut to the context as in fine-tuning; `counts`
+    gets the conversations 'cut' and 'dropped' (see chat_data.encode)."""
+    examples = sorted(encode(conversations, block_size + 1, counts=counts), key=lambda e: len(e[0]))
     for i in range(0, len(examples), batch_size):
         x, y = collate(examples[i:i + batch_size], block_size)
         yield x.to(device), y.to(device)
 
 
 def loss_report(model, source: str, cfg: EvalConfig, device) -> dict:
-    """{"data", "kind", "loss", "perplexity", "tokens"} for a shard folder, a chat file, or the demo eval dialogs."""
+    """{"data", "kind", "loss", "perplexity", "tokens"} for a shard folder, a chat file, or the demo eval dialogs;
+    for conversations also "conversations", "cut" and "dropped" (longer than the context). Nothing to score is a
+    ValueError that says why."""
     block = model.config.block_size
-    if source == "demo":
-        kind = "demo eval dialogs (assistant tokens)"
-        batches = chat_batches(demo_data.dialogs("eval", cfg.seed), block, cfg.batch_size, device)
-    elif Path(source).is_dir():
-        kind = "token shards (val split)"
+    if source != "demo" and Path(source).is_dir():
         batches = shard_batches(source, block, cfg.batch_size, cfg.max_loss_tokens, device)
+        loss, n = _mean_loss(model, batches)
+        return {"data": source, "kind": "token shards (val split)", "loss": loss,
+                "perplexity": math.exp(min(loss, 50.0)), "tokens": n}
+    if source == "demo":
+        kind, conversations = "demo eval dialogs (assistant tokens)", demo_data.dialogs("eval", cfg.seed)
     else:
-        kind = "chat file (assistant tokens)"
-        batches = chat_batches(read_file(source), block, cfg.batch_size, device)
-    loss, n = _mean_loss(model, batches)
-    return {"data": source, "kind": kind, "loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": n}
+        kind, conversations = "chat file (assistant tokens)", read_file(source)
+    counts = {}
+    loss, n = _mean_loss(model, chat_batches(conversations, block, cfg.batch_size, device, counts))
+    if not n:
+        raise ValueError(f"{source}: no assistant token to score: {counts['dropped']} of {len(conversations)} "
+                         f"conversations are longer than the context of {block} tokens, even their last exchange")
+    return {"data": source, "kind": kind, "loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": n,
+            "conversations": len(conversations), "cut": counts["cut"], "dropped": counts["dropped"]}
 
 
 # ---- generation and the suite ---------------------------------------------------------------------------------
@@ -194,11 +203,19 @@ def _held_out_accuracy(stats: dict, held: str) -> str:
 
 # ---- reports --------------------------------------------------------------------------------------------------
 
+def _longer_than_context(loss: dict) -> str:
+    """How many conversations were cut or dropped to fit the context, if any."""
+    if not loss.get("cut") and not loss.get("dropped"):
+        return ""
+    return (f"; longer than the context: {loss['cut']:,} of {loss['conversations']:,} conversations cut to their "
+            f"last exchanges, {loss['dropped']:,} left out")
+
+
 def table(report: dict) -> str:
     lines = []
     for loss in report["losses"]:
         lines.append(f"loss {loss['loss']:.4f}  perplexity {loss['perplexity']:.2f}  "
-                     f"({loss['tokens']:,} tokens; {loss['kind']}: {loss['data']})")
+                     f"({loss['tokens']:,} tokens; {loss['kind']}: {loss['data']}{_longer_than_context(loss)})")
     suite = report.get("suite")
     if suite:
         lines.append(f"{'family':<12} {'accuracy':>9} {'correct':>9}   new wordings   new fillers")
@@ -220,8 +237,8 @@ def markdown(report: dict) -> str:
     md = [f"# Evaluation of `{report['checkpoint']}`", "",
           f"{report['parameters']:,} parameters, evaluated on {report['device']} in {report['seconds']:.1f} s.", ""]
     md += ["## Loss", "", "| data | kind | loss | perplexity | tokens |", "|---|---|---|---|---|"]
-    md += [f"| {x['data']} | {x['kind']} | {x['loss']:.4f} | {x['perplexity']:.2f} | {x['tokens']:,} |"
-           for x in report["losses"]]
+    md += [f"| {x['data']} | {x['kind']}{_longer_than_context(x)} | {x['loss']:.4f} | {x['perplexity']:.2f} "
+           f"| {x['tokens']:,} |" for x in report["losses"]]
     suite = report.get("suite")
     if suite:
         md += ["", "## Instruction-following suite (held-out demo split, greedy, exact match)", "",
@@ -276,6 +293,9 @@ def main(argv: list[str]) -> None:
     positionals = cli(argv, [cfg], max_positional=1, usage=__doc__)
     if not positionals:
         sys.exit("usage: python evaluate.py CHECKPOINT [--data DIR_OR_FILE ...] [--suite false]  (--help: every option)")
+    if cfg.per_family < 1:
+        print(f"error: --per_family must be at least 1, got {cfg.per_family}", file=sys.stderr)
+        sys.exit(2)
     checkpoint = Path(positionals[0])
     try:
         report = evaluate(checkpoint, cfg)

@@ -104,6 +104,43 @@ def test_loss_on_a_chat_file_counts_assistant_tokens_only(tmp_path):
     assert got["loss"] == pytest.approx(total / count, rel=1e-4)
 
 
+def write_chats(path, conversations):
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))
+    return path
+
+
+def exchange(question, answer="Fine."):
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def test_conversations_cut_or_left_out_to_fit_the_context_are_counted(tmp_path):
+    long = "story " * 80  # one exchange of these is longer than the context
+    path = write_chats(tmp_path / "chats.jsonl", [exchange("Hi"), exchange(long) + exchange("And now?"),
+                                                  exchange(long), exchange("Hello")])
+    model = tiny_model(block_size=64)
+    got = evaluate.loss_report(model, str(path), evaluate.EvalConfig(), "cpu")
+    assert (got["conversations"], got["cut"], got["dropped"]) == (4, 1, 1)
+    kept = [exchange("Hi"), exchange("And now?"), exchange("Hello")]
+    assert got["tokens"] == sum(sum(render(c)[1][1:]) for c in kept)
+    line = evaluate.table({"losses": [got]})
+    assert line.endswith("longer than the context: 1 of 4 conversations cut to their last exchanges, 1 left out)")
+
+
+def test_a_chat_file_with_nothing_to_score_is_an_error_that_says_why(tmp_path):
+    path = write_chats(tmp_path / "long.jsonl", [exchange("story " * 80)] * 3)
+    ckpt = save_checkpoint(tmp_path / "ckpt", tiny_model(block_size=64))
+    with pytest.raises(SystemExit, match=f"error: {path}: no assistant token to score: 3 of 3 conversations are "
+                                         "longer than the context of 64 tokens"):
+        evaluate.main([str(ckpt), "--data", str(path), "--suite", "false"])
+    assert not (ckpt / "eval.json").exists()
+
+
+def test_per_family_below_one_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main([str(tmp_path / "ckpt"), "--per_family", "0"])
+    assert exit.value.code == 2 and "--per_family must be at least 1, got 0" in capsys.readouterr().err
+
+
 class LargestTensor(TorchDispatchMode):
     """The most elements of any tensor an op returns."""
 
