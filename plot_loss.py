@@ -5,11 +5,14 @@ moving average over the logged points, spanning at most a tenth of them), the va
 are overlaid. A fine-tuning run whose log's init_from points into another run folder given on the same command
 line (its checkpoint, or the folder itself) is drawn after that run's end: its x values are offset by the last step
 (or token count) of the pretraining run, so the two read as one timeline, with a vertical line where fine-tuning
-starts. A missing or empty log is an error that names the file (exit code 2).
+starts. Non-finite losses (a diverged step logs NaN) are left out of the curves. The folder of --out is created.
+A missing or empty log is an error that names the file, as are a --smooth outside [0, 1) and an --out that cannot
+be written (exit code 2).
 """
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -82,13 +85,15 @@ def plot_runs(run_dirs, out, x: str = "steps", smooth: float = 0.9) -> dict:
                       None)
         offset = ends[parent] if parent is not None else 0
         label = d.name if [r.name for r, _ in runs].count(d.name) == 1 else str(d)
-        train = log["train"]
+        # a non-finite loss (a diverged step) would stay in the EMA for the rest of the run: such points are skipped
+        train = [r for r in log["train"] if math.isfinite(r["loss"])]
+        evals = [r for r in log["eval"] if math.isfinite(r["val_loss"])]
         xs = [r[key] + offset for r in train]
         loss = [r["loss"] for r in train]
         # the EMA spans about 1 / (1 - beta) points: at most a tenth of the run, or a short run is all lag
         smoothed = ema(loss, min(smooth, max(0.0, 1 - 10 / max(1, len(loss)))))
-        val_x = [r[key] + offset for r in log["eval"]]
-        val = [r["val_loss"] for r in log["eval"]]
+        val_x = [r[key] + offset for r in evals]
+        val = [r["val_loss"] for r in evals]
         lr = [r["lr"] for r in train]
         ax.plot(xs, loss, color=color, alpha=0.25, linewidth=0.8)
         ax.plot(xs, smoothed, color=color, linewidth=1.8, label=f"{label} train")
@@ -108,6 +113,7 @@ def plot_runs(run_dirs, out, x: str = "steps", smooth: float = 0.9) -> dict:
     ax.set_title(", ".join(data))
     fig.tight_layout()
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     fig.savefig(tmp, format="png")
     os.replace(tmp, out)
@@ -120,12 +126,16 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--out", default="loss.png", help="the PNG to write (default: loss.png)")
     parser.add_argument("--x", choices=["steps", "tokens"], default="steps", help="x axis (default: steps)")
     parser.add_argument("--smooth", type=float, default=0.9,
-                        help="EMA factor per logged point for the training loss (0 = raw; lowered for short logs)")
+                        help="EMA factor per logged point for the training loss, in [0, 1) (0 = raw; lowered for "
+                             "short logs)")
     args = parser.parse_args(argv)
     try:
         data = plot_runs(args.runs, args.out, args.x, args.smooth)
-    except LogError as e:
+    except ValueError as e:  # a bad log (LogError) or --smooth
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # e.g. an --out that cannot be written
+        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {args.out}: " + ", ".join(f"{k} ({len(v['x'])} train / {len(v['val_x'])} val points)"
                                           for k, v in data.items()))

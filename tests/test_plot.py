@@ -53,6 +53,17 @@ def test_runs_without_a_link_are_overlaid(tmp_path):
     assert [d["offset"] for d in data.values()] == [0, 0] and data["b"]["smooth"] == data["b"]["loss"]
 
 
+def test_a_non_finite_loss_is_left_out_of_the_curves(tmp_path):
+    run = write_log(tmp_path / "run", "pretrain", 20, 10)
+    lines = (run / "log.jsonl").read_text().replace('"loss": 2.0,', '"loss": NaN,')  # step 5
+    (run / "log.jsonl").write_text(lines.replace('"val_loss": 1.1}', '"val_loss": Infinity}'))  # step 10
+    data = plot_runs([run], tmp_path / "loss.png")["run"]
+    steps = [s for s in range(1, 21) if s != 5]
+    assert data["x"] == steps and data["loss"] == pytest.approx([10 / s for s in steps])
+    assert data["smooth"] == pytest.approx(ema(data["loss"], 1 - 10 / 19))  # spans a tenth of the 19 points
+    assert data["val_x"] == [5, 15, 20]
+
+
 def test_ema_is_bias_corrected():
     assert ema([1.0, 2.0, 3.0], 0.5) == pytest.approx([1.0, 1.25 / 0.75, 2.125 / 0.875])
 
@@ -62,6 +73,25 @@ def test_cli_writes_the_png(tmp_path, capsys):
     main([str(run), "--out", str(tmp_path / "out.png"), "--x", "tokens"])
     assert png_size(tmp_path / "out.png") == (1000, 600)
     assert "run (10 train / 2 val points)" in capsys.readouterr().out
+
+
+def test_cli_creates_the_folder_of_out(tmp_path):
+    run = write_log(tmp_path / "run", "pretrain", 10, 10)
+    main([str(run), "--out", str(tmp_path / "new" / "dir" / "loss.png")])
+    assert png_size(tmp_path / "new" / "dir" / "loss.png") == (1000, 600)
+
+
+@pytest.mark.parametrize("args, message", [(["--smooth", "1"], "smooth must be in [0, 1), got 1.0"),
+                                           (["--smooth", "-0.5"], "smooth must be in [0, 1), got -0.5"),
+                                           (["--out", "file/loss.png"], "file: File exists")])
+def test_a_bad_smooth_or_an_out_that_cannot_be_written_is_exit_2(tmp_path, capsys, monkeypatch, args, message):
+    run = write_log(tmp_path / "run", "pretrain", 10, 10)
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main([str(run), *args])
+    assert e.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "run"]
 
 
 @pytest.mark.parametrize("content, message", [(None, "no such log"), ("", "empty log"),
