@@ -4,10 +4,13 @@
   python chat.py --url http://127.0.0.1:8000 [--api-key KEY]     (the key also from $PARLEY_API_KEY)
 
 Replies stream as they are generated. Commands: /reset (forget the conversation), /system TEXT (set the
-system message; /system alone clears it), /quit. The oldest turns are dropped when the conversation outgrows the
-context, leaving room for a reply (--max-tokens, else a quarter of the context): with --url, as the server's
-/tokenize counts them (a server answers a prompt over its context with an error; a server without /tokenize gets
-the whole conversation). --url needs only the standard library (no torch).
+system message; /system alone clears it), /quit; any other line starting with "/" is refused as an unknown command,
+and "//text" sends the message "/text". The oldest turns are dropped when the conversation outgrows the context,
+leaving room for a reply: with a checkpoint, --max-tokens (the reply's cap) or a quarter of the context, whichever
+is less; with --url, --max-tokens (which the server reserves in full) else a quarter of the context, as the
+server's /tokenize counts them (a server answers a prompt over its context with an error; a server without
+/tokenize gets the whole conversation). A message that does not fit the context even alone (or beside the system
+message) is refused and the conversation kept. --url needs only the standard library (no torch).
 """
 
 import json
@@ -35,6 +38,9 @@ class ChatConfig:
     timeout: float = 300.0  # seconds to wait for a server
 
 
+COMMANDS = "/reset, /system TEXT, /quit"
+
+
 class ChatError(RuntimeError):
     def __init__(self, message: str, status: int | None = None):  # status: the server's HTTP status, if any
         super().__init__(message)
@@ -44,6 +50,7 @@ class ChatError(RuntimeError):
 def local_replier(cfg: ChatConfig):
     """reply(system, messages) streaming text pieces from the model (engine.py), with the chat template; a turn
     reuses the previous turns' keys and values."""
+    from chat_format import render
     from checkpoint import load_checkpoint
     from engine import Engine, SamplingParams, fit_conversation, stream
     from model import pick_device
@@ -56,12 +63,18 @@ def local_replier(cfg: ChatConfig):
     def reply(system: str, messages: list[dict]):
         nonlocal turn
         conversation = ([{"role": "system", "content": system}] if system else []) + messages
-        prompt, _, dropped = fit_conversation(conversation, cfg.max_tokens or min(256, block // 4), block)
+        # max_tokens only caps the reply: room for a longer one than a quarter would cost the history it needs
+        reserve = min(cfg.max_tokens or 256, block // 4)
+        prompt, _, dropped = fit_conversation(conversation, reserve, block)
+        if len(prompt) >= block:  # the system message and the new message alone: the turn is refused, nothing dropped
+            message = len(render(messages[-1:], add_generation_prompt=True)[0])
+            if system and message < block:
+                raise ChatError(f"the system message is too long: {len(prompt) - message} tokens leave no room for "
+                                f"this message ({message} tokens) in the context of {block} (/system TEXT changes it)")
+            raise ChatError(f"the message is too long: {message} tokens for a context of {block}")
         if dropped:
             del messages[:dropped]
             print(f"[dropped the {dropped} oldest messages to fit the context of {block} tokens]", flush=True)
-        if len(prompt) >= block:
-            raise ChatError(f"the message is too long: {len(prompt)} tokens for a context of {block}")
         # A seed gives each turn its own reproducible draws.
         seed = cfg.seed + turn if cfg.seed >= 0 else None
         turn += 1
@@ -156,7 +169,7 @@ def main(argv: list[str]) -> None:
         except CheckpointError as e:
             sys.exit(f"error: {e}")
     system, messages = cfg.system, []
-    print("parley chat: /reset, /system TEXT, /quit", flush=True)
+    print(f"parley chat: {COMMANDS}", flush=True)
     while True:
         try:
             line = input("you> ").strip()
@@ -165,15 +178,20 @@ def main(argv: list[str]) -> None:
             break
         if not line:
             continue
-        if line == "/quit":
+        if line.startswith("//"):  # a message that starts with "/"
+            line = line[1:]
+        elif line == "/quit":
             break
-        if line == "/reset":
+        elif line == "/reset":
             messages = []
             print("[conversation cleared]", flush=True)
             continue
-        if line == "/system" or line.startswith("/system "):
+        elif line == "/system" or line.startswith("/system "):
             system = line[len("/system"):].strip()
             print(f"[system message {'set' if system else 'cleared'}]", flush=True)
+            continue
+        elif line.startswith("/"):
+            print(f"[unknown command {line.split()[0]}; commands: {COMMANDS}]", flush=True)
             continue
         messages.append({"role": "user", "content": line})
         print("bot> ", end="", flush=True)

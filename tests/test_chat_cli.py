@@ -151,3 +151,51 @@ def test_local_checkpoint_streams_greedy_text_and_drops_old_turns(model_and_ckpt
                    f"Hello\n/reset\n{long} 1\n{long} 2\n{long} 3\n")
     assert out.split("you> ")[1] == f"bot> {want}\n"
     assert "[dropped the 2 oldest messages to fit the context of 128 tokens]" in out
+
+
+def test_unknown_commands_are_not_sent_and_a_double_slash_sends_a_slash(fake_server):
+    url, received = fake_server
+    out = run_chat(["--url", url], "/help\n/rest\n//etc/hosts is a file\n/quit\n")
+    assert "[unknown command /help; commands: /reset, /system TEXT, /quit]" in out
+    assert "[unknown command /rest; commands: /reset, /system TEXT, /quit]" in out
+    assert [r["body"]["messages"] for r in received] == [[{"role": "user", "content": "/etc/hosts is a file"}]]
+
+
+@pytest.fixture
+def local_reply(model_and_ckpt, one_torch_thread):
+    """reply(system, messages) of chat.py's local mode on the tiny checkpoint (128 tokens), greedy."""
+    import chat
+    return lambda **kwargs: chat.local_replier(chat.ChatConfig(checkpoint=str(model_and_ckpt[1]), temperature=0,
+                                                               device="cpu", **kwargs))
+
+
+def exchanges(*questions):
+    return [m for q in questions for m in ({"role": "user", "content": q}, {"role": "assistant", "content": "Ok."})]
+
+
+def test_local_a_turn_refused_as_too_long_keeps_the_conversation(local_reply, capsys):
+    import chat
+    from chat_format import render
+    reply = local_reply(max_tokens=8)
+    long = {"role": "user", "content": "story " * 200}
+    messages = exchanges("Hello", "How are you?") + [long]
+    before = list(messages)
+    n = len(render([long], add_generation_prompt=True)[0])
+    with pytest.raises(chat.ChatError, match=rf"^the message is too long: {n} tokens for a context of 128$"):
+        list(reply("", messages))
+    assert messages == before and "dropped" not in capsys.readouterr().out
+    system, hi = {"role": "system", "content": "Be brief. " * 60}, {"role": "user", "content": "Hi"}
+    s, m = len(render([system])[0]), len(render([hi], add_generation_prompt=True)[0])
+    messages = exchanges("Hello") + [hi]
+    with pytest.raises(chat.ChatError, match=rf"^the system message is too long: {s} tokens leave no room for this "
+                                             rf"message \({m} tokens\) in the context of 128 \(/system TEXT"):
+        list(reply(system["content"], messages))
+    assert len(messages) == 3
+
+
+def test_local_max_tokens_over_the_context_caps_the_reply_without_dropping_history(local_reply, capsys):
+    reply = local_reply(max_tokens=1000)
+    messages = exchanges("One", "Two", "Three") + [{"role": "user", "content": "Four"}]
+    pieces = list(reply("", messages))
+    assert len(messages) == 7 and "dropped" not in capsys.readouterr().out
+    assert pieces  # the reply runs to the end of the context or to <|end|>
