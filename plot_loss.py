@@ -59,6 +59,10 @@ def ema(values: list[float], beta: float) -> list[float]:
     return out
 
 
+def finite(value) -> bool:
+    return value is not None and math.isfinite(value)
+
+
 def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
@@ -85,9 +89,10 @@ def plot_runs(run_dirs, out, x: str = "steps", smooth: float = 0.9) -> dict:
                       None)
         offset = ends[parent] if parent is not None else 0
         label = d.name if [r.name for r, _ in runs].count(d.name) == 1 else str(d)
-        # a non-finite loss (a diverged step) would stay in the EMA for the rest of the run: such points are skipped
-        train = [r for r in log["train"] if math.isfinite(r["loss"])]
-        evals = [r for r in log["eval"] if math.isfinite(r["val_loss"])]
+        # a non-finite loss (a skipped step's, which train.py logs as null) would stay in the EMA for the rest of
+        # the run: such points are skipped
+        train = [r for r in log["train"] if finite(r["loss"])]
+        evals = [r for r in log["eval"] if finite(r["val_loss"])]
         xs = [r[key] + offset for r in train]
         loss = [r["loss"] for r in train]
         # the EMA spans about 1 / (1 - beta) points: at most a tenth of the run, or a short run is all lag
