@@ -495,50 +495,40 @@ def is_loopback(host: str | None) -> bool:
         return False
 
 
-class HostGuard:
-    """ASGI middleware refusing (403) a request whose Host header is neither a loopback name nor in `allowed`.
-    A server bound to 127.0.0.1 is reachable by any web page the user opens: through DNS rebinding, a page of
-    evil.example.com can resolve its own name to 127.0.0.1 and call the API; its requests still say
-    `Host: evil.example.com`, which is how they are told apart (Ollama refuses them for the same reason).
+class RequestGuard:
+    """ASGI middleware refusing (403) what a web page the user opens could otherwise make this server do:
+    - DNS rebinding (`allowed_hosts` given: the server is bound to a loopback address). A page of evil.example.com
+      can resolve its own name to 127.0.0.1 and call the API; its requests still say `Host: evil.example.com`,
+      so a Host that is neither a loopback name nor allowed is refused (Ollama refuses them for the same reason).
+    - Another origin. Browsers add an Origin header to a page's cross-origin requests (and to every POST); one
+      that is neither this server's own (its page, `/`) nor trusted (--cors-origins) is refused. CORS alone only
+      keeps such a page from reading the reply: a form or a simple fetch would still reach the model, or write
+      into a /chat conversation. Requests without an Origin (curl, SDKs, servers) pass.
     Plain ASGI, not an http middleware function: those hide a client's hang-up from the handler."""
 
-    def __init__(self, app, allowed: set[str]):
-        self.app, self.allowed = app, allowed
+    def __init__(self, app, trusted_origins: set[str], allowed_hosts: set[str] | None):
+        self.app, self.trusted, self.allowed_hosts = app, trusted_origins, allowed_hosts
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            headers = [v for k, v in scope["headers"] if k == b"host"]
-            header = headers[0].decode("latin-1") if len(headers) == 1 else ""  # none, or two that may disagree
-            host = urlsplit("//" + header).hostname
-            if not (is_loopback(host) or host in self.allowed):
-                refusal = ApiError(403, f"Host {header!r} is not allowed: this server is bound to a loopback address "
-                                        "and serves only localhost (add a name with --allowed-hosts)",
-                                   "permission_error", code="host_not_allowed").response()
-                return await refusal(scope, receive, send)
+        if scope["type"] == "http" and (refusal := self.refusal(scope["headers"])):
+            message, code = refusal
+            return await ApiError(403, message, "permission_error", code=code).response()(scope, receive, send)
         await self.app(scope, receive, send)
 
-
-class OriginGuard:
-    """ASGI middleware refusing (403) a request that a web page of another origin sent: one whose Origin header
-    (which browsers add to such requests, and to every POST) is neither this server's own (its page, `/`) nor in
-    `trusted` (--cors-origins). CORS alone only keeps such a page from reading the reply; a form or a simple
-    fetch would still reach the model, or write into a /chat conversation. Requests without an Origin (curl,
-    SDKs, servers) pass."""
-
-    def __init__(self, app, trusted: set[str]):
-        self.app, self.trusted = app, trusted
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            headers = dict(scope["headers"])
-            origin = headers.get(b"origin", b"").decode("latin-1")
-            own = urlsplit(origin).netloc.lower() == headers.get(b"host", b"").decode("latin-1").lower()
-            if origin and not (own or origin in self.trusted or "*" in self.trusted):
-                refusal = ApiError(403, f"Origin {origin!r} is not allowed: this server answers only its own page "
-                                        "and the origins given with --cors-origins",
-                                   "permission_error", code="origin_not_allowed").response()
-                return await refusal(scope, receive, send)
-        await self.app(scope, receive, send)
+    def refusal(self, headers: list[tuple[bytes, bytes]]) -> tuple[str, str] | None:
+        """(message, code) of a request to refuse, or None."""
+        hosts = [v.decode("latin-1") for k, v in headers if k == b"host"]
+        host = hosts[0] if len(hosts) == 1 else ""  # none, or two that may disagree
+        name = urlsplit("//" + host).hostname
+        if self.allowed_hosts is not None and not (is_loopback(name) or name in self.allowed_hosts):
+            return (f"Host {host!r} is not allowed: this server is bound to a loopback address and serves only "
+                    "localhost (add a name with --allowed-hosts)", "host_not_allowed")
+        origin = next((v.decode("latin-1") for k, v in headers if k == b"origin"), "")
+        if origin and not (urlsplit(origin).netloc.lower() == host.lower() or origin in self.trusted
+                           or "*" in self.trusted):
+            return (f"Origin {origin!r} is not allowed: this server answers only its own page and the origins "
+                    "given with --cors-origins", "origin_not_allowed")
+        return None
 
 
 # ---- the app ------------------------------------------------------------------------------------
@@ -854,9 +844,8 @@ def create_app(cfg: ServeConfig, model=None, exit_on_failure: bool = False) -> F
     if cfg.cors_origins:  # any request header: the origins are trusted, and SDKs add their own (x-stainless-*)
         app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"])
-    app.add_middleware(OriginGuard, trusted=set(cfg.cors_origins))
-    if is_loopback(cfg.host):
-        app.add_middleware(HostGuard, allowed={h.lower() for h in cfg.allowed_hosts})
+    app.add_middleware(RequestGuard, trusted_origins=set(cfg.cors_origins),
+                       allowed_hosts={h.lower() for h in cfg.allowed_hosts} if is_loopback(cfg.host) else None)
     routes = {getattr(r, "path", None) for r in [*app.routes, *api.routes]}
     app.add_middleware(MetricsMiddleware, metrics=server.metrics, routes=routes)
     app.state.engine, app.state.sessions, app.state.server = server.engine, server.sessions, server
