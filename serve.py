@@ -20,10 +20,10 @@ log-probabilities (logprobs, top_logprobs, echo) come in OpenAI's response shape
 """
 
 import asyncio
+import codecs
 import collections
 import hmac
 import ipaddress
-import itertools
 import json
 import logging
 import os
@@ -298,6 +298,8 @@ class ChoiceShape:
     def __init__(self, chat: bool, logprobs: bool, prompt: list[int], prompt_text: str, echo: bool):
         self.chat, self.logprobs, self.prompt, self.prompt_text, self.echo = chat, logprobs, prompt, prompt_text, echo
         self.offsets = collections.defaultdict(lambda: 0 if echo else len(prompt_text))  # choice -> the next offset
+        # choice -> the characters of its bytes so far, a token that ends inside a character holding it back
+        self.decoders = collections.defaultdict(lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
 
     def whole(self, i: int, result: dict) -> dict:
         """Choice i of a finished request, from Job.collect's result."""
@@ -330,9 +332,10 @@ class ChoiceShape:
         if self.chat:
             return {"content": [{**token_logprob(e.token, e.logprob),
                                  "top_logprobs": [token_logprob(t, lp) for t, lp in e.top]} for e in entries]}
-        texts = [decode([t]) for t in tokens]
-        offsets = list(itertools.accumulate(map(len, texts), initial=self.offsets[i]))
-        self.offsets[i] = offsets.pop()
+        texts, offsets = [decode([t]) for t in tokens], []
+        for t in tokens:  # a token's offset: where its character starts, if it completes one begun before it
+            offsets.append(self.offsets[i])
+            self.offsets[i] += len(self.decoders[i].decode(decode_bytes([t])))
         return {"tokens": texts, "token_logprobs": [e.logprob if e else None for e in entries],
                 "top_logprobs": [{decode([t]): lp for t, lp in e.top} if e else None for e in entries],
                 "text_offset": offsets}

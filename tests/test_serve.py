@@ -664,6 +664,18 @@ def test_completions_echo_scores_the_prompt_as_lm_eval_asks(client, model):
     assert lp["text_offset"] == [len(decode(prompt[:j])) for j in range(len(prompt))]
 
 
+def test_text_offsets_count_characters_where_tokens_split_them(client):
+    text = "I 🐱 love 日本"  # the cat and the kanji are each split over several tokens
+    prompt = encode(text)
+    r = client.post("/v1/completions", json={"prompt": text, "max_tokens": 0, "echo": True, "logprobs": 1})
+    offsets = r.json()["choices"][0]["logprobs"]["text_offset"]
+    assert len(offsets) == len(prompt) > len(text.split())
+    for j, offset in enumerate(offsets):  # each token starts at the first character its bytes are part of
+        before = decode_bytes(prompt[:j]).decode("utf-8", errors="ignore")
+        assert offset == len(before), (j, offset, before)
+    assert text[offsets[prompt.index(encode(" love")[0])]:] == " love 日本"
+
+
 def test_a_one_token_prompt_is_echoed_with_nothing_to_score(client):
     for prompt in ("The", [464]):
         r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1})
