@@ -241,13 +241,32 @@ def _digest(messages) -> bytes:
 
 
 def split(conversations, val_fraction: float) -> tuple[list, list]:
-    """(train, val): the val_fraction (at least one) of conversations with the smallest content hash.
-    Deterministic and independent of file order; identical conversations land on the same side."""
+    """(train, val): the val_fraction (at least one) of conversations with the smallest content hash, a few more or
+    fewer where copies of one conversation sit at the cut. Deterministic and independent of file order; identical
+    conversations land on the same side."""
     if len(conversations) < 2:
         raise ChatDataError(f"need at least 2 conversations (one is held out for validation), got {len(conversations)}")
-    order = sorted(range(len(conversations)), key=lambda i: _digest(conversations[i]))
+    digests = [_digest(c) for c in conversations]
+    order = sorted(range(len(conversations)), key=digests.__getitem__)
     n_val = min(len(conversations) - 1, max(1, round(val_fraction * len(conversations))))
+    n_val = _cut_between_runs([digests[i] for i in order], n_val)
     return [conversations[i] for i in order[n_val:]], [conversations[i] for i in order[:n_val]]
+
+
+def _cut_between_runs(keys: list, n: int) -> int:
+    """The cut nearest after n (else before it) in the sorted `keys` that leaves both sides non-empty and splits no
+    run of equal keys."""
+    after = n
+    while after < len(keys) and keys[after] == keys[after - 1]:
+        after += 1
+    if after < len(keys):
+        return after
+    before = n
+    while before > 0 and keys[before] == keys[before - 1]:
+        before -= 1
+    if before == 0:
+        raise ChatDataError(f"all {len(keys)} conversations are identical: none is left to hold out for validation")
+    return before
 
 
 def fit_context(messages, max_tokens: int, train_on_prompt: bool = False):

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import finetune
-from chat_data import (ChatData, ChatDataError, Rehearsal, collate, encode, fit_context, length_buckets, read_file,
-                       read_files, split)
+from chat_data import (ChatData, ChatDataError, Rehearsal, _digest, collate, encode, fit_context, length_buckets,
+                       read_file, read_files, split)
 from chat_format import ASSISTANT, END, SYSTEM, USER, render
 from checkpoint import export_hf, load_checkpoint, save_checkpoint
 from config import FinetuneConfig, TrainConfig
@@ -196,6 +196,18 @@ def test_split_is_deterministic_order_free_and_keeps_one_val():
         split(convs[:1], 0.1)
 
 
+def test_split_keeps_identical_conversations_on_one_side():
+    convs = [exchanges(1, start=i) for i in range(40)]
+    lowest = min(convs, key=_digest)
+    train, val = split(convs + [list(lowest)] * 3, 0.05)  # the cut falls among the copies: all go to val
+    assert (len(train), len(val), val.count(lowest)) == (39, 4, 4)
+    low, high = sorted(convs[:2], key=_digest)
+    train, val = split([high, low, high, high], 0.5)  # the copies to val would leave no train: all stay in train
+    assert (train, val) == ([high] * 3, [low])
+    with pytest.raises(ChatDataError, match="all 3 conversations are identical"):
+        split([low] * 3, 0.5)
+
+
 def test_collate_masks_prompt_and_padding():
     conv = [msg(U, "Hi"), msg(A, "Hello there")]
     ids, mask = render(conv)
@@ -372,7 +384,7 @@ def test_finetune_restricts_the_loss_after_data_vocab_pretraining_and_rehearses_
 def test_finetune_reports_bad_data_options_and_init_with_exit_2(tiny_model, tmp_path, capsys):
     init = save_checkpoint(tmp_path / "init", tiny_model)
     bad = write(tmp_path / "bad.jsonl", [GOOD, {"messages": [msg(U, "a"), msg(U, "b")]}])
-    good = write(tmp_path / "good.jsonl", [GOOD, GOOD])
+    good = write(tmp_path / "good.jsonl", [GOOD, {"messages": exchanges(1)}])
     out = ["--out", str(tmp_path / "o")]
     cases = [(["--init", str(init), "--data", str(bad), *out], f"{bad} line 2"),
              (["--data", str(bad), *out], "--init"),
