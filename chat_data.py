@@ -1,6 +1,6 @@
 """Instruction and dialog data for fine-tuning: files -> conversations -> (ids, mask) -> batches for train.fit.
 
-Accepted files (plain or .gz), the format detected per file from its first record:
+Accepted files (UTF-8, plain or .gz, a byte order mark allowed), the format detected per file from its first record:
   * chat JSONL, the OpenAI shape:  {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", ...}]}
   * ShareGPT (JSONL or a JSON array): {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", ...}]}
   * Alpaca (a JSON array or JSONL):  {"instruction": "...", "input": "...", "output": "..."}  ("response" is
@@ -49,15 +49,16 @@ class ChatDataError(ValueError):
 # ---- reading ----------------------------------------------------------------------------------
 
 def _open_text(path: Path) -> str:
-    try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rt", encoding="utf-8") as f:
+    gz = path.suffix.lower() == ".gz"
+    try:  # utf-8-sig: files saved by Windows editors start with a byte order mark
+        if gz:
+            with gzip.open(path, "rt", encoding="utf-8-sig") as f:
                 return f.read()
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise ChatDataError(f"{path}: file not found") from None
     except (OSError, EOFError, UnicodeDecodeError) as e:
-        kind = "gzip-compressed UTF-8 text" if path.suffix == ".gz" else "UTF-8 text"
+        kind = "gzip-compressed UTF-8 text" if gz else "UTF-8 text"
         raise ChatDataError(f"{path}: cannot be read as {kind}: {e}") from None
 
 
@@ -75,7 +76,7 @@ def _records(path: Path):
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ChatDataError(f"{path} line {n}: invalid JSON ({e.msg}); expected one JSON object per line "
+                raise ChatDataError(f"{path} line {n} column {e.colno}: invalid JSON ({e.msg}); expected one JSON object per line "
                                     "(JSON Lines) or a JSON array of records") from None
             yield f"line {n}", value
         return
@@ -100,7 +101,8 @@ def _records(path: Path):
         try:
             value, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            raise ChatDataError(f"{path} line {line_at(e.pos)}: invalid JSON in the array: {e.msg}") from None
+            raise ChatDataError(f"{path} line {e.lineno} column {e.colno}: invalid JSON in the array: {e.msg}") \
+                from None
         yield f"line {line_at(pos)} (array item {item})", value
         pos = skip_space(end)
         if pos < len(text) and text[pos] == "]":
@@ -189,8 +191,8 @@ def read_file(path, counts: dict | None = None) -> list[list[dict]]:
         if fmt is None:
             fmt, first = found, loc
         elif found != fmt:
-            raise ChatDataError(f"{where}: a {found} record in a {fmt} file (the format was detected from {first}); "
-                                "every record of a file must have the same format")
+            raise ChatDataError(f"{where}: a record in the {found} format in a file of the {fmt} format (detected "
+                                f"from {first}); every record of a file must have the same format")
         if fmt == "chat":
             messages = record["messages"]
             if isinstance(messages, list):  # keep only role and content (OpenAI records may carry 'name', ...)

@@ -51,6 +51,15 @@ def test_chat_jsonl_plain_and_gz(tmp_path):
     assert read_file(write(tmp_path / "c.jsonl.gz", records, gz=True)) == convs
 
 
+def test_byte_order_mark_and_upper_case_gz_suffix_are_read(tmp_path):
+    convs = [[msg(U, "Hi"), msg(A, "Hello!")]]
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"messages": convs[0]}).encode() + b"\n")
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([{"messages": convs[0]}]).encode())
+    write(tmp_path / "upper.JSONL.GZ", [{"messages": convs[0]}], gz=True)
+    for name in ("bom.jsonl", "bom.json", "upper.JSONL.GZ"):
+        assert read_file(tmp_path / name) == convs, name
+
+
 def test_sharegpt_jsonl_and_array(tmp_path):
     record = {"id": "a", "conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Hi"},
                                            {"from": "gpt", "value": "Yo"}, {"from": "user", "value": "Q"},
@@ -115,7 +124,8 @@ BAD_CASES = [
      "'instruction' must be a string"),
     ("no known format", [{"prompt": "x", "completion": "y"}], "line 1", "matches no known format"),
     ("record not an object", [GOOD, ["a", "b"]], "line 2", "matches no known format"),
-    ("formats mixed", [GOOD, {"instruction": "x", "output": "y"}], "line 2", "detected from line 1"),
+    ("formats mixed", [GOOD, {"instruction": "x", "output": "y"}], "line 2",
+     "a record in the alpaca format in a file of the chat format \\(detected from line 1\\)"),
 ]
 
 
@@ -129,12 +139,13 @@ def test_bad_records_name_file_and_line(tmp_path, name, records, line, expected)
 
 def test_bad_files_name_file_and_line(tmp_path):
     cases = {
-        "malformed.jsonl": (json.dumps(GOOD) + "\n" + '{"messages": [\n', "line 2: invalid JSON"),
+        "malformed.jsonl": (json.dumps(GOOD) + "\n" + '{"messages": [\n', "line 2 column 15: invalid JSON"),
+        "cut.jsonl": ((json.dumps(GOOD) + "\n") * 6 + '{"text": "broken", \n', "line 7 column 20: invalid JSON"),
         "empty.jsonl": ("\n  \n", "empty file"),
-        "array.json": ('[\n' + json.dumps(GOOD) + ',\n{"messages": oops}\n]', "line 3: invalid JSON"),
+        "array.json": ('[\n' + json.dumps(GOOD) + ',\n{"messages": oops}\n]', "line 3 column 14: invalid JSON"),
         "missing_comma.json": ('[\n' + json.dumps(GOOD) + '\n' + json.dumps(GOOD) + ']', "line 3: expected ','"),
         "empty_array.json": ("[ ]", "no records"),
-        "prose.txt": ("Hello, this is not JSON.\n", "line 1: invalid JSON"),
+        "prose.txt": ("Hello, this is not JSON.\n", "line 1 column 1: invalid JSON"),
     }
     for name, (text, expected) in cases.items():
         (tmp_path / name).write_text(text)
