@@ -4,7 +4,9 @@ Accepted files (UTF-8, plain or .gz, a byte order mark allowed), the format dete
   * chat JSONL, the OpenAI shape:  {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", ...}]}
   * ShareGPT (JSONL or a JSON array): {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", ...}]}
   * Alpaca (a JSON array or JSONL):  {"instruction": "...", "input": "...", "output": "..."}  ("response" is
-    accepted for "output", as in GPTeacher; self-instruct's "instances": [{"input", "output"}] gives one example each)
+    accepted for "output", as in GPTeacher and Dolly, and "context" for "input", as in Dolly; self-instruct's
+    "instances": [{"input", "output"}] gives one example each; LLaMA-Factory's "system" is the system message
+    and its "history": [[user, assistant], ...] the exchanges before the instruction; other keys are ignored)
 Malformed input (bad JSON, wrong types, unknown roles, turns that do not alternate, an empty conversation, a
 file in no known format) is an error naming the file and line. Two defects of real data sets are tolerated and
 counted instead: trailing user turns, which have no reply to learn, are removed (a conversation left without a
@@ -133,8 +135,26 @@ def _string(record: dict, key: str, where: str, default=None) -> str:
     return value
 
 
+def _alpaca_context(record: dict, where: str) -> list[dict]:
+    """The messages before an Alpaca record's instruction: its 'system' prompt and its 'history' exchanges."""
+    system = record.get("system") or ""
+    if not isinstance(system, str):
+        raise ChatDataError(f"{where}: field 'system' must be a string, got {type(system).__name__}")
+    messages = [{"role": "system", "content": system}] if system else []
+    history = record.get("history") or []
+    not_pairs = ChatDataError(f"{where}: field 'history' must be a list of [user, assistant] pairs of strings")
+    if not isinstance(history, list):
+        raise not_pairs
+    for pair in history:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            raise not_pairs
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    return messages
+
+
 def _alpaca(record: dict, where: str) -> list[list[dict]]:
     instruction = _string(record, "instruction", where)
+    context = _alpaca_context(record, where)
     if "instances" in record:  # self-instruct seed tasks: one example per instance
         instances = record["instances"]
         if not isinstance(instances, list) or not all(isinstance(i, dict) for i in instances):
@@ -146,13 +166,14 @@ def _alpaca(record: dict, where: str) -> list[list[dict]]:
         out_key = "output" if "output" in inst or "response" not in inst else "response"
         if out_key not in inst:
             raise ChatDataError(f"{where}: an Alpaca record needs 'output' (or 'response'); got keys {sorted(inst)}")
-        inp = inst.get("input", "")
+        in_key = "input" if "input" in inst or "context" not in inst else "context"
+        inp = inst.get(in_key, "")
         inp = "" if inp is None else inp
         if not isinstance(inp, str):
-            raise ChatDataError(f"{where}: field 'input' must be a string, got {type(inp).__name__}")
+            raise ChatDataError(f"{where}: field '{in_key}' must be a string, got {type(inp).__name__}")
         user = instruction + "\n\n" + inp if inp.strip() else instruction
         reply = _string(inst, out_key, where)
-        convs.append([{"role": "user", "content": user}, {"role": "assistant", "content": reply}])
+        convs.append(context + [{"role": "user", "content": user}, {"role": "assistant", "content": reply}])
     return convs
 
 

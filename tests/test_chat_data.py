@@ -86,6 +86,23 @@ def test_alpaca_variants(tmp_path):
                                                                [msg(U, "Antonym?"), msg(A, "?")]]
 
 
+def test_alpaca_dolly_context_and_llama_factory_system_and_history(tmp_path):
+    dolly = [{"instruction": "Summarize the text.", "context": "A long text.", "response": "Short.", "category": "x"}]
+    assert read_file(write(tmp_path / "d.jsonl", dolly)) == [[msg(U, "Summarize the text.\n\nA long text."),
+                                                              msg(A, "Short.")]]
+    factory = [{"instruction": "And 3?", "input": "", "output": "9", "system": "Square numbers.",
+                "history": [["2?", "4"], ["Bigger: 5?", "25"]]},
+               {"instruction": "Hi", "output": "Hello", "system": "", "history": []}]
+    assert read_file(write(tmp_path / "f.json", factory, as_array=True)) == [
+        [msg(S, "Square numbers."), msg(U, "2?"), msg(A, "4"), msg(U, "Bigger: 5?"), msg(A, "25"), msg(U, "And 3?"),
+         msg(A, "9")],
+        [msg(U, "Hi"), msg(A, "Hello")]]
+    for history in (["2?", "4"], [["2?"]], "2? 4"):
+        with pytest.raises(ChatDataError, match="'history' must be a list of"):
+            read_file(write(tmp_path / "h.jsonl", [{"instruction": "x", "output": "y", "history": history}]))
+
+
+
 def test_trailing_user_turns_removed_and_unusable_records_skipped_and_counted(tmp_path):
     records = [{"messages": [msg(U, "a"), msg(A, "b"), msg(U, "c")]},          # trailing user: removed
                {"messages": [msg(U, "only a question")]},                    # no reply: skipped
