@@ -35,8 +35,13 @@ class ShardData:
         shards = [open_shard(p) for p in list_shards(data_dir, split)]
         starts = torch.tensor([max(0, len(s) - self.block_size) for s in shards])  # window starts per shard
         if starts.sum() == 0:
-            raise ShardError(f"{Path(data_dir) / split}: every shard is shorter than a window of "
-                             f"{self.block_size + 1} tokens (block_size + 1)")
+            tokens = sum(len(s) for s in shards)
+            if tokens > self.block_size:
+                fix = "a larger --shard_tokens"
+            else:  # the split itself is too small: more text, or a fraction that gives this split more of it
+                fix = f"more text, or a {'larger' if split == 'val' else 'smaller'} --val_fraction"
+            raise ShardError(f"{Path(data_dir) / split}: every shard is shorter than a window of {self.block_size + 1} "
+                             f"tokens (block_size + 1), {tokens:,} tokens in all; run tokenize_data.py again with {fix}")
         return shards, starts.cumsum(0)
 
     def _windows(self, split, generator):

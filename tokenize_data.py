@@ -14,8 +14,9 @@ documents are skipped. Everything is written into DIR.tmp-PID and renamed to DIR
 exists is complete. The same input gives byte-identical output, whatever the number of workers.
 
 Validation split: a document goes to val when a hash of its tokens (keyed by --seed) falls below --val_fraction,
-so the split does not depend on file order or batching, and exact duplicates never straddle it. The corpus's
-first document always goes to val, so that even a tiny corpus has a validation split.
+so the split does not depend on file order or batching, and exact duplicates never straddle it. When no hash falls
+below it (a small corpus), val is the document with the lowest hash and its copies, so that even a tiny corpus
+has a validation split.
 
 Bad input (a missing file, invalid UTF-8, a malformed JSON line, a missing or non-string text field, an empty
 corpus) stops with an error naming the file and line, exit code 2. --skip_bad skips bad records and counts them.
@@ -59,7 +60,7 @@ class TokenizeConfig:
     out: str = ""  # output folder; required with INPUT, data/demo for the demo corpus
     text_field: str = "text"  # the field of a .jsonl record that holds the document
     txt_paragraphs: bool = False  # a .txt file gives one document per paragraph (blank-line separated), not one
-    val_fraction: float = 0.005  # share of documents held out for validation (at least one document)
+    val_fraction: float = 0.005  # share of documents held out for validation (above 0; at least one document)
     shard_tokens: int = 100_000_000  # tokens per shard file (200 MB)
     workers: int = 0  # encoding threads; 0 = one per CPU core
     skip_bad: bool = False  # skip bad records (and count them) instead of stopping at the first one
@@ -198,16 +199,20 @@ EOT = np.array([tokenizer.EOT_ID], dtype=np.uint32)
 NO_TOKENS = np.zeros(0, dtype=np.uint16)
 
 
-def held_out(ids: np.ndarray, key: bytes, val_fraction: float) -> bool:
-    """True for about `val_fraction` of documents: the first 8 bytes of sha256(key, tokens) as a number in [0, 1)."""
+HASHES = 2**64  # doc_hash's range: a document goes to val when its hash is below val_fraction * HASHES
+
+
+def doc_hash(ids: np.ndarray, key: bytes) -> int:
+    """The first 8 bytes of sha256(key, tokens) as a number in [0, HASHES)."""
     digest = hashlib.sha256(key)
     digest.update(np.ascontiguousarray(ids, dtype="<u4"))
-    return int.from_bytes(digest.digest()[:8], "little") < val_fraction * 2**64
+    return int.from_bytes(digest.digest()[:8], "little")
 
 
-def encode_batch(docs: list[str], key: bytes, val_fraction: float, first_to_val: bool):
-    """Tokens of a batch of documents, each followed by EOT, split into (train, val) uint16 arrays, plus counts.
-    Each worker encodes with its own copy of the tokenizer (threads sharing one are slower).
+def encode_batch(docs: list[str], key: bytes, val_fraction: float):
+    """Tokens of a batch of documents, each followed by EOT, split into (train, val) uint16 arrays, plus the counts of
+    documents and the lowest hash in train (HASHES if none). Each worker encodes with its own copy of the tokenizer
+    (threads sharing one are slower).
 
     Runs in a worker thread: tiktoken releases the GIL while it encodes, so threads use every core without
     pickling text to other processes. encode_to_numpy also skips the Python list of ints that encode_ordinary
@@ -215,16 +220,20 @@ def encode_batch(docs: list[str], key: bytes, val_fraction: float, first_to_val:
     """
     enc = tokenizer.thread_encoding()
     pieces = ([], [])  # train, val
-    for i, doc in enumerate(docs):
+    lowest = HASHES
+    for doc in docs:
         try:
             ids = enc.encode_to_numpy(doc, disallowed_special=())  # special-token text stays plain text
         except UnicodeEncodeError:  # a lone surrogate from JSON ("\ud800") becomes U+FFFD, as in tiktoken's encode()
             ids = enc.encode_to_numpy(doc.encode("utf-16", "surrogatepass").decode("utf-16", "replace"),
                                       disallowed_special=())
-        to_val = (first_to_val and i == 0) or held_out(ids, key, val_fraction)
+        h = doc_hash(ids, key)
+        to_val = h < val_fraction * HASHES
         pieces[to_val].extend((ids, EOT))
+        if not to_val:
+            lowest = min(lowest, h)
     train, val = (np.concatenate(p, dtype=np.uint16, casting="unsafe") if p else NO_TOKENS for p in pieces)
-    return train, val, len(pieces[0]) // 2, len(pieces[1]) // 2
+    return train, val, len(pieces[0]) // 2, len(pieces[1]) // 2, lowest
 
 
 def encode_in_order(batches, workers: int, key: bytes, val_fraction: float):
@@ -234,8 +243,8 @@ def encode_in_order(batches, workers: int, key: bytes, val_fraction: float):
     BPE file raises from the first result)."""
     with ThreadPoolExecutor(workers) as pool:
         in_flight = deque()
-        for i, batch in enumerate(batches):
-            in_flight.append(pool.submit(encode_batch, batch, key, val_fraction, i == 0 and val_fraction > 0))
+        for batch in batches:
+            in_flight.append(pool.submit(encode_batch, batch, key, val_fraction))
             if len(in_flight) >= 2 * workers:
                 yield in_flight.popleft().result()
         while in_flight:
@@ -276,12 +285,41 @@ class ShardWriter:
         return {"tokens": self.tokens, "documents": self.documents, "shards": self.shards}
 
 
+def shard_documents(paths: list[Path]):
+    """The documents of a split's shards in order, each an array of its tokens and EOT; one may span shards."""
+    head = []  # the start of a document that began in an earlier shard
+    for path in paths:
+        ids = shards.open_shard(path)
+        start = 0
+        for end in np.flatnonzero(ids == tokenizer.EOT_ID) + 1:
+            yield np.concatenate(head + [ids[start:end]])
+            head, start = [], end
+        head.append(ids[start:])
+
+
+def hold_out_lowest(tmp: Path, lowest: int, key: bytes, shard_tokens: int):
+    """(train, val) ShardWriters with the documents whose hash is `lowest` moved from tmp/train to tmp/val (all copies
+    of one document: they share its hash). The fallback when no hash fell below val_fraction, which happens to small
+    corpora: the train split is read back and written again."""
+    everything = tmp / "train.all"
+    os.rename(tmp / "train", everything)
+    shutil.rmtree(tmp / "val")
+    train, val = (ShardWriter(tmp, split, shard_tokens) for split in ("train", "val"))
+    for doc in shard_documents(sorted(everything.glob("*.bin"))):
+        (val if doc_hash(doc[:-1], key) == lowest else train).add(doc, 1)
+    train.flush()
+    val.flush()
+    shutil.rmtree(everything)
+    return train, val
+
+
 # ----------------------------------------------------------------------------- the whole run
 
 def tokenize(inputs: list[str], cfg: TokenizeConfig) -> dict:
     """Tokenize `inputs` (or the demo corpus) into cfg.out; returns meta.json's content."""
-    if not 0 <= cfg.val_fraction < 1:
-        raise BadInput(f"--val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    if not 0 < cfg.val_fraction < 1:  # pretrain.py evaluates on the val split: it must not be empty
+        raise BadInput(f"--val_fraction must be above 0 and below 1 (pretraining needs a val split), "
+                       f"got {cfg.val_fraction}")
     if cfg.shard_tokens < 1 or cfg.workers < 0:
         raise BadInput("--shard_tokens must be >= 1 and --workers >= 0")
     if inputs and not cfg.out:
@@ -322,14 +360,20 @@ def tokenize(inputs: list[str], cfg: TokenizeConfig) -> dict:
     try:
         train, val = (ShardWriter(tmp, split, cfg.shard_tokens) for split in ("train", "val"))
         key = cfg.seed.to_bytes(8, "little", signed=True)
+        lowest = HASHES  # the lowest hash in train
         with tqdm(unit="tok", unit_scale=True, desc=f"tokenize -> {out}",
                   mininterval=config.progress_interval()) as progress:
-            for train_ids, val_ids, n_train, n_val in encode_in_order(batches(documents()), workers, key, cfg.val_fraction):
+            for train_ids, val_ids, n_train, n_val, low in encode_in_order(batches(documents()), workers, key,
+                                                                           cfg.val_fraction):
                 train.add(train_ids, n_train)
                 val.add(val_ids, n_val)
+                lowest = min(lowest, low)
                 progress.update(train_ids.size + val_ids.size)
         train.flush()
         val.flush()
+        fallback = val.documents == 0 and train.documents > 0
+        if fallback:
+            train, val = hold_out_lowest(tmp, lowest, key, cfg.shard_tokens)
 
         n_docs = train.documents + val.documents
         where = ", ".join(inputs) or "the demo corpus"
@@ -337,8 +381,8 @@ def tokenize(inputs: list[str], cfg: TokenizeConfig) -> dict:
             raise BadInput(f"{where}: empty corpus, no documents to tokenize" +
                            (f" ({len(skipped)} bad records skipped)" if skipped else ""))
         if train.documents == 0:
-            raise BadInput(f"{where}: only {n_docs} document(s), all held out for validation; the train split "
-                           "would be empty (add documents, lower --val_fraction, or for .txt files --txt_paragraphs)")
+            raise BadInput(f"{where}: all {n_docs} document(s) went to the val split, none is left to train on: add "
+                           "(different) documents, lower --val_fraction, or for .txt files use --txt_paragraphs")
         meta = {
             "tokenizer": tokenizer.TOKENIZER_NAME,
             "eot_id": tokenizer.EOT_ID,
@@ -366,6 +410,9 @@ def tokenize(inputs: list[str], cfg: TokenizeConfig) -> dict:
     print(f"tokenize_data: {total:,} tokens from {n_docs:,} documents in {elapsed:.1f} s ({total / elapsed / 1e6:.2f}M tok/s): "
           f"train {train.tokens:,} tokens / {train.documents:,} docs / {len(train.shards)} shards, "
           f"val {val.tokens:,} / {val.documents:,} / {len(val.shards)} -> {out}")
+    if fallback:
+        print("tokenize_data: no document's hash fell below --val_fraction, so the val split is the one with the "
+              "lowest hash (and its copies); more documents or a larger --val_fraction give a larger one")
     if skipped:
         print(f"tokenize_data: skipped {len(skipped)} bad records (--skip_bad); per file counts in {out}/meta.json")
     return meta
