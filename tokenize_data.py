@@ -2,9 +2,11 @@
 
 usage: python tokenize_data.py [INPUT ...] [--out DIR] [--field value ...]
 
-INPUT is a .txt or .txt.gz file (the whole file is one document, or with --txt_paragraphs each paragraph, i.e.
-text between blank lines), a .jsonl or .jsonl.gz file (one document per line, taken from the field
---text_field), or a folder searched recursively for such files, in sorted order.
+INPUT is a .txt, .md, .txt.gz or .md.gz file (the whole file is one document, or with --txt_paragraphs each
+paragraph, i.e. text between blank lines; CRLF and CR line ends are read as newlines), a .jsonl or .jsonl.gz file
+(one document per line, taken from the field --text_field), or a folder searched recursively for such files, in
+sorted order (the files of other types are skipped and counted in the summary). Suffixes may be in any case, and
+a file may start with a UTF-8 byte order mark.
 With no INPUT the built-in demo corpus (demo_data.pretrain_documents) is tokenized into data/demo.
 
 DIR receives train/train_000000.bin ... and val/val_000000.bin ... (the shards.py format, --shard_tokens tokens
@@ -19,7 +21,8 @@ below it (a small corpus), val is the document with the lowest hash and its copi
 has a validation split.
 
 Bad input (a missing file, invalid UTF-8, a malformed JSON line, a missing or non-string text field, an empty
-corpus) stops with an error naming the file and line, exit code 2. --skip_bad skips bad records and counts them.
+corpus) stops with an error naming the file and line, exit code 2. --skip_bad skips bad records and counts them
+(a .txt file with invalid UTF-8 is one bad record: the whole file is skipped).
 
 Memory stays flat whatever the corpus size: files are streamed and encoded in batches of about 1 MB of text,
 with at most two batches per worker in flight. What it does grow with is the shard buffer (2 bytes per token,
@@ -49,7 +52,9 @@ import config
 import shards
 import tokenizer
 
-SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
+TEXT_SUFFIXES = (".txt", ".txt.gz", ".md", ".md.gz")  # compared in lower case, as are JSONL_SUFFIXES
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES
 DEMO_OUT = "data/demo"
 BATCH_CHARS = 1 << 20  # text per encoding task: large enough to amortize the task, small enough to keep memory flat
 MAX_SHOWN_BAD = 10  # skipped records printed one by one under --skip_bad; the rest are only counted
@@ -77,23 +82,30 @@ class BadRecord(Exception):
 
 # ----------------------------------------------------------------------------- reading
 
-def find_sources(inputs: list[str]) -> list[Path]:
-    """The input files in order: arguments as given, folders expanded recursively in sorted order."""
-    files = []
+def find_sources(inputs: list[str]) -> tuple[list[Path], list[Path]]:
+    """(the input files in order: arguments as given, folders expanded recursively in sorted order; the files of
+    other types found in the folders, which are skipped)."""
+    files, others = [], []
     for arg in inputs:
         path = Path(arg)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(SUFFIXES))
-            if not found:
+            found = [p for p in sorted(path.rglob("*")) if p.is_file()]
+            readable = [p for p in found if is_input(p)]
+            if not readable:
                 raise BadInput(f"{path}: folder has no {', '.join(SUFFIXES)} files")
-            files += found
+            files += readable
+            others += [p for p in found if not is_input(p)]
         elif path.is_file():
-            if not path.name.endswith(SUFFIXES):
+            if not is_input(path):
                 raise BadInput(f"{path}: unsupported file type; expected one of {', '.join(SUFFIXES)}")
             files.append(path)
         else:
             raise BadInput(f"{path}: no such file or folder")
-    return list(dict.fromkeys(files))  # a file named twice (directly and through its folder) is read once
+    return list(dict.fromkeys(files)), others  # a file named twice (directly and through its folder) is read once
+
+
+def is_input(path: Path) -> bool:
+    return path.name.lower().endswith(SUFFIXES)
 
 
 class HashingReader(io.RawIOBase):
@@ -119,8 +131,8 @@ class HashingReader(io.RawIOBase):
 
 
 def parse_jsonl_line(line: bytes, text_field: str) -> str:
-    try:
-        record = json.loads(line.decode("utf-8"))
+    try:  # without its newline, so that an error's column is on this line; a byte order mark is no JSON: dropped
+        record = json.loads(line.rstrip(b"\n").decode("utf-8").removeprefix("\ufeff"))
     except UnicodeDecodeError as e:
         raise BadRecord(f"invalid UTF-8 at byte {e.start} of the line ({e.reason})") from None
     except json.JSONDecodeError as e:
@@ -142,10 +154,11 @@ def read_file(path: Path, text_field: str, txt_paragraphs: bool, source: dict, b
         raw = HashingReader(path)
     except OSError as e:
         raise BadInput(f"{path}: cannot open the file: {e.strerror}") from None
-    stream = gzip.GzipFile(fileobj=raw, mode="rb") if path.name.endswith(".gz") else io.BufferedReader(raw, 1 << 20)
+    name = path.name.lower()
+    stream = gzip.GzipFile(fileobj=raw, mode="rb") if name.endswith(".gz") else io.BufferedReader(raw, 1 << 20)
     lineno = 0
     try:
-        if path.name.endswith((".txt", ".txt.gz")):
+        if name.endswith(TEXT_SUFFIXES):
             data = stream.read()
             try:
                 text = data.decode("utf-8")
@@ -153,7 +166,9 @@ def read_file(path: Path, text_field: str, txt_paragraphs: bool, source: dict, b
                 line = data.count(b"\n", 0, e.start) + 1
                 bad(f"{path}:{line}", f"invalid UTF-8 at byte {e.start} of the file ({e.reason})")
             else:
-                yield from re.split(r"\n(?:[ \t\r]*\n)+", text) if txt_paragraphs else [text]
+                # Windows (CRLF) and old Mac (CR) line ends become newlines, and a byte order mark is no text
+                text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+                yield from re.split(r"\n(?:[ \t]*\n)+", text) if txt_paragraphs else [text]
         else:
             for lineno, line in enumerate(stream, 1):
                 if not line.strip():  # blank lines between records are allowed
@@ -328,7 +343,7 @@ def tokenize(inputs: list[str], cfg: TokenizeConfig) -> dict:
     if out.exists() and not (out.is_dir() and ((out / "meta.json").is_file() or not any(out.iterdir()))):
         raise BadInput(f"--out {out}: exists and is not an output of tokenize_data.py (no meta.json); "
                        "refusing to replace it, choose another folder")
-    files = find_sources(inputs)
+    files, others = find_sources(inputs)
     workers = cfg.workers or len(os.sched_getaffinity(0))
 
     sources, skipped = [], []  # one entry per input file (for meta.json); the bad records skipped
@@ -413,8 +428,14 @@ def tokenize(inputs: list[str], cfg: TokenizeConfig) -> dict:
     if fallback:
         print("tokenize_data: no document's hash fell below --val_fraction, so the val split is the one with the "
               "lowest hash (and its copies); more documents or a larger --val_fraction give a larger one")
+    if others:
+        print(f"tokenize_data: skipped {len(others)} file(s) of other types in the folders "
+              f"({', '.join(sorted({p.suffix or p.name for p in others}))}); read are {', '.join(SUFFIXES)}")
     if skipped:
-        print(f"tokenize_data: skipped {len(skipped)} bad records (--skip_bad); per file counts in {out}/meta.json")
+        emptied = sum(1 for s in sources if s["bad_records"] and not s["documents"])
+        print(f"tokenize_data: skipped {len(skipped)} bad records (--skip_bad)" +
+              (f", {emptied} file(s) left with no document (a bad .txt file is skipped whole)" if emptied else "") +
+              f"; per file counts in {out}/meta.json")
     return meta
 
 

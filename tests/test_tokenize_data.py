@@ -25,7 +25,7 @@ DOCS = [
 
 
 def write_jsonl(path, records, text_field="text"):
-    opener = gzip.open if path.name.endswith(".gz") else open
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
     with opener(path, "wt", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps({text_field: r, "id": 1} if isinstance(r, str) else r) + "\n")
@@ -39,7 +39,7 @@ def make_corpus(folder):
         f.write(DOCS[1])
     write_jsonl(folder / "c.jsonl", DOCS[2:4])
     write_jsonl(folder / "sub" / "d.jsonl.gz", DOCS[4:])
-    (folder / "README.md").write_text("not an input")
+    (folder / "logo.png").write_bytes(b"\x89PNG not an input")
     return DOCS
 
 
@@ -59,10 +59,11 @@ def tree(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_round_trip_over_all_input_types_and_folders(tmp_path):
+def test_round_trip_over_all_input_types_and_folders(tmp_path, capsys):
     docs = make_corpus(tmp_path / "corpus")
     out = tmp_path / "out"
     meta = run([tmp_path / "corpus", "--out", out, "--val_fraction", "0.3", "--shard_tokens", "16"])
+    assert "skipped 1 file(s) of other types in the folders (.png)" in capsys.readouterr().out
     train, val = read_split(out, "train"), read_split(out, "val")
     assert sorted(train + val) == sorted(docs)
     assert train == [d for d in docs if d in train] and val == [d for d in docs if d in val]  # source order kept
@@ -173,6 +174,10 @@ def bad_cases(tmp_path):
     p = tmp_path / "json.jsonl"
     p.write_text('{"text": "ok"}\n{"text": "unterminated}\n')
     cases.append((p, f"{p}:2: malformed JSON"))
+    p = tmp_path / "cut.jsonl"
+    write_jsonl(p, DOCS)
+    p.write_text(p.read_text() + '{"text": "broken", \n')
+    cases.append((p, f"{p}:7: malformed JSON at column 20:"))
     p = tmp_path / "field.jsonl.gz"
     write_jsonl(p, ["ok", {"content": "no text field"}])
     cases.append((p, f"{p}:2: missing field 'text'"))
@@ -207,6 +212,23 @@ def test_every_bad_input_exits_2_naming_file_and_line(tmp_path, capsys):
         assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))  # nothing half-written left behind
 
 
+def test_text_of_other_systems_and_more_file_names_are_read(tmp_path, capsys):
+    """CRLF and CR line ends become newlines, a byte order mark is dropped, .md is text, suffixes ignore case, and the
+    files a folder holds of other types are counted in the summary."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "dos.txt").write_bytes(b"\xef\xbb\xbfOne\r\nstill one\r\n\r\nTwo\r\n")
+    (tmp_path / "in" / "mac.TXT").write_bytes(b"Three\rstill three\r\rFour")
+    (tmp_path / "in" / "notes.md").write_text("# Five\n\nSix")
+    (tmp_path / "in" / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "Seven"}).encode() + b"\n")
+    write_jsonl(tmp_path / "in" / "upper.JSONL.GZ", ["Eight"])
+    (tmp_path / "in" / "data.csv").write_text("a,b\n")
+    (tmp_path / "in" / "Makefile").write_text("all:\n")
+    run([tmp_path / "in", "--out", tmp_path / "o", "--txt_paragraphs"])
+    assert sorted(read_split(tmp_path / "o", "train") + read_split(tmp_path / "o", "val")) == sorted(
+        ["One\nstill one", "Two\n", "Three\nstill three", "Four", "# Five", "Six", "Seven", "Eight"])
+    assert "skipped 2 file(s) of other types in the folders (.csv, Makefile)" in capsys.readouterr().out
+
+
 def test_skip_bad_skips_and_counts(tmp_path, capsys):
     p = tmp_path / "mixed.jsonl"
     p.write_bytes(b'{"text": "good one"}\n{"text": 3}\nnot json\n{"text": "good two"}\n{"text": "good three"}\n')
@@ -217,6 +239,10 @@ def test_skip_bad_skips_and_counts(tmp_path, capsys):
         ["good one", "good three", "good two"]
     err = capsys.readouterr().err
     assert f"{p}:2:" in err and f"{p}:3:" in err
+    (tmp_path / "bad.txt").write_bytes(b"a whole book with one bad byte \xff")
+    run([p, tmp_path / "bad.txt", "--out", tmp_path / "o", "--skip-bad"])
+    assert "skipped 3 bad records (--skip_bad), 1 file(s) left with no document (a bad .txt file is skipped whole)" \
+        in capsys.readouterr().out
 
 
 def test_lone_surrogate_in_json_becomes_replacement_character(tmp_path):
