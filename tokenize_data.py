@@ -13,7 +13,8 @@ DIR receives train/train_000000.bin ... and val/val_000000.bin ... (the shards.p
 each, the last one shorter) and meta.json (tokenizer, token and document counts per split, the shard list, and
 the size and sha256 of every source file). Every document is followed by <|endoftext|> (id 50256); empty
 documents are skipped. Everything is written into DIR.tmp-PID and renamed to DIR at the end, so a DIR that
-exists is complete. The same input gives byte-identical output, whatever the number of workers.
+exists is complete; a DIR.tmp-PID left by a killed run (no process PID alive) is deleted by the next run, and
+Ctrl-C leaves nothing. The same input gives byte-identical output, whatever the number of workers.
 
 Validation split: a document goes to val when a hash of its tokens (keyed by --seed) falls below --val_fraction,
 so the split does not depend on file order or batching, and exact duplicates never straddle it. When no hash falls
@@ -30,6 +31,7 @@ up to --shard_tokens per split, allocated as it fills) and the largest single do
 """
 
 import ctypes
+import glob
 import gzip
 import hashlib
 import io
@@ -369,6 +371,7 @@ def tokenize(inputs: list[str], cfg: TokenizeConfig) -> dict:
 
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     start = time.time()
@@ -439,6 +442,24 @@ def tokenize(inputs: list[str], cfg: TokenizeConfig) -> dict:
     return meta
 
 
+def remove_dead_temporaries(out: Path) -> None:
+    """Delete the OUT.tmp-PID folders of runs that were killed (no process PID is alive): nothing else would."""
+    for tmp in out.parent.glob(f"{glob.escape(out.name)}.tmp-*"):
+        pid = tmp.name.rpartition(".tmp-")[2]
+        if pid.isdigit() and not alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0 checks that the process exists and sends nothing
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, run by another user
+        return True
+    return True
+
+
 def replace_dir(tmp: Path, out: Path) -> None:
     """Move the finished `tmp` to `out`; an older `out` is moved aside first and deleted only after."""
     if out.exists():
@@ -470,6 +491,9 @@ def main(argv: list[str]) -> dict:
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: tokenize removed its temporary folder
+        print("interrupted; nothing written", file=sys.stderr)
+        sys.exit(130)
     except tokenizer.TokenizerNotFound as e:
         sys.exit(f"error: {e}")
 

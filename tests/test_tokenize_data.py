@@ -1,6 +1,7 @@
 import gzip
 import hashlib
 import json
+import os
 import random
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 import shards
+import tokenize_data
 import tokenizer
 from conftest import ROOT, SHARED_DATA
 from shard_data import ShardData
@@ -250,6 +252,23 @@ def test_lone_surrogate_in_json_becomes_replacement_character(tmp_path):
     p.write_text('{"text": "first"}\n{"text": "broken \\ud83d emoji"}\n')
     run([p, "--out", tmp_path / "o"])
     assert read_split(tmp_path / "o", "train") == ["broken \ufffd emoji"]
+
+
+def test_temporaries_of_dead_runs_are_removed_and_ctrl_c_ends_quietly(tmp_path, capsys, monkeypatch):
+    write_jsonl(tmp_path / "t.jsonl", DOCS)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for pid in (int(dead.stdout), os.getppid()):  # a process that has exited, and one that is alive
+        (tmp_path / f"o.tmp-{pid}" / "train").mkdir(parents=True)
+    run([tmp_path / "t.jsonl", "--out", tmp_path / "o"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o", f"o.tmp-{os.getppid()}", "t.jsonl"]
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(tokenize_data, "encode_batch", interrupt)
+    with pytest.raises(SystemExit) as e:
+        run([tmp_path / "t.jsonl", "--out", tmp_path / "p"])
+    assert e.value.code == 130 and capsys.readouterr().err.strip().endswith("interrupted; nothing written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o", f"o.tmp-{os.getppid()}", "t.jsonl"]
 
 
 def test_refuses_to_replace_a_folder_it_did_not_write(tmp_path, capsys):
