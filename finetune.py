@@ -9,8 +9,8 @@
 --init is a checkpoint of ours (or a run folder: its best checkpoint) or a Hugging Face GPT-2 directory; the
 model's shape comes from it (of the model fields only --dropout applies, default 0). --data takes chat JSONL
 ({"messages": [...]}), ShareGPT ({"conversations": [...]}) or Alpaca ({"instruction", "input", "output"}) files,
-plain or .gz (see chat_data.py); a pattern such as 'dir/*.jsonl.gz' is expanded here too (useful in --config
-files). Only the assistant's tokens are trained on unless --train-on-prompt. A conversation longer than the
+plain or .gz (see chat_data.py), or folders of them (searched recursively, in sorted order); a pattern such as
+'dir/*.jsonl.gz' is expanded here too (useful in --config files). Only the assistant's tokens are trained on unless --train-on-prompt. A conversation longer than the
 context loses its oldest exchanges (the system message stays); one whose last exchange does not fit is dropped.
 --rehearse DIR adds --rehearse_rows windows of pretraining text (token shards) to every batch, all their tokens
 trained (chat_data.Rehearsal): a narrow fine-tuning set otherwise overwrites what pretraining taught
@@ -44,6 +44,15 @@ FINETUNE_DEFAULTS = dict(out="checkpoints/chat", lr=1e-4, warmup_steps=50, max_s
                          save_every=500, eval_batches=20, weight_decay=0.0)
 
 
+def data_files(folder: str) -> list[str]:
+    """A folder's data files (.json, .jsonl, and the same .gz), searched recursively, in sorted order."""
+    found = sorted(str(p) for p in Path(folder).rglob("*")
+                   if p.is_file() and p.name.lower().endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")))
+    if not found:
+        raise ChatDataError(f"{folder}: folder has no .json, .jsonl, .json.gz or .jsonl.gz files")
+    return found
+
+
 def conversations(ft: FinetuneConfig):
     """(train, val, summary): the files' conversations split by content hash (val_fraction), or without
     files the demo dialogs with their own train/val split."""
@@ -52,6 +61,7 @@ def conversations(ft: FinetuneConfig):
         train, val = demo_data.dialogs("train"), demo_data.dialogs("val")
         return train, val, {"files": [], "conversations": len(train) + len(val)}
     paths = [p for pattern in ft.data for p in (sorted(glob.glob(pattern)) or [pattern])]
+    paths = [f for p in paths for f in (data_files(p) if os.path.isdir(p) else [p])]
     convs, counts = read_files(paths)
     train, val = split(convs, ft.val_fraction)
     return train, val, {**counts, "files": paths}

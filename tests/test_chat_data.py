@@ -372,6 +372,20 @@ def test_finetune_end_to_end_from_a_hugging_face_gpt2_dir(tiny_model, tmp_path, 
     assert not torch.equal(model.wte.weight, tiny_model.wte.weight)  # it trained
 
 
+def test_finetune_reads_a_folder_of_data_files(tmp_path):
+    folder = tmp_path / "sets"
+    (folder / "b").mkdir(parents=True)
+    first = write(folder / "a.jsonl", [{"messages": exchanges(1, start=i)} for i in range(3)])
+    second = write(folder / "b" / "c.json", [{"instruction": f"Echo {i}", "input": "", "output": f"{i}"}
+                                             for i in range(2)], as_array=True)
+    (folder / "notes.txt").write_text("not a data file")
+    train, val, summary = finetune.conversations(FinetuneConfig(data=[str(folder)], val_fraction=0))
+    assert summary["files"] == [str(first), str(second)] and (len(train), len(val)) == (4, 1)  # val: at least one
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ChatDataError, match="folder has no .json"):
+        finetune.conversations(FinetuneConfig(data=[str(tmp_path / "empty")]))
+
+
 def test_finetune_restricts_the_loss_after_data_vocab_pretraining_and_rehearses_text(tiny_model, tmp_path, capsys):
     text = tmp_path / "text"  # pretraining shards: a cycle of ids 100..163
     for part in ("train", "val"):
