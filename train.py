@@ -453,15 +453,16 @@ class Log:
         self.write(record)
 
     def resume(self, state: "TrainState", checkpoint: Path) -> None:
-        """Drop the records of steps past the checkpoint, which the resumed run will redo (and a line cut short by
-        a kill), then note the resumption."""
+        """Drop the records of steps past the checkpoint, which the resumed run will redo, the end of the run it
+        continues (and a line cut short by a kill), then note the resumption."""
         step = state.step
         if self.enabled and self.path.exists():
             keep = []
             with open(self.path) as f:
                 for line in f:
                     try:
-                        if json.loads(line).get("step", 0) <= step:
+                        record = json.loads(line)
+                        if record.get("step", 0) <= step and record.get("type") != "end":
                             keep.append(line)
                     except json.JSONDecodeError:
                         continue

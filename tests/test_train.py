@@ -125,6 +125,9 @@ def test_sigterm_then_resume_is_bit_for_bit(data_dir, reference, tmp_path, monke
     assert_same_weights(final_weights(out), final_weights(reference))
     steps = [r["step"] for r in read_log(out) if r["type"] == "train"]
     assert steps == list(range(1, 13))  # one record per step, none repeated
+    assert [(r["step"], r["reason"]) for r in read_log(out) if r["type"] == "end"] == [(12, "reached max_steps (12)")]
+    run(data_dir, out, "--max_steps", "12", "--save_every", "4", "--resume")  # a finished run: nothing to do
+    assert [r["step"] for r in read_log(out) if r["type"] == "end"] == [12]  # the interrupted run's end went too
 
 
 def test_resume_skips_a_corrupted_checkpoint(data_dir, reference, tmp_path, capsys):
