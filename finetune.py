@@ -73,6 +73,11 @@ def load_data(ft: FinetuneConfig, cfg: TrainConfig, block_size: int, world: int)
     counts = {}
     train_ex = encode(train, block_size + 1, ft.train_on_prompt, counts)
     val_ex = encode(val, block_size + 1, ft.train_on_prompt, counts)
+    for split_name, kept, given in (("training", train_ex, train), ("validation", val_ex, val)):
+        if given and not kept:
+            raise ChatDataError(f"no {split_name} example is left: {counts['dropped']:,} of {len(train) + len(val):,} "
+                                f"conversations are longer than the context of {block_size} tokens even in their "
+                                "last exchange (shorter conversations, or a model with a longer context)")
     # micro-batches per optimizer step, as train.fit counts them: consecutive steps then read consecutive batches
     grad_accum = micro_steps(cfg, block_size, world)
     # a model that fit compiles sees a few fixed lengths, each compiled once

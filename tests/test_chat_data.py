@@ -427,6 +427,8 @@ def test_finetune_reports_bad_data_options_and_init_with_exit_2(tiny_model, tmp_
     init = save_checkpoint(tmp_path / "init", tiny_model)
     bad = write(tmp_path / "bad.jsonl", [GOOD, {"messages": [msg(U, "a"), msg(U, "b")]}])
     good = write(tmp_path / "good.jsonl", [GOOD, {"messages": exchanges(1)}])
+    too_long = [msg(U, "word " * 100), msg(A, "word " * 100)]  # longer than the tiny model's context
+    long = write(tmp_path / "long.jsonl", [GOOD, {"messages": too_long}])
     out = ["--out", str(tmp_path / "o")]
     cases = [(["--init", str(init), "--data", str(bad), *out], f"{bad} line 2"),
              (["--data", str(bad), *out], "--init"),
@@ -438,6 +440,7 @@ def test_finetune_reports_bad_data_options_and_init_with_exit_2(tiny_model, tmp_
              (["--init", str(init), "--data", str(good), "--batch_size", "0", *out], "'batch_size' expects a value >= 1"),
              (["--init", str(init), "--data", str(good), "--lr", "-1", *out], "'lr' expects a value >= 0"),
              (["--init", str(init), "--data", str(good), "--dropout", "1.5", *out], "'dropout' expects a value in"),
+             (["--init", str(init), "--data", str(long), *out], "no validation example is left: 1 of 2"),
              # a new run in --out deletes the checkpoints there: never those of the model it fine-tunes
              (["--init", str(init), "--data", str(good), "--out", str(init)], "holds --init"),
              (["--init", str(init / "best"), "--data", str(good), "--out", str(init)], "holds --init")]
