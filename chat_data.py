@@ -78,8 +78,8 @@ def _records(path: Path):
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ChatDataError(f"{path} line {n} column {e.colno}: invalid JSON ({e.msg}); expected one JSON object per line "
-                                    "(JSON Lines) or a JSON array of records") from None
+                raise ChatDataError(f"{path} line {n} column {e.colno}: invalid JSON ({e.msg}); expected one JSON "
+                                    "object per line (JSON Lines) or a JSON array of records") from None
             yield f"line {n}", value
         return
     # A JSON array: decode element by element, counting newlines, to know each record's line.
