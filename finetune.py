@@ -23,7 +23,7 @@ The chat template is stored in every checkpoint (config.json "chat_template"). E
 import glob
 import os
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -135,8 +135,13 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def check_options(ft: FinetuneConfig, cfg: TrainConfig, init: str) -> None:
+def check_options(ft: FinetuneConfig, cfg: TrainConfig, model_cfg: ModelConfig, init: str) -> None:
     """Refuse options fine-tuning cannot use, before any data is read."""
+    shape = [f.name for f in fields(ModelConfig) if f.name != "dropout"
+             and getattr(model_cfg, f.name) != getattr(ModelConfig(), f.name)]
+    if shape:
+        raise ConfigError(f"field '{shape[0]}': the model's shape comes from --init; of the model fields only "
+                          "--dropout applies to fine-tuning")
     if not init:
         raise ConfigError("--init CHECKPOINT_DIR is required (a checkpoint of ours or a Hugging Face GPT-2 directory)")
     if ft.rehearse and ft.rehearse_rows < 1:
@@ -156,7 +161,7 @@ def main(argv: list[str]) -> None:
     world = int(os.environ.get("WORLD_SIZE", 1))
     master = int(os.environ.get("RANK", 0)) == 0
     try:
-        check_options(ft, train_cfg, init)
+        check_options(ft, train_cfg, model_cfg, init)
         model, init_config, _ = load_checkpoint(init)
         data, summary = load_data(ft, train_cfg, model.config.block_size, world)
         text = ShardData(ft.rehearse, model.config.block_size, ft.rehearse_rows, train_cfg.seed, 0) \

@@ -441,6 +441,7 @@ def test_finetune_reports_bad_data_options_and_init_with_exit_2(tiny_model, tmp_
              (["--init", str(init), "--data", str(good), "--lr", "-1", *out], "'lr' expects a value >= 0"),
              (["--init", str(init), "--data", str(good), "--dropout", "1.5", *out], "'dropout' expects a value in"),
              (["--init", str(init), "--data", str(long), *out], "no validation example is left: 1 of 2"),
+             (["--init", str(init), "--data", str(good), "--n_layer", "2", *out], "field 'n_layer': the model's shape"),
              # a new run in --out deletes the checkpoints there: never those of the model it fine-tunes
              (["--init", str(init), "--data", str(good), "--out", str(init)], "holds --init"),
              (["--init", str(init / "best"), "--data", str(good), "--out", str(init)], "holds --init")]
