@@ -256,15 +256,20 @@ def load_hf(path, device="cpu") -> GPT:
     return model.to(device)
 
 
+EVAL_FILES = {"eval.json", "eval.md"}  # evaluate.py's report, written into the folder it evaluates
+
+
 def _check_export_target(out: Path, names: set[str]) -> None:
     """Refuse to replace anything at `out` but an empty folder or an earlier export (files of exactly these names,
-    config.json a GPT-2 one): never a checkpoint of ours, a run folder, or a plain file."""
+    perhaps with an evaluation's report, config.json a GPT-2 one): never a checkpoint of ours, a run folder, or a
+    plain file."""
     if not out.exists():
         return
     if not out.is_dir():
         raise CheckpointError(f"{out} exists and is not a folder: export into a new or empty folder")
     found = sorted(p.name for p in out.iterdir())
-    if not found or (set(found) == names and all((out / n).is_file() for n in found) and _is_gpt2_config(out)):
+    if not found or (names <= set(found) <= names | EVAL_FILES and all((out / n).is_file() for n in found)
+                     and _is_gpt2_config(out)):
         return
     raise CheckpointError(f"{out} is neither empty nor an earlier export (it holds {', '.join(found[:4])}"
                           f"{', ...' if len(found) > 4 else ''}): export into a new or empty folder")

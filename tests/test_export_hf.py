@@ -133,8 +133,10 @@ def test_cli_exports_into_the_current_folder_and_again_over_its_export(tmp_path,
     (tmp_path / "hf").mkdir()
     monkeypatch.chdir(tmp_path / "hf")
     export_hf.main([str(ckpt), "."])
+    (tmp_path / "hf" / "eval.md").write_text("an evaluation of the export (evaluate.py writes it there)")
     export_hf.main([str(ckpt), str(tmp_path / "hf")])
     assert capsys.readouterr().out.count(f"-> {(tmp_path / 'hf').resolve()} ") == 2
+    assert not (tmp_path / "hf" / "eval.md").exists()  # the new export replaces the old one whole
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").eos_token == "<|end|>"
 
 
