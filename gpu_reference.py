@@ -304,8 +304,14 @@ class Reference:
         timeout = self.profile.timeouts.get(name.split("_")[0], 600)
         if not self.deadline:
             return timeout
-        later = sum(self.profile.reserves.get(n, 0) for n in STAGES[STAGES.index(name) + 1:])
+        later = sum(self.reserve(n) for n in STAGES[STAGES.index(name) + 1:])
         return min(timeout, self.deadline - (time.time() - self.start) - later)
+
+    def reserve(self, name: str) -> float:
+        """The least time stage `name` needs, or its share of a deadline shorter than all of theirs (which
+        would otherwise leave the first stages no time at all)."""
+        reserves = self.profile.reserves
+        return reserves.get(name, 0) * min(1.0, self.deadline / sum(reserves.values()))
 
     def fit_max_time(self, cmd: list[str], budget: float) -> list[str]:
         """cmd with its --max_time cut to the budget less start-up, so training stops in time and saves."""
@@ -320,7 +326,7 @@ class Reference:
         budget = self.budget(name)
         if failed:
             entry = {"status": "skipped", "reason": f"needs {', '.join(failed)}"}
-        elif budget < self.profile.reserves.get(name, 0) / 2:
+        elif budget < self.reserve(name) / 2:
             entry = {"status": "skipped", "reason": f"{budget:.0f} s left of the {self.deadline:.0f} s deadline"}
         else:
             cmd = self.fit_max_time(cmd, budget)

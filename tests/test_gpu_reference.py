@@ -37,6 +37,10 @@ def test_deadline_shares_time_and_skips_what_cannot_fit(tmp_path, monkeypatch):
     assert ref.report["stages"]["finetune"]["status"] == "skipped"
     assert "deadline" in ref.report["stages"]["finetune"]["reason"]
     assert json.loads((tmp_path / "report.json").read_text())["deadline_s"] == 200
+    # a deadline under the stages' least needs shares it out: the first stage still gets its part
+    short = g.Reference(g.SMOKE, tmp_path, tmp_path, tmp_path, deadline=sum(g.SMOKE.reserves.values()) * 0.8)
+    assert short.budget("env") == pytest.approx(0.8 * g.SMOKE.reserves["env"], abs=1)
+    assert short.budget("env") >= short.reserve("env") / 2  # so it runs
 
 
 def test_steady_rate_leaves_out_warmup_and_padding(tmp_path):
