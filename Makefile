@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # A CPU build of torch unless told otherwise: e.g. `make setup TORCH=torch` on a CUDA box.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup test demo bench chromium clean gpu-reference
+.PHONY: setup test demo chromium clean gpu-reference
 
 setup: $(VENV)/.installed .cache/tiktoken/r50k_base.tiktoken
 

@@ -300,7 +300,8 @@ def main(argv: list[str]) -> None:
     try:
         report = evaluate(checkpoint, cfg)
     except (CheckpointError, ShardError, ValueError) as e:  # ChatDataError is a ValueError
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
     _write_atomic(folder / "eval.json", json.dumps(report, indent=2) + "\n")
     _write_atomic(folder / "eval.md", markdown(report))

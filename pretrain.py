@@ -14,6 +14,7 @@ the chat tokens keep embeddings of their own for fine-tuning. Batches: shard_dat
 can be given as --field value; --help lists them.
 """
 
+import os
 import sys
 
 import torch
@@ -43,7 +44,7 @@ def main(argv: list[str]) -> None:
     except (CheckpointError, ShardError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if model.output_ids is not None:
+    if model.output_ids is not None and int(os.environ.get("RANK", 0)) == 0:  # once under torchrun
         print(f"loss: softmax over the {len(model.output_ids):,} token ids that occur in {train_cfg.data} and the "
               f"chat tokens, plus one logit for the {len(model.rest_ids):,} others (--data_vocab)")
     provenance = {"kind": "pretrain", "init_from": train_cfg.init_from or None, "data_dir": str(train_cfg.data)}

@@ -151,7 +151,9 @@ class MetricsMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        route = scope["path"] if scope["path"] in self.routes else "other"
+        path = scope["path"]  # a route's own path, a template's (/v1/models/{model_id}) for its paths, or other
+        route = path if path in self.routes else next(
+            (r for r in self.routes if r and "{" in r and path.startswith(r.split("{")[0])), "other")
 
         async def send_counted(message):
             if message["type"] == "http.response.start":

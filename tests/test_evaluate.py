@@ -126,12 +126,13 @@ def test_conversations_cut_or_left_out_to_fit_the_context_are_counted(tmp_path):
     assert line.endswith("longer than the context: 1 of 4 conversations cut to their last exchanges, 1 left out)")
 
 
-def test_a_chat_file_with_nothing_to_score_is_an_error_that_says_why(tmp_path):
+def test_a_chat_file_with_nothing_to_score_is_an_error_that_says_why(tmp_path, capsys):
     path = write_chats(tmp_path / "long.jsonl", [exchange("story " * 80)] * 3)
     ckpt = save_checkpoint(tmp_path / "ckpt", tiny_model(block_size=64))
-    with pytest.raises(SystemExit, match=f"error: {path}: no assistant token to score: 3 of 3 conversations are "
-                                         "longer than the context of 64 tokens"):
+    with pytest.raises(SystemExit) as exit:
         evaluate.main([str(ckpt), "--data", str(path), "--suite", "false"])
+    assert exit.value.code == 2 and (f"error: {path}: no assistant token to score: 3 of 3 conversations are longer "
+                                     "than the context of 64 tokens") in capsys.readouterr().err
     assert not (ckpt / "eval.json").exists()
 
 
@@ -196,9 +197,10 @@ def test_cli_writes_reports_into_the_checkpoint_folder(tmp_path, capsys):
     assert "requests in words outside the corpus answered with the fallback, 0.0% (0/2)" in out
 
 
-def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="checkpoint not found"):
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
         evaluate.main([str(tmp_path / "nope")])
+    assert exit.value.code == 2 and "checkpoint not found" in capsys.readouterr().err
 
 
 def test_a_short_fine_tune_raises_accuracy_on_held_out_wordings(tmp_path):

@@ -220,6 +220,7 @@ def test_health_ready_models_tokenize_metrics(client, server, model):
     assert models["data"][0]["context_length"] == 128
     assert client.get("/v1/models/tiny").json() == models["data"][0]  # the OpenAI SDK's models.retrieve
     assert_error_shape(client.get("/v1/models/gpt-4"), 404, "model_not_found")
+    assert 'route="/v1/models/{model_id:path}",status="404"' in client.get("/metrics").text
     assert client.post("/tokenize", json={"text": "Hello world"}).json()["tokens"] == encode("Hello world")
     msgs = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}]
     r = client.post("/tokenize", json={"messages": msgs}).json()
