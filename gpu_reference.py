@@ -96,7 +96,7 @@ SMOKE = Profile(
     finetune=["--batch_size", "8", "--lr", "1e-3", "--warmup_steps", "5", "--max_time", "10",
               "--eval_every", "20", "--eval_batches", "2", "--save_every", "0", "--log_every", "2"],
     mt_bench_questions=4, sample_tokens=16,
-    bench_serve=["serve", "--tokens", "64"],  # at least 64: the concurrency rounds ask for 64 tokens each
+    bench_serve=["serve", "--tokens", "64"],
     evaluate=["--suite", "false", "--batch_size", "16"],
     toy_docs=40, toy_chars=20_000, toy_chats=200,
     timeouts={"env": 60, "tokenize": 120, "pretrain": 180, "bench": 240, "finetune": 180, "evaluate": 120,
@@ -157,18 +157,22 @@ def run(cmd: list[str], log_path: Path, timeout: float) -> dict:
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
         status, usage, timed_out, signalled = None, None, False, 0.0
-        while status is None:  # os.wait4 gives this child's own peak RSS
-            pid, st, ru = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                status, usage = st, ru
-                break
-            elapsed = time.perf_counter() - start
-            if elapsed > timeout and not signalled:
-                timed_out, signalled = True, elapsed
+        try:
+            while status is None:  # os.wait4 gives this child's own peak RSS
+                pid, st, ru = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    status, usage = st, ru
+                    break
+                elapsed = time.perf_counter() - start
+                if elapsed > timeout and not signalled:
+                    timed_out, signalled = True, elapsed
+                    os.killpg(proc.pid, signal.SIGTERM)
+                elif signalled and elapsed > signalled + 30:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                time.sleep(0.2)
+        finally:
+            if status is None:  # this run is stopped (Ctrl-C, SIGTERM): the stage, in a session of its own, too
                 os.killpg(proc.pid, signal.SIGTERM)
-            elif signalled and elapsed > signalled + 30:
-                os.killpg(proc.pid, signal.SIGKILL)
-            time.sleep(0.2)
         proc.returncode = os.waitstatus_to_exitcode(status)
         reader.join(timeout=10)
         seconds = time.perf_counter() - start
@@ -269,11 +273,14 @@ def parse_bench_train(output: str) -> dict:
 
 
 def parse_bench_serve(output: str) -> dict:
+    """bench.py serve's figures: its single-stream table (a rate it could not measure is None) and its table of
+    aggregate rates (the medians of its rounds, not the rounds' own lines)."""
     same = re.search(r"greedy tokens identical to transformers: (\w+)", output)
-    rows = {name: {"ttft_ms": float(ttft), "decode_tok_per_s": float(rate)} for name, ttft, rate in
-            re.findall(r"^\| ((?:transformers|ours)[^|]*?) \| ([\d.]+) ms \| (\d+)", output, re.M)}
+    rows = {name: {"ttft_ms": float(ttft), "decode_tok_per_s": float(rate) if re.fullmatch(r"\d+", rate) else None}
+            for name, ttft, rate in
+            re.findall(r"^\| ((?:transformers|ours)[^|]*?) \| ([\d.]+) ms \| (\S+)", output, re.M)}
     clients = {int(n): float(rate) for n, rate in
-               re.findall(r"^\s*(\d+) clients: \d+ tokens in [\d.]+ s = (\d+) tokens/s", output, re.M)}
+               re.findall(r"^\| (\d+) \| (\d+) \| [\d.]+x \| [\d.]+x \|$", output, re.M)}
     return {"identical_to_transformers": same.group(1) == "True" if same else None, "single_stream": rows,
             "aggregate_tok_per_s": clients}
 
@@ -335,8 +342,8 @@ class Reference:
             ok = result["rc"] == 0 and not result["timed_out"]
             entry = {"status": "ok" if ok else "failed", "command": shown(cmd),
                      **{k: result[k] for k in ("rc", "seconds", "peak_rss_mb", "peak_gpu_mb", "timed_out")}}
-            try:
-                entry.update(parse(result["output"]) if ok and parse else {})
+            try:  # the stage's own figures (its seconds, say) are kept over any of the same name it reports
+                entry = {**(parse(result["output"]) if ok and parse else {}), **entry}
             except (OSError, ValueError, KeyError, IndexError) as e:
                 entry.update(status="failed", error=f"reading its results: {e!r}")
             if entry["status"] != "ok":
@@ -590,6 +597,9 @@ def main(argv: list[str]) -> None:
                         "a stage with too little time left is skipped, so a time-limited call still ends with "
                         "its report (e.g. 540 inside a 600 s device call)")
     a = p.parse_args(argv)
+    # SIGTERM (an outer time limit, a kill) ends this run as Ctrl-C does, through run()'s cleanup: the running
+    # stage, in a session of its own, is stopped too instead of training on orphaned
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     profile = SMOKE if a.smoke else GPU
     work = Path(a.work or ROOT / "checkpoints" / ("gpu-reference-smoke" if a.smoke else "gpu-reference")).resolve()
     report_dir = Path(a.report or work / "report").resolve()

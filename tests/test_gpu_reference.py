@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -41,6 +42,56 @@ def test_deadline_shares_time_and_skips_what_cannot_fit(tmp_path, monkeypatch):
     short = g.Reference(g.SMOKE, tmp_path, tmp_path, tmp_path, deadline=sum(g.SMOKE.reserves.values()) * 0.8)
     assert short.budget("env") == pytest.approx(0.8 * g.SMOKE.reserves["env"], abs=1)
     assert short.budget("env") >= short.reserve("env") / 2  # so it runs
+
+
+def test_bench_serve_figures_are_its_tables_medians_and_a_bad_rate_is_none():
+    import gpu_reference as g
+    output = "\n".join([
+        "   1 clients: 640 tokens in 1.70 s = 372 tokens/s",  # a round's own line: not the figure
+        "  16 clients: 4096 tokens in 1.88 s = 2182 tokens/s",
+        "| transformers, generate in process | 12.0 ms | 300 (1.00x) |",
+        "| ours, GPT.generate in process | 250.3 ms | n/a (1.00x) |",
+        "| concurrent clients | aggregate tokens/s | vs 1 | vs one HTTP stream |",
+        "|---|---|---|---|",
+        "| 1 | 315 | 1.0x | 0.9x |",
+        "| 16 | 1979 | 6.3x | 5.8x |"])
+    figures = g.parse_bench_serve(output)
+    assert figures["aggregate_tok_per_s"] == {1: 315.0, 16: 1979.0}
+    assert figures["single_stream"]["ours, GPT.generate in process"] == {"ttft_ms": 250.3, "decode_tok_per_s": None}
+    assert figures["single_stream"]["transformers, generate in process"]["decode_tok_per_s"] == 300.0
+
+
+def test_a_stage_keeps_its_own_seconds_and_stops_with_the_run(tmp_path):
+    import gpu_reference as g
+    ref = g.Reference(g.SMOKE, tmp_path, tmp_path, tmp_path)
+    assert ref.stage("samples", [sys.executable, "-c", "import time; time.sleep(0.5)"],
+                     parse=lambda out: {"seconds": 0.01, "questions": 4})
+    entry = ref.report["stages"]["samples"]
+    assert entry["questions"] == 4 and entry["seconds"] >= 0.5  # the stage's wall time, not the one it reports
+    # a run stopped by SIGTERM stops its running stage too (the stage has a session of its own)
+    pid_file = tmp_path / "stage.pid"
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import signal, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import gpu_reference as g\n"
+        "signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # as main() does\n"
+        "stage = 'import os, sys, time; open(sys.argv[1], \"w\").write(str(os.getpid())); time.sleep(60)'\n"
+        "g.run([sys.executable, '-c', stage, sys.argv[1]], g.Path(sys.argv[2]), 100)\n")
+    proc = subprocess.Popen([sys.executable, str(driver), str(pid_file), str(tmp_path / "log")])
+    for _ in range(200):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.05)
+    stage_pid = int(pid_file.read_text())
+    proc.terminate()
+    assert proc.wait(timeout=20) == 128 + 15
+    for _ in range(100):  # the stage got SIGTERM and is gone
+        if not os.path.exists(f"/proc/{stage_pid}") or " Z " in open(f"/proc/{stage_pid}/stat").read():
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the stage outlived the run")
 
 
 def test_steady_rate_leaves_out_warmup_and_padding(tmp_path):
