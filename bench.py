@@ -33,6 +33,26 @@ def median_times(*fns, repeat: int = 5) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
+def _at_least(low: int):
+    """An argparse type: an integer no less than `low`."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+def _gzipped(path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"  # gzip's magic number
+
+
 def bench_tokenizer(argv):
     """tokenize_data.py end to end against tiktoken's encode_ordinary_batch on the same text and thread count.
 
@@ -46,6 +66,7 @@ def bench_tokenizer(argv):
     the tokenize_data.py process's max RSS, with the default shard size and with 1M-token shards (which takes
     the shard buffer out of the picture).
     """
+    import argparse
     import gzip
     import json
     import os
@@ -58,11 +79,16 @@ def bench_tokenizer(argv):
 
     root = Path(__file__).resolve().parent
     gutenberg = root.parent / "shared" / "data" / "pretrain" / "gutenberg_top100_authors"
-    rounds = int(argv[argv.index("--rounds") + 1]) if "--rounds" in argv else 2
-    argv = [a for i, a in enumerate(argv) if "--rounds" not in argv[max(i - 1, 0):i + 1]]
-    files = [Path(a) for a in argv] or [gutenberg / "train_00.jsonl.gz", gutenberg / "train_01.jsonl.gz"]
+    parser = argparse.ArgumentParser(prog="bench.py tokenizer")
+    parser.add_argument("files", nargs="*", type=Path, metavar="FILE.jsonl.gz")
+    parser.add_argument("--rounds", type=_at_least(1), default=2, metavar="N")
+    args = parser.parse_intermixed_args(argv)
+    files = args.files or [gutenberg / "train_00.jsonl.gz", gutenberg / "train_01.jsonl.gz"]
     if missing := [str(f) for f in files if not f.is_file()]:
         sys.exit(f"error: no such input file: {', '.join(missing)}")
+    if plain := [str(f) for f in files if not _gzipped(f)]:
+        sys.exit(f"error: not gzip-compressed: {', '.join(plain)} (bench.py tokenizer reads gzipped JSON lines, "
+                 f".jsonl.gz: gzip a .jsonl first)")
     workers = len(os.sched_getaffinity(0))
     print(f"machine: {cpu_name()}, {workers} cores usable; load average before: {os.getloadavg()}")
     # A forked child's max RSS starts at its parent's (Linux keeps it across exec), and this process holds a
@@ -107,7 +133,7 @@ def bench_tokenizer(argv):
         for name, inputs in (("small", [small]), ("large", files)):
             rss_small_shards = ours(inputs, Path(tmp) / "out", ["--shard_tokens", "1000000"])[3]
             best_ref, best = (0, float("inf"), float("inf")), (0, float("inf"), float("inf"), 0)
-            for r in range(rounds):
+            for r in range(args.rounds):
                 n_ref, wall_ref, cpu_ref = theirs(inputs)
                 n, wall, cpu_s, rss = ours(inputs, Path(tmp) / "out", [])
                 assert n == n_ref, f"token counts differ: ours {n}, tiktoken {n_ref}"
@@ -128,6 +154,18 @@ def bench_tokenizer(argv):
               f"{rss:.0f} MB | {rss_small_shards:.0f} MB |")
 
 
+def _check_device(parser, name: str) -> None:
+    """Exit with a usage error unless `name` is a torch device this machine has."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        parser.error(f"--device {name}: not a torch device (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and torch.cuda.device_count() <= (device.index or 0):
+        parser.error(f"--device {name}: no such CUDA device here (torch sees {torch.cuda.device_count()})")
+
+
 def _train_args(argv):
     import argparse
 
@@ -136,14 +174,18 @@ def _train_args(argv):
     parser = argparse.ArgumentParser(prog="bench.py train")
     parser.add_argument("--preset", default="tiny", choices=list(PRESETS))
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0 = torch's default)")
-    parser.add_argument("--batch_size", type=int, default=0, help="sequences per step (0 = the preset's)")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per model per round")
-    parser.add_argument("--dtype", default="auto", help="autocast dtype for all rows (auto: train.py's choice)")
+    parser.add_argument("--threads", type=_at_least(0), default=0,
+                        help="torch threads on the CPU (0 = torch's default)")
+    parser.add_argument("--batch_size", type=_at_least(0), default=0, help="sequences per step (0 = the preset's)")
+    parser.add_argument("--rounds", type=_at_least(1), default=5)
+    parser.add_argument("--steps", type=_at_least(1), default=3, help="timed steps per model per round")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="autocast dtype for all rows (auto: train.py's choice)")
     parser.add_argument("--compile", action="store_true", help="torch.compile ours on the CPU too")
     parser.add_argument("--data_vocab", default="", help="also time the loss over the ids of these shards")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    _check_device(parser, args.device)
+    return args
 
 
 def bench_train(argv):
@@ -436,6 +478,24 @@ def _print_reuse_table(figures: dict, turns: int) -> None:
               f"{f['prompt']:.0f} | {f['first_cached']:.0f}, {f['cached']:.0f} |")
 
 
+def _serve_args(argv):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="bench.py serve")
+    parser.add_argument("--checkpoint", default="checkpoints/demo-chat", metavar="DIR")
+    parser.add_argument("--threads", type=_at_least(1), default=0, metavar="N", help="default: torch's")
+    parser.add_argument("--tokens", type=_at_least(2), default=128, metavar="N",
+                        help="new tokens per request; decode speed is timed after the first")
+    parser.add_argument("--clients", type=_client_counts, default=[1, 4, 16, 64], metavar="N,N,...")
+    parser.add_argument("--turns", type=_at_least(0), default=0, metavar="N")
+    parser.add_argument("--conversations", type=_at_least(1), default=5, metavar="N")
+    return parser.parse_args(argv)
+
+
+def _client_counts(text: str) -> list[int]:
+    return [_at_least(1)(n) for n in text.split(",")]
+
+
 def bench_serve(argv):
     """serve.py: time to first token and single-stream decode speed against transformers' `generate` (KV cache,
     same weights, greedy), then aggregate tokens/s of a running server at 1, 4, 16 and 64 concurrent clients.
@@ -469,23 +529,20 @@ def bench_serve(argv):
     from config import ModelConfig, PRESETS
     from tokenizer import EOT_ID
 
-    opts = {"checkpoint": "checkpoints/demo-chat", "threads": str(torch.get_num_threads()), "tokens": "128",
-            "clients": "1,4,16,64", "turns": "0", "conversations": "5"}
-    for flag, value in zip(argv[::2], argv[1::2]):
-        opts[flag.removeprefix("--")] = value
-    threads, n_new, clients = int(opts["threads"]), int(opts["tokens"]), [int(c) for c in opts["clients"].split(",")]
+    opts = _serve_args(argv)
+    threads, n_new, clients = opts.threads or torch.get_num_threads(), opts.tokens, opts.clients
     torch.set_num_threads(threads)
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores; torch threads {threads}; "
           f"load average before: {os.getloadavg()}")
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
-    if Path(opts["checkpoint"]).exists():
-        model = load_checkpoint(opts["checkpoint"])[0]
-        print(f"model: {opts['checkpoint']}")
+    if Path(opts.checkpoint).exists():
+        model = load_checkpoint(opts.checkpoint)[0]
+        print(f"model: {opts.checkpoint}")
     else:
         tiny = {k: PRESETS["tiny"][k] for k in ("n_layer", "n_head", "n_embd", "block_size")}
         model = _random_model(ModelConfig(**tiny))
-        print(f"model: random init, tiny preset {tiny} (no chat checkpoint at {opts['checkpoint']})")
+        print(f"model: random init, tiny preset {tiny} (no chat checkpoint at {opts.checkpoint})")
     model.eval()
     try:
         ckpt = save_checkpoint(tmp / "ckpt", model)
@@ -516,8 +573,8 @@ def bench_serve(argv):
             print(f"greedy tokens identical to transformers: {same}")
             (srv_ttft, srv_rate), hf_rate_http, concurrency = _server_figures(ckpt, threads, n_new, clients,
                                                                               hf_rate_now)
-        turns = int(opts["turns"])
-        reuse = _reuse_figures(ckpt, threads, turns, int(opts["conversations"])) if turns else {}
+        turns = opts.turns
+        reuse = _reuse_figures(ckpt, threads, turns, opts.conversations) if turns else {}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -707,16 +764,19 @@ def bench_speedrun(argv):
     shared = argv[argv.index("--") + 1:] if "--" in argv else []
     parser = argparse.ArgumentParser(prog="bench.py speedrun")
     parser.add_argument("--minutes", type=float, default=8.0)
-    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--threads", type=_at_least(0), default=0)
     parser.add_argument("--device", default="cpu", choices=list(SPEEDRUN))
     parser.add_argument("--corpus", default=str(Path(__file__).resolve().parent.parent / "shared" / "data" /
                                                 "pretrain" / "gutenberg_top100_authors"))
     parser.add_argument("--data", default="")
     parser.add_argument("--out", default="checkpoints/speedrun")
-    parser.add_argument("--eval_tokens", type=int, default=0)
+    parser.add_argument("--eval_tokens", type=_at_least(0), default=0)
     parser.add_argument("--vanilla", default="")
     parser.add_argument("--parley", default="")
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if not args.minutes > 0:
+        parser.error(f"argument --minutes: must be more than 0, got {args.minutes}")
+    _check_device(parser, args.device)
     setup, out = SPEEDRUN[args.device], Path(args.out)
     data = _speedrun_data(args.corpus, Path(args.data or f"data/speedrun-{args.device}"), setup["corpus_tokens"],
                           args.threads)

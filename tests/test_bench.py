@@ -123,3 +123,39 @@ def test_help_and_a_missing_input_get_a_message_not_a_traceback(tmp_path):
     assert shown.returncode == 1 and "usage: python bench.py speedrun" in shown.stderr
     no_corpus = run_bench("speedrun", "--corpus", str(tmp_path), "--data", str(tmp_path / "shards"))
     assert no_corpus.returncode == 1 and f"no Gutenberg corpus (train_*.jsonl.gz) in {tmp_path}" in no_corpus.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bogus", "3", "--tokens", "8"], "unrecognized arguments: --bogus 3"),
+    (["--tokens"], "argument --tokens: expected one argument"),
+    (["--tokens", "1"], "argument --tokens: must be at least 2, got 1"),
+    (["--clients", "1,0"], "argument --clients: must be at least 1, got 0"),
+    (["--threads", "two"], "argument --threads: expected an integer, got 'two'"),
+])
+def test_serve_bench_refuses_bad_arguments_before_running(args, message, capsys):
+    """An unknown option, a missing value or one the figures divide by is a usage error that names the option and
+    lists the known ones, not a full default run or a ZeroDivisionError at the end."""
+    with pytest.raises(SystemExit) as e:
+        bench.bench_serve(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err
+    assert all(f"[{option} " in err for option in ("--checkpoint", "--threads", "--tokens", "--clients", "--turns"))
+
+
+def test_tokenizer_bench_names_a_missing_value_and_an_input_that_is_not_gzipped(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.bench_tokenizer(["--rounds"])
+    assert e.value.code == 2 and "argument --rounds: expected one argument" in capsys.readouterr().err
+    plain = tmp_path / "docs.jsonl"
+    plain.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    with pytest.raises(SystemExit) as e:
+        bench.bench_tokenizer([str(plain), "--rounds", "1"])
+    assert f"not gzip-compressed: {plain}" in str(e.value.code) and ".jsonl.gz" in str(e.value.code)
+
+
+def test_train_bench_refuses_a_device_this_machine_lacks(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(SystemExit) as e:
+        bench.bench_train(["--device", "cuda"])
+    assert e.value.code == 2 and "--device cuda: no such CUDA device here" in capsys.readouterr().err
+
