@@ -18,19 +18,39 @@ def cpu_name() -> str:
         return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
 
 
-def median_times(*fns, repeat: int = 5) -> list[float]:
-    """The median time of each fn, the fns run in turn in every round: a change in the machine's speed (another
-    job, a frequency change) meets them alike instead of favouring the one timed later."""
+def medians_in_turn(*fns, repeat: int = 5) -> list[float]:
+    """The median of each fn's result, the fns run in turn in every round: a change in the machine's speed (another
+    job, a frequency change) meets them alike instead of favouring the one run later."""
     import statistics
+
+    results = [[] for _ in fns]
+    for _ in range(repeat):
+        for fn, r in zip(fns, results):
+            r.append(fn())
+    return [statistics.median(r) for r in results]
+
+
+def median_times(*fns, repeat: int = 5) -> list[float]:
+    """The median time of each fn, the fns timed in turn (medians_in_turn)."""
     import time
 
-    times = [[] for _ in fns]
-    for _ in range(repeat):
-        for fn, t in zip(fns, times):
+    def timed(fn):
+        def run():
             start = time.perf_counter()
             fn()
-            t.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+            return time.perf_counter() - start
+        return run
+    return medians_in_turn(*map(timed, fns), repeat=repeat)
+
+
+def decode_rate(run, n_new: int) -> float:
+    """Tokens/s after the first of one `run()`, which generates n_new tokens and returns the time.monotonic() when
+    its first was out. The decode is timed from that run's own first token: a first-token time and a whole-run
+    time taken from different runs can come in either order on a busy machine, and their difference go negative."""
+    import time
+
+    first = run()
+    return (n_new - 1) / (time.monotonic() - first)
 
 
 def _at_least(low: int):
@@ -496,6 +516,23 @@ def _client_counts(text: str) -> list[int]:
     return [_at_least(1)(n) for n in text.split(",")]
 
 
+def _our_first_token(model, prompt: list[int], n_new: int) -> float:
+    """Greedy generation of n_new tokens after `prompt` with engine.py's decode loop, as GPT.generate runs it; the
+    time.monotonic() when the first token was out."""
+    import time
+
+    from engine import Engine, SamplingParams, Sequence
+
+    engine, first = Engine(model, max_batch=1), None
+    seq = Sequence(prompt, SamplingParams(n_new, temperature=0, stop_tokens=frozenset()))  # GPT.generate's default
+    engine.submit([seq])
+    while engine.busy():
+        engine.step()
+        if first is None and seq.tokens:
+            first = time.monotonic()
+    return first
+
+
 def bench_serve(argv):
     """serve.py: time to first token and single-stream decode speed against transformers' `generate` (KV cache,
     same weights, greedy), then aggregate tokens/s of a running server at 1, 4, 16 and 64 concurrent clients.
@@ -521,6 +558,7 @@ def bench_serve(argv):
     import tempfile
     import time
     from pathlib import Path
+    from types import SimpleNamespace
 
     import torch
 
@@ -552,27 +590,30 @@ def bench_serve(argv):
 
         ids = torch.tensor([prompt])
         with torch.no_grad():
-            def hf_generate(n):
+            def hf_generate(n, streamer=None):
                 return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                   do_sample=False, use_cache=True, pad_token_id=EOT_ID)
+                                   do_sample=False, use_cache=True, pad_token_id=EOT_ID, streamer=streamer)
 
             def our_generate(n):
                 return reference.generate([prompt], n, temperature=0)[0]
 
+            def hf_first_token():  # transformers hands its streamer the prompt, then each new token
+                stamps = []
+                hf_generate(n_new, SimpleNamespace(put=lambda _: stamps.append(time.monotonic()), end=lambda: None))
+                return stamps[1]
+
+            def our_first_token():
+                return _our_first_token(reference, prompt, n_new)
+
             hf_generate(4), our_generate(4)  # warm-up
             same = hf_generate(n_new)[0, len(prompt):].tolist() == our_generate(n_new)
             hf_ttft, our_ttft = median_times(lambda: hf_generate(1), lambda: our_generate(1))
-            hf_full, our_full = median_times(lambda: hf_generate(n_new), lambda: our_generate(n_new))
+            hf_rate, our_rate = medians_in_turn(lambda: decode_rate(hf_first_token, n_new),
+                                                lambda: decode_rate(our_first_token, n_new))
 
-            def hf_rate_now():
-                start = time.perf_counter()
-                hf_generate(n_new)
-                return (n_new - 1) / (time.perf_counter() - start - hf_ttft)
-
-            hf_rate, our_rate = (n_new - 1) / (hf_full - hf_ttft), (n_new - 1) / (our_full - our_ttft)
             print(f"greedy tokens identical to transformers: {same}")
-            (srv_ttft, srv_rate), hf_rate_http, concurrency = _server_figures(ckpt, threads, n_new, clients,
-                                                                              hf_rate_now)
+            (srv_ttft, srv_rate), hf_rate_http, concurrency = _server_figures(
+                ckpt, threads, n_new, clients, lambda: decode_rate(hf_first_token, n_new))
         turns = opts.turns
         reuse = _reuse_figures(ckpt, threads, turns, opts.conversations) if turns else {}
     finally:

@@ -5,6 +5,7 @@ import gzip
 import json
 import re
 import subprocess
+import time
 import sys
 
 import pytest
@@ -159,3 +160,15 @@ def test_train_bench_refuses_a_device_this_machine_lacks(monkeypatch, capsys):
         bench.bench_train(["--device", "cuda"])
     assert e.value.code == 2 and "--device cuda: no such CUDA device here" in capsys.readouterr().err
 
+
+def test_decode_rate_is_timed_from_the_runs_own_first_token():
+    """However long the first token takes, the rate counts only what follows it: it cannot go negative, as the
+    difference of two medians taken from different runs could."""
+    def run():
+        time.sleep(0.2)  # prefill
+        first = time.monotonic()
+        time.sleep(0.01)  # the other tokens
+        return first
+
+    rate = bench.decode_rate(run, 3)
+    assert 20 < rate <= 200  # 2 tokens in at least 0.01 s, not counting the 0.2 s before the first
