@@ -212,11 +212,12 @@ def bench_train(argv):
     """Training throughput: our GPT with train.py's settings against transformers' GPT2LMHeadModel.
 
     usage: python bench.py train [--preset tiny] [--device cpu|cuda] [--threads N] [--batch_size N] [--rounds R]
-                                 [--dtype auto|float32|bfloat16] [--compile] [--data_vocab SHARD_DIR]
+                                 [--dtype auto|float32|bfloat16|float16] [--compile] [--data_vocab SHARD_DIR]
     One optimizer step = forward + backward + gradient clipping + AdamW step on one batch of batch_size x block_size
     random tokens, the same shape and batch for both. Ours: train.py's optimizer (fused AdamW), precision (bf16
-    autocast on CUDA) and torch.compile (CUDA); theirs: GPT2LMHeadModel with dropout 0 (like ours), its default
-    attention (SDPA), torch.optim.AdamW with defaults, the same autocast. A third row is ours with the output layer
+    autocast on CUDA; float16 with its gradient scaler) and torch.compile (CUDA); theirs: GPT2LMHeadModel with
+    dropout 0 (like ours), its default attention (SDPA), torch.optim.AdamW with defaults, the same autocast and
+    scaler. A third row is ours with the output layer
     and loss as plain F.cross_entropy (no compile): what model.LinearCrossEntropy (the CPU path) is worth. With
     --data_vocab, a fourth row is ours with the loss over the token ids of those shards (pretrain.py --data_vocab),
     on random tokens drawn from those ids. The
@@ -256,12 +257,17 @@ def bench_train(argv):
     x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()
 
     def make_step(model, loss_fn, optimizer):
+        # train.py's gradient scaler (a no-op but for float16), so that a float16 row times the step training takes
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
         def step():
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 loss = loss_fn()
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
         return step
 

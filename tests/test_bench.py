@@ -161,6 +161,26 @@ def test_train_bench_refuses_a_device_this_machine_lacks(monkeypatch, capsys):
     assert e.value.code == 2 and "--device cuda: no such CUDA device here" in capsys.readouterr().err
 
 
+def test_train_bench_steps_float16_through_a_gradient_scaler_as_train_py_does(monkeypatch, capsys):
+    """fp16 without train.py's GradScaler would time a step training never takes: every row's optimizer steps
+    through an enabled scaler."""
+    pytest.importorskip("transformers")
+    from config import PRESETS
+    for key, value in {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16}.items():
+        monkeypatch.setitem(PRESETS["tiny"], key, value)
+    stepped = []
+
+    class Recording(torch.amp.GradScaler):
+        def step(self, optimizer, *args, **kwargs):
+            stepped.append(self.is_enabled())
+            return super().step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", Recording)
+    bench.bench_train(["--batch_size", "1", "--rounds", "1", "--steps", "1", "--dtype", "float16"])
+    assert "float16" in capsys.readouterr().out
+    assert len(stepped) == 3 * 2 and all(stepped)  # three rows, a warm-up step and a timed one each
+
+
 def test_decode_rate_is_timed_from_the_runs_own_first_token():
     """However long the first token takes, the rate counts only what follows it: it cannot go negative, as the
     difference of two medians taken from different runs could."""
