@@ -401,20 +401,7 @@ def tokenize(inputs: list[str], cfg: TokenizeConfig) -> dict:
         if train.documents == 0:
             raise BadInput(f"{where}: all {n_docs} document(s) went to the val split, none is left to train on: add "
                            "(different) documents, lower --val_fraction, or for .txt files use --txt_paragraphs")
-        meta = {
-            "tokenizer": tokenizer.TOKENIZER_NAME,
-            "eot_id": tokenizer.EOT_ID,
-            "dtype": "uint16",
-            "shard_format_version": shards.VERSION,
-            "shard_tokens": cfg.shard_tokens,
-            "val_fraction": cfg.val_fraction,
-            "seed": cfg.seed,
-            "text_field": cfg.text_field,
-            "txt_paragraphs": cfg.txt_paragraphs,
-            "splits": {"train": train.summary(), "val": val.summary()},
-            "skipped_bad_records": len(skipped),
-            "sources": sources,
-        }
+        meta = meta_json(cfg, train, val, len(skipped), sources)
         with open(tmp / "meta.json", "w") as f:
             json.dump(meta, f, indent=1)
             f.write("\n")
@@ -440,6 +427,24 @@ def tokenize(inputs: list[str], cfg: TokenizeConfig) -> dict:
               (f", {emptied} file(s) left with no document (a bad .txt file is skipped whole)" if emptied else "") +
               f"; per file counts in {out}/meta.json")
     return meta
+
+
+def meta_json(cfg: TokenizeConfig, train: ShardWriter, val: ShardWriter, skipped: int, sources: list) -> dict:
+    """meta.json: how the shards were made (tokenizer, format, options), the splits and the source files."""
+    return {
+        "tokenizer": tokenizer.TOKENIZER_NAME,
+        "eot_id": tokenizer.EOT_ID,
+        "dtype": "uint16",
+        "shard_format_version": shards.VERSION,
+        "shard_tokens": cfg.shard_tokens,
+        "val_fraction": cfg.val_fraction,
+        "seed": cfg.seed,
+        "text_field": cfg.text_field,
+        "txt_paragraphs": cfg.txt_paragraphs,
+        "splits": {"train": train.summary(), "val": val.summary()},
+        "skipped_bad_records": skipped,
+        "sources": sources,
+    }
 
 
 def remove_dead_temporaries(out: Path) -> None:
