@@ -204,12 +204,17 @@ def load_checkpoint(path, device="cpu", train_state: bool = False):
     return model, config, ts
 
 
+def wrong_shapes(expected: dict, state: dict) -> list[str]:
+    """'key: (shape) (expected (shape))' for each tensor of `state` whose shape differs from `expected`'s."""
+    return [f"{k}: {tuple(state[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
+            if torch.is_tensor(state.get(k)) and state[k].shape != v.shape]
+
+
 def _load_state(model: GPT, state: dict, source) -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: {tuple(state[k].shape)} (expected {tuple(v.shape)})"
-             for k, v in expected.items() if k in state and state[k] is not None and state[k].shape != v.shape]
+    wrong = wrong_shapes(expected, state)
     if missing or unexpected or wrong:
         raise CheckpointError(f"{source}: does not match the model config: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")

@@ -41,7 +41,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, cpu_copy, load_checkpoint, step_checkpoints, write_checkpoint
+from checkpoint import CheckpointError, cpu_copy, load_checkpoint, step_checkpoints, wrong_shapes, write_checkpoint
 from config import ConfigError, TrainConfig, progress_interval, to_dict
 from model import GPT, enable_tf32, pick_device
 from optim import MuonAdamW, check_optimizer, make_optimizer
@@ -343,9 +343,8 @@ def read_for_resume(ckpt: Path, model: GPT, optimizer, data_fingerprint: str
 
 
 def mismatch(expected: dict, got: dict, what: str) -> str | None:
-    """Where tensors of `got` differ in shape from `expected`'s of the same key, as the start of a sentence."""
-    wrong = [f"{k} {tuple(got[k].shape)} (this run: {tuple(v.shape)})" for k, v in expected.items()
-             if torch.is_tensor(got.get(k)) and got[k].shape != v.shape]
+    """Where tensors of `got` differ in shape from `expected`'s (this run's), as the start of a sentence."""
+    wrong = wrong_shapes(expected, got)
     return f"its {what} ({', '.join(wrong[:3])}) do not fit" if wrong else None
 
 
