@@ -55,7 +55,10 @@ def local_replier(cfg: ChatConfig):
     from engine import Engine, SamplingParams, fit_conversation, stream
     from model import pick_device
 
+    from tokenizer import get_encoding
+
     model, _, _ = load_checkpoint(cfg.checkpoint, device=pick_device(cfg.device))
+    get_encoding()  # a missing or wrong BPE file is an error now, not at the first message
     block = model.config.block_size
     engine = Engine(model, max_batch=1, reuse_tokens=2 * block)
     turn = 0
@@ -164,9 +167,10 @@ def main(argv: list[str]) -> None:
         reply = remote_replier(cfg)
     else:
         from checkpoint import CheckpointError
+        from tokenizer import TokenizerNotFound
         try:
             reply = local_replier(cfg)
-        except CheckpointError as e:
+        except (CheckpointError, TokenizerNotFound) as e:
             sys.exit(f"error: {e}")
     system, messages = cfg.system, []
     print(f"parley chat: {COMMANDS}", flush=True)

@@ -37,7 +37,7 @@ from checkpoint import CheckpointError, load_checkpoint, resolve
 from config import cli
 from model import inference_autocast, pick_device
 from shards import ShardError, list_shards, open_shard
-from tokenizer import decode
+from tokenizer import TokenizerNotFound, decode
 
 # Fixed conversations answered in every report: a support bot, a booking, greetings, and some words outside the
 # demo corpus (violin, Marco, red): the demo model has trained embeddings for its corpus's token ids only, and these
@@ -299,7 +299,7 @@ def main(argv: list[str]) -> None:
     checkpoint = Path(positionals[0])
     try:
         report = evaluate(checkpoint, cfg)
-    except (CheckpointError, ShardError, ValueError) as e:  # ChatDataError is a ValueError
+    except (CheckpointError, ShardError, TokenizerNotFound, ValueError) as e:  # ChatDataError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     folder = checkpoint if checkpoint.is_dir() else checkpoint.parent

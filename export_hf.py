@@ -21,7 +21,7 @@ from pathlib import Path
 from chat_format import END, JINJA_TEMPLATE
 from checkpoint import CheckpointError, export_hf, load_checkpoint
 from model import GPT
-from tokenizer import CHAT_SPECIAL_TOKENS, EOT, EOT_ID, gpt2_vocab_and_merges
+from tokenizer import CHAT_SPECIAL_TOKENS, EOT, EOT_ID, TokenizerNotFound, gpt2_vocab_and_merges
 
 SPECIAL_TOKENS = {EOT: EOT_ID, **CHAT_SPECIAL_TOKENS}
 END_TOKEN = next(t for t, i in CHAT_SPECIAL_TOKENS.items() if i == END)
@@ -67,7 +67,7 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     try:
         out = export(load_checkpoint(argv[0])[0], argv[1])
-    except CheckpointError as e:
+    except (CheckpointError, TokenizerNotFound) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"exported {argv[0]} -> {out} (load with AutoModelForCausalLM / AutoTokenizer.from_pretrained('{out}'))")

@@ -36,6 +36,7 @@ from config import ConfigError, FinetuneConfig, ModelConfig, TrainConfig, cli, t
 from model import GPT, pick_device
 from shard_data import ShardData, data_vocab_ids
 from shards import ShardError
+from tokenizer import TokenizerNotFound
 from train import check_config, compile_backend, fit, micro_steps
 
 # Fine-tuning starts from a trained model: a smaller learning rate than pretraining, a short warmup, frequent
@@ -170,7 +171,7 @@ def main(argv: list[str]) -> None:
             state = model.state_dict()
             model = GPT(replace(model.config, dropout=model_cfg.dropout))
             model.load_state_dict(state)
-    except (ValueError, CheckpointError, ChatDataError, ShardError) as e:  # ValueError: ConfigError, a bad shape
+    except (ValueError, CheckpointError, ChatDataError, ShardError, TokenizerNotFound) as e:  # ValueError: ConfigError, a bad shape
         fail(str(e))
     if master:
         print(f"init: {init} ({model.num_params():,} parameters, context {model.config.block_size})")

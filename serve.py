@@ -51,7 +51,7 @@ from config import ServeConfig, cli
 from engine import (MAX_LOGPROBS, STOP_IDS, ContextTooLong, DeadlineExceeded, Engine, EngineError, EngineStopped, Event,
                     Logprob, QueueFull, SamplingParams, Sequence, TextStream, fit_conversation)
 from model import pick_device
-from tokenizer import N_VOCAB, decode, decode_bytes, encode
+from tokenizer import N_VOCAB, TokenizerNotFound, decode, decode_bytes, encode, get_encoding
 
 log = logging.getLogger("parley.serve")
 WEB_PAGE = Path(__file__).resolve().parent / "web" / "chat.html"
@@ -866,8 +866,9 @@ def main(argv: list[str]) -> None:
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model", cfg.host)
     from checkpoint import CheckpointError
     try:
+        get_encoding()  # a missing or wrong BPE file stops the start, not every request after it
         app = create_app(cfg, exit_on_failure=True)
-    except CheckpointError as e:
+    except (CheckpointError, TokenizerNotFound) as e:
         sys.exit(f"error: {e}")
     import uvicorn
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")

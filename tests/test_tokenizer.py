@@ -96,3 +96,48 @@ def test_each_thread_encodes_with_its_own_copy_and_the_same_tokens():
         assert enc.encode_to_numpy(text, disallowed_special=()).tolist() == \
             tokenizer.get_encoding().encode(text, disallowed_special=())
         assert enc.n_vocab == tokenizer.get_encoding().n_vocab
+
+
+@pytest.fixture
+def wrong_bpe_file(tmp_path, monkeypatch):
+    """A PARLEY_BPE_FILE that is not the GPT-2 file, with nothing read yet in this process."""
+    bad = tmp_path / "r50k_base.tiktoken"
+    bad.write_text("not the file")
+    monkeypatch.setenv("PARLEY_BPE_FILE", str(bad))
+    monkeypatch.setattr(tokenizer, "_ENCODING", None)
+    monkeypatch.setattr(tokenizer, "_RANKS", None)
+    monkeypatch.setattr(tokenizer, "_THREAD", threading.local())
+    return bad
+
+
+def test_scripts_refuse_a_wrong_bpe_file_with_a_message_and_exit_2(wrong_bpe_file, tmp_path, capsys, monkeypatch):
+    """Each script that reads text stops at once with the file's name, not a traceback (the server and the
+    terminal chat before they start, not at their first message)."""
+    import chat
+    import evaluate
+    import export_hf
+    import finetune
+    import serve
+    from checkpoint import save_checkpoint
+    from config import ModelConfig
+    from model import GPT
+
+    ckpt = save_checkpoint(tmp_path / "ckpt", GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)))
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(f'{{"messages": [{{"role": "user", "content": "Hi {i}"}}, '
+                             f'{{"role": "assistant", "content": "Hello"}}]}}\n' for i in range(4)))
+    monkeypatch.setattr("builtins.input", lambda prompt="": pytest.fail("the chat started"))
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("the server started"))
+    calls = {"evaluate": lambda: evaluate.main([str(ckpt), "--suite", "false", "--data", str(chats)]),
+             "export_hf": lambda: export_hf.main([str(ckpt), str(tmp_path / "hf")]),
+             "finetune": lambda: finetune.main(["--init", str(ckpt), "--data", str(chats), "--out",
+                                                str(tmp_path / "ft"), "--max_steps", "1"]),
+             "chat": lambda: chat.main(["--checkpoint", str(ckpt)]),
+             "serve": lambda: serve.main(["--checkpoint", str(ckpt)])}
+    for name, call in calls.items():
+        with pytest.raises(SystemExit) as exit:
+            call()
+        err = capsys.readouterr().err + str(exit.value.code)
+        assert exit.value.code not in (0, None), name
+        assert f"{wrong_bpe_file} is not the GPT-2 BPE file" in err, name
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "ft" / "best").exists()
