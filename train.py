@@ -17,6 +17,7 @@ checkpoints, RUN/log.jsonl (one JSON record per line) and RUN/loss.png (drawn by
 process). `python train.py` only says which script to run.
 """
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -647,16 +648,25 @@ def compile_backend(cfg: TrainConfig, device_type: str) -> str | None:
     return {"cuda": "inductor", "cpu": cfg.compile_cpu or None}.get(device_type) if cfg.compile else None
 
 
+# The pace that sizes a max_time schedule (planned_steps) is the mean time of this many recent steps. The steps just
+# after a checkpoint or an evaluation run slower (the writer thread shares the cores): a short average would read
+# them as a slower machine and dip the learning rate for a while after each. This many steps spread such a pause
+# over the window and still follow a machine that stays slower.
+PACE_STEPS = 200
+
+
 class Meter:
-    """The pace: seconds per step (for planned_steps), tokens per second and, on a GPU with a known peak, MFU: moving
-    averages from a process's second step on (its first includes warm-up, torch.compile on CUDA). A row's tokens are
-    counted up to its last target, so fine-tuning's right padding is left out, and their FLOPs at the length of
-    their batch and the width of the output layer (GPT.flops_per_token)."""
+    """The pace: seconds per step (for planned_steps; the mean of the last PACE_STEPS), tokens per second and, on a
+    GPU with a known peak, MFU (moving averages, for the progress bar and the log), all from a process's second step
+    on (its first includes warm-up, torch.compile on CUDA). A row's tokens are counted up to its last target, so
+    fine-tuning's right padding is left out, and their FLOPs at the length of their batch and the width of the output
+    layer (GPT.flops_per_token)."""
 
     def __init__(self, model: GPT, device: torch.device, dtype: torch.dtype, world: int):
         self.flops_per_token = functools.cache(model.flops_per_token)  # by sequence length: the model is fixed
         self.peak, self.world = peak_flops(device, dtype), world
         self.steps, self.sec_per_step, self.tok_rate, self.flop_rate, self.mfu = 0, None, None, None, None
+        self.step_times = collections.deque(maxlen=PACE_STEPS)
 
     def work(self, x, y) -> torch.Tensor:
         """[tokens, training FLOPs] of a micro-batch (x, y), on its device: reading it would wait for the device."""
@@ -667,10 +677,12 @@ class Meter:
     def update(self, tokens: float, flops: float, dt: float) -> tuple[float, float | None]:
         """(tokens/s, MFU or None) after a step of `tokens` and `flops` (sums of `work` over all ranks) in dt s."""
         self.steps += 1
-        if self.steps <= 2:  # the first step includes warm-up (compiling on CUDA): shown alone, never averaged
-            self.tok_rate, self.flop_rate, self.sec_per_step = tokens / dt, flops / dt, dt if self.steps == 2 else None
+        if self.steps > 1:  # the first step includes warm-up (compiling on CUDA): shown alone, never averaged
+            self.step_times.append(dt)
+            self.sec_per_step = sum(self.step_times) / len(self.step_times)
+        if self.steps <= 2:
+            self.tok_rate, self.flop_rate = tokens / dt, flops / dt
         else:
-            self.sec_per_step = 0.9 * self.sec_per_step + 0.1 * dt
             self.tok_rate = 0.9 * self.tok_rate + 0.1 * tokens / dt
             self.flop_rate = 0.9 * self.flop_rate + 0.1 * flops / dt
         self.mfu = self.flop_rate / (self.peak * self.world) if self.peak else None

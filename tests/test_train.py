@@ -21,7 +21,7 @@ from config import ModelConfig, TrainConfig
 from model import GPT, LinearCrossEntropy
 from shard_data import ShardData
 from shards import write_shard
-from train import lr_at, micro_steps, planned_steps
+from train import Meter, lr_at, micro_steps, planned_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -386,6 +386,29 @@ def test_the_schedule_fits_a_time_limit():
     cfg.schedule = "wsd"
     assert lr_at(5, cfg, math.inf) == 1.0
 
+
+
+def test_a_few_slow_steps_barely_move_a_time_limited_schedule_and_a_slower_machine_does():
+    """The steps after a checkpoint run slower (its writer shares the cores): the plan, and so the learning rate,
+    must hardly move. A machine that stays slower must shorten the plan, so that the decay still ends in time."""
+    meter = Meter(GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)), torch.device("cpu"),
+                  torch.float32, world=1)
+    cfg = TrainConfig(max_time=1000.0)
+    step, elapsed = 0, 0.0
+
+    def run(steps: int, dt: float) -> float:
+        nonlocal step, elapsed
+        for _ in range(steps):
+            meter.update(100, 1e6, dt)
+            step, elapsed = step + 1, elapsed + dt
+        return planned_steps(step, cfg, math.inf, elapsed, meter.sec_per_step)
+
+    run(1, 30.0)  # warm-up: left out of the pace
+    steady = run(3000, 0.1)
+    assert steady == pytest.approx(3001 + 670 / 0.1)
+    assert run(10, 0.2) == pytest.approx(steady, rel=0.05)  # a moving average of recent steps dropped it 27%
+    slower = run(300, 0.2)
+    assert slower == pytest.approx(step + (1000 - elapsed) / 0.2)
 
 def test_cpu_training_loss_matches_plain_cross_entropy(monkeypatch):
     """model.forward's chunked output layer + loss on the CPU (LinearCrossEntropy): the same loss and gradients."""
