@@ -834,7 +834,10 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
 
             t0 = time.perf_counter()
             torch.manual_seed(cfg.seed + 1_000_003 * state.step + 1009 * rank)  # dropout: a function of (step, rank)
-            lr = lr_at(state.step, cfg, planned_steps(state.step, cfg, step_limit, state.elapsed, meter.sec_per_step))
+            planned = planned_steps(state.step, cfg, step_limit, state.elapsed, meter.sec_per_step)
+            lr = lr_at(state.step, cfg, planned)
+            if planned < math.inf:  # with max_time, the bar's total and time left follow the plan
+                bar.total = max(state.step + 1, math.ceil(planned))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # Micro-steps, reading the next batch while the device works. [summed losses, tokens, target tokens, stop
