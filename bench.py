@@ -176,14 +176,13 @@ def bench_tokenizer(argv):
 
 def _check_device(parser, name: str) -> None:
     """Exit with a usage error unless `name` is a torch device this machine has."""
-    import torch
+    from config import ConfigError
+    from model import pick_device
 
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        parser.error(f"--device {name}: not a torch device (cpu, cuda, cuda:1, ...)")
-    if device.type == "cuda" and torch.cuda.device_count() <= (device.index or 0):
-        parser.error(f"--device {name}: no such CUDA device here (torch sees {torch.cuda.device_count()})")
+        pick_device(name)
+    except ConfigError as e:
+        parser.error(f"--device {name}: {e}")
 
 
 def _train_args(argv):

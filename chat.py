@@ -6,11 +6,13 @@
 Replies stream as they are generated. Commands: /reset (forget the conversation), /system TEXT (set the
 system message; /system alone clears it), /quit; any other line starting with "/" is refused as an unknown command,
 and "//text" sends the message "/text". The oldest turns are dropped when the conversation outgrows the context,
-leaving room for a reply: with a checkpoint, --max-tokens (the reply's cap) or a quarter of the context, whichever
-is less; with --url, --max-tokens (which the server reserves in full) else a quarter of the context, as the
-server's /tokenize counts them (a server answers a prompt over its context with an error; a server without
-/tokenize gets the whole conversation). A message that does not fit the context even alone (or beside the system
-message) is refused and the conversation kept. --url needs only the standard library (no torch).
+leaving room for a reply: with a checkpoint, --max-tokens (the reply's cap; else 256) or a quarter of the context,
+whichever is less; with --url, --max-tokens (which the server reserves in full), else a quarter of the context or
+256 tokens, whichever is less, as the server's /tokenize counts them (a server answers a prompt over its context
+with an error; a server without /tokenize gets the whole conversation). A message that does not fit the context
+even alone (or beside the system message) is refused and the conversation kept. Bad options (a --top-p of 0, a
+--device this machine lacks) are errors before the first message, with exit code 2. --url needs only the standard
+library (no torch).
 """
 
 import json
@@ -20,7 +22,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from config import cli
+from config import cli, fail
 
 
 @dataclass
@@ -45,6 +47,17 @@ class ChatError(RuntimeError):
     def __init__(self, message: str, status: int | None = None):  # status: the server's HTTP status, if any
         super().__init__(message)
         self.status = status
+
+
+def check_sampling(cfg: ChatConfig) -> str | None:
+    """What is wrong with the sampling options, naming the field (None: nothing). Checked here, before the first
+    message, and without torch: --url runs on the standard library alone."""
+    limits = {"temperature": cfg.temperature >= 0, "top_p": 0 < cfg.top_p <= 1, "top_k": cfg.top_k >= 0,
+              "max_tokens": cfg.max_tokens >= 0, "timeout": cfg.timeout > 0}
+    expected = {"temperature": ">= 0", "top_p": "in (0, 1]", "top_k": ">= 0 (0: off)", "max_tokens": ">= 0 (0: as many "
+                "as fit)", "timeout": "> 0 seconds"}
+    bad = [name for name, ok in limits.items() if not ok]
+    return f"field '{bad[0]}' expects a value {expected[bad[0]]}, got {getattr(cfg, bad[0])!r}" if bad else None
 
 
 def local_replier(cfg: ChatConfig):
@@ -162,16 +175,19 @@ def main(argv: list[str]) -> None:
     cli(argv, [cfg], usage=__doc__)
     cfg.api_key = cfg.api_key or os.environ.get("PARLEY_API_KEY", "")
     if bool(cfg.checkpoint) == bool(cfg.url):
-        sys.exit("error: give either --checkpoint DIR or --url http://HOST:PORT (see --help)")
+        fail("give either --checkpoint DIR or --url http://HOST:PORT (see --help)")
+    if problem := check_sampling(cfg):
+        fail(problem)
     if cfg.url:
         reply = remote_replier(cfg)
     else:
         from checkpoint import CheckpointError
+        from config import ConfigError
         from tokenizer import TokenizerNotFound
         try:
             reply = local_replier(cfg)
-        except (CheckpointError, TokenizerNotFound) as e:
-            sys.exit(f"error: {e}")
+        except (CheckpointError, ConfigError, TokenizerNotFound) as e:  # ConfigError: a --device this machine lacks
+            fail(str(e))
     system, messages = cfg.system, []
     print(f"parley chat: {COMMANDS}", flush=True)
     while True:

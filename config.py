@@ -283,13 +283,18 @@ def lift_step_limit(sections: list, given: set[str]) -> None:
             return
 
 
+def fail(message: str) -> typing.NoReturn:
+    """A script's configuration or input error: the message on stderr and exit code 2, as for a bad option."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def cli(argv: list[str], sections: list, max_positional: int | None = 0, usage: str = "") -> list[str]:
     """parse_args for scripts: a configuration error prints the message and exits with code 2."""
     try:
         return parse_args(argv, sections, max_positional, usage)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))
 
 
 def to_dict(section) -> dict:

@@ -34,7 +34,7 @@ import chat_format
 import demo_data
 from chat_data import collate, encode, read_file
 from checkpoint import CheckpointError, load_checkpoint, resolve
-from config import cli
+from config import cli, fail
 from model import inference_autocast, pick_device
 from shards import ShardError, list_shards, open_shard
 from tokenizer import TokenizerNotFound, decode
@@ -292,16 +292,15 @@ def main(argv: list[str]) -> None:
     cfg = EvalConfig()
     positionals = cli(argv, [cfg], max_positional=1, usage=__doc__)
     if not positionals:
-        sys.exit("usage: python evaluate.py CHECKPOINT [--data DIR_OR_FILE ...] [--suite false]  (--help: every option)")
-    if cfg.per_family < 1:
-        print(f"error: --per_family must be at least 1, got {cfg.per_family}", file=sys.stderr)
-        sys.exit(2)
+        fail("usage: python evaluate.py CHECKPOINT [--data DIR_OR_FILE ...] [--suite false]  (--help: every option)")
+    small = [name for name in ("per_family", "batch_size", "max_new_tokens", "max_loss_tokens") if getattr(cfg, name) < 1]
+    if small:
+        fail(f"field '{small[0]}' expects a value >= 1, got {getattr(cfg, small[0])}")
     checkpoint = Path(positionals[0])
     try:
         report = evaluate(checkpoint, cfg)
-    except (CheckpointError, ShardError, TokenizerNotFound, ValueError) as e:  # ChatDataError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (CheckpointError, ShardError, TokenizerNotFound, ValueError) as e:  # ChatDataError, ConfigError: ValueErrors
+        fail(str(e))
     folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
     _write_atomic(folder / "eval.json", json.dumps(report, indent=2) + "\n")
     _write_atomic(folder / "eval.md", markdown(report))

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import ModelConfig
+from config import ConfigError, ModelConfig
 from tokenizer import N_VOCAB
 
 # A temperature under this samples as greedy: dividing logits by it would overflow float32, and the distribution
@@ -385,10 +385,23 @@ def inference_autocast(device: torch.device):
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """The device for `--device`: auto is CUDA when available, else Apple's MPS, else the CPU."""
+    """The device for `--device`: auto is CUDA when available, else Apple's MPS, else the CPU. A name that is not
+    one of those, or a device this machine lacks, is a ConfigError naming the field."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"field 'device' expects auto, cpu, cuda, cuda:N or mps, got {name!r}")
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and gpus <= (device.index or 0):
+        seen = f"only {gpus} CUDA GPU(s), numbered from 0" if gpus else "no CUDA GPU (a CPU build, or no driver)"
+        raise ConfigError(f"field 'device' is {name!r}, but this torch sees {seen}; use --device auto or cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"field 'device' is {name!r}, but MPS is not available here; use --device auto or cpu")
+    return device
 
 
 def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, uniform=None, counts=None):

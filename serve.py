@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chat_format import ASSISTANT, ChatFormatError, render, validate
-from config import ServeConfig, cli
+from config import ConfigError, ServeConfig, cli, fail
 from engine import (MAX_LOGPROBS, STOP_IDS, ContextTooLong, DeadlineExceeded, Engine, EngineError, EngineStopped, Event,
                     Logprob, QueueFull, SamplingParams, Sequence, TextStream, fit_conversation)
 from model import pick_device
@@ -868,8 +868,8 @@ def main(argv: list[str]) -> None:
     try:
         get_encoding()  # a missing or wrong BPE file stops the start, not every request after it
         app = create_app(cfg, exit_on_failure=True)
-    except (CheckpointError, TokenizerNotFound) as e:
-        sys.exit(f"error: {e}")
+    except (CheckpointError, ConfigError, TokenizerNotFound) as e:  # ConfigError: a --device this machine lacks
+        fail(str(e))
     import uvicorn
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
     if app.state.engine.failure:

@@ -115,7 +115,18 @@ def test_remote_unreachable_server_is_an_error_not_a_crash():
 
 def test_needs_exactly_one_of_checkpoint_and_url():
     r = subprocess.run([sys.executable, str(ROOT / "chat.py")], capture_output=True, text=True, cwd=ROOT, env=ENV)
-    assert r.returncode != 0 and "--checkpoint" in r.stderr
+    assert r.returncode == 2 and "--checkpoint" in r.stderr
+
+
+@pytest.mark.parametrize("option, says", [(["--top_p", "0"], "field 'top_p' expects a value in (0, 1], got 0.0"),
+                                          (["--temperature", "-1"], "field 'temperature' expects a value >= 0"),
+                                          (["--device", "gpu"], "field 'device' expects auto, cpu, cuda")])
+def test_bad_options_are_refused_before_the_first_message(option, says, model_and_ckpt, monkeypatch, capsys):
+    import chat
+    monkeypatch.setattr("builtins.input", lambda prompt="": pytest.fail("the chat started"))
+    with pytest.raises(SystemExit) as exit:
+        chat.main(["--checkpoint", str(model_and_ckpt[1]), *option])
+    assert exit.value.code == 2 and says in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

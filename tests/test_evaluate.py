@@ -136,10 +136,20 @@ def test_a_chat_file_with_nothing_to_score_is_an_error_that_says_why(tmp_path, c
     assert not (ckpt / "eval.json").exists()
 
 
-def test_per_family_below_one_is_refused(tmp_path, capsys):
+@pytest.mark.parametrize("field", ["per_family", "batch_size", "max_new_tokens", "max_loss_tokens"])
+def test_counts_below_one_are_refused_naming_the_field(field, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
-        evaluate.main([str(tmp_path / "ckpt"), "--per_family", "0"])
-    assert exit.value.code == 2 and "--per_family must be at least 1, got 0" in capsys.readouterr().err
+        evaluate.main([str(tmp_path / "ckpt"), f"--{field}", "0"])
+    assert exit.value.code == 2 and f"field '{field}' expects a value >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_device_this_machine_lacks_is_refused_naming_the_field(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    ckpt = save_checkpoint(tmp_path / "ckpt", GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)))
+    for device, says in (("cuda", "this torch sees no CUDA GPU"), ("gpu", "expects auto, cpu, cuda, cuda:N or mps")):
+        with pytest.raises(SystemExit) as exit:
+            evaluate.main([str(ckpt), "--device", device])
+        assert exit.value.code == 2 and f"field 'device'" in (err := capsys.readouterr().err) and says in err
 
 
 class LargestTensor(TorchDispatchMode):

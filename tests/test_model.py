@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -275,3 +276,17 @@ def test_restricted_loss_is_the_full_vocabulary_loss_and_keeps_the_other_rows_ti
         assert torch.equal(weight[rest], weight[rest[:1]].expand(len(rest), -1))  # still one row
     with pytest.raises(ValueError, match="not among the ids"):
         tiny_model(x, torch.full_like(x, 7))
+
+
+def test_pick_device_refuses_a_device_that_is_not_one_or_that_this_machine_lacks(monkeypatch):
+    from config import ConfigError
+    from model import pick_device
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device("cpu") == torch.device("cpu") and pick_device("cuda:0") == torch.device("cuda", 0)
+    for name, says in (("gpu", "expects auto, cpu, cuda, cuda:N or mps, got 'gpu'"), ("meta", "got 'meta'"),
+                       ("cuda:1", "this torch sees only 1 CUDA GPU(s), numbered from 0")):
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            pick_device(name)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ConfigError, match="sees no CUDA GPU"):
+        pick_device("cuda")
