@@ -22,6 +22,7 @@ log-probabilities (logprobs, top_logprobs, echo) come in OpenAI's response shape
 import asyncio
 import codecs
 import collections
+import dataclasses
 import hmac
 import ipaddress
 import json
@@ -204,10 +205,11 @@ class Mailbox:
 
 
 class Job:
-    """A request's choices on the event-loop side: submits them to the engine and receives their Events."""
+    """A request's choices on the event-loop side: submits them to the engine and receives their Events. n choices
+    per prompt; prompt k's are choices k*n to k*n+n-1 (OpenAI's order), each sampled as if its prompt came alone."""
 
-    def __init__(self, engine: Engine, mailbox: Mailbox, prompt: list[int], params: SamplingParams, n: int,
-                 timeout: float, whole: bool = False):
+    def __init__(self, engine: Engine, mailbox: Mailbox, prompts: list[list[int]], params: list[SamplingParams],
+                 n: int, timeout: float, whole: bool = False):
         self.events: asyncio.Queue = asyncio.Queue()
         held: dict[int, list[Event]] = {}  # a whole response's text so far, per choice
 
@@ -222,11 +224,17 @@ class Job:
                                                 [lp for e in texts for lp in e.logprobs]))
             mailbox.post(self.events, event)
 
+        def emitter(first: int):
+            # A sequence's index is its choice among its prompt's n (which its seed follows); the request's choice
+            # index counts the choices of the prompts before it too.
+            return emit if not first else lambda event: emit(dataclasses.replace(event, index=first + event.index))
+
         deadline = time.monotonic() + timeout
-        self.engine = engine
-        self.prompt = prompt
-        self.seqs = [Sequence(prompt, params, emit, i, deadline) for i in range(n)]
-        self.open = n  # choices not finished yet
+        self.engine, self.n = engine, n
+        self.prompt_tokens = sum(len(prompt) for prompt in prompts)
+        self.seqs = [Sequence(prompt, p, emitter(k * n), i, deadline)
+                     for k, (prompt, p) in enumerate(zip(prompts, params)) for i in range(n)]
+        self.open = len(self.seqs)  # choices not finished yet
         try:
             engine.submit(self.seqs)
         except EngineError as e:
@@ -245,6 +253,10 @@ class Job:
     def cancel(self):
         if self.open:
             self.engine.cancel(self.seqs)
+
+    def usage(self, completion_tokens: int) -> dict:
+        """OpenAI's usage: each prompt counted once, whatever its n (as its reuse, from its first choice)."""
+        return usage(self.prompt_tokens, completion_tokens, sum(seq.reused for seq in self.seqs[::self.n]))
 
     async def collect(self, request: Request | None) -> list[dict]:
         """Wait for the whole result: per choice {"text", "reason", "tokens", "logprobs", "prompt_logprobs"}; a
@@ -295,11 +307,14 @@ def token_logprob(token: int, logprob: float) -> dict:
 class ChoiceShape:
     """A request's choices in OpenAI's shapes: chat (a message or a delta; logprobs {"content": [...]}) or legacy
     completions (text; logprobs {"tokens", "token_logprobs", "top_logprobs", "text_offset"}, the prompt's first
-    with echo). As in OpenAI's, text offsets count characters of the prompt and the completion together."""
+    with echo). As in OpenAI's, text offsets count characters of the prompt and the completion together. Choice i
+    continues prompt i // n."""
 
-    def __init__(self, chat: bool, logprobs: bool, prompt: list[int], prompt_text: str, echo: bool):
-        self.chat, self.logprobs, self.prompt, self.prompt_text, self.echo = chat, logprobs, prompt, prompt_text, echo
-        self.offsets = collections.defaultdict(lambda: 0 if echo else len(prompt_text))  # choice -> the next offset
+    def __init__(self, chat: bool, logprobs: bool, prompts: list[list[int]], prompt_texts: list[str], n: int,
+                 echo: bool):
+        self.chat, self.logprobs, self.echo = chat, logprobs, echo
+        self.prompts, self.prompt_texts, self.n = prompts, prompt_texts, n
+        self.offsets: dict[int, int] = {}  # choice -> the next offset
         # choice -> the characters of its bytes so far, a token that ends inside a character holding it back
         self.decoders = collections.defaultdict(lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
 
@@ -311,14 +326,15 @@ class ChoiceShape:
         text, entries = result["text"], result["logprobs"]
         tokens = [e.token for e in entries]
         if self.echo:
-            text, tokens, entries = self.prompt_text + text, self.prompt + tokens, result["prompt_logprobs"] + entries
+            prompt, prompt_text = self.prompts[i // self.n], self.prompt_texts[i // self.n]
+            text, tokens, entries = prompt_text + text, prompt + tokens, result["prompt_logprobs"] + entries
         return {"index": i, "text": text, "logprobs": self.format(i, entries, tokens),
                 "finish_reason": result["reason"]}
 
     def chunk(self, event: Event) -> dict:
         """The choice of a streamed chunk: a "prompt" (echo), "text" or "done" event."""
         if event.kind == "prompt":
-            text, tokens = self.prompt_text, self.prompt
+            text, tokens = self.prompt_texts[event.index // self.n], self.prompts[event.index // self.n]
         else:
             text, tokens = event.text, [e.token for e in event.logprobs]
         logprobs = self.format(event.index, event.logprobs, tokens)
@@ -335,6 +351,7 @@ class ChoiceShape:
             return {"content": [{**token_logprob(e.token, e.logprob),
                                  "top_logprobs": [token_logprob(t, lp) for t, lp in e.top]} for e in entries]}
         texts, offsets = [decode([t]) for t in tokens], []
+        self.offsets.setdefault(i, 0 if self.echo else len(self.prompt_texts[i // self.n]))
         for t in tokens:  # a token's offset: where its character starts, if it completes one begun before it
             offsets.append(self.offsets[i])
             self.offsets[i] += len(self.decoders[i].decode(decode_bytes([t])))
@@ -558,7 +575,7 @@ class Server:
 
     async def warm_up(self):
         try:
-            job = Job(self.engine, self.mailbox, [ASSISTANT], SamplingParams(max_tokens=2, temperature=0), 1,
+            job = Job(self.engine, self.mailbox, [[ASSISTANT]], [SamplingParams(max_tokens=2, temperature=0)], 1,
                       self.cfg.request_timeout)
             await job.collect(None)
             self.ready = True
@@ -636,18 +653,24 @@ class Server:
                            code="invalid_value")
         return body.logprobs, bool(body.echo)
 
-    async def generate(self, request: Request, body: ChatCompletionRequest | CompletionRequest, prompt: list[int],
-                       prompt_text: str = ""):
+    async def generate(self, request: Request, body: ChatCompletionRequest | CompletionRequest,
+                       prompts: list[list[int]], prompt_texts: list[str] = ("",)):
+        """n choices for each prompt (a chat's one, or completions' list) and their texts (for echo)."""
         chat = isinstance(body, ChatCompletionRequest)
         n, stop = self.check_sampling(body)
+        if n * len(prompts) > self.cfg.max_queue:  # could never be queued at once: a 429 would be retried in vain
+            raise ApiError(400, f"{len(prompts)} prompts with n={n} are {n * len(prompts)} sequences, over this "
+                                f"server's queue of {self.cfg.max_queue}", param="prompt", code="invalid_value")
         top, echo = self.check_logprobs(body)
         # With echo the engine reports the prompt (a prefill of all of it, no reuse) as an event of its own, which
         # the choice starts with, and its log-probabilities when asked.
-        params = self.sampling(body, len(prompt), body.max_completion_tokens or body.max_tokens, stop, top, echo)
+        params = [self.sampling(body, len(prompt), body.max_completion_tokens or body.max_tokens, stop, top, echo)
+                  for prompt in prompts]
         if self.cfg.log_prompts:
-            log.info("prompt (%d tokens): %r", len(prompt), decode(prompt))
-        job = Job(self.engine, self.mailbox, prompt, params, n, self.cfg.request_timeout, whole=not body.stream)
-        shape = ChoiceShape(chat, top is not None, prompt, prompt_text, echo)
+            for prompt in prompts:
+                log.info("prompt (%d tokens): %r", len(prompt), decode(prompt))
+        job = Job(self.engine, self.mailbox, prompts, params, n, self.cfg.request_timeout, whole=not body.stream)
+        shape = ChoiceShape(chat, top is not None, prompts, list(prompt_texts), n, echo)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": self.model_id}
@@ -658,7 +681,7 @@ class Server:
         results = await job.collect(request)
         choices = [shape.whole(i, c) for i, c in enumerate(results)]
         return {**head, "choices": choices,
-                "usage": usage(len(prompt), sum(c["tokens"] for c in results), job.seqs[0].reused)}
+                "usage": job.usage(sum(c["tokens"] for c in results))}
 
     async def stream(self, job: Job, head: dict, shape: ChoiceShape, include_usage: bool):
         """Server-sent events; when the client goes away Starlette cancels this generator, which cancels the job."""
@@ -684,7 +707,7 @@ class Server:
                 completion_tokens += event.tokens
                 yield sse(shape.chunk(event))
             if include_usage and not job.open:
-                final = {**head, "choices": [], "usage": usage(len(job.prompt), completion_tokens, job.seqs[0].reused)}
+                final = {**head, "choices": [], "usage": job.usage(completion_tokens)}
                 yield f"data: {json.dumps(final)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
@@ -729,25 +752,20 @@ class Server:
             raise ApiError(400, "messages: the last message must be from the user", param="messages",
                            code="invalid_value")
         prompt, _ = render(messages, add_generation_prompt=True)
-        return await self.generate(request, body, prompt)
+        return await self.generate(request, body, [prompt])
 
     async def completions(self, request: Request):
         body = await read_json(request, CompletionRequest, self.cfg.max_body_bytes)
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-            prompt = [prompt]  # one prompt of token ids
-        if isinstance(prompt, list) and len(prompt) != 1:
-            raise ApiError(400, "prompt: send one prompt: a string or a list of token ids (or a list of exactly one "
-                           "of them)", param="prompt", code="invalid_value")
-        prompt = prompt if isinstance(prompt, str) else prompt[0]
-        if not prompt:
+        # One prompt (a string, or token ids) or a list of them, which batching clients send.
+        one = isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], int))
+        prompts = [body.prompt] if one else body.prompt
+        if not prompts or not all(prompts):
             raise ApiError(400, "prompt: must not be empty", param="prompt", code="invalid_value")
-        if isinstance(prompt, str):
-            return await self.generate(request, body, encode(prompt), prompt)
-        if bad := next((t for t in prompt if not 0 <= t < N_VOCAB), None):
+        ids = [encode(p) if isinstance(p, str) else p for p in prompts]
+        if bad := next((t for p in ids for t in p if not 0 <= t < N_VOCAB), None):
             raise ApiError(400, f"prompt: token id {bad} is not a GPT-2 token id (0 to {N_VOCAB - 1})",
                            param="prompt", code="invalid_value")
-        return await self.generate(request, body, prompt, decode(prompt))
+        return await self.generate(request, body, ids, [p if isinstance(p, str) else decode(p) for p in prompts])
 
     async def tokenize(self, request: Request):
         body = await read_json(request, TokenizeRequest, self.cfg.max_body_bytes)
@@ -777,14 +795,14 @@ class Server:
             reserve = body.max_tokens or min(self.cfg.max_tokens_cap, self.block // 4)
             prompt, kept, dropped = fit_conversation(conversation, reserve, self.block)
             params = self.sampling(body, len(prompt), body.max_tokens)
-            job = Job(self.engine, self.mailbox, prompt, params, 1, self.cfg.request_timeout, whole=True)
+            job = Job(self.engine, self.mailbox, [prompt], [params], 1, self.cfg.request_timeout, whole=True)
             (result,) = await job.collect(request)
             session["messages"] = kept + [{"role": "assistant", "content": result["text"]}]
         first = 1 if conversation[0]["role"] == "system" else 0
         return {"session_id": session_id, "new_session": created, "reply": result["text"],
                 "finish_reason": result["reason"], "dropped_messages": dropped,
                 "dropped": conversation[first: first + dropped],
-                "usage": usage(len(prompt), result["tokens"], job.seqs[0].reused)}
+                "usage": job.usage(result["tokens"])}
 
 
 def usage(prompt_tokens, completion_tokens, cached_tokens):

@@ -535,7 +535,7 @@ def test_malformed_requests_get_4xx_in_the_error_shape(client):
     }
     cases = [("/v1/chat/completions", {**valid, k: v}) for k, values in bad_values.items() for v in values]
     cases += [("/v1/completions", {"prompt": p, "max_tokens": 2})
-              for p in (None, 5, "", [], ["a", "b"], [-1], [1.5], ["a", 1])]
+              for p in (None, 5, "", [], ["a", ""], [-1], [1.5], ["a", 1])]
     cases += [("/chat", b) for b in ({}, {"message": 5}, {"message": ""}, {"message": "hi", "session_id": "../x"},
                                      {"message": "hi", "session_id": "x" * 200}, {"message": "hi", "max_tokens": 0})]
     cases += [("/tokenize", b) for b in ({}, {"text": 5}, {"text": "a", "messages": msgs}, {"messages": []})]
@@ -1176,7 +1176,36 @@ def test_completions_take_token_ids(client, model):
                                                    "echo": True, "logprobs": 1}).json()["choices"][0]
         assert got["text"] == want["text"] and got["text"].startswith(text)
         assert got["logprobs"]["token_logprobs"] == pytest.approx(want["logprobs"]["token_logprobs"], abs=1e-6)
-    for prompt, says in (([5, 70000], "token id 70000"), ([[1, 2], [3]], "send one prompt"), ([], "send one prompt"),
-                         ([[]], "must not be")):
+    for prompt, says in (([5, 70000], "token id 70000"), ([[1, 2], [70000]], "token id 70000"), ([], "must not be"),
+                         ([[]], "must not be"), (["Hi", ""], "must not be")):
         r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2})
         assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
+
+
+def test_completions_take_a_list_of_prompts(client):
+    """A list of prompts (LangChain's OpenAI.batch, litellm, lm-evaluation-harness with a batch size send one) gets
+    n choices per prompt, prompt i's at indices i*n..i*n+n-1 as in OpenAI's and vLLM's answers, each the completion
+    that prompt gets alone; usage adds the prompts up. Too many sequences for the queue is a 400, not a 429 that
+    no retry would ever get past."""
+    texts = ["Once upon a time", "The cat sat"]
+    base = {"max_tokens": 5, "temperature": 0, "echo": True, "logprobs": 1}
+    alone = [client.post("/v1/completions", json={**base, "prompt": t}).json() for t in texts]
+    for prompts in (texts, [encode(t) for t in texts]):
+        r = client.post("/v1/completions", json={**base, "prompt": prompts, "n": 2})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+        for c in body["choices"]:
+            want = alone[c["index"] // 2]["choices"][0]
+            assert c["text"] == want["text"] and c["logprobs"]["text_offset"] == want["logprobs"]["text_offset"]
+        assert body["usage"]["prompt_tokens"] == sum(a["usage"]["prompt_tokens"] for a in alone)
+        assert body["usage"]["completion_tokens"] == 2 * sum(a["usage"]["completion_tokens"] for a in alone)
+        with client.stream("POST", "/v1/completions", json={**base, "prompt": prompts, "n": 2, "stream": True}) as resp:
+            events = sse_events(resp.iter_lines())
+        streamed = ["", "", "", ""]
+        for e in events[:-1]:
+            streamed[e["choices"][0]["index"]] += e["choices"][0]["text"]
+        assert streamed == [c["text"] for c in body["choices"]]
+    r = client.post("/v1/completions", json={"prompt": ["Hi"] * 40, "n": 2, "max_tokens": 2})
+    assert_error_shape(r, 400, "invalid_value")
+    assert "prompt" == r.json()["error"]["param"]
