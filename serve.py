@@ -297,6 +297,12 @@ class Job:
 
 # ---- response shapes ---------------------------------------------------------------------------
 
+# Characters at which str.splitlines() ends a line although SSE does not (only CR and LF end its lines): httpx's
+# iter_lines and requests' iter_lines(decode_unicode=True) split there, cutting an event's JSON in two. JSON may
+# write any character escaped, so events carry these escaped and stay one line to every reader.
+SPLITLINES_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def token_logprob(token: int, logprob: float) -> dict:
     """A token in chat's logprobs: its text, log-probability and UTF-8 bytes (a token may hold part of a character,
     whose text alone shows U+FFFD)."""
@@ -689,7 +695,8 @@ class Server:
         extra = {"usage": None} if include_usage else {}
 
         def sse(choice: dict) -> str:
-            return f"data: {json.dumps({**head, 'choices': [choice], **extra}, ensure_ascii=False)}\n\n"
+            data = json.dumps({**head, "choices": [choice], **extra}, ensure_ascii=False)
+            return f"data: {data.translate(SPLITLINES_BREAKS)}\n\n"
 
         completion_tokens = 0
         try:

@@ -1209,3 +1209,17 @@ def test_completions_take_a_list_of_prompts(client):
     r = client.post("/v1/completions", json={"prompt": ["Hi"] * 40, "n": 2, "max_tokens": 2})
     assert_error_shape(r, 400, "invalid_value")
     assert "prompt" == r.json()["error"]["param"]
+
+
+def test_stream_events_survive_line_readers_that_split_at_unicode_line_breaks(client):
+    """str.splitlines() ends lines at U+0085, U+2028 and U+2029 too, and so do httpx's iter_lines and requests'
+    iter_lines(decode_unicode=True), common ways to read the stream: raw in an event's JSON they cut it in two.
+    Escaped, every event is one line to any reader, and the text is the same."""
+    prompt = "one\u2028two\u2029three\x85four"
+    body = {"prompt": prompt, "max_tokens": 2, "temperature": 0, "echo": True}
+    want = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as resp:
+        lines = [line for line in resp.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines), lines
+    events = sse_events(lines)
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == want and want.startswith(prompt)
