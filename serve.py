@@ -393,7 +393,7 @@ class Sampling(Strict):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=-1)  # -1: all tokens, as 0 (vLLM's and llama.cpp's way to say it)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-2**63, le=2**64 - 1)
     n: int | None = Field(None, ge=1)
@@ -431,7 +431,7 @@ class ChatRequest(Strict):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=-1)  # -1: all tokens, as 0 (vLLM's and llama.cpp's way to say it)
     seed: int | None = Field(None, ge=-2**63, le=2**64 - 1)
 
 
@@ -620,8 +620,8 @@ class Server:
                            code="invalid_value")
         temperature = 1.0 if body.temperature is None else body.temperature
         stop_tokens = frozenset() if isinstance(body, Sampling) and body.ignore_eos else STOP_IDS
-        return SamplingParams(max_tokens, temperature, body.top_p or 1.0, body.top_k or 0, body.seed, tuple(stop),
-                              stop_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        return SamplingParams(max_tokens, temperature, body.top_p or 1.0, max(body.top_k or 0, 0), body.seed,
+                              tuple(stop), stop_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
     def check_sampling(self, body: Sampling) -> tuple[int, list[str]]:
         neutral = {"tools": not body.tools, "frequency_penalty": not body.frequency_penalty,

@@ -426,6 +426,10 @@ def test_seed_and_greedy_are_deterministic(client):
             finished.add(choice["index"])
     assert streamed == two and finished == {0, 1}
     assert ask(temperature=1.0, seed=7, top_k=1) == ask(temperature=0)  # top_k=1 is greedy
+    # vLLM's "all tokens" is -1 (its default for long, and what clients written for it send), as 0 is here
+    assert ask(temperature=1.0, seed=7, top_k=-1) == ask(temperature=1.0, seed=7, top_k=0) == a
+    r = client.post("/chat", json={"message": "Pick words", "temperature": 1.0, "seed": 7, "top_k": -1})
+    assert r.status_code == 200, r.text
 
 
 def test_stop_strings_are_cut_and_not_returned(client):
@@ -521,7 +525,7 @@ def test_malformed_requests_get_4xx_in_the_error_shape(client):
         "max_completion_tokens": [0, "x", 3.5],
         "temperature": [-0.1, 2.5, "hot", 1e309, [], True],
         "top_p": [0, -1, 1.5, "x"],
-        "top_k": [-1, 1.5, "x"],
+        "top_k": [-2, 1.5, "x"],
         "n": [0, -2, 5, 100, "2", 1.0],
         "stop": [5, [1], ["a", "b", "c", "d", "e"], "", [""], {"x": 1}],
         "seed": ["x", 1.5, 2**64, -2**63 - 1],
