@@ -44,7 +44,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                disable_created_metrics, generate_latest)
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chat_format import ASSISTANT, ChatFormatError, render, validate
@@ -77,11 +77,12 @@ def error_response(status, message, type_="invalid_request_error", param=None, c
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def context_error(prompt_tokens: int, max_tokens: int, block_size: int) -> ApiError:
+def context_error(prompt_tokens: int, max_tokens: int, block_size: int, param: str) -> ApiError:
+    """OpenAI's error for a prompt and completion over the context; param: the request's field of the prompt."""
     return ApiError(400, f"This model's maximum context length is {block_size} tokens. However, you requested "
                          f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the "
                          "completion). Shorten the prompt or lower max_tokens.",
-                    param="messages", code="context_length_exceeded")
+                    param=param, code="context_length_exceeded")
 
 
 # ---- metrics ------------------------------------------------------------------------------------
@@ -382,6 +383,17 @@ class Message(Strict):
     role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
     content: str | list[TextPart]
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def text_parts_only(cls, content):
+        """An image or audio part is refused in a message of its own (the union's errors would say that the
+        content is not a string, and that the part is not a text part, and more)."""
+        for part in content if isinstance(content, list) else []:
+            if isinstance(part, dict) and part.get("type") != "text":
+                raise ValueError(f"content part of type {part.get('type')!r}: this model reads text parts only "
+                                 '({"type": "text", "text": ...})')
+        return content
+
 
 class StreamOptions(Strict):
     include_usage: bool = False
@@ -609,12 +621,14 @@ class Server:
     def sampling(self, body: Sampling | ChatRequest, prompt_tokens: int, max_tokens: int | None, stop=(),
                  logprobs: int | None = None, prompt_logprobs: bool = False) -> SamplingParams:
         block, cap = self.block, self.cfg.max_tokens_cap
+        field = "prompt" if isinstance(body, CompletionRequest) else "message" if isinstance(body, ChatRequest) \
+            else "messages"
         if max_tokens is None:
             if prompt_tokens >= block:
-                raise context_error(prompt_tokens, 1, block)
+                raise context_error(prompt_tokens, 1, block, field)
             max_tokens = min(block - prompt_tokens, cap)
         elif prompt_tokens + max_tokens > block:
-            raise context_error(prompt_tokens, max_tokens, block)
+            raise context_error(prompt_tokens, max_tokens, block, field)
         elif max_tokens > cap:
             raise ApiError(400, f"max_tokens {max_tokens} is over this server's cap of {cap}", param="max_tokens",
                            code="invalid_value")

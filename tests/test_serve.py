@@ -477,6 +477,26 @@ def test_context_limits_are_honest(client):
     near = " ".join(["word"] * 110)
     r = client.post("/v1/completions", json={"prompt": near, "temperature": 0}).json()
     assert r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"] <= 128
+    # the error names the request's field that holds the prompt
+    for path, body, field in (("/v1/chat/completions", {"messages": [{"role": "user", "content": long}]}, "messages"),
+                              ("/v1/completions", {"prompt": long}, "prompt"), ("/chat", {"message": long}, "message")):
+        r = client.post(path, json=body)
+        assert_error_shape(r, 400, "context_length_exceeded")
+        assert r.json()["error"]["param"] == field, path
+
+
+def test_a_part_other_than_text_is_refused_in_one_clear_message(client):
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"}, image]}]})
+    assert_error_shape(r, 400)
+    message = r.json()["error"]["message"]
+    assert "content part of type 'image_url': this model reads text parts only" in message
+    assert "more problems" not in message and "valid string" not in message
+    parts = [{"type": "text", "text": "Say"}, {"type": "text", "text": " hi"}]
+    ok = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": parts}], "max_tokens": 2,
+                                                   "temperature": 0})
+    assert ok.status_code == 200 and ok.json()["usage"]["prompt_tokens"] == len(chat_prompt("Say hi"))
 
 
 def test_chat_sessions_keep_the_conversation_and_drop_old_turns(client):
