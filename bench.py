@@ -11,11 +11,7 @@ import contextlib
 import inspect
 import sys
 
-
-def cpu_name() -> str:
-    """The CPU's model name, for the figures' machine line."""
-    with open("/proc/cpuinfo") as f:
-        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+from config import cpu_name, usable_cores
 
 
 def medians_in_turn(*fns, repeat: int = 5) -> list[float]:
@@ -109,7 +105,7 @@ def bench_tokenizer(argv):
     if plain := [str(f) for f in files if not _gzipped(f)]:
         sys.exit(f"error: not gzip-compressed: {', '.join(plain)} (bench.py tokenizer reads gzipped JSON lines, "
                  f".jsonl.gz: gzip a .jsonl first)")
-    workers = len(os.sched_getaffinity(0))
+    workers = usable_cores()
     print(f"machine: {cpu_name()}, {workers} cores usable; load average before: {os.getloadavg()}")
     # A forked child's max RSS starts at its parent's (Linux keeps it across exec), and this process holds a
     # lot of text: a small Python wrapper runs tokenize_data.py and reports its wall time, RSS and CPU time.

@@ -313,3 +313,19 @@ def progress_interval(stream=sys.stderr) -> float:
     if "TQDM_MININTERVAL" in os.environ:
         return float(os.environ["TQDM_MININTERVAL"])
     return 0.1 if stream.isatty() else 30.0
+
+
+def cpu_name() -> str:
+    """The CPU's model name, for a benchmark's machine line (Linux's /proc/cpuinfo, else what platform says)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        import platform
+        return platform.processor() or "?"
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, as taskset or a container limits it; macOS and Windows
+    have no affinity call: all cores)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

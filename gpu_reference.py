@@ -38,6 +38,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from config import cpu_name, usable_cores
+
 ROOT = Path(__file__).resolve().parent
 HELD_OUT = "oasst1_en_validation"  # the dialog set kept out of fine-tuning, for the evaluation's loss
 
@@ -530,9 +532,9 @@ def env_info() -> None:
     import platform
 
     import torch
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    cpu = cpu_name()
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "cores": len(os.sched_getaffinity(0)), "cpu": cpu, "device": f"CPU: {cpu}"}
+            "cores": usable_cores(), "cpu": cpu, "device": f"CPU: {cpu}"}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info["device"] = f"{props.name} ({props.total_memory / 2**30:.0f} GiB, capability {props.major}.{props.minor})"

@@ -346,7 +346,7 @@ def tokenize(inputs: list[str], cfg: TokenizeConfig) -> dict:
         raise BadInput(f"--out {out}: exists and is not an output of tokenize_data.py (no meta.json); "
                        "refusing to replace it, choose another folder")
     files, others = find_sources(inputs)
-    workers = cfg.workers or len(os.sched_getaffinity(0))
+    workers = cfg.workers or config.usable_cores()
 
     sources, skipped = [], []  # one entry per input file (for meta.json); the bad records skipped
 

@@ -149,7 +149,7 @@ def test_a_device_this_machine_lacks_is_refused_naming_the_field(tmp_path, capsy
     for device, says in (("cuda", "this torch sees no CUDA GPU"), ("gpu", "expects auto, cpu, cuda, cuda:N or mps")):
         with pytest.raises(SystemExit) as exit:
             evaluate.main([str(ckpt), "--device", device])
-        assert exit.value.code == 2 and f"field 'device'" in (err := capsys.readouterr().err) and says in err
+        assert exit.value.code == 2 and "field 'device'" in (err := capsys.readouterr().err) and says in err
 
 
 class LargestTensor(TorchDispatchMode):
