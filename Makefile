@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# A CPU build of torch unless told otherwise: e.g. `make setup TORCH=torch` on a CUDA box.
+# torch, pinned to the version the tests ran with. Where pip finds a CPU build of it (this project's machines)
+# that is what installs; PyPI's Linux wheel of the same pin carries CUDA. Another: e.g. `make setup TORCH=torch`.
 TORCH ?= torch==2.13.0
 
 .PHONY: setup test demo chromium clean gpu-reference

@@ -225,7 +225,9 @@ def bench_train(argv):
 
     from config import PRESETS, ModelConfig, TrainConfig, apply_overrides
     from model import GPT, enable_tf32
-    from train import autocast_dtype, make_optimizer
+    from optim import make_optimizer
+    from tokenizer import EOT_ID
+    from train import autocast_dtype
 
     args = _train_args(argv)
     mcfg, tcfg = ModelConfig(), TrainConfig(device=args.device, dtype=args.dtype)
@@ -248,7 +250,7 @@ def bench_train(argv):
     hf_cfg = GPT2Config(n_layer=mcfg.n_layer, n_head=mcfg.n_head, n_embd=mcfg.n_embd, n_positions=T,
                         vocab_size=mcfg.vocab_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     theirs = GPT2LMHeadModel(hf_cfg).to(device)
-    x = torch.randint(0, 50257, (B, T + 1), device=device)
+    x = torch.randint(0, EOT_ID + 1, (B, T + 1), device=device)  # GPT-2's own ids, which transformers' model has
     x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()
 
     def make_step(model, loss_fn, optimizer):

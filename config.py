@@ -1,6 +1,7 @@
 """Configuration: dataclasses for every stage, named presets, and one command-line parser.
 
-Every script builds its configuration the same way, later sources overriding earlier ones:
+The training, evaluation, serving and chat scripts and tokenize_data.py build their configuration the same way
+(cli), later sources overriding earlier ones:
   1. the dataclass defaults,
   2. `--preset NAME` (a row of PRESETS),
   3. `--config FILE.json` (a flat object of field -> value),

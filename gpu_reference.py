@@ -69,8 +69,8 @@ class Profile:
 
 GPU = Profile(
     name="gpu", corpus_shards=2, min_tokens=40_000_000,
-    # Micro-batches of 32 x 1024 (an H200 holds them easily), 4 per step: ~400 steps fit the budget at the expected
-    # pace, so 30 warmup steps are under a tenth of the run; the cosine decay follows the clock.
+    # Micro-batches of 32 x 1024 (an H200 holds them easily), 4 per step, so that the steps that fit the budget at
+    # the expected pace are many times the 30 warmup steps; the cosine decay follows the clock.
     pretrain=["--preset", "gpt2", "--batch_size", "32", "--batch_tokens", "131072", "--warmup_steps", "30",
               "--max_time", "180", "--eval_every", "100", "--eval_batches", "20", "--save_every", "0",
               "--log_every", "5"],

@@ -23,7 +23,8 @@ from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-# The serving stack (serve.py) and what it needs beyond the GPU image's packages (device notes, KINDS.md).
+# The serving stack (serve.py) and what it needs beyond the GPU image's packages (the lent GPU machine's package
+# list, in the workplace's device notes).
 WHEELS = ("fastapi", "starlette", "uvicorn", "pydantic", "pydantic_core", "annotated-types", "annotated-doc",
           "typing-inspection", "typing_extensions")
 CHATS = ("instruct/mix", "dialog/sgd", "dialog/synthetic_persona_chat", "dialog/taskmaster4_coffee",

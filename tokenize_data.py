@@ -479,9 +479,8 @@ def replace_dir(tmp: Path, out: Path) -> None:
 def fixed_mmap_threshold() -> None:
     """On glibc, give every allocation over 1 MB (a document's text and tokens) its own mmap, returned to the OS
     when freed. By default glibc raises that threshold after each large free, after which multi-MB documents
-    fragment the threads' heaps and RSS creeps up with the corpus: 92, 128 and 141 MB for 5M, 45M and 91M tokens
-    of Gutenberg books (1M-token shards); with the fixed threshold 93 MB for 23M and 108 MB for 91M tokens, for
-    about 2% more system time (BENCHMARKS.md)."""
+    fragment the threads' heaps and RSS creeps up with the corpus; with the fixed threshold it stays nearly flat, for
+    a little more system time (BENCHMARKS.md, Tokenizer)."""
     try:
         ctypes.CDLL(None).mallopt(-3, 1 << 20)  # -3 = M_MMAP_THRESHOLD
     except (OSError, AttributeError):  # not glibc: leave the allocator alone
