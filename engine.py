@@ -473,11 +473,14 @@ def sample_distinct_rows(model, hidden, seqs: list[Sequence]) -> list[int] | Non
     copies = cpu_decode_copies(model, hidden)
     if copies is None or copies.counts is None:
         return None
-    params = [s.params for s in seqs]
-    positions = sample_logits(distinct_logits(copies, hidden), [p.temperature for p in params],
-                              [p.top_k for p in params], [p.top_p for p in params], uniform=uniforms(seqs),
+    positions = sample_logits(distinct_logits(copies, hidden), *knobs(seqs), uniform=uniforms(seqs),
                               counts=copies.counts)
     return copies.spread_ids[positions.numpy()].tolist()
+
+
+def knobs(seqs: list[Sequence]) -> tuple[list[float], list[int], list[float]]:
+    """The sequences' temperatures, top_k and top_p, one per row, as model.sample takes them."""
+    return ([s.params.temperature for s in seqs], [s.params.top_k for s in seqs], [s.params.top_p for s in seqs])
 
 
 def sample(model, hidden, seqs: list[Sequence]) -> tuple[list[int], list[Logprob | None]]:
@@ -503,9 +506,8 @@ def sample(model, hidden, seqs: list[Sequence]) -> tuple[list[int], list[Logprob
         rows = logits if len(drawn) == len(seqs) else logits[drawn]
         parts = [slice(None)] if sampled_together(rows.device) else [slice(j, j + 1) for j in range(len(drawn))]
         for part in parts:
-            params = [seqs[i].params for i in drawn[part]]
-            ids = sample_logits(rows[part], [p.temperature for p in params], [p.top_k for p in params],
-                                [p.top_p for p in params], uniform=uniform[part].to(rows.device))
+            ids = sample_logits(rows[part], *knobs([seqs[i] for i in drawn[part]]),
+                                uniform=uniform[part].to(rows.device))
             for i, t in zip(drawn[part], ids.tolist()):
                 tokens[i] = t
     logprobs: list[Logprob | None] = [None] * len(seqs)

@@ -50,13 +50,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from chat_format import ASSISTANT, ChatFormatError, render, validate
 from config import ConfigError, ServeConfig, cli, fail
 from engine import (MAX_LOGPROBS, STOP_IDS, ContextTooLong, DeadlineExceeded, Engine, EngineError, EngineStopped, Event,
-                    Logprob, QueueFull, SamplingParams, Sequence, TextStream, fit_conversation)
+                    Logprob, QueueFull, SamplingParams, Sequence, fit_conversation)
 from model import pick_device
 from tokenizer import N_VOCAB, TokenizerNotFound, decode, decode_bytes, encode, get_encoding
 
 log = logging.getLogger("parley.serve")
 WEB_PAGE = Path(__file__).resolve().parent / "web" / "chat.html"
-__all__ = ["STOP_IDS", "TextStream", "fit_conversation", "create_app"]  # the first three live in engine.py
 
 
 # ---- errors: one shape for every 4xx/5xx ------------------------------------------------------
@@ -892,8 +891,23 @@ def create_app(cfg: ServeConfig, model=None, exit_on_failure: bool = False) -> F
                        allowed_hosts={h.lower() for h in cfg.allowed_hosts} if is_loopback(cfg.host) else None)
     routes = {getattr(r, "path", None) for r in [*app.routes, *api.routes]}
     app.add_middleware(MetricsMiddleware, metrics=server.metrics, routes=routes)
-    app.state.engine, app.state.sessions, app.state.server = server.engine, server.sessions, server
+    app.state.engine = server.engine  # for main's exit status after a device error, and for the tests
     return app
+
+
+def check_config(cfg: ServeConfig) -> None:
+    """Refuse limits the server cannot run with (a batch of 0 would start a server that never answers); the
+    message names the field."""
+    at_least = {"max_batch": 1, "max_queue": 1, "max_tokens_cap": 1, "max_n": 1, "max_body_bytes": 1,
+                "max_sessions": 1, "prefix_cache_tokens": 0, "port": 0}
+    for name, least in at_least.items():
+        if getattr(cfg, name) < least:
+            raise ConfigError(f"field '{name}' expects a value >= {least}, got {getattr(cfg, name)!r}")
+    for name in ("request_timeout", "session_ttl"):
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"field '{name}' expects a number of seconds > 0, got {getattr(cfg, name)!r}")
+    if cfg.port > 65535:
+        raise ConfigError(f"field 'port' expects a value <= 65535, got {cfg.port}")
 
 
 def main(argv: list[str]) -> None:
@@ -905,9 +919,10 @@ def main(argv: list[str]) -> None:
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model", cfg.host)
     from checkpoint import CheckpointError
     try:
+        check_config(cfg)
         get_encoding()  # a missing or wrong BPE file stops the start, not every request after it
         app = create_app(cfg, exit_on_failure=True)
-    except (CheckpointError, ConfigError, TokenizerNotFound) as e:  # ConfigError: a --device this machine lacks
+    except (CheckpointError, ConfigError, TokenizerNotFound) as e:  # ConfigError: a limit or --device, say
         fail(str(e))
     import uvicorn
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")

@@ -1247,3 +1247,16 @@ def test_stream_events_survive_line_readers_that_split_at_unicode_line_breaks(cl
     assert all(line.startswith("data: ") for line in lines), lines
     events = sse_events(lines)
     assert "".join(e["choices"][0]["text"] for e in events[:-1]) == want and want.startswith(prompt)
+
+
+@pytest.mark.parametrize("option, says", [(["--max_batch", "0"], "field 'max_batch' expects a value >= 1, got 0"),
+                                          (["--max_queue", "-1"], "field 'max_queue' expects a value >= 1"),
+                                          (["--request_timeout", "0"], "field 'request_timeout' expects a number"),
+                                          (["--port", "70000"], "field 'port' expects a value <= 65535")])
+def test_limits_the_server_cannot_run_with_are_refused_before_it_starts(option, says, monkeypatch, capsys):
+    import serve
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("the server started"))
+    monkeypatch.setattr(serve, "create_app", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as exit:
+        serve.main(["--checkpoint", "unused", *option])
+    assert exit.value.code == 2 and says in capsys.readouterr().err
