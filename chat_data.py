@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from chat_format import ChatFormatError, render, validate
+from chat_format import ChatFormatError, latest_turns, render, validate
 from config import progress_interval
 from tokenizer import EOT_ID
 
@@ -293,24 +293,13 @@ def _cut_between_runs(keys: list, n: int) -> int:
 
 
 def fit_context(messages, max_tokens: int, train_on_prompt: bool = False):
-    """(ids, mask, cut) for a conversation in at most max_tokens tokens, or None if its last exchange does not fit.
-    The oldest user+assistant exchanges are dropped first; a system message is always kept."""
-    ids, mask = render(messages, train_on_prompt=train_on_prompt)
-    if len(ids) <= max_tokens:
-        return ids, mask, False
-    system = messages[:1] if messages[0]["role"] == "system" else []
-    turns = messages[len(system):]  # user, assistant, user, assistant, ... (read_file removed trailing users)
-    budget = max_tokens - (len(render(system)[0]) if system else 0)
-    keep = 0  # the template renders message by message, so the lengths of the exchanges add up
-    for start in range(len(turns) - 2, -1, -2):
-        budget -= len(render(turns[start:start + 2])[0])
-        if budget < 0:
-            break
-        keep = len(turns) - start
-    if keep == 0:
+    """(ids, mask, cut) for a conversation (ending with the assistant: read_file removed trailing users) in at most
+    max_tokens tokens, or None if its last exchange does not fit (chat_format.latest_turns)."""
+    fitted = latest_turns(messages, max_tokens)
+    if fitted is None:
         return None
-    ids, mask = render(system + turns[-keep:], train_on_prompt=train_on_prompt)
-    return ids, mask, True
+    ids, mask = render(fitted[0], train_on_prompt=train_on_prompt)
+    return ids, mask, fitted[1] > 0
 
 
 def encode(conversations, max_tokens: int, train_on_prompt: bool = False, counts: dict | None = None):

@@ -4,7 +4,8 @@
 
 A conversation is an optional system message, then user and assistant turns alternating, starting with
 the user. Message text is encoded as ordinary text, so a user who types "<|end|>" cannot forge a turn.
-Fine-tuning, evaluation, the server and the chat clients all render through `render`.
+Fine-tuning, evaluation, the server and the chat clients all render through `render`, and cut a conversation
+longer than the context by `latest_turns`.
 """
 
 from tokenizer import CHAT_SPECIAL_TOKENS, encode
@@ -64,3 +65,19 @@ def render(messages, add_generation_prompt: bool = False, train_on_prompt: bool 
         ids.append(ASSISTANT)
         mask.append(train_on_prompt)
     return ids, mask
+
+
+def latest_turns(messages, max_tokens: int, add_generation_prompt: bool = False):
+    """(the messages, how many were dropped) that render in at most max_tokens tokens: the oldest user+assistant
+    exchanges after the system message go first, the system message stays. None when even the last exchange (with
+    add_generation_prompt: the last user message and the prompt) does not fit. Fine-tuning cuts its long dialogs
+    and the server and the chat clients fit a conversation to the context by this one rule."""
+    length = len(render(messages, add_generation_prompt=add_generation_prompt)[0])
+    first = 1 if messages[0]["role"] == "system" else 0
+    last = len(messages) - (1 if add_generation_prompt else 2)  # where the part that must stay starts
+    for start in range(first, last + 1, 2):
+        if length <= max_tokens:
+            return messages[:first] + messages[start:], start - first
+        # the template renders message by message, so the lengths of the exchanges add up
+        length -= len(render(messages[start:start + 2])[0])
+    return None

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from chat_format import render
+from chat_format import latest_turns, render
 from model import enable_tf32, inference_autocast, sample as sample_logits
 from tokenizer import EOT_ID, N_VOCAB, decode_bytes
 
@@ -836,13 +836,12 @@ def stream(engine: Engine, prompt: list[int], params: SamplingParams):
 
 
 def fit_conversation(messages: list[dict], reserve: int, block_size: int):
-    """(prompt ids, messages kept, number dropped): the oldest turns after the system message are dropped
-    until the rendered prompt plus `reserve` tokens for the reply fits the context."""
-    system = messages[:1] if messages and messages[0]["role"] == "system" else []
-    turns = messages[len(system):]
-    dropped = 0
-    while True:
-        ids, _ = render(system + turns, add_generation_prompt=True)
-        if len(ids) + reserve <= block_size or len(turns) <= 1:
-            return ids, system + turns, dropped
-        turns, dropped = turns[2:], dropped + 2  # a user turn and its reply go together
+    """(prompt ids, messages kept, number dropped): the oldest turns dropped (chat_format.latest_turns) until the
+    prompt leaves `reserve` tokens of the context for the reply. When even the last message does not fit, it alone
+    (with the system message): a prompt too long, which the caller refuses."""
+    fitted = latest_turns(messages, block_size - reserve, add_generation_prompt=True)
+    if fitted is None:
+        first = 1 if messages[0]["role"] == "system" else 0
+        fitted = messages[:first] + messages[-1:], len(messages) - first - 1
+    kept, dropped = fitted
+    return render(kept, add_generation_prompt=True)[0], kept, dropped

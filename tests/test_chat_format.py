@@ -79,3 +79,18 @@ def test_export_hf_writes_the_chat_template(tiny_model, tmp_path, capsys):
     config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
     assert config["chat_template"] == JINJA_TEMPLATE
     assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+def test_latest_turns_drops_the_oldest_exchanges_keeps_the_system_message_and_adds_up_lengths():
+    from chat_format import latest_turns
+    system = [{"role": "system", "content": "Be brief."}]
+    turns = [{"role": role, "content": f"{role} says {i} " * (i + 1)} for i in range(3) for role in ("user", "assistant")]
+    for head in ([], system):
+        for add_prompt, conv in ((False, head + turns), (True, head + turns + [{"role": "user", "content": "Now?"}])):
+            lengths = {k: len(render(conv[:len(head)] + conv[len(head) + k:], add_generation_prompt=add_prompt)[0])
+                       for k in range(0, len(conv) - len(head), 2)}  # every cut that keeps whole exchanges
+            for k, length in lengths.items():  # the longest that fits, at each budget
+                assert latest_turns(conv, length, add_prompt) == (conv[:len(head)] + conv[len(head) + k:], k)
+                if k:
+                    assert latest_turns(conv, length + 1, add_prompt)[1] == k
+            assert latest_turns(conv, min(lengths.values()) - 1, add_prompt) is None
