@@ -579,7 +579,7 @@ class Server:
         model.eval()
         self.cfg, self.model = cfg, model
         self.block = model.config.block_size
-        self.model_id = Path(cfg.checkpoint).name or "parley"
+        self.model_id = model_id(cfg.checkpoint)
         self.created_at = int(time.time())
         self.metrics = Metrics()
         self.exit_on_failure = exit_on_failure
@@ -823,6 +823,17 @@ class Server:
                 "finish_reason": result["reason"], "dropped_messages": dropped,
                 "dropped": conversation[first: first + dropped],
                 "usage": job.usage(result["tokens"])}
+
+
+def model_id(checkpoint: str) -> str:
+    """The model's name in the API: its run folder's (a run's best checkpoint is that run's model; a step
+    checkpoint is named run/step_N), else "parley"."""
+    path = Path(checkpoint).resolve() if checkpoint else Path()
+    if path.name == "best":
+        path = path.parent
+    elif re.fullmatch(r"step_\d+", path.name):
+        return f"{path.parent.name}/{path.name}"
+    return path.name or "parley"
 
 
 def usage(prompt_tokens, completion_tokens, cached_tokens):

@@ -1260,3 +1260,11 @@ def test_limits_the_server_cannot_run_with_are_refused_before_it_starts(option, 
     with pytest.raises(SystemExit) as exit:
         serve.main(["--checkpoint", "unused", *option])
     assert exit.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_the_model_is_named_after_its_run_folder(tmp_path):
+    from serve import model_id
+    run = tmp_path / "support-bot"
+    assert model_id(str(run)) == model_id(str(run / "best")) == model_id(str(run / "best") + "/") == "support-bot"
+    assert model_id(str(run / "step_0001533")) == "support-bot/step_0001533"
+    assert model_id("") == "parley"
