@@ -271,10 +271,14 @@ class TrainState:
     best_val: float = math.inf  # the lowest validation loss so far (RUN/best)
     bad_steps: int = 0  # non-finite steps in a row
     skipped_steps: int = 0  # non-finite steps in all
+    # The pace (Meter): a --max_time run's schedule is sized by it, and a resumed process measures its own only
+    # from its second step on; without it, those steps would take the peak learning rate of an endless schedule.
+    sec_per_step: float | None = None
 
     @classmethod
     def from_checkpoint(cls, saved: dict) -> "TrainState":
-        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls)})
+        # a checkpoint written before sec_per_step was kept has no pace: the resumed run measures its own
+        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
 
 
 def resume(out: Path, model: GPT, optimizer, scaler, master: bool, sharded: bool,
@@ -834,7 +838,7 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
 
             t0 = time.perf_counter()
             torch.manual_seed(cfg.seed + 1_000_003 * state.step + 1009 * rank)  # dropout: a function of (step, rank)
-            planned = planned_steps(state.step, cfg, step_limit, state.elapsed, meter.sec_per_step)
+            planned = planned_steps(state.step, cfg, step_limit, state.elapsed, state.sec_per_step)
             lr = lr_at(state.step, cfg, planned)
             if planned < math.inf:  # with max_time, the bar's total and time left follow the plan
                 bar.total = max(state.step + 1, math.ceil(planned))
@@ -871,6 +875,7 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
 
             # Log, and stop after too many bad steps.
             tok_rate, mfu = meter.update(*stats[5:].tolist(), dt)
+            state.sec_per_step = meter.sec_per_step or state.sec_per_step
             if threads_note := cpu_threads.adjust():
                 log(threads_note)
             bar.update(1)

@@ -387,7 +387,6 @@ def test_the_schedule_fits_a_time_limit():
     assert lr_at(5, cfg, math.inf) == 1.0
 
 
-
 def test_a_few_slow_steps_barely_move_a_time_limited_schedule_and_a_slower_machine_does():
     """The steps after a checkpoint run slower (its writer shares the cores): the plan, and so the learning rate,
     must hardly move. A machine that stays slower must shorten the plan, so that the decay still ends in time."""
@@ -409,6 +408,33 @@ def test_a_few_slow_steps_barely_move_a_time_limited_schedule_and_a_slower_machi
     assert run(10, 0.2) == pytest.approx(steady, rel=0.05)  # a moving average of recent steps dropped it 27%
     slower = run(300, 0.2)
     assert slower == pytest.approx(step + (1000 - elapsed) / 0.2)
+
+
+def test_a_resumed_time_limited_run_keeps_its_schedule(data_dir, tmp_path, monkeypatch):
+    """With --max_time the schedule is sized to the pace, which a new process measures only from its second step: a
+    resumed run takes the pace its checkpoint saved until then, not a schedule without an end (the peak learning
+    rate, in the middle of the decay). A clock that takes 1 s a step makes a stopped and resumed run the
+    uninterrupted one."""
+    clock = iter(np.arange(0, 1e6, 0.5))  # read three times a step: its start, the time limit, its end
+    monkeypatch.setattr(train.time, "perf_counter", lambda: float(next(clock)))
+    limit = ["--max_steps", "0", "--max_time", "12", "--save_every", "0"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    run(data_dir, whole, *limit)
+    batch = ShardData.batch
+
+    def batch_then_sigterm(self, step, micro, rank, world):
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch(self, step, micro, rank, world)
+
+    monkeypatch.setattr(ShardData, "batch", batch_then_sigterm)
+    run(data_dir, part, *limit)
+    monkeypatch.setattr(ShardData, "batch", batch)
+    run(data_dir, part, *limit, "--resume")
+    rates = [[(r["step"], r["lr"]) for r in read_log(out) if r["type"] == "train"] for out in (whole, part)]
+    assert len(rates[0]) == 13 and rates[1] == rates[0]
+    assert_same_weights(final_weights(part), final_weights(whole))
+
 
 def test_cpu_training_loss_matches_plain_cross_entropy(monkeypatch):
     """model.forward's chunked output layer + loss on the CPU (LinearCrossEntropy): the same loss and gradients."""
