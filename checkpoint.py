@@ -78,6 +78,17 @@ def replace_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def finish_replacements(folder: Path) -> None:
+    """Finish the replace_dir calls that a killed process left between their two renames: NAME is gone, the previous
+    one is NAME.old-PID and the new one NAME.tmp-PID, complete (its config.json is written last): the new one goes
+    into place. The old one is left to the caller's clean-up."""
+    for old in folder.glob("*.old-*"):
+        name, pid = old.name.rsplit(".old-", 1)
+        new = folder / f"{name}.tmp-{pid}"
+        if not (folder / name).exists() and (new / "config.json").is_file():
+            os.replace(new, folder / name)
+
+
 def save_checkpoint(path, model: GPT, provenance: dict | None = None, train_state: dict | None = None,
                     extra: dict | None = None, weights: dict | None = None) -> Path:
     """Write `model` (unwrapped, not DDP/compiled) and optionally the training state to directory `path`.

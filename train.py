@@ -42,7 +42,8 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, cpu_copy, load_checkpoint, step_checkpoints, wrong_shapes, write_checkpoint
+from checkpoint import (CheckpointError, cpu_copy, finish_replacements, load_checkpoint, step_checkpoints, wrong_shapes,
+                        write_checkpoint)
 from config import ConfigError, TrainConfig, progress_interval, to_dict
 from model import GPT, enable_tf32, pick_device
 from optim import MuonAdamW, check_optimizer, make_optimizer
@@ -432,8 +433,9 @@ def remove_dir(d: Path) -> None:
 
 def prepare_run_dir(out: Path, resuming: bool) -> None:
     """Create RUN. A new run there deletes an earlier run's checkpoints (with a warning); what a run killed while
-    saving or deleting left behind goes too."""
+    saving or deleting left behind goes too, once a replacement it cut short is finished."""
     out.mkdir(parents=True, exist_ok=True)
+    finish_replacements(out)  # a kill while RUN/best was replaced leaves it under a temporary name only
     earlier = step_checkpoints(out) + ([out / "best"] if (out / "best").is_dir() else [])
     if not resuming and earlier:
         log(f"warning: a new run in {out}: deleting the {len(earlier)} checkpoints of the earlier run there "

@@ -166,6 +166,32 @@ def test_kill_9_while_saving_then_resume_is_bit_for_bit(data_dir, reference, tmp
     assert_same_weights(final_weights(out), final_weights(reference))
 
 
+def test_kill_9_while_replacing_best_keeps_a_best(data_dir, tmp_path):
+    """A checkpoint that replaces another (RUN/best at each better validation loss) takes two renames: the old one
+    aside, the new one in. A SIGKILL between them leaves no RUN/best; the next run in the folder finishes the
+    replacement instead of deleting both as leftovers."""
+    out = tmp_path / "run"
+    driver = (
+        "import os, signal, sys\n"
+        "import pretrain\n"
+        "replace = os.replace\n"
+        "def replace_then_die(src, dst):\n"
+        "    replace(src, dst)\n"
+        "    if os.path.basename(dst).startswith('best.old-'): os.kill(os.getpid(), signal.SIGKILL)\n"
+        "os.replace = replace_then_die\n"
+        "pretrain.main(sys.argv[1:])\n")
+    args = ["--data", str(data_dir), "--out", str(out), *TINY, "--max_steps", "8", "--save_every", "2",
+            "--eval_every", "4"]
+    proc = subprocess.run([sys.executable, "-c", driver, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not (out / "best").exists() and [p.name for p in step_checkpoints(out)] == ["step_0000002"]
+
+    run(data_dir, out, "--max_steps", "2", "--save_every", "2", "--resume")  # nothing left to train
+    assert load_checkpoint(out / "best")[1]["provenance"]["step"] == 4  # the new best, written whole before the kill
+    assert not list(out.glob("best.*"))
+
+
 def test_a_checkpoint_is_written_while_training_goes_on(data_dir, reference, tmp_path, monkeypatch):
     """A save copies the state, and a background thread writes it: step 4's checkpoint, held back until the loop
     reads step 6's batch (the weights have changed since), still holds step 4's state, and resuming from it ends as
