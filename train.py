@@ -282,16 +282,16 @@ class TrainState:
         return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
 
 
-def resume(out: Path, model: GPT, optimizer, scaler, master: bool, sharded: bool,
-           data_fingerprint: str) -> tuple[TrainState, Path | None]:
+def resume(out: Path, model: GPT, optimizer, scaler, master: bool, sharded: bool, data_fingerprint: str,
+           tokens_per_step: int) -> tuple[TrainState, Path | None]:
     """(counters, checkpoint) of the newest checkpoint in `out` that loads, after loading its weights and optimizer
-    state; corrupted ones are skipped with a warning, and one made for another model, optimizer or data is an
-    error. Sharded, rank 0 alone reads it and sends each process its shard (a process's memory never holds the
-    whole model and optimizer state but rank 0's). A fresh TrainState and None when `out` holds no checkpoint; an
-    error when none of its checkpoints can be resumed (the run's files are left as they are)."""
+    state; corrupted ones are skipped with a warning, and one made for another model, optimizer, data or number of
+    tokens per step is an error. Sharded, rank 0 alone reads it and sends each process its shard (a process's
+    memory never holds the whole model and optimizer state but rank 0's). A fresh TrainState and None when `out`
+    holds no checkpoint; an error when none of its checkpoints can be resumed (the run's files are left as they are)."""
     for ckpt in reversed(step_checkpoints(out)):
-        weights, saved, problem = read_for_resume(ckpt, model, optimizer, data_fingerprint) if master or not sharded \
-            else (None, None, None)
+        weights, saved, problem = read_for_resume(ckpt, model, optimizer, data_fingerprint, tokens_per_step) \
+            if master or not sharded else (None, None, None)
         if sharded:  # every process follows rank 0's reading: skip, stop, or load this checkpoint
             shared = [problem, saved and {k: v for k, v in saved.items() if k != "optimizer"}]
             dist.broadcast_object_list(shared, src=0)
@@ -322,10 +322,11 @@ def resume(out: Path, model: GPT, optimizer, scaler, master: bool, sharded: bool
     return TrainState(), None
 
 
-def read_for_resume(ckpt: Path, model: GPT, optimizer, data_fingerprint: str
+def read_for_resume(ckpt: Path, model: GPT, optimizer, data_fingerprint: str, tokens_per_step: int
                     ) -> tuple[dict | None, dict | None, str | CheckpointError | None]:
     """(weights, saved training state, None), or (None, None, problem): the text of why `ckpt` does not load (a
-    corrupted checkpoint, to skip), or a CheckpointError to raise (one made for another model, optimizer or data).
+    corrupted checkpoint, to skip), or a CheckpointError to raise (one made for another model, optimizer, data or
+    number of tokens per step).
     Shapes are checked here because torch loads an optimizer's moments unchecked, and a fused step then writes past
     the end of ones that are too small."""
     try:
@@ -340,12 +341,28 @@ def read_for_resume(ckpt: Path, model: GPT, optimizer, data_fingerprint: str
         return None, None, CheckpointError(f"{ckpt} was trained on other data ({trained_on}) than this run's "
                                            f"({data_fingerprint}): resume with the data it was trained on, or start "
                                            "afresh in another --out")
+    if problem := batch_mismatch(ckpt, config, tokens_per_step):
+        return None, None, problem
     weights = loaded.state_dict()
     problem = mismatch(model.state_dict(), weights, "weights") or optimizer_mismatch(optimizer, saved["optimizer"])
     if problem:
         return None, None, CheckpointError(f"{ckpt}: {problem} this run's: resume with the options the run was "
                                            "started with (--optimizer, --data_vocab)")
     return weights, saved, None
+
+
+def batch_mismatch(ckpt: Path, config: dict, tokens_per_step: int) -> CheckpointError | None:
+    """The error of resuming `ckpt` with another number of tokens per step (None for a checkpoint that does not say,
+    written before they were recorded). Batches are a function of the step, so the resumed steps would read other
+    data (fine-tuning would repeat or skip part of its epoch), and a max_tokens schedule would be sized for steps of
+    another size; another split of the same tokens (--batch_size, processes) reads the same data."""
+    saved = config.get("provenance", {}).get("tokens_per_step")
+    if saved in (None, tokens_per_step):
+        return None
+    return CheckpointError(f"field 'batch_tokens': {ckpt} was trained with {saved:,} tokens per step (batch_size x "
+                           f"block_size x micro-batches x processes), this run takes {tokens_per_step:,}: resume with "
+                           f"--batch_tokens {saved} (any --batch_size and number of processes that reach it exactly), "
+                           "or start afresh in another --out")
 
 
 def mismatch(expected: dict, got: dict, what: str) -> str | None:
@@ -800,8 +817,8 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
     sharded = is_sharded(model, cfg, world, master)
     raw_model, model = wrap(model.to(device), cfg, device, world, dtype)
     optimizer = make_optimizer(raw_model, cfg, device)
-    state, resumed_from = (resume(out, raw_model, optimizer, scaler, master, sharded, data.fingerprint)
-                           if cfg.resume else (TrainState(), None))
+    state, resumed_from = (resume(out, raw_model, optimizer, scaler, master, sharded, data.fingerprint,
+                                  tokens_per_step) if cfg.resume else (TrainState(), None))
     if master:
         prepare_run_dir(out, resuming=resumed_from is not None)
     run_log = Log(out / "log.jsonl", master)
@@ -809,7 +826,8 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
         run_log.start(run_record(raw_model, cfg, provenance, world, sharded, grad_accum, tokens_per_step))
     else:
         run_log.resume(state, resumed_from)
-    checkpoints = Checkpoints(out, raw_model, optimizer, scaler, cfg, {**provenance, "data": data.fingerprint},
+    checkpoints = Checkpoints(out, raw_model, optimizer, scaler, cfg, {**provenance, "data": data.fingerprint,
+                                                                        "tokens_per_step": tokens_per_step},
                               extra_config, enabled=master, sharded=sharded)
     plotter = Plotter(out, enabled=master)
     meter = Meter(raw_model, device, dtype, world)
