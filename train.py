@@ -20,6 +20,7 @@ process). `python train.py` only says which script to run.
 import collections
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
 import math
@@ -448,6 +449,24 @@ def remove_dir(d: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+def lock_run_dir(out: Path) -> int:
+    """An open descriptor of RUN that holds its lock (the system drops it when the process ends, killed or not), or
+    an error when another run holds it: two runs in one folder would interleave their logs and overwrite each
+    other's checkpoints. A torchrun killed with SIGKILL leaves its workers training, and a --resume beside them
+    would do just that."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CheckpointError(f"{out} is in use by another run, which holds its lock (a torchrun killed with SIGKILL "
+                              "leaves its worker processes training): stop it or let it end, then --resume") from None
+    except OSError as e:  # a file system without such locks (some network ones): train unguarded
+        log(f"warning: {out} cannot be locked ({e.strerror}): make sure no other run trains there")
+    return fd
+
+
 def prepare_run_dir(out: Path, resuming: bool) -> None:
     """Create RUN. A new run there deletes an earlier run's checkpoints (with a warning); what a run killed while
     saving or deleting left behind goes too, once a replacement it cut short is finished."""
@@ -507,13 +526,14 @@ class Checkpoints:
     the weights with the lowest validation loss. Every rank calls the saves: a sharded model's are gathered first.
     A save copies the state to the CPU, then a background thread writes and hashes it while training goes on. One
     write at a time: the next save, and close(), wait for it (and raise its error). A write is atomic
-    (checkpoint.write_checkpoint): a crash meanwhile leaves the checkpoints before it."""
+    (checkpoint.write_checkpoint): a crash meanwhile leaves the checkpoints before it. close() also releases the
+    run folder's lock (lock_run_dir's descriptor, rank 0's)."""
 
     def __init__(self, out: Path, model: GPT, optimizer, scaler, cfg: TrainConfig, provenance: dict,
-                 extra_config: dict | None, enabled: bool, sharded: bool):
+                 extra_config: dict | None, enabled: bool, sharded: bool, lock: int | None):
         self.out, self.model, self.optimizer, self.scaler = out, model, optimizer, scaler
         self.keep_last, self.provenance, self.extra_config = cfg.keep_last, provenance, extra_config
-        self.enabled, self.sharded = enabled, sharded
+        self.enabled, self.sharded, self.lock = enabled, sharded, lock
         self.writer, self.writing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint"), None
 
     def _save(self, name: str, state: TrainState, with_state: bool, val_loss: float | None = None,
@@ -557,8 +577,12 @@ class Checkpoints:
             writing.result()
 
     def close(self) -> None:
-        self.wait()
-        self.writer.shutdown()
+        try:
+            self.wait()
+        finally:
+            self.writer.shutdown()
+            if self.lock is not None:
+                os.close(self.lock)
 
 
 class Plotter:
@@ -819,6 +843,7 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
     optimizer = make_optimizer(raw_model, cfg, device)
     state, resumed_from = (resume(out, raw_model, optimizer, scaler, master, sharded, data.fingerprint,
                                   tokens_per_step) if cfg.resume else (TrainState(), None))
+    lock = lock_run_dir(out) if master else None
     if master:
         prepare_run_dir(out, resuming=resumed_from is not None)
     run_log = Log(out / "log.jsonl", master)
@@ -828,7 +853,7 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
         run_log.resume(state, resumed_from)
     checkpoints = Checkpoints(out, raw_model, optimizer, scaler, cfg, {**provenance, "data": data.fingerprint,
                                                                         "tokens_per_step": tokens_per_step},
-                              extra_config, enabled=master, sharded=sharded)
+                              extra_config, enabled=master, sharded=sharded, lock=lock)
     plotter = Plotter(out, enabled=master)
     meter = Meter(raw_model, device, dtype, world)
     if master:

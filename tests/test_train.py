@@ -239,6 +239,33 @@ def test_sigterm_subprocess_saves_and_exits_0(data_dir, tmp_path):
     assert "SIGTERM" in err and "--resume" in err
 
 
+def test_a_run_folder_in_use_by_another_run_is_refused(data_dir, tmp_path, capsys):
+    """Two runs in one folder would interleave their logs and overwrite each other's checkpoints (a torchrun killed
+    with SIGKILL leaves its workers training; a second --resume then runs beside them): a run that finds the folder
+    locked stops with exit code 2 and touches nothing; once the other ends, it resumes."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "pretrain.py", "--data", str(data_dir), "--out", str(out), *TINY,
+                             "--max_steps", "100000", "--save_every", "2"], cwd=ROOT, env=ENV, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 60
+        while not step_checkpoints(out):
+            assert proc.poll() is None and time.time() < deadline, "training did not start"
+            time.sleep(0.1)
+        for args in (["--resume"], []):
+            with pytest.raises(SystemExit) as e:
+                run(data_dir, out, "--max_steps", "2", *args)
+            assert e.value.code == 2 and "is in use by another run" in capsys.readouterr().err
+        assert not [r for r in read_log(out) if r["type"] in ("resume", "end")] and step_checkpoints(out)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    stopped = read_log(out)[-1]["step"]
+    run(data_dir, out, "--max_steps", str(stopped + 1), "--resume")
+    assert read_log(out)[-1] == {**read_log(out)[-1], "type": "end", "step": stopped + 1}
+
+
 class Poison:
     """Makes the training loss NaN for optimizer steps first..last (0-based; one micro-batch per step): a forward
     hook on the final LayerNorm that counts the training-mode forward passes."""
