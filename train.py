@@ -71,23 +71,10 @@ def check_config(cfg: TrainConfig) -> None:
     for name in ("decay_fraction", "min_lr_ratio"):
         if not 0 <= getattr(cfg, name) <= 1:
             raise ConfigError(f"field '{name}' expects a value in [0, 1], got {getattr(cfg, name)!r}")
-    check_device(cfg.device)
+    pick_device(cfg.device)  # refuses a device that is not one, or that this machine lacks
     check_optimizer(cfg)
     if cfg.fsdp:
         check_fsdp(cfg)
-
-
-def check_device(name: str) -> None:
-    """Refuse a --device that is not a device name, or names one this machine does not have."""
-    try:
-        device = pick_device(name)
-    except RuntimeError as e:
-        raise ConfigError(f"field 'device' expects auto, cpu, cuda, cuda:N or mps, got {name!r} ({e})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"field 'device' is {name!r}, but this torch sees no CUDA GPU (a CPU build, or no driver); "
-                          "use --device auto or cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"field 'device' is {name!r}, but MPS is not available here; use --device auto or cpu")
 
 
 def check_fsdp(cfg: TrainConfig) -> None:

@@ -19,12 +19,14 @@ def test_torchrun_refuses_one_gpu_index_for_every_process(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # a machine with two GPUs
     with pytest.raises(ConfigError, match="field 'device' is 'cuda:0' under torchrun.*CUDA_VISIBLE_DEVICES"):
         train.setup_device(TrainConfig(device="cuda:0"))
 
 
 def test_one_process_may_pick_its_gpu(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     calls = []
     monkeypatch.setattr(torch.cuda, "set_device", calls.append)
     device, rank, world = train.setup_device(TrainConfig(device="cuda:1"))
