@@ -302,7 +302,7 @@ def fit_context(messages, max_tokens: int, train_on_prompt: bool = False):
     return ids, mask, fitted[1] > 0
 
 
-def encode(conversations, max_tokens: int, train_on_prompt: bool = False, counts: dict | None = None):
+def encode_conversations(conversations, max_tokens: int, train_on_prompt: bool = False, counts: dict | None = None):
     """Examples (ids int32 array, mask bool array) of the conversations that fit; counts 'cut' and 'dropped'."""
     counts = {} if counts is None else counts
     counts.setdefault("cut", 0)

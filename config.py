@@ -206,7 +206,8 @@ def parse_args(argv: list[str], sections: list, max_positional: int | None = 0, 
     """Fill `sections` (dataclass instances) from argv; returns the positional arguments.
 
     Arguments that do not start with '--' are returned as positionals (for example the input files of
-    tokenize_data.py); more than `max_positional` of them (None = any number) is an error. `--preset`, `--config`, and `--help` are handled here.
+    tokenize_data.py); more than `max_positional` of them (None = any number) is an error. `--preset`, `--config`,
+    and `--help` are handled here.
     A bool field given without a value (`--resume`) means true; a list field takes every value up to the
     next option (`--data a.jsonl b.jsonl`). When two sections share a field name the first section wins.
     """
@@ -216,10 +217,13 @@ def parse_args(argv: list[str], sections: list, max_positional: int | None = 0, 
         arg = argv[i]
         if arg in ("-h", "--help"):
             print(usage or __doc__)
+            shown = set()  # a field of an earlier section shadows a later one's (which can never be set)
             for section in sections:
                 print(f"\n[{type(section).__name__}]")
                 for name, tp in _fields(section).items():
-                    print(f"  --{name:<22} {_type_name(tp):<10} default: {getattr(section, name)!r}")
+                    if name not in shown:
+                        print(f"  --{name:<22} {_type_name(tp):<10} default: {getattr(section, name)!r}")
+                shown |= set(_fields(section))
             print(f"\npresets: {', '.join(PRESETS)}")
             sys.exit(0)
         if not arg.startswith("--"):

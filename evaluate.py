@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import chat_format
 import demo_data
-from chat_data import collate, encode, read_file
+from chat_data import collate, encode_conversations, read_file
 from checkpoint import CheckpointError, load_checkpoint, resolve
 from config import cli, fail
 from model import inference_autocast, pick_device
@@ -127,8 +127,8 @@ def shard_batches(data_dir, block_size: int, batch_size: int, max_tokens: int, d
 
 def chat_batches(conversations, block_size: int, batch_size: int, device, counts: dict | None = None):
     """Batches of conversations (assistant tokens as targets), cut to the context as in fine-tuning; `counts`
-    gets the conversations 'cut' and 'dropped' (see chat_data.encode)."""
-    examples = sorted(encode(conversations, block_size + 1, counts=counts), key=lambda e: len(e[0]))
+    gets the conversations 'cut' and 'dropped' (see chat_data.encode_conversations)."""
+    examples = sorted(encode_conversations(conversations, block_size + 1, counts=counts), key=lambda e: len(e[0]))
     for i in range(0, len(examples), batch_size):
         x, y = collate(examples[i:i + batch_size], block_size)
         yield x.to(device), y.to(device)
@@ -293,7 +293,8 @@ def main(argv: list[str]) -> None:
     positionals = cli(argv, [cfg], max_positional=1, usage=__doc__)
     if not positionals:
         fail("usage: python evaluate.py CHECKPOINT [--data DIR_OR_FILE ...] [--suite false]  (--help: every option)")
-    small = [name for name in ("per_family", "batch_size", "max_new_tokens", "max_loss_tokens") if getattr(cfg, name) < 1]
+    counts = ("per_family", "batch_size", "max_new_tokens", "max_loss_tokens")
+    small = [name for name in counts if getattr(cfg, name) < 1]
     if small:
         fail(f"field '{small[0]}' expects a value >= 1, got {getattr(cfg, small[0])}")
     checkpoint = Path(positionals[0])

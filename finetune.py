@@ -10,13 +10,14 @@
 model's shape comes from it (of the model fields only --dropout applies, default 0). --data takes chat JSONL
 ({"messages": [...]}), ShareGPT ({"conversations": [...]}) or Alpaca ({"instruction", "input", "output"}) files,
 plain or .gz (see chat_data.py), or folders of them (searched recursively, in sorted order); a pattern such as
-'dir/*.jsonl.gz' is expanded here too (useful in --config files). Only the assistant's tokens are trained on unless --train-on-prompt. A conversation longer than the
-context loses its oldest exchanges (the system message stays); one whose last exchange does not fit is dropped.
---rehearse DIR adds --rehearse_rows windows of pretraining text (token shards) to every batch, all their tokens
+'dir/*.jsonl.gz' is expanded here too (useful in --config files). Only the assistant's tokens are trained on unless
+--train-on-prompt. A conversation longer than the context loses its oldest exchanges (the system message stays);
+one whose last exchange does not fit is dropped. --rehearse DIR adds --rehearse_rows windows of pretraining text (token shards) to every batch, all their tokens
 trained (chat_data.Rehearsal): a narrow fine-tuning set otherwise overwrites what pretraining taught
 (BENCHMARKS.md, Demo). An init pretrained with --data_vocab keeps its softmax restricted to the ids it or the
 data trains on: the same loss, cheaper. An id that neither trains on (one only a prompt uses) keeps the shared row
-of the ids pretraining never saw: the model reads every such id as the same unknown word.
+of the ids pretraining never saw: the model reads every such id as the same unknown word. --data_vocab is
+pretraining's option and refused here, as is an --init_from (pretraining's name of --init) other than --init.
 The chat template is stored in every checkpoint (config.json "chat_template"). Every field: --help.
 """
 
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 import chat_format
-from chat_data import ChatData, ChatDataError, Rehearsal, encode, length_buckets, read_files, split
+from chat_data import ChatData, ChatDataError, Rehearsal, encode_conversations, length_buckets, read_files, split
 from checkpoint import CheckpointError, load_checkpoint
 from config import ConfigError, FinetuneConfig, ModelConfig, TrainConfig, cli, to_dict
 from model import GPT, pick_device
@@ -72,8 +73,8 @@ def load_data(ft: FinetuneConfig, cfg: TrainConfig, block_size: int, world: int)
     """(ChatData, summary) ready for fit."""
     train, val, summary = conversations(ft)
     counts = {}
-    train_ex = encode(train, block_size + 1, ft.train_on_prompt, counts)
-    val_ex = encode(val, block_size + 1, ft.train_on_prompt, counts)
+    train_ex = encode_conversations(train, block_size + 1, ft.train_on_prompt, counts)
+    val_ex = encode_conversations(val, block_size + 1, ft.train_on_prompt, counts)
     for split_name, kept, given in (("training", train_ex, train), ("validation", val_ex, val)):
         if given and not kept:
             raise ChatDataError(f"no {split_name} example is left: {counts['dropped']:,} of {len(train) + len(val):,} "
@@ -125,7 +126,8 @@ def report(summary: dict, cfg: TrainConfig, data: ChatData, world: int) -> None:
           f"({s['val_trained_tokens']:,} trained on)")
     if cfg.max_steps:
         epochs = cfg.max_steps * data.micro_steps * world / data.batches_per_epoch
-        print(f"  {cfg.max_steps:,} steps x {data.micro_steps * world} batches of {cfg.batch_size} = {epochs:.3g} epochs")
+        print(f"  {cfg.max_steps:,} steps x {data.micro_steps * world} batches of {cfg.batch_size} "
+              f"= {epochs:.3g} epochs")
     if data.buckets:
         print(f"  compiled: batches padded to {', '.join(map(str, data.buckets))} tokens, one graph each")
 
@@ -145,6 +147,11 @@ def check_options(ft: FinetuneConfig, cfg: TrainConfig, model_cfg: ModelConfig, 
                           "--dropout applies to fine-tuning")
     if not init:
         raise ConfigError("--init CHECKPOINT_DIR is required (a checkpoint of ours or a Hugging Face GPT-2 directory)")
+    if ft.init and cfg.init_from and Path(ft.init).resolve() != Path(cfg.init_from).resolve():
+        raise ConfigError(f"--init {ft.init} and --init_from {cfg.init_from} disagree: give one (--init)")
+    if cfg.data_vocab:
+        raise ConfigError("field 'data_vocab' is pretraining's: fine-tuning keeps an init's restricted softmax "
+                          "by itself (see --help)")
     if ft.rehearse and ft.rehearse_rows < 1:
         raise ConfigError(f"field 'rehearse_rows' expects a value >= 1 with --rehearse, got {ft.rehearse_rows}")
     if not 0 <= ft.val_fraction < 1:
@@ -171,7 +178,7 @@ def main(argv: list[str]) -> None:
             state = model.state_dict()
             model = GPT(replace(model.config, dropout=model_cfg.dropout))
             model.load_state_dict(state)
-    except (ValueError, CheckpointError, ChatDataError, ShardError, TokenizerNotFound) as e:  # ValueError: ConfigError, a bad shape
+    except (ValueError, CheckpointError, ChatDataError, ShardError, TokenizerNotFound) as e:  # ValueError: ConfigError
         fail(str(e))
     if master:
         print(f"init: {init} ({model.num_params():,} parameters, context {model.config.block_size})")

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import finetune
-from chat_data import (ChatData, ChatDataError, Rehearsal, _digest, collate, encode, fit_context, length_buckets,
-                       read_file, read_files, split)
+from chat_data import (ChatData, ChatDataError, Rehearsal, _digest, collate, encode_conversations, fit_context,
+                       length_buckets, read_file, read_files, split)
 from chat_format import ASSISTANT, END, SYSTEM, USER, render
 from checkpoint import export_hf, load_checkpoint, save_checkpoint
 from config import FinetuneConfig, TrainConfig
@@ -204,7 +204,7 @@ def test_conversation_dropped_when_its_last_exchange_does_not_fit():
     long_answer = [msg(U, "short"), msg(A, "word " * 100)]
     assert fit_context(long_answer, 50) is None
     counts = {}
-    examples = encode([exchanges(1), long_answer, exchanges(8)], 40, counts=counts)
+    examples = encode_conversations([exchanges(1), long_answer, exchanges(8)], 40, counts=counts)
     assert counts == {"cut": 1, "dropped": 1}
     assert [len(ids) for ids, _ in examples] == [len(render(exchanges(1))[0]),
                                                  len(render(exchanges(5, start=3))[0])]
@@ -239,7 +239,7 @@ def test_split_keeps_identical_conversations_on_one_side():
 def test_collate_masks_prompt_and_padding():
     conv = [msg(U, "Hi"), msg(A, "Hello there")]
     ids, mask = render(conv)
-    x, y = collate(encode([conv, exchanges(1)], 65), block_size=64)
+    x, y = collate(encode_conversations([conv, exchanges(1)], 65), block_size=64)
     n = len(ids) - 1
     assert n < 16 and x.shape == y.shape == (2, 16)  # padded to the next multiple of 16
     assert x[0, :n].tolist() == ids[:-1] and (x[0, n:] == EOT_ID).all()
@@ -247,7 +247,7 @@ def test_collate_masks_prompt_and_padding():
     assert (y[0, n:] == -1).all()
     trained = [t for t in y[0].tolist() if t != -1]
     assert trained == tok("Hello there") + [END]  # only the assistant's reply and its <|end|>
-    x, y = collate(encode([conv], 65, train_on_prompt=True), block_size=64)
+    x, y = collate(encode_conversations([conv], 65, train_on_prompt=True), block_size=64)
     assert y[0, :n].tolist() == ids[1:]  # --train-on-prompt: every token
     x, y = collate([(np.arange(20), np.ones(20, dtype=bool))], block_size=19)
     assert x.shape == (1, 19) and x[0].tolist() == list(range(19))  # never wider than the context
@@ -255,7 +255,7 @@ def test_collate_masks_prompt_and_padding():
 
 def test_loss_ignores_masked_targets(tiny_model):
     convs = [[msg(S, "Be brief.")] + exchanges(2), exchanges(1, start=7)]
-    examples = encode(convs, 65)
+    examples = encode_conversations(convs, 65)
     x, y = collate(examples, block_size=64)
     loss = tiny_model(x, y)
     with torch.no_grad():
@@ -277,7 +277,7 @@ def test_loss_ignores_masked_targets(tiny_model):
 def make_data(n=50, **kw):
     convs = [exchanges(1 + i % 4, start=i) for i in range(n)]
     train, val = split(convs, 0.1)
-    return ChatData(encode(train, 65), encode(val, 65), block_size=64, batch_size=4, **kw)
+    return ChatData(encode_conversations(train, 65), encode_conversations(val, 65), block_size=64, batch_size=4, **kw)
 
 
 def test_batches_are_a_pure_function_of_seed_step_micro_rank():
@@ -299,7 +299,8 @@ def test_a_compiled_run_gets_batches_of_a_few_lengths(tmp_path):
     assert length_buckets(64) == [16, 32, 64] and length_buckets(1024) == [128, 256, 512, 1024]
     assert length_buckets(100) == [16, 32, 64, 100]  # never past the context
     convs = [exchanges(1 + i % 8, start=i) for i in range(200)]  # 8 to 64 tokens
-    plain, bucketed = (ChatData(encode(convs, 65), encode(convs[:4], 65), 64, 4, seed=1, buckets=buckets)
+    plain, bucketed = (ChatData(encode_conversations(convs, 65), encode_conversations(convs[:4], 65), 64, 4, seed=1,
+                                buckets=buckets)
                        for buckets in (None, length_buckets(64)))
     widths = {"plain": set(), "bucketed": set()}
     for step in range(plain.batches_per_epoch):
@@ -341,7 +342,7 @@ def test_every_shared_dialog_and_instruction_file_loads():
         convs = read_file(path, counts)
         assert len(convs) > 0.99 * counts["records"] - counts.get("trailing_user_removed", 0), path
         assert all(c[-1]["role"] == A for c in convs[:200]), path
-        examples = encode(convs[:20], 1025)
+        examples = encode_conversations(convs[:20], 1025)
         assert len(examples) >= 15, path
     assert time.perf_counter() - t < 30
 
@@ -442,6 +443,8 @@ def test_finetune_reports_bad_data_options_and_init_with_exit_2(tiny_model, tmp_
              (["--init", str(init), "--data", str(good), "--dropout", "1.5", *out], "'dropout' expects a value in"),
              (["--init", str(init), "--data", str(long), *out], "no validation example is left: 1 of 2"),
              (["--init", str(init), "--data", str(good), "--n_layer", "2", *out], "field 'n_layer': the model's shape"),
+             (["--init", str(init), "--data", str(good), "--data_vocab", *out], "field 'data_vocab' is pretraining's"),
+             (["--init", str(init), "--init_from", str(tmp_path), "--data", str(good), *out], "disagree: give one"),
              # a new run in --out deletes the checkpoints there: never those of the model it fine-tunes
              (["--init", str(init), "--data", str(good), "--out", str(init)], "holds --init"),
              (["--init", str(init / "best"), "--data", str(good), "--out", str(init)], "holds --init")]

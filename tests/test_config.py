@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -129,3 +130,22 @@ def test_progress_bars_update_rarely_in_a_log_file(monkeypatch, tmp_path):
     assert progress_interval(Terminal()) == 0.1
     monkeypatch.setenv("TQDM_MININTERVAL", "5")
     assert progress_interval(Terminal()) == 5.0
+
+
+def test_help_lists_a_field_once_where_two_sections_share_it(capsys):
+    """The first section that has a field takes it (apply_overrides): the later one's can never be set, and its
+    default would mislead."""
+    @dataclasses.dataclass
+    class First:
+        data: list[str] = dataclasses.field(default_factory=list)
+
+    @dataclasses.dataclass
+    class Second:
+        data: str = "data/demo"
+        out: str = "o"
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"], [First(), Second()])
+    printed = capsys.readouterr().out
+    assert printed.count("--data ") == 1 and "default: []" in printed and "'data/demo'" not in printed
+    assert "--out" in printed

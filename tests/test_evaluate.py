@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import demo_data
 import evaluate
-from chat_data import ChatData, encode
+from chat_data import ChatData, encode_conversations
 from chat_format import END, render
 from checkpoint import save_checkpoint
 from config import ModelConfig, TrainConfig
@@ -229,8 +229,8 @@ def test_a_short_fine_tune_raises_accuracy_on_held_out_wordings(tmp_path):
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=64))
     before = evaluate.run_suite(model, held_out, max_new_tokens=4)
-    train = encode([e["messages"] for e in yes_no("train", 2500)], 65)
-    val = encode([e["messages"] for e in yes_no("val", 30)], 65)
+    train = encode_conversations([e["messages"] for e in yes_no("train", 2500)], 65)
+    val = encode_conversations([e["messages"] for e in yes_no("val", 30)], 65)
     cfg = TrainConfig(out=str(tmp_path / "run"), device="cpu", max_steps=60, batch_size=32, lr=3e-3,
                       warmup_steps=10, weight_decay=0.0, eval_every=0, save_every=0, eval_batches=1, log_every=50)
     fit(model, cfg, ChatData(train, val, 64, 32, seed=0, eval_batches=1), {"kind": "finetune"})
