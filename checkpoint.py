@@ -4,8 +4,9 @@ A checkpoint is a directory:
   config.json        model config, tokenizer, provenance (step, tokens, data fingerprint, git commit),
                      and the size and sha256 of every other file, so truncation or corruption is caught;
   model.safetensors  the weights (no pickle);
-  train_state.pt     optional: optimizer, schedule, RNG and data position for an exact resume,
-                     loaded with torch.load(weights_only=True).
+  train_state.pt     optional: the optimizer's and the gradient scaler's state and the run's counters (step,
+                     tokens, elapsed time, pace: train.TrainState) for an exact resume (the data order and the
+                     dropout RNG are functions of the seed and the step), loaded with torch.load(weights_only=True).
 A directory is written under a temporary name and renamed into place, so a crash never leaves a
 half-written checkpoint under a real name. A training run keeps its checkpoints as RUN/step_NNNNNNN and
 RUN/best; every loader also accepts the run folder and picks `best`, else the newest step.
@@ -89,13 +90,11 @@ def finish_replacements(folder: Path) -> None:
             os.replace(new, folder / name)
 
 
-def save_checkpoint(path, model: GPT, provenance: dict | None = None, train_state: dict | None = None,
-                    extra: dict | None = None, weights: dict | None = None) -> Path:
-    """Write `model` (unwrapped, not DDP/compiled) and optionally the training state to directory `path`.
-    `weights` replaces model.state_dict(): the whole weights of a model that FSDP shards (train.gather_shards)."""
-    weights = model.state_dict() if weights is None else weights
-    return write_checkpoint(path, model.config, {k: v.detach().cpu() for k, v in weights.items()}, provenance,
-                            train_state, extra)
+def save_checkpoint(path, model: GPT, provenance: dict | None = None, train_state: dict | None = None) -> Path:
+    """Write `model` (unwrapped, not DDP/compiled) and optionally the training state to directory `path`. (Training
+    writes through write_checkpoint, from weights gathered on the CPU, which a background thread may save.)"""
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return write_checkpoint(path, model.config, weights, provenance, train_state)
 
 
 def cpu_copy(tree):
