@@ -239,7 +239,7 @@ MAX_WARMUP_FRACTION = 0.2
 
 
 def warmup_steps(cfg: TrainConfig, total_steps: float) -> float:
-    """cfg.warmup_steps, or a fifth of total_steps if that is less (see lr_at)."""
+    """cfg.warmup_steps, or MAX_WARMUP_FRACTION of total_steps if that is less (see lr_at)."""
     return min(cfg.warmup_steps, MAX_WARMUP_FRACTION * total_steps)
 
 
@@ -743,7 +743,7 @@ def describe(model: GPT, cfg: TrainConfig, device, dtype, world: int, grad_accum
             f"{grad_accum * cfg.batch_size * block * world:,} tokens per step ({grad_accum} x {cfg.batch_size} x "
             f"{block} x {world}), until " + " or ".join(([f"step {step_limit}"] if step_limit < math.inf else [])
                                                       + ([f"{cfg.max_time:.0f} s"] if cfg.max_time else []))
-            + (f"; warmup {warmup:.0f} steps, a fifth of the run (not {cfg.warmup_steps})"
+            + (f"; warmup {warmup:g} steps, {MAX_WARMUP_FRACTION:.0%} of the run (not {cfg.warmup_steps})"
                if warmup < cfg.warmup_steps else ""))
 
 
@@ -768,7 +768,40 @@ def clip_gradients(model: GPT, max_norm: float) -> float:
     return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
 
 
-def is_finite(state: TrainState, cfg: TrainConfig, loss: float, grad_norm: float, fp16: bool) -> bool:
+def set_learning_rate(optimizer, state: TrainState, cfg: TrainConfig, step_limit: float, bar) -> float:
+    """Set the schedule's rate for this step on every parameter group and return it. With max_time the schedule is
+    as long as planned_steps says, and so are the progress bar's total and time left."""
+    planned = planned_steps(state.step, cfg, step_limit, state.elapsed, state.sec_per_step)
+    lr = lr_at(state.step, cfg, planned)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if planned < math.inf:
+        bar.total = max(state.step + 1, math.ceil(planned))
+    return lr
+
+
+def forward_backward(model, batch, load, grad_accum: int, ddp: bool, autocast, scaler, meter: "Meter"):
+    """One step's forward and backward passes over its grad_accum micro-batches, the first `batch`, each next one
+    read (load(micro); micro grad_accum is the next step's first) while the device works on this one. Returns
+    ([summed losses, tokens, target tokens, 0, 0, tokens and FLOPs for the pace (Meter.work)], the next step's
+    first batch). DDP averages gradients across processes only on the last micro-batch of the step; FSDP
+    reduce-scatters each micro-batch's, so that a process never holds a whole model's gradients."""
+    stats = torch.zeros(7, device=batch[0].device)
+    for micro in range(grad_accum):
+        x, y = batch
+        batch = load(micro + 1)
+        with model.no_sync() if ddp and micro < grad_accum - 1 else contextlib.nullcontext():
+            with autocast:
+                loss = model(x, y)
+            scaler.scale(loss / grad_accum).backward()
+        stats[0] += loss.detach().float()
+        stats[1] += x.numel()
+        stats[2] += (y != -1).sum()
+        stats[5:] += meter.work(x, y)
+    return stats, batch
+
+
+def accept_step(state: TrainState, cfg: TrainConfig, loss: float, grad_norm: float, fp16: bool) -> bool:
     """Whether to take the step: its loss and gradient norm are finite (with fp16 an overflowing gradient is the
     gradient scaler's to skip). A step not taken is counted and reported."""
     if math.isfinite(loss) and (math.isfinite(grad_norm) or fp16):
@@ -782,11 +815,11 @@ def is_finite(state: TrainState, cfg: TrainConfig, loss: float, grad_norm: float
 
 
 def clip_and_step(model: GPT, optimizer, scaler, state: TrainState, cfg: TrainConfig, loss: float) -> float:
-    """Clip the gradients, then step unless the loss or the gradient is not finite (is_finite), and clear them;
+    """Clip the gradients, then step unless the loss or the gradient is not finite (accept_step), and clear them;
     the gradient norm before clipping."""
     scaler.unscale_(optimizer)
     grad_norm = clip_gradients(model, cfg.grad_clip)
-    if is_finite(state, cfg, loss, grad_norm, fp16=scaler.is_enabled()):
+    if accept_step(state, cfg, loss, grad_norm, fp16=scaler.is_enabled()):
         scaler.step(optimizer)  # with fp16, the scaler itself skips steps whose gradients overflowed
         scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -847,6 +880,9 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
         log(describe(raw_model, cfg, device, dtype, world, grad_accum, step_limit) + (f"\n{note}" if note else ""))
 
     def load(step: int, micro: int):
+        """Micro-batch `micro` of `step`; micro grad_accum is the first of the next step."""
+        if micro == grad_accum:
+            step, micro = step + 1, 0
         return to_device(data.batch(step, micro, rank, world), device)
 
     bar = tqdm(total=step_limit if step_limit < math.inf else None, initial=state.step, disable=not master,
@@ -870,30 +906,11 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
 
             t0 = time.perf_counter()
             torch.manual_seed(cfg.seed + 1_000_003 * state.step + 1009 * rank)  # dropout: a function of (step, rank)
-            planned = planned_steps(state.step, cfg, step_limit, state.elapsed, state.sec_per_step)
-            lr = lr_at(state.step, cfg, planned)
-            if planned < math.inf:  # with max_time, the bar's total and time left follow the plan
-                bar.total = max(state.step + 1, math.ceil(planned))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # Micro-steps, reading the next batch while the device works. [summed losses, tokens, target tokens, stop
-            # requested, time is up, tokens and FLOPs for the pace (Meter.work)] are all-reduced, so that every rank
-            # takes the same decisions.
-            stats = torch.zeros(7, device=device)
-            for micro in range(grad_accum):
-                x, y = batch
-                batch = load(state.step, micro + 1) if micro + 1 < grad_accum else load(state.step + 1, 0)
-                # DDP averages gradients across processes only on the last micro-batch of the step; FSDP
-                # reduce-scatters each micro-batch's, so that a process never holds a whole model's gradients.
-                skip_sync = world > 1 and not sharded and micro < grad_accum - 1
-                with model.no_sync() if skip_sync else contextlib.nullcontext():
-                    with autocast:
-                        loss = model(x, y)
-                    scaler.scale(loss / grad_accum).backward()
-                stats[0] += loss.detach().float()
-                stats[1] += x.numel()
-                stats[2] += (y != -1).sum()
-                stats[5:] += meter.work(x, y)
+            lr = set_learning_rate(optimizer, state, cfg, step_limit, bar)
+            # [summed losses, tokens, target tokens, stop requested, time is up, tokens and FLOPs for the pace] are
+            # all-reduced, so that every rank takes the same decisions.
+            stats, batch = forward_backward(model, batch, lambda micro: load(state.step, micro), grad_accum,
+                                            world > 1 and not sharded, autocast, scaler, meter)
             stats[3] = float(stop.set)
             stats[4] = float(bool(cfg.max_time) and state.elapsed + time.perf_counter() - t0 >= cfg.max_time)
             if world > 1:

@@ -91,7 +91,7 @@ def test_warmup_never_fills_a_short_run():
     assert train.lr_at(0, cfg, 3) <= 1.0 and train.lr_at(0, cfg, math.inf) == pytest.approx(1 / 700)
     text = train.describe(GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)),
                           TrainConfig(warmup_steps=700, max_steps=500), "cpu", torch.float32, 1, 1, 500)
-    assert "warmup 100 steps, a fifth of the run (not 700)" in text
+    assert "warmup 100 steps, 20% of the run (not 700)" in text
 
 
 def test_tf32_goes_through_the_fp32_precision_settings():
@@ -236,10 +236,10 @@ def test_compiled_fine_tuning_builds_one_graph_per_length_and_evaluates_uncompil
     evaluations, which run the uncompiled model (its no-grad forward would be a graph of its own)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
-    from chat_data import ChatData, encode, length_buckets
+    from chat_data import ChatData, encode_conversations, length_buckets
     from test_chat_data import exchanges
     convs = [exchanges(1 + i % 8, start=i) for i in range(64)]  # 8 to 64 tokens
-    data = ChatData(encode(convs, 65), encode(convs[:6], 65), 64, 4, seed=0, eval_batches=2,
+    data = ChatData(encode_conversations(convs, 65), encode_conversations(convs[:6], 65), 64, 4, seed=0, eval_batches=2,
                     buckets=length_buckets(64))
     steps = 6
     trained = {data.batch(step)[0].size(1) for step in range(steps)}
