@@ -5,7 +5,9 @@ moving average over the logged points, spanning at most a tenth of them), the va
 are overlaid. A fine-tuning run whose log's init_from points into another run folder given on the same command
 line (its checkpoint, or the folder itself) is drawn after that run's end: its x values are offset by the last step
 (or token count) of the pretraining run, so the two read as one timeline, with a vertical line where fine-tuning
-starts. Non-finite losses (a diverged step logs NaN) are left out of the curves. The folder of --out is created.
+starts. The loss axis is logarithmic (--y linear for a linear one): a run falls from about ln(vocabulary) to a
+fraction of a nat, and fine-tuning's loss is a tenth of pretraining's, so a linear axis flattens all but the first
+steps. Non-finite losses (a diverged step logs NaN) are left out of the curves. The folder of --out is created.
 A missing or empty log is an error that names the file, as are a --smooth outside [0, 1) and an --out that cannot
 be written (exit code 2).
 """
@@ -67,11 +69,13 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def plot_runs(run_dirs, out, x: str = "steps", smooth: float = 0.9) -> dict:
+def plot_runs(run_dirs, out, x: str = "steps", smooth: float = 0.9, y: str = "log") -> dict:
     """Draw the runs into the PNG `out` (written atomically); returns the plotted data per run label:
     {"x", "loss", "smooth", "val_x", "val_loss", "lr", "offset"} (x values include the offset)."""
     if x not in ("steps", "tokens"):
         raise ValueError(f"x must be 'steps' or 'tokens', got {x!r}")
+    if y not in ("log", "linear"):
+        raise ValueError(f"y must be 'log' or 'linear', got {y!r}")
     if not 0 <= smooth < 1:
         raise ValueError(f"smooth must be in [0, 1), got {smooth}")
     key = "step" if x == "steps" else "tokens"
@@ -110,6 +114,7 @@ def plot_runs(run_dirs, out, x: str = "steps", smooth: float = 0.9) -> dict:
                         va="top", ha="right", fontsize=8, color=color)
         data[label] = {"x": xs, "loss": loss, "smooth": smoothed, "val_x": val_x, "val_loss": val, "lr": lr,
                        "offset": offset}
+    ax.set_yscale(y)
     ax.set_xlabel("optimizer steps" if x == "steps" else "tokens")
     ax.set_ylabel("loss (train: raw faint, smoothed solid; validation: markers)")
     ax_lr.set_ylabel("learning rate (dotted)")
@@ -130,12 +135,13 @@ def main(argv: list[str]) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training run folders (with log.jsonl)")
     parser.add_argument("--out", default="loss.png", help="the PNG to write (default: loss.png)")
     parser.add_argument("--x", choices=["steps", "tokens"], default="steps", help="x axis (default: steps)")
+    parser.add_argument("--y", choices=["log", "linear"], default="log", help="loss axis (default: log)")
     parser.add_argument("--smooth", type=float, default=0.9,
                         help="EMA factor per logged point for the training loss, in [0, 1) (0 = raw; lowered for "
                              "short logs)")
     args = parser.parse_args(argv)
     try:
-        data = plot_runs(args.runs, args.out, args.x, args.smooth)
+        data = plot_runs(args.runs, args.out, args.x, args.smooth, args.y)
     except ValueError as e:  # a bad log (LogError) or --smooth
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -46,6 +46,20 @@ def test_pretraining_and_finetuning_read_as_one_timeline(tmp_path):
     assert alone["ft"]["offset"] == 0 and alone["ft"]["x"][0] == 1
 
 
+
+def test_the_loss_axis_is_logarithmic_unless_asked_for_linear(tmp_path, monkeypatch):
+    """A run falls from ln(vocabulary) to a fraction of a nat: on a linear axis all but its first steps are flat."""
+    from matplotlib.figure import Figure
+    scales, save = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (scales.append(fig.axes[0].get_yscale()),
+                                                                  save(fig, *a, **k)))
+    run = write_log(tmp_path / "run", "pretrain", 20, 1000)
+    plot_runs([run], tmp_path / "log.png")
+    main([str(run), "--out", str(tmp_path / "linear.png"), "--y", "linear"])
+    assert scales == ["log", "linear"]
+    with pytest.raises(ValueError, match="y must be 'log' or 'linear'"):
+        plot_runs([run], tmp_path / "x.png", y="symlog")
+
 def test_runs_without_a_link_are_overlaid(tmp_path):
     a = write_log(tmp_path / "a", "pretrain", 10, 10)
     b = write_log(tmp_path / "b", "pretrain", 15, 10, init_from="/somewhere/else")
