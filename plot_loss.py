@@ -1,9 +1,10 @@
 """Plot the losses of one or more training runs: python plot_loss.py RUN_DIR... [--out loss.png] [--x steps|tokens]
 
 For each run (RUN_DIR/log.jsonl, written by train.py): the training loss raw (faint) and smoothed (an exponential
-moving average over the logged points, spanning at most a tenth of them), the validation loss (markers), and the learning rate (dotted, on the right-hand axis). Several runs
-are overlaid. A fine-tuning run whose log's init_from points into another run folder given on the same command
-line (its checkpoint, or the folder itself) is drawn after that run's end: its x values are offset by the last step
+moving average over the logged points, spanning at most a tenth of them), the validation loss (markers), and the
+learning rate (dotted, on the right-hand axis). Several runs are overlaid. A fine-tuning run whose log's init_from
+points into another run folder given on the same command line (its checkpoint, or the folder itself; or a path
+with that folder's name in it, as it was given from another working folder) is drawn after that run's end: its x values are offset by the last step
 (or token count) of the pretraining run, so the two read as one timeline, with a vertical line where fine-tuning
 starts. The loss axis is logarithmic (--y linear for a linear one): a run falls from about ln(vocabulary) to a
 fraction of a nat, and fine-tuning's loss is a tenth of pretraining's, so a linear axis flattens all but the first
@@ -69,6 +70,17 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def pretraining_run(init_from: str | None, run: Path, runs) -> Path | None:
+    """The folder among `runs` (resolved) that a fine-tuning run's init_from points into: by path, else by the
+    folder's name. The log holds init_from as it was given, relative to where the fine-tuning ran (`make demo`:
+    checkpoints/demo-pretrain), which this command may not share."""
+    if not init_from:
+        return None
+    others = [p for p in runs if p != run.resolve()]
+    return next((p for p in others if _inside(Path(init_from).resolve(), p)), None) or \
+        next((p for p in others if p.name in Path(init_from).parts), None)
+
+
 def plot_runs(run_dirs, out, x: str = "steps", smooth: float = 0.9, y: str = "log") -> dict:
     """Draw the runs into the PNG `out` (written atomically); returns the plotted data per run label:
     {"x", "loss", "smooth", "val_x", "val_loss", "lr", "offset"} (x values include the offset)."""
@@ -88,9 +100,7 @@ def plot_runs(run_dirs, out, x: str = "steps", smooth: float = 0.9, y: str = "lo
     data = {}
     for i, (d, log) in enumerate(runs):
         color = f"C{i % 10}"
-        init_from = log["run"].get("init_from")
-        parent = next((p for p in ends if init_from and p != d.resolve() and _inside(Path(init_from).resolve(), p)),
-                      None)
+        parent = pretraining_run(log["run"].get("init_from"), d, ends)
         offset = ends[parent] if parent is not None else 0
         label = d.name if [r.name for r, _ in runs].count(d.name) == 1 else str(d)
         # a non-finite loss (a skipped step's, which train.py logs as null) would stay in the EMA for the rest of

@@ -60,6 +60,17 @@ def test_the_loss_axis_is_logarithmic_unless_asked_for_linear(tmp_path, monkeypa
     with pytest.raises(ValueError, match="y must be 'log' or 'linear'"):
         plot_runs([run], tmp_path / "x.png", y="symlog")
 
+
+def test_a_relative_init_from_given_elsewhere_still_links_the_runs(tmp_path, monkeypatch):
+    """make demo fine-tunes from checkpoints/demo-pretrain, relative to the clone: plotted from another folder,
+    the runs still read as one timeline (by the folder's name)."""
+    pre = write_log(tmp_path / "clone" / "checkpoints" / "demo-pretrain", "pretrain", 20, 1000)
+    ft = write_log(tmp_path / "clone" / "checkpoints" / "demo-chat", "finetune", 10, 100,
+                   init_from="checkpoints/demo-pretrain")
+    monkeypatch.chdir(tmp_path)
+    data = plot_runs([pre, ft], tmp_path / "loss.png")
+    assert data["demo-chat"]["offset"] == 20 and data["demo-pretrain"]["offset"] == 0
+
 def test_runs_without_a_link_are_overlaid(tmp_path):
     a = write_log(tmp_path / "a", "pretrain", 10, 10)
     b = write_log(tmp_path / "b", "pretrain", 15, 10, init_from="/somewhere/else")
