@@ -682,15 +682,16 @@ def compile_backend(cfg: TrainConfig, device_type: str) -> str | None:
     return {"cuda": "inductor", "cpu": cfg.compile_cpu or None}.get(device_type) if cfg.compile else None
 
 
-# The pace that sizes a max_time schedule (planned_steps) is the mean time of this many recent steps. The steps just
-# after a checkpoint or an evaluation run slower (the writer thread shares the cores): a short average would read
-# them as a slower machine and dip the learning rate for a while after each. This many steps spread such a pause
-# over the window and still follow a machine that stays slower.
-PACE_STEPS = 200
+# The pace that sizes a max_time schedule (planned_steps) is the mean step time over the last this many seconds of
+# training. The steps just after a checkpoint or an evaluation run slower (the writer thread shares the cores): a
+# short average reads them as a slower machine and dips the learning rate after each, and a window shorter than
+# the time between checkpoints swings as each pause enters and leaves it. A minute holds the pauses of a run that
+# checkpoints every half minute or more often in the same measure, and still follows a machine that stays slower.
+PACE_SECONDS = 60.0
 
 
 class Meter:
-    """The pace: seconds per step (for planned_steps; the mean of the last PACE_STEPS), tokens per second and, on a
+    """The pace: seconds per step (for planned_steps; the mean over the last PACE_SECONDS), tokens per second and, on a
     GPU with a known peak, MFU (moving averages, for the progress bar and the log), all from a process's second step
     on (its first includes warm-up, torch.compile on CUDA). A row's tokens are counted up to its last target, so
     fine-tuning's right padding is left out, and their FLOPs at the length of their batch and the width of the output
@@ -700,7 +701,7 @@ class Meter:
         self.flops_per_token = functools.cache(model.flops_per_token)  # by sequence length: the model is fixed
         self.peak, self.world = peak_flops(device, dtype), world
         self.steps, self.sec_per_step, self.tok_rate, self.flop_rate, self.mfu = 0, None, None, None, None
-        self.step_times = collections.deque(maxlen=PACE_STEPS)
+        self.step_times, self.window = collections.deque(), 0.0  # the last PACE_SECONDS' steps, and their sum
 
     def work(self, x, y) -> torch.Tensor:
         """[tokens, training FLOPs] of a micro-batch (x, y), on its device: reading it would wait for the device."""
@@ -713,7 +714,10 @@ class Meter:
         self.steps += 1
         if self.steps > 1:  # the first step includes warm-up (compiling on CUDA): shown alone, never averaged
             self.step_times.append(dt)
-            self.sec_per_step = sum(self.step_times) / len(self.step_times)
+            self.window += dt
+            while self.window - self.step_times[0] >= PACE_SECONDS:
+                self.window -= self.step_times.popleft()
+            self.sec_per_step = self.window / len(self.step_times)
         if self.steps <= 2:
             self.tok_rate, self.flop_rate = tokens / dt, flops / dt
         else:
