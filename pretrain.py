@@ -6,16 +6,17 @@
   python pretrain.py ... --resume            # continue a stopped run from its newest valid checkpoint
   torchrun --nproc_per_node 8 pretrain.py ...   # data parallel on 8 GPUs (or CPU processes)
 
-With --init-from (a checkpoint of ours or a Hugging Face GPT-2 directory) the model's shape comes from that
-checkpoint. --data_vocab computes the loss's softmax over the token ids that occur in the shards (plus one logit
-standing for all the others, whose embeddings it ties): for a corpus that uses few of the 50K ids, such as the
-demo's, a small model trains faster with the same full-vocabulary loss (GPT.restrict_output; BENCHMARKS.md);
+With --init-from (a checkpoint of ours or a Hugging Face GPT-2 directory) the model, its shape and dropout, comes
+from that checkpoint (model fields given that differ from it are named in a warning). --data_vocab computes the
+loss's softmax over the token ids that occur in the shards (plus one logit standing for all the others, whose
+embeddings it ties): for a corpus that uses few of the 50K ids, such as the demo's, a small model trains faster with the same full-vocabulary loss (GPT.restrict_output; BENCHMARKS.md);
 the chat tokens keep embeddings of their own for fine-tuning. Batches: shard_data.ShardData. Every config field
 can be given as --field value; --help lists them.
 """
 
 import os
 import sys
+from dataclasses import fields
 
 import torch
 
@@ -27,6 +28,16 @@ from shards import ShardError
 from train import check_config, fit
 
 
+def warn_unused_model_fields(given: ModelConfig, init: ModelConfig) -> None:
+    """With --init-from the model is the checkpoint's: say which model fields given here (or by a preset) differ from
+    it and are not used. The vocabulary's size is padding (ours 50304, GPT-2's own 50257 plus the chat tokens)."""
+    unused = [f"{f.name} {getattr(given, f.name)!r} (the checkpoint's: {getattr(init, f.name)!r})"
+              for f in fields(ModelConfig)
+              if f.name != "vocab_size" and getattr(given, f.name) != getattr(init, f.name)]
+    if unused and int(os.environ.get("RANK", 0)) == 0:
+        print(f"warning: --init-from gives the model; not used: {', '.join(unused)}", file=sys.stderr)
+
+
 def main(argv: list[str]) -> None:
     train_cfg, model_cfg = TrainConfig(), ModelConfig()
     cli(argv, [train_cfg, model_cfg], usage=__doc__)
@@ -35,6 +46,7 @@ def main(argv: list[str]) -> None:
         check_config(train_cfg)
         if train_cfg.init_from:
             model, _, _ = load_checkpoint(train_cfg.init_from)
+            warn_unused_model_fields(model_cfg, model.config)
         else:
             model = GPT(model_cfg)
         data = ShardData(train_cfg.data, model.config.block_size, train_cfg.batch_size, train_cfg.seed,

@@ -530,12 +530,16 @@ def test_cpu_training_loss_matches_plain_cross_entropy(monkeypatch):
 
 
 @pytest.mark.parametrize("source", ["ours", "huggingface"])
-def test_init_from_continues_from_the_checkpoints_weights(data_dir, reference, tmp_path, source):
+def test_init_from_continues_from_the_checkpoints_weights(data_dir, reference, tmp_path, source, capsys):
     init = reference  # a run folder: its best checkpoint
     if source == "huggingface":
         init = export_hf(load_checkpoint(reference)[0], tmp_path / "hf")
     out = tmp_path / "run"
     run(data_dir, out, "--max_steps", "2", "--save_every", "0", "--init-from", str(init))
+    assert "not used" not in capsys.readouterr().err  # the model fields given are the checkpoint's
+    run(data_dir, tmp_path / "other", "--max_steps", "1", "--init-from", str(init), "--n_layer", "3", "--dropout", "0.5")
+    assert "--init-from gives the model; not used: n_layer 3 (the checkpoint's: 2), dropout 0.5 (the checkpoint's: " \
+           "0.0)" in capsys.readouterr().err
     log = read_log(out)
     assert log[0]["init_from"] == str(init)
     reference_val = [r["val_loss"] for r in read_log(reference) if r["type"] == "eval"][-1]
