@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils._pytree import tree_map_only
 
+from atomic import replace_dir
 from config import ModelConfig, ConfigError, model_config_from_dict, to_dict
 from model import GPT
 from tokenizer import CHAT_SPECIAL_TOKENS, EOT_ID, TOKENIZER_NAME
@@ -68,26 +69,6 @@ def _save_weights(state: dict, path: Path, metadata: dict | None = None) -> None
         mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
     save_file(state, path, metadata=metadata)
     os.chmod(path, mode)
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written directory into place, replacing any previous one."""
-    old = final.with_name(final.name + f".old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def finish_replacements(folder: Path) -> None:
-    """Finish the replace_dir calls that a killed process left between their two renames: NAME is gone, the previous
-    one is NAME.old-PID and the new one NAME.tmp-PID, complete (its config.json is written last): the new one goes
-    into place. The old one is left to the caller's clean-up."""
-    for old in folder.glob("*.old-*"):
-        name, pid = old.name.rsplit(".old-", 1)
-        new = folder / f"{name}.tmp-{pid}"
-        if not (folder / name).exists() and (new / "config.json").is_file():
-            os.replace(new, folder / name)
 
 
 def save_checkpoint(path, model: GPT, provenance: dict | None = None, train_state: dict | None = None) -> Path:

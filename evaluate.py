@@ -23,15 +23,16 @@ Writes eval.md and eval.json into the CHECKPOINT folder given (atomically) and p
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
 import chat_format
 import demo_data
+from atomic import write_text
 from chat_data import collate, encode_conversations, read_file
 from checkpoint import CheckpointError, load_checkpoint, resolve
 from config import cli, fail
@@ -263,12 +264,6 @@ def markdown(report: dict) -> str:
     return "\n".join(md) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def evaluate(checkpoint, cfg: EvalConfig) -> dict:
     """The full report for a checkpoint (see the module docstring); does not write files."""
     t0 = time.time()
@@ -303,8 +298,8 @@ def main(argv: list[str]) -> None:
     except (CheckpointError, ShardError, TokenizerNotFound, ValueError) as e:  # ChatDataError, ConfigError: ValueErrors
         fail(str(e))
     folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    _write_atomic(folder / "eval.json", json.dumps(report, indent=2) + "\n")
-    _write_atomic(folder / "eval.md", markdown(report))
+    write_text(folder / "eval.json", json.dumps(report, indent=2) + "\n")
+    write_text(folder / "eval.md", markdown(report))
     print(table(report))
     for sample in report["samples"][:3:2]:  # a support-bot conversation and a booking
         print("\nsample conversation (greedy):")

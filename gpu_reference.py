@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from atomic import write_text
 from config import cpu_name, usable_cores
 
 ROOT = Path(__file__).resolve().parent
@@ -357,8 +358,8 @@ class Reference:
 
     def write(self) -> None:
         self.report["wall_seconds"] = round(time.time() - self.start, 1)
-        atomic_write(self.dir / "report.json", json.dumps(self.report, indent=2) + "\n")
-        atomic_write(self.dir / "report.md", markdown(self.report))
+        write_text(self.dir / "report.json", json.dumps(self.report, indent=2) + "\n")
+        write_text(self.dir / "report.md", markdown(self.report))
 
     def run_all(self, paths: dict) -> bool:
         p, w = self.profile, self.work
@@ -410,12 +411,6 @@ def commit() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("+changes" if dirty else "")
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---- the report -------------------------------------------------------------------------------------------------
@@ -571,7 +566,7 @@ def sample(checkpoint: str, questions: str, out: str, n: int, max_new_tokens: in
                 "answer": decode(ids[:-1] if ids and ids[-1] == chat_format.END else ids), "tokens": len(ids)}
                for q, ids in zip(rows, new)]
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    atomic_write(Path(out), json.dumps({
+    write_text(Path(out), json.dumps({
         "answers": answers, "seconds": seconds, "tok_per_s": sum(a["tokens"] for a in answers) / seconds,
         "peak_allocated_mb": peak, "sampling": f"one batch of {len(rows)}, up to {max_new_tokens} new tokens, "
                                               f"temperature {settings['temperature']}, top_p {settings['top_p']}, "

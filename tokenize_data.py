@@ -53,6 +53,7 @@ from tqdm import tqdm
 import config
 import shards
 import tokenizer
+from atomic import replace_dir
 
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".md", ".md.gz")  # compared in lower case, as are JSONL_SUFFIXES
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -463,17 +464,6 @@ def alive(pid: int) -> bool:
     except PermissionError:  # it exists, run by another user
         return True
     return True
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished `tmp` to `out`; an older `out` is moved aside first and deleted only after."""
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, out)
 
 
 def fixed_mmap_threshold() -> None:

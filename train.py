@@ -43,7 +43,8 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (CheckpointError, cpu_copy, finish_replacements, load_checkpoint, step_checkpoints, wrong_shapes,
+from atomic import finish_replacements
+from checkpoint import (CheckpointError, cpu_copy, load_checkpoint, step_checkpoints, wrong_shapes,
                         write_checkpoint)
 from config import ConfigError, TrainConfig, progress_interval, to_dict
 from model import GPT, enable_tf32, pick_device
@@ -136,9 +137,9 @@ class CpuThreads:
     """Train on the CPU with one torch thread per core that other work leaves free, measured before training and
     again every `every` seconds of it. torch's default, a thread per core, collapses beside a busy process: every
     parallel op waits for the thread that shares a core with it, and a job started mid-run does that as surely as
-    one running before (BENCHMARKS.md, Demo: v4's "a slower or busier machine" and "a busy process started mid-run"). A core counts as free when it
-    is idle or runs this process (its CPU time over the wall time), so that the process's own threads do not read
-    as other work; the free share is summed and rounded down unless its fraction is at least three quarters.
+    one running before (BENCHMARKS.md, Demo: v4's "a slower or busier machine" and "a busy process started
+    mid-run"). A core counts as free when it is idle or runs this process (its CPU time over the wall time), so that
+    the process's own threads do not read as other work; the free share is summed and rounded down unless its fraction is at least three quarters.
     OMP_NUM_THREADS, when set, decides instead, as it does under torchrun; `enabled` False does nothing."""
 
     def __init__(self, enabled: bool = True, every: float = 10.0):
@@ -458,7 +459,7 @@ def prepare_run_dir(out: Path, resuming: bool) -> None:
     """Create RUN. A new run there deletes an earlier run's checkpoints (with a warning); what a run killed while
     saving or deleting left behind goes too, once a replacement it cut short is finished."""
     out.mkdir(parents=True, exist_ok=True)
-    finish_replacements(out)  # a kill while RUN/best was replaced leaves it under a temporary name only
+    finish_replacements(out, "config.json")  # a kill while RUN/best was replaced leaves it under a temporary name
     earlier = step_checkpoints(out) + ([out / "best"] if (out / "best").is_dir() else [])
     if not resuming and earlier:
         log(f"warning: a new run in {out}: deleting the {len(earlier)} checkpoints of the earlier run there "

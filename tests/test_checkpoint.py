@@ -156,3 +156,16 @@ def test_export_matches_transformers_logits(tiny_model, tmp_path):
     x = torch.randint(0, 50261, (2, 30))
     with torch.no_grad():
         assert torch.allclose(tiny_model(x), hf(x).logits, atol=1e-4)
+
+
+def test_a_folder_replaced_while_a_reader_looks_is_the_old_or_the_new_one_whole(tmp_path):
+    """atomic.replace_dir: the old folder stays whole until the new one is in place, and leaves nothing behind."""
+    from atomic import replace_dir, write_text
+    out = tmp_path / "out"
+    for version in ("one", "two"):
+        tmp = tmp_path / f"out.tmp-{version}"
+        tmp.mkdir()
+        write_text(tmp / "meta.json", version)
+        replace_dir(tmp, out)
+        assert (out / "meta.json").read_text() == version
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
