@@ -203,6 +203,25 @@ def _train_args(argv):
     return args
 
 
+def _train_step(model, loss_fn, optimizer, device_type: str, dtype):
+    """One optimizer step as train.py takes it: loss_fn() under autocast, backward through train.py's gradient scaler
+    (a no-op but for float16, so that a float16 row times the step training takes), clipping, the step."""
+    import torch
+
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+
+    def step():
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = loss_fn()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
 def bench_train(argv):
     """Training throughput: our GPT with train.py's settings against transformers' GPT2LMHeadModel.
 
@@ -254,19 +273,7 @@ def bench_train(argv):
     x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()
 
     def make_step(model, loss_fn, optimizer):
-        # train.py's gradient scaler (a no-op but for float16), so that a float16 row times the step training takes
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-        def step():
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                loss = loss_fn()
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-        return step
+        return _train_step(model, loss_fn, optimizer, device.type, dtype)
 
     compiled = torch.compile(ours) if (device.type == "cuda" and tcfg.compile) or args.compile else ours
     plain = GPT(mcfg).to(device)  # ours with the plain loss: what model.LinearCrossEntropy is worth
