@@ -76,6 +76,9 @@ def error_response(status, message, type_="invalid_request_error", param=None, c
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+LEGACY_MAX_TOKENS = 16
+
+
 def context_error(prompt_tokens: int, max_tokens: int, block_size: int, param: str) -> ApiError:
     """OpenAI's error for a prompt and completion over the context; param: the request's field of the prompt."""
     return ApiError(400, f"This model's maximum context length is {block_size} tokens. However, you requested "
@@ -622,10 +625,10 @@ class Server:
         block, cap = self.block, self.cfg.max_tokens_cap
         field = "prompt" if isinstance(body, CompletionRequest) else "message" if isinstance(body, ChatRequest) \
             else "messages"
-        if max_tokens is None:
+        if max_tokens is None:  # what fits; legacy completions 16 at most, OpenAI's and vLLM's default there
             if prompt_tokens >= block:
                 raise context_error(prompt_tokens, 1, block, field)
-            max_tokens = min(block - prompt_tokens, cap)
+            max_tokens = min(block - prompt_tokens, cap, LEGACY_MAX_TOKENS if field == "prompt" else cap)
         elif prompt_tokens + max_tokens > block:
             raise context_error(prompt_tokens, max_tokens, block, field)
         elif max_tokens > cap:

@@ -474,9 +474,14 @@ def test_context_limits_are_honest(client):
     # no max_tokens: what fits, capped at 64
     r = client.post("/v1/chat/completions", json={"messages": msgs, "temperature": 0}).json()
     assert 1 <= r["usage"]["completion_tokens"] <= 64
-    near = " ".join(["word"] * 110)
-    r = client.post("/v1/completions", json={"prompt": near, "temperature": 0}).json()
-    assert r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"] <= 128
+    near = " ".join(["word"] * 120)
+    r = client.post("/v1/completions", json={"prompt": near, "temperature": 0, "ignore_eos": True}).json()
+    assert r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"] == 128  # what fits, under 16
+    # legacy completions without max_tokens: 16 tokens, as OpenAI's and vLLM's; chat: what fits, up to the cap
+    r = client.post("/v1/completions", json={"prompt": "hi", "ignore_eos": True}).json()
+    assert r["usage"]["completion_tokens"] == 16
+    r = client.post("/v1/chat/completions", json={"messages": msgs, "ignore_eos": True}).json()
+    assert r["usage"]["completion_tokens"] == 64
     # the error names the request's field that holds the prompt
     for path, body, field in (("/v1/chat/completions", {"messages": [{"role": "user", "content": long}]}, "messages"),
                               ("/v1/completions", {"prompt": long}, "prompt"), ("/chat", {"message": long}, "message")):
