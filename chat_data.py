@@ -97,9 +97,9 @@ def _records(path: Path):
         return p
 
     pos = skip_space(pos)
-    if pos < len(text) and text[pos] == "]":
-        return
     for item in itertools.count():
+        if pos < len(text) and text[pos] == "]":
+            break
         try:
             value, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
@@ -108,11 +108,18 @@ def _records(path: Path):
         yield f"line {line_at(pos)} (array item {item})", value
         pos = skip_space(end)
         if pos < len(text) and text[pos] == "]":
-            return
+            break
         if pos >= len(text) or text[pos] != ",":
             raise ChatDataError(f"{path} line {line_at(min(pos, len(text)))}: expected ',' or ']' after a record "
                                 "of the JSON array")
         pos = skip_space(pos + 1)
+    # Text after the array would otherwise be lost without a word: Hugging Face datasets' to_json(lines=False)
+    # wrote one array per batch of 1,000 records ([...][...]), and only the first batch was read.
+    pos = skip_space(pos + 1)
+    if pos < len(text):
+        raise ChatDataError(f"{path} line {line_at(pos)}: text after the closing ']' of the JSON array (a second "
+                            "array, as datasets' to_json(lines=False) writes?); give one array, or JSON Lines: "
+                            "jq -c '.[]' FILE > FILE.jsonl")
 
 
 def _detect(record, where: str) -> str:

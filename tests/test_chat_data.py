@@ -162,6 +162,9 @@ def test_bad_files_name_file_and_line(tmp_path):
         "array.json": ('[\n' + json.dumps(GOOD) + ',\n{"messages": oops}\n]', "line 3 column 14: invalid JSON"),
         "missing_comma.json": ('[\n' + json.dumps(GOOD) + '\n' + json.dumps(GOOD) + ']', "line 3: expected ','"),
         "empty_array.json": ("[ ]", "no records"),
+        # Hugging Face datasets' to_json(lines=False) wrote an array per batch: the second one was dropped
+        "two_arrays.json": (json.dumps([GOOD]) + "\n" + json.dumps([GOOD]) + "\n", "line 2: text after the closing"),
+        "trailing_text.json": ("[" + json.dumps(GOOD) + "]\n\n oops", "line 3: text after the closing"),
         "prose.txt": ("Hello, this is not JSON.\n", "line 1 column 1: invalid JSON"),
     }
     for name, (text, expected) in cases.items():
