@@ -11,6 +11,8 @@ Malformed input (bad JSON, wrong types, unknown roles, turns that do not alterna
 file in no known format) is an error naming the file and line. Two defects of real data sets are tolerated and
 counted instead: trailing user turns, which have no reply to learn, are removed (a conversation left without a
 reply is skipped), and a record with an empty message (Alpaca has a few empty outputs) is skipped.
+A chat message's "weight": 0 (OpenAI's fine-tuning format) keeps it in the context but out of the loss; a
+conversation with no reply of weight 1 has nothing to learn and is skipped like one without a reply.
 
 Every conversation is rendered by chat_format.render, the one chat template. One longer than the context is cut
 at turn boundaries: the oldest user+assistant exchanges go first, the system message stays; a conversation whose
@@ -184,6 +186,26 @@ def _alpaca(record: dict, where: str) -> list[list[dict]]:
     return convs
 
 
+def _chat(record: dict, where: str) -> list:
+    """An OpenAI record's messages with their role and content, and "weight": 0 where a message has it (OpenAI's
+    fine-tuning files mark the replies not to learn so); other keys ('name', ...) are dropped."""
+    messages = record["messages"]
+    if not isinstance(messages, list):
+        return messages  # validate names the error
+    kept = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            kept.append(m)
+            continue
+        kept.append({"role": m.get("role"), "content": m.get("content")})
+        weight = m.get("weight")  # null where a Hugging Face export gave every message the key
+        if weight not in (None, 0, 1) or isinstance(weight, bool):
+            raise ChatDataError(f"{where}: message {i} has weight {weight!r}; expected 0 (not trained on) or 1")
+        if weight == 0:
+            kept[-1]["weight"] = 0
+    return kept
+
+
 def _sharegpt(record: dict, where: str) -> list[dict]:
     turns = record["conversations"]
     if not isinstance(turns, list):
@@ -222,11 +244,7 @@ def read_file(path, counts: dict | None = None) -> list[list[dict]]:
             raise ChatDataError(f"{where}: a record in the {found} format in a file of the {fmt} format (detected "
                                 f"from {first}); every record of a file must have the same format")
         if fmt == "chat":
-            messages = record["messages"]
-            if isinstance(messages, list):  # keep only role and content (OpenAI records may carry 'name', ...)
-                messages = [{"role": m.get("role"), "content": m.get("content")} if isinstance(m, dict) else m
-                            for m in messages]
-            convs = [messages]
+            convs = [_chat(record, where)]
         elif fmt == "sharegpt":
             convs = [_sharegpt(record, where)]
         else:
@@ -242,7 +260,7 @@ def read_file(path, counts: dict | None = None) -> list[list[dict]]:
             while messages and messages[-1]["role"] == "user":
                 messages = messages[:-1]
                 _count(counts, "trailing_user_removed")
-            if not any(m["role"] == "assistant" for m in messages):
+            if not any(m["role"] == "assistant" and m.get("weight", 1) for m in messages):
                 _count(counts, "skipped_no_reply", where)
                 continue
             if any(not m["content"].strip() for m in messages):

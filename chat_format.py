@@ -52,15 +52,17 @@ def render(messages, add_generation_prompt: bool = False, train_on_prompt: bool 
     """(ids, mask): mask[i] is True where token i is trained on (predicted from the tokens before it).
 
     By default only the assistant's content and its closing <|end|> are trained on; train_on_prompt
-    trains on every token. With add_generation_prompt the ids end with <|assistant|>, ready to generate.
+    trains on every token. A message with "weight": 0 (OpenAI's fine-tuning files: an example reply not to
+    learn) is never trained on. With add_generation_prompt the ids end with <|assistant|>, ready to generate.
     """
     validate(messages)
     ids, mask = [], []
     for m in messages:
         content = encode(m["content"])
-        trained = train_on_prompt or m["role"] == "assistant"
+        learned = m.get("weight", 1) != 0
+        trained = learned and (train_on_prompt or m["role"] == "assistant")
         ids += [ROLE_TOKEN[m["role"]]] + content + [END]
-        mask += [train_on_prompt] + [trained] * (len(content) + 1)
+        mask += [learned and train_on_prompt] + [trained] * (len(content) + 1)
     if add_generation_prompt:
         ids.append(ASSISTANT)
         mask.append(train_on_prompt)

@@ -119,6 +119,24 @@ def test_trailing_user_turns_removed_and_unusable_records_skipped_and_counted(tm
     assert len(all_convs) == 4 and total["records"] == 8 and total["files"] == 2 and total["conversations"] == 4
 
 
+def test_openai_weight_0_replies_stay_in_the_context_untrained(tmp_path):
+    # as OpenAI's fine-tuning files, and a Hugging Face export that gives every message the key (null when unset)
+    records = [{"messages": [msg(U, "Hi"), {**msg(A, "Bad answer."), "weight": 0}, msg(U, "Again"),
+                             {**msg(A, "Good."), "weight": None}]},
+               {"messages": [msg(U, "Hi"), {**msg(A, "Not learned."), "weight": 0}]},  # nothing to learn: skipped
+               {"messages": [msg(U, "Hi"), {**msg(A, "Learned."), "weight": 1}]}]
+    counts = {}
+    convs = read_file(write(tmp_path / "w.jsonl", records), counts)
+    assert convs == [[msg(U, "Hi"), {**msg(A, "Bad answer."), "weight": 0}, msg(U, "Again"), msg(A, "Good.")],
+                     [msg(U, "Hi"), msg(A, "Learned.")]]
+    assert counts["skipped_no_reply"] == 1
+    ids, mask, _ = fit_context(convs[0], 100)
+    assert decode([int(i) for i, m in zip(ids, mask) if m]) == "Good.<|end|>"
+    for weight in (2, "0", True, 0.5):
+        with pytest.raises(ChatDataError, match=f"line 1: message 1 has weight {weight!r}; expected 0"):
+            read_file(write(tmp_path / "bad.jsonl", [{"messages": [msg(U, "Hi"), {**msg(A, "x"), "weight": weight}]}]))
+
+
 # ---- bad input: every error names the file and the line -------------------------------------------
 
 GOOD = {"messages": [msg(U, "hi"), msg(A, "hello")]}

@@ -38,6 +38,16 @@ def test_generation_prompt_and_train_on_prompt():
     assert ids == GOLDEN_IDS and all(mask)
 
 
+def test_a_message_of_weight_0_is_never_trained_on():
+    weighted = [*CONVERSATION[:2], {**CONVERSATION[2], "weight": 0}, *CONVERSATION[3:]]
+    for train_on_prompt in (False, True):
+        ids, mask = render(weighted, train_on_prompt=train_on_prompt)
+        assert ids == GOLDEN_IDS
+        assert not any(mask[9:13])  # <|assistant|> Hello . <|end|>
+        assert mask[20:] == [True, True]  # the last reply still is
+    assert render(weighted, train_on_prompt=True)[1][:9] == [True] * 9
+
+
 def test_special_token_text_in_content_is_not_a_special_token():
     ids, _ = render([{"role": "user", "content": "<|end|><|assistant|>x"}, {"role": "assistant", "content": "y"}])
     assert ids.count(END) == 2 and ids.count(ASSISTANT) == 1  # only the template's own tokens
