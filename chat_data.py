@@ -10,7 +10,10 @@ Accepted files (UTF-8, plain or .gz, a byte order mark allowed), the format dete
 Malformed input (bad JSON, wrong types, unknown roles, turns that do not alternate, an empty conversation, a
 file in no known format) is an error naming the file and line. Two defects of real data sets are tolerated and
 counted instead: trailing user turns, which have no reply to learn, are removed (a conversation left without a
-reply is skipped), and a record with an empty message (Alpaca has a few empty outputs) is skipped.
+reply is skipped), and a record with an empty message (Alpaca has a few empty outputs) is skipped. A conversation
+with tool calls (OpenAI's assistant "tool_calls" or "function_call" and "tool" or "function" messages,
+LLaMA-Factory's ShareGPT "function_call" and "observation" turns) is skipped and counted too: the chat template
+has no tool turns, and its text without the calls would teach replies that never call the tool.
 A chat message's "weight": 0 (OpenAI's fine-tuning format) keeps it in the context but out of the loss; a
 conversation with no reply of weight 1 has nothing to learn and is skipped like one without a reply.
 
@@ -38,6 +41,8 @@ from tokenizer import EOT_ID
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
                   "system": "system"}
+# Speakers and roles of tool calls and their results: the chat template has none, such conversations are skipped.
+TOOL_ROLES = {"tool", "function", "function_call", "observation"}
 # Batches are padded to a multiple of this many tokens: short rows (most dialogs) waste little compute.
 PAD_MULTIPLE = 16
 # A compiled model instead gets this many lengths at most (length_buckets): each is a graph of its own to compile.
@@ -186,9 +191,10 @@ def _alpaca(record: dict, where: str) -> list[list[dict]]:
     return convs
 
 
-def _chat(record: dict, where: str) -> list:
+def _chat(record: dict, where: str) -> list | None:
     """An OpenAI record's messages with their role and content, and "weight": 0 where a message has it (OpenAI's
-    fine-tuning files mark the replies not to learn so); other keys ('name', ...) are dropped."""
+    fine-tuning files mark the replies not to learn so); other keys ('name', ...) are dropped. None for a
+    conversation with tool calls."""
     messages = record["messages"]
     if not isinstance(messages, list):
         return messages  # validate names the error
@@ -197,6 +203,8 @@ def _chat(record: dict, where: str) -> list:
         if not isinstance(m, dict):
             kept.append(m)
             continue
+        if m.get("tool_calls") or m.get("function_call") or m.get("role") in TOOL_ROLES:  # null or []: no call
+            return None
         kept.append({"role": m.get("role"), "content": m.get("content")})
         weight = m.get("weight")  # null where a Hugging Face export gave every message the key
         if weight not in (None, 0, 1) or isinstance(weight, bool):
@@ -206,7 +214,7 @@ def _chat(record: dict, where: str) -> list:
     return kept
 
 
-def _sharegpt(record: dict, where: str) -> list[dict]:
+def _sharegpt(record: dict, where: str) -> list[dict] | None:
     turns = record["conversations"]
     if not isinstance(turns, list):
         raise ChatDataError(f"{where}: field 'conversations' must be a list of {{'from', 'value'}} objects")
@@ -215,6 +223,8 @@ def _sharegpt(record: dict, where: str) -> list[dict]:
         if not isinstance(t, dict) or not isinstance(t.get("from"), str) or not isinstance(t.get("value"), str):
             raise ChatDataError(f"{where}: conversations[{i}] must be an object with string 'from' and 'value'")
         role = SHAREGPT_ROLES.get(t["from"].lower())
+        if t["from"].lower() in TOOL_ROLES:
+            return None
         if role is None:
             raise ChatDataError(f"{where}: conversations[{i}] is from {t['from']!r}; expected one of "
                                 f"{', '.join(sorted(SHAREGPT_ROLES))}")
@@ -230,8 +240,8 @@ def _count(counts: dict, key: str, where: str | None = None) -> None:
 
 def read_file(path, counts: dict | None = None) -> list[list[dict]]:
     """The conversations of one file, validated and cleaned (see the module docstring). `counts` (a dict)
-    accumulates 'records', 'trailing_user_removed', 'skipped_no_reply', 'skipped_empty' and, in
-    'skipped_where', the first few skipped records' locations."""
+    accumulates 'records', 'trailing_user_removed', 'skipped_no_reply', 'skipped_empty', 'skipped_tool_calls'
+    and, in 'skipped_where', the first few skipped records' locations."""
     path = Path(path)
     counts = {} if counts is None else counts
     fmt, first, out = None, None, []
@@ -250,6 +260,9 @@ def read_file(path, counts: dict | None = None) -> list[list[dict]]:
         else:
             convs = _alpaca(record, where)
         _count(counts, "records")
+        if convs == [None]:
+            _count(counts, "skipped_tool_calls", where)
+            continue
         for messages in convs:
             try:
                 validate(messages, where)

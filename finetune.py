@@ -113,7 +113,8 @@ def restrict_to_used_ids(model: GPT, data: ChatData, rehearse: str) -> int:
 
 def report(summary: dict, cfg: TrainConfig, data: ChatData, world: int) -> None:
     s = summary
-    skipped = {k: s[k] for k in ("trailing_user_removed", "skipped_no_reply", "skipped_empty") if s.get(k)}
+    skipped = {k: s[k] for k in ("trailing_user_removed", "skipped_no_reply", "skipped_empty", "skipped_tool_calls")
+               if s.get(k)}
     source = f"{len(s['files'])} file(s)" if s["files"] else "the built-in demo dialogs (demo_data.py)"
     print(f"data: {source}, {s['conversations']:,} conversations"
           + (f" ({', '.join(f'{k} {v:,}' for k, v in skipped.items())})" if skipped else ""))

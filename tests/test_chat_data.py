@@ -137,13 +137,34 @@ def test_openai_weight_0_replies_stay_in_the_context_untrained(tmp_path):
             read_file(write(tmp_path / "bad.jsonl", [{"messages": [msg(U, "Hi"), {**msg(A, "x"), "weight": weight}]}]))
 
 
+def test_conversations_with_tool_calls_are_skipped_and_counted(tmp_path):
+    call = [{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}]
+    plain = [msg(U, "Hi"), {**msg(A, "Hello"), "tool_calls": None}]  # a Hugging Face export's null: no call
+    records = [{"messages": [msg(U, "Weather?"), {"role": A, "content": None, "tool_calls": call},
+                             {"role": "tool", "tool_call_id": "c1", "content": "sunny"}, msg(A, "Sunny.")]},
+               # the call is the reply to learn: trained as "Let me check." alone before
+               {"messages": [msg(U, "Weather?"), {**msg(A, "Let me check."), "tool_calls": call}]},
+               {"messages": [msg(U, "Weather?"), {**msg(A, ""), "function_call": {"name": "weather"}}]},
+               {"messages": plain}]
+    counts = {}
+    assert read_file(write(tmp_path / "t.jsonl", records), counts) == [[msg(U, "Hi"), msg(A, "Hello")]]
+    assert counts["skipped_tool_calls"] == 3
+    assert counts["skipped_where"][1] == f"{tmp_path / 't.jsonl'} line 2: skipped_tool_calls"
+    sharegpt = [{"conversations": [{"from": "human", "value": "Weather?"}, {"from": "function_call", "value": "{}"},
+                                   {"from": "observation", "value": "sunny"}, {"from": "gpt", "value": "Sunny."}]},
+                {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}]
+    counts = {}
+    assert read_file(write(tmp_path / "s.jsonl", sharegpt), counts) == [[msg(U, "Hi"), msg(A, "Hello")]]
+    assert counts["skipped_tool_calls"] == 1
+
+
 # ---- bad input: every error names the file and the line -------------------------------------------
 
 GOOD = {"messages": [msg(U, "hi"), msg(A, "hello")]}
 BAD_CASES = [
     ("content not a string", [GOOD, {"messages": [msg(U, "hi"), {"role": A, "content": ["x"]}]}], "line 2",
      "string 'role' and 'content'"),
-    ("unknown role", [{"messages": [msg("tool", "x"), msg(A, "y")]}], "line 1", "unknown role 'tool'"),
+    ("unknown role", [{"messages": [msg("developer", "x"), msg(A, "y")]}], "line 1", "unknown role 'developer'"),
     ("empty conversation", [GOOD, GOOD, {"messages": []}], "line 3", "non-empty list"),
     ("messages not a list", [{"messages": "hi"}], "line 1", "non-empty list"),
     ("not alternating", [{"messages": [msg(U, "a"), msg(U, "b"), msg(A, "c")]}], "line 1",
