@@ -3,6 +3,7 @@
 Accepted files (UTF-8, plain or .gz, a byte order mark allowed), the format detected per file from its first record:
   * chat JSONL, the OpenAI shape:  {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", ...}]}
   * ShareGPT (JSONL or a JSON array): {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", ...}]}
+    (a "system" field beside "conversations", as LLaMA-Factory's, is the system message)
   * Alpaca (a JSON array or JSONL):  {"instruction": "...", "input": "...", "output": "..."}  ("response" is
     accepted for "output", as in GPTeacher and Dolly, and "context" for "input", as in Dolly; self-instruct's
     "instances": [{"input", "output"}] gives one example each; LLaMA-Factory's "system" is the system message
@@ -229,6 +230,14 @@ def _sharegpt(record: dict, where: str) -> list[dict] | None:
             raise ChatDataError(f"{where}: conversations[{i}] is from {t['from']!r}; expected one of "
                                 f"{', '.join(sorted(SHAREGPT_ROLES))}")
         messages.append({"role": role, "content": t["value"]})
+    # LLaMA-Factory's ShareGPT (and many exports) hold the system prompt in a field beside the turns
+    system = record.get("system") or ""
+    if not isinstance(system, str):
+        raise ChatDataError(f"{where}: field 'system' must be a string, got {type(system).__name__}")
+    if system and messages and messages[0]["role"] == "system" and messages[0]["content"] != system:
+        raise ChatDataError(f"{where}: two system prompts, the field 'system' and the first turn's; give one")
+    if system and not (messages and messages[0]["role"] == "system"):
+        messages.insert(0, {"role": "system", "content": system})
     return messages
 
 

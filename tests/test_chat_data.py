@@ -69,6 +69,21 @@ def test_sharegpt_jsonl_and_array(tmp_path):
     assert read_file(write(tmp_path / "s.json", [record], as_array=True)) == expected
 
 
+def test_sharegpt_system_field_is_the_system_message(tmp_path):
+    turns = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Arr"}]
+    records = [{"id": "1", "system": "You are a pirate.", "conversations": turns},
+               {"system": "You are a pirate.",
+                "conversations": [{"from": "system", "value": "You are a pirate."}, *turns]},
+               {"system": None, "conversations": turns}]
+    pirate = [msg(S, "You are a pirate."), msg(U, "Hi"), msg(A, "Arr")]
+    assert read_file(write(tmp_path / "s.jsonl", records)) == [pirate, pirate, [msg(U, "Hi"), msg(A, "Arr")]]
+    two = {"system": "Be a pirate.", "conversations": [{"from": "system", "value": "Be a robot."}, *turns]}
+    with pytest.raises(ChatDataError, match="line 1: two system prompts"):
+        read_file(write(tmp_path / "two.jsonl", [two]))
+    with pytest.raises(ChatDataError, match="line 1: field 'system' must be a string"):
+        read_file(write(tmp_path / "bad.jsonl", [{"system": ["x"], "conversations": turns}]))
+
+
 def test_alpaca_variants(tmp_path):
     records = [{"instruction": "Add.", "input": "2 and 3", "output": "5"},
                {"instruction": "Say hi.", "input": "", "output": "Hi"},
