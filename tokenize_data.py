@@ -5,8 +5,9 @@ usage: python tokenize_data.py [INPUT ...] [--out DIR] [--field value ...]
 INPUT is a .txt, .md, .txt.gz or .md.gz file (the whole file is one document, or with --txt_paragraphs each
 paragraph, i.e. text between blank lines; CRLF and CR line ends are read as newlines), a .jsonl or .jsonl.gz file
 (one document per line, taken from the field --text_field), or a folder searched recursively for such files, in
-sorted order (the files of other types are skipped and counted in the summary). Suffixes may be in any case, and
-a file may start with a UTF-8 byte order mark.
+sorted order (the files of other types are skipped and counted in the summary, as are hidden files: names starting
+with '.' and folders with '.' or '__', such as macOS's ._NAME and __MACOSX). Suffixes may be in any case, and a file
+may start with a UTF-8 byte order mark.
 With no INPUT the built-in demo corpus (demo_data.pretrain_documents) is tokenized into data/demo.
 
 DIR receives train/train_000000.bin ... and val/val_000000.bin ... (the shards.py format, --shard_tokens tokens
@@ -85,14 +86,16 @@ class BadRecord(Exception):
 
 # ----------------------------------------------------------------------------- reading
 
-def find_sources(inputs: list[str]) -> tuple[list[Path], list[Path]]:
+def find_sources(inputs: list[str]) -> tuple[list[Path], list[Path], list[Path]]:
     """(the input files in order: arguments as given, folders expanded recursively in sorted order; the files of
-    other types found in the folders, which are skipped)."""
-    files, others = [], []
+    other types found in the folders, and their hidden files (is_hidden), which are both skipped)."""
+    files, others, hidden = [], [], []
     for arg in inputs:
         path = Path(arg)
         if path.is_dir():
             found = [p for p in sorted(path.rglob("*")) if p.is_file()]
+            hidden += [p for p in found if is_hidden(p, path)]
+            found = [p for p in found if not is_hidden(p, path)]
             readable = [p for p in found if is_input(p)]
             if not readable:
                 raise BadInput(f"{path}: folder has no {', '.join(SUFFIXES)} files")
@@ -104,11 +107,21 @@ def find_sources(inputs: list[str]) -> tuple[list[Path], list[Path]]:
             files.append(path)
         else:
             raise BadInput(f"{path}: no such file or folder")
-    return list(dict.fromkeys(files)), others  # a file named twice (directly and through its folder) is read once
+    # a file named twice (directly and through its folder) is read once
+    return list(dict.fromkeys(files)), others, hidden
 
 
 def is_input(path: Path) -> bool:
     return path.name.lower().endswith(SUFFIXES)
+
+
+def is_hidden(path: Path, folder: Path) -> bool:
+    """Whether a file found in `folder` is hidden: its name or a folder's below `folder` starts with '.', or a
+    folder's with '__'. Such files are copies or metadata, not corpus: macOS's ._NAME files (binary, they stopped the
+    run as invalid UTF-8), Jupyter's .ipynb_checkpoints (a second copy of every file), __MACOSX. Hugging Face
+    datasets skip them too."""
+    parts = path.relative_to(folder).parts
+    return any(part.startswith(".") for part in parts) or any(part.startswith("__") for part in parts[:-1])
 
 
 class HashingReader(io.RawIOBase):
@@ -346,7 +359,7 @@ def tokenize(inputs: list[str], cfg: TokenizeConfig) -> dict:
     if out.exists() and not (out.is_dir() and ((out / "meta.json").is_file() or not any(out.iterdir()))):
         raise BadInput(f"--out {out}: exists and is not an output of tokenize_data.py (no meta.json); "
                        "refusing to replace it, choose another folder")
-    files, others = find_sources(inputs)
+    files, others, hidden = find_sources(inputs)
     workers = cfg.workers or config.usable_cores()
 
     sources, skipped = [], []  # one entry per input file (for meta.json); the bad records skipped
@@ -422,6 +435,9 @@ def tokenize(inputs: list[str], cfg: TokenizeConfig) -> dict:
     if others:
         print(f"tokenize_data: skipped {len(others)} file(s) of other types in the folders "
               f"({', '.join(sorted({p.suffix or p.name for p in others}))}); read are {', '.join(SUFFIXES)}")
+    if hidden:
+        print(f"tokenize_data: skipped {len(hidden)} hidden file(s) in the folders (a name or folder starting with "
+              f"'.', or a folder with '__'), e.g. {hidden[0]}; name a file to read it")
     if skipped:
         emptied = sum(1 for s in sources if s["bad_records"] and not s["documents"])
         print(f"tokenize_data: skipped {len(skipped)} bad records (--skip_bad)" +

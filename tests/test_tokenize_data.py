@@ -231,6 +231,24 @@ def test_text_of_other_systems_and_more_file_names_are_read(tmp_path, capsys):
     assert "skipped 2 file(s) of other types in the folders (.csv, Makefile)" in capsys.readouterr().out
 
 
+def test_hidden_files_in_folders_are_skipped_and_counted(tmp_path, capsys):
+    """macOS's ._NAME files (binary) stopped the run; Jupyter's checkpoints were a second copy of the corpus."""
+    (tmp_path / "in" / ".ipynb_checkpoints").mkdir(parents=True)
+    (tmp_path / "in" / "__MACOSX").mkdir()
+    (tmp_path / "in" / "book.txt").write_text("The book.")
+    (tmp_path / "in" / "._book.txt").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X\xb0\xff")
+    (tmp_path / "in" / "__MACOSX" / "._book.txt").write_bytes(b"\x00\x05\x16\x07\xb0\xff")
+    (tmp_path / "in" / ".ipynb_checkpoints" / "book-checkpoint.txt").write_text("The book.")
+    (tmp_path / "in" / "__init__.txt").write_text("A file, not a folder, may start with __.")
+    run([tmp_path / "in", "--out", tmp_path / "o"])
+    assert sorted(read_split(tmp_path / "o", "train") + read_split(tmp_path / "o", "val")) == \
+        ["A file, not a folder, may start with __.", "The book."]
+    assert "skipped 3 hidden file(s) in the folders" in capsys.readouterr().out
+    (tmp_path / "in" / ".ipynb_checkpoints" / "notes-checkpoint.txt").write_text("Notes.")
+    run([tmp_path / "in" / ".ipynb_checkpoints", "--out", tmp_path / "o"])  # a hidden folder named is read
+    assert sorted(read_split(tmp_path / "o", "train") + read_split(tmp_path / "o", "val")) == ["Notes.", "The book."]
+
+
 def test_skip_bad_skips_and_counts(tmp_path, capsys):
     p = tmp_path / "mixed.jsonl"
     p.write_bytes(b'{"text": "good one"}\n{"text": 3}\nnot json\n{"text": "good two"}\n{"text": "good three"}\n')
