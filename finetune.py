@@ -47,9 +47,14 @@ FINETUNE_DEFAULTS = dict(out="checkpoints/chat", lr=1e-4, warmup_steps=50, max_s
 
 
 def data_files(folder: str) -> list[str]:
-    """A folder's data files (.json, .jsonl, and the same .gz), searched recursively, in sorted order."""
+    """A folder's data files (.json, .jsonl, and the same .gz), searched recursively, in sorted order, less its hidden
+    ones (as tokenize_data.is_hidden: a name starting with '.', a folder with '.' or '__'), which are copies or
+    metadata: Jupyter's .ipynb_checkpoints held a second copy of every file, macOS's ._NAME files stopped the run."""
+    def hidden(parts):
+        return any(part.startswith(".") for part in parts) or any(part.startswith("__") for part in parts[:-1])
     found = sorted(str(p) for p in Path(folder).rglob("*")
-                   if p.is_file() and p.name.lower().endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")))
+                   if p.is_file() and p.name.lower().endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz"))
+                   and not hidden(p.relative_to(folder).parts))
     if not found:
         raise ChatDataError(f"{folder}: folder has no .json, .jsonl, .json.gz or .jsonl.gz files")
     return found

@@ -437,6 +437,9 @@ def test_finetune_reads_a_folder_of_data_files(tmp_path):
     second = write(folder / "b" / "c.json", [{"instruction": f"Echo {i}", "input": "", "output": f"{i}"}
                                              for i in range(2)], as_array=True)
     (folder / "notes.txt").write_text("not a data file")
+    (folder / ".ipynb_checkpoints").mkdir()  # hidden: a copy of a.jsonl, and macOS's binary ._ file
+    write(folder / ".ipynb_checkpoints" / "a-checkpoint.jsonl", [{"messages": exchanges(1, start=i)} for i in range(3)])
+    (folder / "._a.jsonl").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X\xb0\xff")
     train, val, summary = finetune.conversations(FinetuneConfig(data=[str(folder)], val_fraction=0))
     assert summary["files"] == [str(first), str(second)] and (len(train), len(val)) == (4, 1)  # val: at least one
     (tmp_path / "empty").mkdir()
