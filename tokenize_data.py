@@ -61,6 +61,7 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES
 DEMO_OUT = "data/demo"
 BATCH_CHARS = 1 << 20  # text per encoding task: large enough to amortize the task, small enough to keep memory flat
+UTF16_HINT = "; convert UTF-16 to UTF-8, e.g. iconv -f UTF-16 -t UTF-8 (-f UTF-16LE without a byte order mark)"
 MAX_SHOWN_BAD = 10  # skipped records printed one by one under --skip_bad; the rest are only counted
 
 
@@ -164,6 +165,22 @@ def parse_jsonl_line(line: bytes, text_field: str) -> str:
     return text
 
 
+def decode_text(data: bytes) -> str:
+    """A text file's bytes as UTF-8; BadRecord(why, byte offset) for invalid UTF-8 or a NUL byte. UTF-16 without a
+    byte order mark (ASCII text with a NUL after every character) is valid UTF-8 and was tokenized as such."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        utf16 = data.startswith((b"\xff\xfe", b"\xfe\xff"))  # its byte order mark
+        hint = f": it starts with a UTF-16 byte order mark{UTF16_HINT}" if utf16 else ""
+        raise BadRecord(f"invalid UTF-8 at byte {e.start} of the file ({e.reason}){hint}", e.start) from None
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise BadRecord(f"a NUL byte at byte {nul} of the file: not text, or UTF-16 without a byte order mark"
+                        f"{UTF16_HINT}", nul)
+    return text
+
+
 def read_file(path: Path, text_field: str, txt_paragraphs: bool, source: dict, bad):
     """Yield the documents of one input file; `bad(where, why)` raises or counts. Fills `source` (size, sha256)."""
     try:
@@ -177,10 +194,11 @@ def read_file(path: Path, text_field: str, txt_paragraphs: bool, source: dict, b
         if name.endswith(TEXT_SUFFIXES):
             data = stream.read()
             try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError as e:
-                line = data.count(b"\n", 0, e.start) + 1
-                bad(f"{path}:{line}", f"invalid UTF-8 at byte {e.start} of the file ({e.reason})")
+                text = decode_text(data)
+            except BadRecord as e:
+                why, at = e.args
+                line = data.count(b"\n", 0, at) + 1
+                bad(f"{path}:{line}", why)
             else:
                 # Windows (CRLF) and old Mac (CR) line ends become newlines, and a byte order mark is no text
                 text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")

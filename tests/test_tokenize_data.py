@@ -173,6 +173,16 @@ def bad_cases(tmp_path):
     p = tmp_path / "utf8.jsonl"
     p.write_bytes(b'{"text": "ok"}\n\n{"text": "bad \xc3"}\n')
     cases.append((p, f"{p}:3: invalid UTF-8"))
+    p = tmp_path / "windows.txt"  # a Windows "Unicode" export
+    p.write_text("Some text\nfrom Windows\n", encoding="utf-16")
+    cases.append((p, f"{p}:1: invalid UTF-8 at byte 0 of the file (invalid start byte): it starts with a UTF-16 byte "
+                     "order mark; convert UTF-16 to UTF-8"))
+    p = tmp_path / "no_bom.txt"  # valid UTF-8, but a NUL after every character: it was tokenized as that
+    p.write_bytes("Some text\nwithout a byte order mark".encode("utf-16-le"))
+    cases.append((p, f"{p}:1: a NUL byte at byte 1 of the file: not text, or UTF-16 without a byte order mark"))
+    p = tmp_path / "nul.md"
+    p.write_bytes(b"text\nand then \x00 binary")
+    cases.append((p, f"{p}:2: a NUL byte at byte 14"))
     p = tmp_path / "json.jsonl"
     p.write_text('{"text": "ok"}\n{"text": "unterminated}\n')
     cases.append((p, f"{p}:2: malformed JSON"))
