@@ -28,6 +28,7 @@ import gzip
 import hashlib
 import itertools
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,8 @@ from tokenizer import EOT_ID
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
                   "system": "system"}
+# Compressed files that are not read (gzip is): named in the error, which was a byte that is not UTF-8.
+OTHER_COMPRESSIONS = (".bz2", ".xz", ".zst", ".lz4", ".zip", ".7z")
 # Speakers and roles of tool calls and their results: the chat template has none, such conversations are skipped.
 TOOL_ROLES = {"tool", "function", "function_call", "observation"}
 # Batches are padded to a multiple of this many tokens: short rows (most dialogs) waste little compute.
@@ -59,17 +62,25 @@ class ChatDataError(ValueError):
 # ---- reading ----------------------------------------------------------------------------------
 
 def _open_text(path: Path) -> str:
-    gz = path.suffix.lower() == ".gz"
-    try:  # utf-8-sig: files saved by Windows editors start with a byte order mark
-        if gz:
-            with gzip.open(path, "rt", encoding="utf-8-sig") as f:
-                return f.read()
-        return path.read_text(encoding="utf-8-sig")
+    name = path.name.lower()
+    if name.endswith(OTHER_COMPRESSIONS):  # else read as text, failing on its first byte that is not UTF-8
+        raise ChatDataError(f"{path}: {Path(name).suffix} compression is not read: decompress the file, or compress "
+                            "it with gzip (.gz)")
+    gz = name.endswith(".gz")
+    try:
+        data = gzip.decompress(path.read_bytes()) if gz else path.read_bytes()
     except FileNotFoundError:
         raise ChatDataError(f"{path}: file not found") from None
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        kind = "gzip-compressed UTF-8 text" if gz else "UTF-8 text"
-        raise ChatDataError(f"{path}: cannot be read as {kind}: {e}") from None
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: a corrupt gzip stream
+        raise ChatDataError(f"{path}: cannot be read{' as gzip-compressed text' if gz else ''}: {e}") from None
+    try:  # utf-8-sig: files saved by Windows editors start with a byte order mark
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        utf16 = data.startswith((b"\xff\xfe", b"\xfe\xff"))  # a UTF-16 byte order mark
+        hint = ", the file is UTF-16: convert it (iconv -f UTF-16 -t UTF-8)" if utf16 else ""
+        raise ChatDataError(f"{path} line {line}: invalid UTF-8 at byte {e.start} of the file ({e.reason}); expected "
+                            f"UTF-8 text{hint}") from None
 
 
 def _records(path: Path):

@@ -229,6 +229,20 @@ def test_bad_files_name_file_and_line(tmp_path):
     (tmp_path / "bad.gz").write_bytes(b"not gzip at all")
     with pytest.raises(ChatDataError, match="cannot be read"):
         read_file(tmp_path / "bad.gz")
+    corrupt = bytearray(gzip.compress((json.dumps(GOOD) + "\n").encode() * 100))
+    corrupt[30:60] = bytes(b ^ 0x55 for b in corrupt[30:60])  # a corrupt deflate stream: zlib.error, a traceback
+    bad_bytes = {"corrupt.jsonl.gz": (bytes(corrupt), "cannot be read as gzip-compressed text: Error -3"),
+                 "latin1.jsonl": ((json.dumps(GOOD) + "\n").encode() + '{"x": "café"}\n'.encode("latin-1"),
+                                  "line 2: invalid UTF-8 at byte 103 of the file"),
+                 "windows.json": (json.dumps([GOOD]).encode("utf-16"), "line 1: invalid UTF-8 at byte 0 of the file "
+                                  "\\(invalid start byte\\); expected UTF-8 text, the file is UTF-16"),
+                 "chats.jsonl.zst": (b"\x28\xb5\x2f\xfd", ": .zst compression is not read"),
+                 "chats.JSON.XZ": (b"\xfd7zXZ\x00", ": .xz compression is not read")}
+    for name, (data, expected) in bad_bytes.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ChatDataError, match=expected) as e:
+            read_file(tmp_path / name)
+        assert str(e.value).startswith(str(tmp_path / name)), name
     with pytest.raises(ChatDataError, match="not found"):
         read_file(tmp_path / "missing.jsonl")
 
