@@ -94,7 +94,11 @@ def find_sources(inputs: list[str]) -> tuple[list[Path], list[Path], list[Path]]
     for arg in inputs:
         path = Path(arg)
         if path.is_dir():
-            found = [p for p in sorted(path.rglob("*")) if p.is_file()]
+            everything = sorted(path.rglob("*"))
+            found = [p for p in everything if p.is_file()]
+            broken = [p for p in everything if p.is_symlink() and not p.exists() and is_input(p)]
+            if broken:  # a missing input, as a missing file named on the command line (is_file() skipped it silently)
+                raise BadInput(f"{broken[0]}: broken symbolic link (its target is missing, or a link loop)")
             hidden += [p for p in found if is_hidden(p, path)]
             found = [p for p in found if not is_hidden(p, path)]
             readable = [p for p in found if is_input(p)]

@@ -207,6 +207,11 @@ def bad_cases(tmp_path):
     p.write_bytes(p.read_bytes()[:-30])
     cases.append((p, f"{p}:44: cannot read the file: Compressed file ended"))
     cases.append((tmp_path / "missing.jsonl", "missing.jsonl: no such file or folder"))
+    for name, target in (("gone", "nowhere/book.txt"), ("loop", "book.txt")):  # was skipped without a word
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "other.txt").write_text("A file that is there.")
+        (tmp_path / name / "book.txt").symlink_to(target)
+        cases.append((tmp_path / name, f"{tmp_path / name / 'book.txt'}: broken symbolic link"))
     p = tmp_path / "data.csv"
     p.write_text("a,b\n")
     cases.append((p, "unsupported file type"))
