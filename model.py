@@ -369,14 +369,11 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 def enable_tf32() -> None:
-    """Let fp32 matmuls and convolutions on CUDA use TF32 (bf16 autocast leaves some in fp32). Through the
-    fp32_precision settings where torch has them: it deprecates allow_tf32, and mixing the two APIs is an error."""
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    """Let fp32 matmuls on CUDA use TF32 (bf16 autocast leaves some in fp32; cuDNN's convolutions use it by default).
+    Through set_float32_matmul_precision, which keeps torch's two sets of settings in step: setting only the newer
+    fp32_precision ones makes every later read of the legacy ones (allow_tf32, get_float32_matmul_precision) a
+    mixed-API error, and Inductor still reads them when it compiles a matmul."""
+    torch.set_float32_matmul_precision("high")
 
 
 def inference_autocast(device: torch.device):

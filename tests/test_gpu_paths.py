@@ -94,16 +94,18 @@ def test_warmup_never_fills_a_short_run():
     assert "warmup 100 steps, 20% of the run (not 700)" in text
 
 
-def test_tf32_goes_through_the_fp32_precision_settings():
-    """torch deprecates allow_tf32 and refuses mixing it with fp32_precision: enable_tf32 sets the new one (the
-    settings exist on CPU builds too)."""
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    before = matmul.fp32_precision, conv.fp32_precision
+def test_tf32_leaves_every_reader_of_the_precision_settings_an_answer():
+    """enable_tf32 turns TF32 on for the legacy readers (allow_tf32, get_float32_matmul_precision) and the
+    fp32_precision ones alike. Setting only fp32_precision leaves the legacy readers raising torch's mixed-API
+    error, and Inductor still reads them (its autotuning cache keys: a compiled matmul failed to lower)."""
+    before = torch.get_float32_matmul_precision()
     try:
         enable_tf32()
-        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32" and torch.backends.cuda.matmul.allow_tf32
+        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cudnn.conv.fp32_precision == "tf32" and torch.backends.cudnn.allow_tf32
     finally:
-        matmul.fp32_precision, conv.fp32_precision = before
+        torch.set_float32_matmul_precision(before)
 
 
 # ---- host syncs, devices, compile and bf16 on the GPU's loss branch (section 4 of the review) ---------------
