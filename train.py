@@ -109,7 +109,10 @@ def setup_device(cfg: TrainConfig):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":  # NCCL binds to this process's GPU, not one guessed from the rank
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
     return device, rank, world
 
 

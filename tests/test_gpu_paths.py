@@ -33,6 +33,26 @@ def test_one_process_may_pick_its_gpu(monkeypatch):
     assert (device, rank, world, calls) == (torch.device("cuda", 1), 0, 1, [torch.device("cuda", 1)])
 
 
+def test_each_process_joins_the_nccl_group_on_its_own_gpu(monkeypatch):
+    """Under torchrun, process N takes cuda:LOCAL_RANK and names it to init_process_group: NCCL then binds its
+    communicator to that GPU, where it would otherwise guess the GPU from the rank at the first barrier."""
+    import torch.distributed as dist
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    joined = []
+    monkeypatch.setattr(dist, "init_process_group", lambda *args, **kwargs: joined.append((args, kwargs)))
+    device, rank, world = train.setup_device(TrainConfig(device="cuda"))
+    assert (device, rank, world) == (torch.device("cuda", 1), 1, 2)
+    assert joined == [(("nccl",), {"device_id": torch.device("cuda", 1)})]
+    joined.clear()
+    train.setup_device(TrainConfig(device="cpu"))
+    assert joined == [(("gloo",), {})]
+
+
 @pytest.mark.parametrize("name, peak", [("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 836e12),
                                         ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
                                         ("NVIDIA H100 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12),
