@@ -396,15 +396,16 @@ def prefill(model, cache: KVCache, rows: list[int], chunks: list[list[int]], sta
     for rows with all_positions, the logits of all its new tokens (T_i, V) (else None)."""
     device = cache.k.device
     n, T = len(chunks), max(len(c) for c in chunks)
-    idx = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=device)
-    pos = (torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)).clamp_(max=cache.max_len - 1)
+    # One host-to-device copy (each is a sync on CUDA): every row's padded chunk, start, cache row, prev and last index
+    table = torch.tensor([c + [0] * (T - len(c)) + [start, row, prev, len(c) - 1]
+                          for c, start, row, prev in zip(chunks, starts, rows, prevs)], device=device)
+    idx, (start, row, prev, ends) = table[:, :T], table[:, T:].unbind(1)
+    pos = (start[:, None] + torch.arange(T, device=device)).clamp_(max=cache.max_len - 1)
     kv_len = max(s + len(c) for s, c in zip(starts, chunks))
-    cache.index = torch.tensor(rows, device=device)
-    cache.write_rows, cache.pos, cache.kv_len = cache.index[:, None], pos, kv_len
+    cache.index, cache.write_rows, cache.pos, cache.kv_len = row, row[:, None], pos, kv_len
     cache.mask = (torch.arange(kv_len, device=device) <= pos[:, :, None])[:, None]
-    x = model.hidden_states(idx, cache, pos, torch.tensor(prevs, device=device))
+    x = model.hidden_states(idx, cache, pos, prev)
     out = output_layer(model)
-    ends = torch.tensor([len(c) - 1 for c in chunks], device=device)
     last = x[torch.arange(n, device=device), ends]
     full = [out(x[i, : len(c)]).float() if want else None for i, (c, want) in enumerate(zip(chunks, all_positions))]
     return last, full

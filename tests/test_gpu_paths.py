@@ -183,6 +183,20 @@ def test_a_decode_step_has_a_fixed_budget():
     assert logits.shape == (3, 50304) and reads.syncs == [] and reads.from_python == 1
 
 
+def test_a_prefill_has_a_fixed_budget():
+    """A prefill of 3 prompts of different lengths (one with prompt logprobs): no host reads; its inputs (chunks,
+    starts, rows, prevs) come from Python in one copy."""
+    from engine import KVCache, output_layer, prefill
+    model = small_model().eval()
+    cache = KVCache(model.config, 4, 32, torch.device("cpu"), torch.float32)
+    output_layer(model)  # the CPU's copies of the output layer are made once, outside the step
+    with torch.no_grad(), HostReads() as reads:
+        last, full = prefill(model, cache, [2, 0, 3], [[5, 6, 7], [8], [9, 10]], [0, 4, 2], [0, 3, 1],
+                             [False, True, False])
+    assert last.shape == (3, 32) and full[1].shape == (1, 50304)
+    assert reads.syncs == [] and reads.from_python == 1
+
+
 @pytest.mark.parametrize("restricted", [False, True])
 def test_the_hot_paths_run_on_the_meta_device(gpu_loss_branch, restricted):
     """Device plumbing: after restrict_output and .to(), every tensor the model owns is on its device, and the
