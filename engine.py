@@ -232,6 +232,16 @@ class KVCache:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask)
 
 
+def decode_precision(device: torch.device, weight_dtype: torch.dtype):
+    """(the KV cache's dtype, the autocast decoding runs under): on CUDA bf16 autocast (TF32 for what it leaves in
+    fp32) and a bf16 cache, the dtype the forward pass emits, so that attention never casts the cache; elsewhere the
+    weights' dtype, without autocast."""
+    if device.type != "cuda":
+        return weight_dtype, inference_autocast(device)
+    enable_tf32()
+    return torch.bfloat16, inference_autocast(device)
+
+
 def output_layer(model):
     """The output layer as a function of hidden states (rows, C). On the CPU, from copies of the weights laid out
     for it (decode_copies): one row (a single stream) reads W.T stored contiguous, several times faster than
@@ -592,11 +602,7 @@ class Engine:
         self.on_failure = on_failure or (lambda failure: None)
         self.failure: str | None = None
         self.device = model.wte.weight.device
-        cuda = self.device.type == "cuda"
-        if cuda:
-            enable_tf32()
-        dtype = torch.bfloat16 if cuda else model.wte.weight.dtype
-        self.autocast = inference_autocast(self.device)
+        dtype, self.autocast = decode_precision(self.device, model.wte.weight.dtype)
         self.max_len = model.config.block_size
         self.cache = KVCache(model.config, max_batch, self.max_len, self.device, dtype)
         self.free = list(range(max_batch))  # a heap: the lowest free row first

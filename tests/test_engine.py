@@ -1,5 +1,6 @@
 """engine.py: the decode phases against the model's own forward, continuous batching against one sequence at a time,
-the static cache against the dynamic one, conversation reuse against none, logprobs against log_softmax, errors."""
+the static cache against the dynamic one, conversation reuse against none, logprobs against log_softmax, errors,
+and CUDA's decoding precision (bf16) on the CPU."""
 
 import time
 
@@ -416,3 +417,36 @@ def test_max_tokens_0_scores_a_prompt_that_fills_the_context():
     assert [e.logprob for e in events[0].logprobs[1:]] == pytest.approx(want.tolist(), abs=1e-5)
     with pytest.raises(ContextTooLong):
         generate(model, [prompt], SamplingParams(max_tokens=1))
+
+
+def test_cudas_decoding_precision_on_the_cpu(monkeypatch):
+    """The engine as CUDA runs it (engine.decode_precision: bf16 autocast, a bf16 cache) on the CPU: attention reads
+    the cache in the dtype the forward pass emits, never casting it, and the logprobs of a greedy sequence (prompt
+    and generated tokens) and of a sampled one batched beside it are the fp32 model's within bf16's error."""
+    import engine as engine_module
+    monkeypatch.setattr(engine_module, "decode_precision",
+                        lambda device, weight_dtype: (torch.bfloat16, torch.autocast("cpu", dtype=torch.bfloat16)))
+    dtypes = set()
+    attend = KVCache.attend
+    monkeypatch.setattr(KVCache, "attend", lambda cache, layer, q, k, v: dtypes.add((q.dtype, k.dtype, cache.k.dtype))
+                        or attend(cache, layer, q, k, v))
+    model = make_model(rope=True, smear=True)
+    engine = Engine(model, max_batch=2)
+    assert engine.cache.k.dtype == torch.bfloat16
+    greedy = SamplingParams(max_tokens=6, temperature=0, stop_tokens=frozenset(), logprobs=0, prompt_logprobs=True)
+    sampled = SamplingParams(max_tokens=6, temperature=0.8, top_k=50, top_p=0.9, seed=0, stop_tokens=frozenset(),
+                             logprobs=0)
+    events = [[], []]
+    runs = [Sequence(PROMPTS[0], greedy, emit=events[0].append), Sequence(PROMPTS[2], sampled, emit=events[1].append)]
+    engine.submit(runs)
+    while engine.busy():
+        engine.step()
+    assert dtypes == {(torch.bfloat16,) * 3}
+    for seq, seq_events in zip(runs, events):
+        entries = [lp for e in seq_events for lp in e.logprobs if lp is not None]
+        tokens = (seq.prompt[1:] if seq.params.prompt_logprobs else []) + seq.tokens
+        logp = torch.log_softmax(full_logits(model, seq.prompt + seq.tokens), dim=-1)
+        first = 0 if seq.params.prompt_logprobs else len(seq.prompt) - 1
+        assert [e.token for e in entries] == tokens and len(seq.tokens) == 6
+        want = logp[torch.arange(first, first + len(tokens)), torch.tensor(tokens)]
+        assert [e.logprob for e in entries] == pytest.approx(want.tolist(), abs=0.02)
