@@ -197,6 +197,28 @@ def test_a_prefill_has_a_fixed_budget():
     assert reads.syncs == [] and reads.from_python == 1
 
 
+def test_the_static_decode_step_compiles_into_one_graph():
+    """decode_one_step(static=True) exists for torch.compile and CUDA graphs: the model's part of it compiles with
+    fullgraph and dynamic=False into one graph that serves every step, the positions moving, and equals eager."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from engine import KVCache, decode_one_step
+    torch._dynamo.reset()
+    counters.clear()
+    model = small_model().eval()
+    caches = [KVCache(model.config, 3, 32, torch.device("cpu"), torch.float32) for _ in range(2)]
+    eager = model.hidden_states
+    compiled = torch.compile(eager, backend="aot_eager", fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        for position in range(4):
+            args = [5 + position, 6, 7], [position, position + 2, position + 5], [1, 2, 3]
+            model.hidden_states = compiled
+            got = decode_one_step(model, caches[0], *args, static=True)
+            model.hidden_states = eager
+            assert torch.allclose(got, decode_one_step(model, caches[1], *args, static=True), atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 @pytest.mark.parametrize("restricted", [False, True])
 def test_the_hot_paths_run_on_the_meta_device(gpu_loss_branch, restricted):
     """Device plumbing: after restrict_output and .to(), every tensor the model owns is on its device, and the
