@@ -53,12 +53,19 @@ def test_missing_bpe_file_says_what_to_do(tmp_path):
     assert "make setup" in r.stderr and "TokenizerNotFound" in r.stderr
 
 
-def test_wrong_bpe_file_is_refused(tmp_path, monkeypatch):
+@pytest.fixture
+def wrong_bpe_file(tmp_path, monkeypatch):
+    """A PARLEY_BPE_FILE that is not the GPT-2 file, with nothing read yet in this process."""
     bad = tmp_path / "r50k_base.tiktoken"
     bad.write_text("not the file")
     monkeypatch.setenv("PARLEY_BPE_FILE", str(bad))
     monkeypatch.setattr(tokenizer, "_ENCODING", None)
     monkeypatch.setattr(tokenizer, "_RANKS", None)
+    monkeypatch.setattr(tokenizer, "_THREAD", threading.local())
+    return bad
+
+
+def test_wrong_bpe_file_is_refused(wrong_bpe_file):
     with pytest.raises(tokenizer.TokenizerNotFound, match="sha256"):
         tokenizer.get_encoding()
 
@@ -96,18 +103,6 @@ def test_each_thread_encodes_with_its_own_copy_and_the_same_tokens():
         assert enc.encode_to_numpy(text, disallowed_special=()).tolist() == \
             tokenizer.get_encoding().encode(text, disallowed_special=())
         assert enc.n_vocab == tokenizer.get_encoding().n_vocab
-
-
-@pytest.fixture
-def wrong_bpe_file(tmp_path, monkeypatch):
-    """A PARLEY_BPE_FILE that is not the GPT-2 file, with nothing read yet in this process."""
-    bad = tmp_path / "r50k_base.tiktoken"
-    bad.write_text("not the file")
-    monkeypatch.setenv("PARLEY_BPE_FILE", str(bad))
-    monkeypatch.setattr(tokenizer, "_ENCODING", None)
-    monkeypatch.setattr(tokenizer, "_RANKS", None)
-    monkeypatch.setattr(tokenizer, "_THREAD", threading.local())
-    return bad
 
 
 def test_scripts_refuse_a_wrong_bpe_file_with_a_message_and_exit_2(wrong_bpe_file, tmp_path, capsys, monkeypatch):
