@@ -205,8 +205,9 @@ def _alpaca(record: dict, where: str) -> list[list[dict]]:
 
 def _chat(record: dict, where: str) -> list | None:
     """An OpenAI record's messages with their role and content, and "weight": 0 where a message has it (OpenAI's
-    fine-tuning files mark the replies not to learn so); other keys ('name', ...) are dropped. None for a
-    conversation with tool calls."""
+    fine-tuning files mark the replies not to learn so); other keys ('name', ...) are dropped. The role 'developer'
+    (OpenAI's newer name) is 'system', and content given as a list of text parts is their text, as the server reads
+    them. None for a conversation with tool calls."""
     messages = record["messages"]
     if not isinstance(messages, list):
         return messages  # validate names the error
@@ -217,7 +218,14 @@ def _chat(record: dict, where: str) -> list | None:
             continue
         if m.get("tool_calls") or m.get("function_call") or m.get("role") in TOOL_ROLES:  # null or []: no call
             return None
-        kept.append({"role": m.get("role"), "content": m.get("content")})
+        content = m.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ChatDataError(f"{where}: message {i} has a content part that is not text "
+                                    '({"type": "text", "text": ...}): this model reads text only')
+            content = "".join(p["text"] for p in content)
+        kept.append({"role": "system" if m.get("role") == "developer" else m.get("role"), "content": content})
         weight = m.get("weight")  # null where a Hugging Face export gave every message the key
         if weight not in (None, 0, 1) or isinstance(weight, bool):
             raise ChatDataError(f"{where}: message {i} has weight {weight!r}; expected 0 (not trained on) or 1")
@@ -232,8 +240,11 @@ def _sharegpt(record: dict, where: str) -> list[dict] | None:
         raise ChatDataError(f"{where}: field 'conversations' must be a list of {{'from', 'value'}} objects")
     messages = []
     for i, t in enumerate(turns):
+        if isinstance(t, dict) and "from" not in t and "value" not in t:  # some exports name them role/content
+            t = {"from": t.get("role"), "value": t.get("content")}
         if not isinstance(t, dict) or not isinstance(t.get("from"), str) or not isinstance(t.get("value"), str):
-            raise ChatDataError(f"{where}: conversations[{i}] must be an object with string 'from' and 'value'")
+            raise ChatDataError(f"{where}: conversations[{i}] must be an object with string 'from' and 'value' "
+                                "(or 'role' and 'content')")
         role = SHAREGPT_ROLES.get(t["from"].lower())
         if t["from"].lower() in TOOL_ROLES:
             return None

@@ -51,6 +51,20 @@ def test_chat_jsonl_plain_and_gz(tmp_path):
     assert read_file(write(tmp_path / "c.jsonl.gz", records, gz=True)) == convs
 
 
+
+def test_developer_role_and_text_parts_are_read_as_the_server_reads_them(tmp_path):
+    """OpenAI's newer exports: 'developer' for the system role, content as a list of text parts; ShareGPT turns
+    named role/content. An image part is an error naming the line."""
+    parts = [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]
+    records = [{"messages": [msg("developer", "Be kind."), msg(U, parts), msg(A, [{"type": "text", "text": "Yo"}])]},
+               {"conversations": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "R"}]}]
+    expected = [[msg(S, "Be kind."), msg(U, "Hi there"), msg(A, "Yo")]]
+    assert read_file(write(tmp_path / "c.jsonl", records[:1])) == expected
+    assert read_file(write(tmp_path / "s.jsonl", records[1:])) == [[msg(U, "Q"), msg(A, "R")]]
+    image = {"messages": [msg(U, [{"type": "image_url", "image_url": {"url": "x"}}]), msg(A, "A cat.")]}
+    with pytest.raises(ChatDataError, match="line 2: message 0 has a content part that is not text"):
+        read_file(write(tmp_path / "i.jsonl", [records[0], image]))
+
 def test_byte_order_mark_and_upper_case_gz_suffix_are_read(tmp_path):
     convs = [[msg(U, "Hi"), msg(A, "Hello!")]]
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"messages": convs[0]}).encode() + b"\n")
@@ -177,9 +191,9 @@ def test_conversations_with_tool_calls_are_skipped_and_counted(tmp_path):
 
 GOOD = {"messages": [msg(U, "hi"), msg(A, "hello")]}
 BAD_CASES = [
-    ("content not a string", [GOOD, {"messages": [msg(U, "hi"), {"role": A, "content": ["x"]}]}], "line 2",
+    ("content not a string", [GOOD, {"messages": [msg(U, "hi"), {"role": A, "content": 5}]}], "line 2",
      "string 'role' and 'content'"),
-    ("unknown role", [{"messages": [msg("developer", "x"), msg(A, "y")]}], "line 1", "unknown role 'developer'"),
+    ("unknown role", [{"messages": [msg("robot", "x"), msg(A, "y")]}], "line 1", "unknown role 'robot'"),
     ("empty conversation", [GOOD, GOOD, {"messages": []}], "line 3", "non-empty list"),
     ("messages not a list", [{"messages": "hi"}], "line 1", "non-empty list"),
     ("not alternating", [{"messages": [msg(U, "a"), msg(U, "b"), msg(A, "c")]}], "line 1",
