@@ -20,7 +20,6 @@ process). `python train.py` only says which script to run.
 import collections
 import contextlib
 import dataclasses
-import fcntl
 import functools
 import json
 import math
@@ -42,6 +41,11 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
+
+try:
+    import fcntl  # the run folder's lock (lock_run_dir); Windows has none
+except ImportError:
+    fcntl = None
 
 from atomic import finish_replacements
 from checkpoint import (CheckpointError, cpu_copy, load_checkpoint, step_checkpoints, wrong_shapes,
@@ -142,8 +146,8 @@ class CpuThreads:
     parallel op waits for the thread that shares a core with it, and a job started mid-run does that as surely as
     one running before (BENCHMARKS.md, Demo: v4's "a slower or busier machine" and "a busy process started
     mid-run"). A core counts as free when it is idle or runs this process (its CPU time over the wall time), so that
-    the process's own threads do not read as other work; the free share is summed and rounded down unless its fraction is at least three quarters.
-    OMP_NUM_THREADS, when set, decides instead, as it does under torchrun; `enabled` False does nothing."""
+    the process's own threads do not read as other work; the free share is summed and rounded down unless its
+    fraction is at least three quarters. OMP_NUM_THREADS, when set, decides instead, as it does under torchrun; `enabled` False does nothing."""
 
     def __init__(self, enabled: bool = True, every: float = 10.0):
         self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
@@ -440,12 +444,15 @@ def remove_dir(d: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def lock_run_dir(out: Path) -> int:
+def lock_run_dir(out: Path) -> int | None:
     """An open descriptor of RUN that holds its lock (the system drops it when the process ends, killed or not), or
     an error when another run holds it: two runs in one folder would interleave their logs and overwrite each
     other's checkpoints. A torchrun killed with SIGKILL leaves its workers training, and a --resume beside them
-    would do just that."""
+    would do just that. None where the system has no such lock (Windows)."""
     out.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        log(f"warning: {out} cannot be locked on this system: make sure no other run trains there")
+        return None
     fd = os.open(out, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -695,11 +702,11 @@ PACE_SECONDS = 60.0
 
 
 class Meter:
-    """The pace: seconds per step (for planned_steps; the mean over the last PACE_SECONDS), tokens per second and, on a
-    GPU with a known peak, MFU (moving averages, for the progress bar and the log), all from a process's second step
-    on (its first includes warm-up, torch.compile on CUDA). A row's tokens are counted up to its last target, so
-    fine-tuning's right padding is left out, and their FLOPs at the length of their batch and the width of the output
-    layer (GPT.flops_per_token)."""
+    """The pace: seconds per step (for planned_steps; the mean over the last PACE_SECONDS), tokens per second and,
+    on a GPU with a known peak, MFU (moving averages, for the progress bar and the log), all from a process's second
+    step on (its first includes warm-up, torch.compile on CUDA). A row's tokens are counted up to its last target, so
+    fine-tuning's right padding is left out, and their FLOPs at the length of their batch and the width of the
+    output layer (GPT.flops_per_token)."""
 
     def __init__(self, model: GPT, device: torch.device, dtype: torch.dtype, world: int):
         self.flops_per_token = functools.cache(model.flops_per_token)  # by sequence length: the model is fixed

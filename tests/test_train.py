@@ -266,6 +266,13 @@ def test_a_run_folder_in_use_by_another_run_is_refused(data_dir, tmp_path, capsy
     assert read_log(out)[-1] == {**read_log(out)[-1], "type": "end", "step": stopped + 1}
 
 
+
+def test_a_system_without_flock_trains_unguarded_with_a_warning(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "fcntl", None)  # as on Windows
+    run(data_dir, tmp_path / "run", "--max_steps", "1")
+    assert "cannot be locked on this system" in capsys.readouterr().err
+    assert read_log(tmp_path / "run")[-1]["type"] == "end"
+
 class Poison:
     """Makes the training loss NaN for optimizer steps first..last (0-based; one micro-batch per step): a forward
     hook on the final LayerNorm that counts the training-mode forward passes."""
