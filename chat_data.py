@@ -2,6 +2,7 @@
 
 Accepted files (UTF-8, plain or .gz, a byte order mark allowed), the format detected per file from its first record:
   * chat JSONL, the OpenAI shape:  {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", ...}]}
+    (the role "developer" is read as "system", and a content may be a list of text parts, as the server reads them)
   * ShareGPT (JSONL or a JSON array): {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", ...}]}
     (a "system" field beside "conversations", as LLaMA-Factory's, is the system message)
   * Alpaca (a JSON array or JSONL):  {"instruction": "...", "input": "...", "output": "..."}  ("response" is

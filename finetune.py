@@ -12,12 +12,13 @@ model's shape comes from it (of the model fields only --dropout applies, default
 plain or .gz (see chat_data.py), or folders of them (searched recursively, in sorted order); a pattern such as
 'dir/*.jsonl.gz' is expanded here too (useful in --config files). Only the assistant's tokens are trained on unless
 --train-on-prompt. A conversation longer than the context loses its oldest exchanges (the system message stays);
-one whose last exchange does not fit is dropped. --rehearse DIR adds --rehearse_rows windows of pretraining text (token shards) to every batch, all their tokens
-trained (chat_data.Rehearsal): a narrow fine-tuning set otherwise overwrites what pretraining taught
-(BENCHMARKS.md, Demo). An init pretrained with --data_vocab keeps its softmax restricted to the ids it or the
-data trains on: the same loss, cheaper. An id that neither trains on (one only a prompt uses) keeps the shared row
-of the ids pretraining never saw: the model reads every such id as the same unknown word. --data_vocab is
-pretraining's option and refused here, as is an --init_from (pretraining's name of --init) other than --init.
+one whose last exchange does not fit is dropped. --rehearse DIR adds --rehearse_rows windows of pretraining text
+(token shards) to every batch, all their tokens trained (chat_data.Rehearsal): a narrow fine-tuning set otherwise
+overwrites what pretraining taught (BENCHMARKS.md, Demo). An init pretrained with --data_vocab keeps its softmax
+restricted to the ids it or the data trains on: the same loss, cheaper. An id that neither trains on (one only a
+prompt uses) keeps the shared row of the ids pretraining never saw: the model reads every such id as the same
+unknown word. --data_vocab is pretraining's option and refused here, as is an --init_from (pretraining's name of
+--init) other than --init.
 The chat template is stored in every checkpoint (config.json "chat_template"). Every field: --help.
 """
 

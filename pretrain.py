@@ -9,8 +9,9 @@
 With --init-from (a checkpoint of ours or a Hugging Face GPT-2 directory) the model, its shape and dropout, comes
 from that checkpoint (model fields given that differ from it are named in a warning). --data_vocab computes the
 loss's softmax over the token ids that occur in the shards (plus one logit standing for all the others, whose
-embeddings it ties): for a corpus that uses few of the 50K ids, such as the demo's, a small model trains faster with the same full-vocabulary loss (GPT.restrict_output; BENCHMARKS.md);
-the chat tokens keep embeddings of their own for fine-tuning. Batches: shard_data.ShardData. Every config field
+embeddings it ties): for a corpus that uses few of the 50K ids, such as the demo's, a small model trains faster
+with the same full-vocabulary loss (GPT.restrict_output; BENCHMARKS.md); the chat tokens keep embeddings of their
+own for fine-tuning. Batches: shard_data.ShardData. Every config field
 can be given as --field value; --help lists them.
 """
 
