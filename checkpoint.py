@@ -121,11 +121,13 @@ def _is_checkpoint(d: Path) -> bool:
 
 
 def step_checkpoints(run_dir) -> list[Path]:
-    """The run's periodic checkpoints (RUN/step_NNNNNNN), oldest first."""
+    """The run's periodic checkpoints (RUN/step_NNNNNNN), oldest first: by the number, which from step 10,000,000 on
+    is longer than the names' padding."""
     run = Path(run_dir)
     if not run.is_dir():
         return []
-    return sorted(d for d in run.glob("step_*") if d.is_dir() and _is_checkpoint(d))
+    steps = [d for d in run.glob("step_*") if d.name[5:].isdigit() and d.is_dir() and _is_checkpoint(d)]
+    return sorted(steps, key=lambda d: int(d.name[5:]))
 
 
 def resolve(path) -> Path:

@@ -169,3 +169,11 @@ def test_a_folder_replaced_while_a_reader_looks_is_the_old_or_the_new_one_whole(
         replace_dir(tmp, out)
         assert (out / "meta.json").read_text() == version
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_step_checkpoints_are_ordered_by_their_number_past_the_padding(tmp_path):
+    from checkpoint import step_checkpoints
+    for name in ("step_9999999", "step_10000000", "step_0000400", "step_0000800.tmp-12", "step_best"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    assert [p.name for p in step_checkpoints(tmp_path)] == ["step_0000400", "step_9999999", "step_10000000"]
