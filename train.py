@@ -147,7 +147,8 @@ class CpuThreads:
     one running before (BENCHMARKS.md, Demo: v4's "a slower or busier machine" and "a busy process started
     mid-run"). A core counts as free when it is idle or runs this process (its CPU time over the wall time), so that
     the process's own threads do not read as other work; the free share is summed and rounded down unless its
-    fraction is at least three quarters. OMP_NUM_THREADS, when set, decides instead, as it does under torchrun; `enabled` False does nothing."""
+    fraction is at least three quarters. OMP_NUM_THREADS, when set, decides instead, as it does under torchrun;
+    `enabled` False does nothing."""
 
     def __init__(self, enabled: bool = True, every: float = 10.0):
         self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
@@ -279,14 +280,14 @@ class TrainState:
 
 
 def resume(out: Path, model: GPT, optimizer, scaler, master: bool, sharded: bool, data_fingerprint: str,
-           tokens_per_step: int) -> tuple[TrainState, Path | None]:
+           tokens_per_step: int, seed: int) -> tuple[TrainState, Path | None]:
     """(counters, checkpoint) of the newest checkpoint in `out` that loads, after loading its weights and optimizer
-    state; corrupted ones are skipped with a warning, and one made for another model, optimizer, data or number of
-    tokens per step is an error. Sharded, rank 0 alone reads it and sends each process its shard (a process's
+    state; corrupted ones are skipped with a warning, and one made for another model, optimizer, data, seed or
+    number of tokens per step is an error. Sharded, rank 0 alone reads it and sends each process its shard (a process's
     memory never holds the whole model and optimizer state but rank 0's). A fresh TrainState and None when `out`
     holds no checkpoint; an error when none of its checkpoints can be resumed (the run's files are left as they are)."""
     for ckpt in reversed(step_checkpoints(out)):
-        weights, saved, problem = read_for_resume(ckpt, model, optimizer, data_fingerprint, tokens_per_step) \
+        weights, saved, problem = read_for_resume(ckpt, model, optimizer, data_fingerprint, tokens_per_step, seed) \
             if master or not sharded else (None, None, None)
         if sharded:  # every process follows rank 0's reading: skip, stop, or load this checkpoint
             shared = [problem, saved and {k: v for k, v in saved.items() if k != "optimizer"}]
@@ -318,11 +319,11 @@ def resume(out: Path, model: GPT, optimizer, scaler, master: bool, sharded: bool
     return TrainState(), None
 
 
-def read_for_resume(ckpt: Path, model: GPT, optimizer, data_fingerprint: str, tokens_per_step: int
+def read_for_resume(ckpt: Path, model: GPT, optimizer, data_fingerprint: str, tokens_per_step: int, seed: int
                     ) -> tuple[dict | None, dict | None, str | CheckpointError | None]:
     """(weights, saved training state, None), or (None, None, problem): the text of why `ckpt` does not load (a
-    corrupted checkpoint, to skip), or a CheckpointError to raise (one made for another model, optimizer, data or
-    number of tokens per step).
+    corrupted checkpoint, to skip), or a CheckpointError to raise (one made for another model, optimizer, data, seed
+    or number of tokens per step).
     Shapes are checked here because torch loads an optimizer's moments unchecked, and a fused step then writes past
     the end of ones that are too small."""
     try:
@@ -337,7 +338,7 @@ def read_for_resume(ckpt: Path, model: GPT, optimizer, data_fingerprint: str, to
         return None, None, CheckpointError(f"{ckpt} was trained on other data ({trained_on}) than this run's "
                                            f"({data_fingerprint}): resume with the data it was trained on, or start "
                                            "afresh in another --out")
-    if problem := batch_mismatch(ckpt, config, tokens_per_step):
+    if problem := batch_mismatch(ckpt, config, tokens_per_step, seed):
         return None, None, problem
     weights = loaded.state_dict()
     problem = mismatch(model.state_dict(), weights, "weights") or optimizer_mismatch(optimizer, saved["optimizer"])
@@ -347,11 +348,17 @@ def read_for_resume(ckpt: Path, model: GPT, optimizer, data_fingerprint: str, to
     return weights, saved, None
 
 
-def batch_mismatch(ckpt: Path, config: dict, tokens_per_step: int) -> CheckpointError | None:
-    """The error of resuming `ckpt` with another number of tokens per step (None for a checkpoint that does not say,
-    written before they were recorded). Batches are a function of the step, so the resumed steps would read other
-    data (fine-tuning would repeat or skip part of its epoch), and a max_tokens schedule would be sized for steps of
-    another size; another split of the same tokens (--batch_size, processes) reads the same data."""
+def batch_mismatch(ckpt: Path, config: dict, tokens_per_step: int, seed: int) -> CheckpointError | None:
+    """The error of resuming `ckpt` with another number of tokens per step or another seed (None for a checkpoint
+    that does not say, written before they were recorded). Batches are a function of the seed and the step, so the
+    resumed steps would read other data (fine-tuning would repeat or skip part of its epoch), and a max_tokens
+    schedule would be sized for steps of another size; another split of the same tokens (--batch_size, processes)
+    reads the same data."""
+    saved_seed = config.get("train", {}).get("seed")
+    if saved_seed not in (None, seed):
+        return CheckpointError(f"field 'seed': {ckpt} was trained with --seed {saved_seed}, this run has {seed}: the "
+                               f"data order is the seed's, so resume with --seed {saved_seed}, or start afresh in "
+                               "another --out")
     saved = config.get("provenance", {}).get("tokens_per_step")
     if saved in (None, tokens_per_step):
         return None
@@ -877,7 +884,7 @@ def fit(model: GPT, cfg: TrainConfig, data, provenance: dict, extra_config: dict
     raw_model, model = wrap(model.to(device), cfg, device, world, dtype)
     optimizer = make_optimizer(raw_model, cfg, device)
     state, resumed_from = (resume(out, raw_model, optimizer, scaler, master, sharded, data.fingerprint,
-                                  tokens_per_step) if cfg.resume else (TrainState(), None))
+                                  tokens_per_step, cfg.seed) if cfg.resume else (TrainState(), None))
     lock = lock_run_dir(out) if master else None
     if master:
         prepare_run_dir(out, resuming=resumed_from is not None)

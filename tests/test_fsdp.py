@@ -143,7 +143,7 @@ def test_a_sharded_resume_reads_the_checkpoint_on_rank_0_only(fsdp, monkeypatch)
     monkeypatch.setattr(train.dist, "broadcast_object_list", from_rank_0)
     monkeypatch.setattr(train, "load_into_shards", lambda model, opt, weights, state: loads.append((weights, state)))
     state, ckpt = train.resume(fsdp, None, None, None, master=False, sharded=True, data_fingerprint="unread",
-                               tokens_per_step=0)
+                               tokens_per_step=0, seed=0)
     assert (state.step, ckpt.name, loads) == (6, "step_0000006", [({}, {})])
 
 

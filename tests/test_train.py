@@ -395,7 +395,7 @@ def test_resume_refuses_a_checkpoint_of_other_data_or_options_and_keeps_it(data_
     assert [p.name for p in step_checkpoints(out)] == ["step_0000004", "step_0000008"]
 
 
-def test_resume_refuses_another_batch_per_step_and_takes_another_split_of_it(data_dir, tmp_path, capsys):
+def test_resume_refuses_another_batch_per_step_or_seed_and_takes_another_split_of_it(data_dir, tmp_path, capsys):
     """A step is a number of tokens (batch_size x block_size x micro-batches x processes): with another, a resumed
     run's steps would read other data (a fine-tuning run repeats or skips part of its epoch) and a max_tokens
     schedule would be sized for steps it does not take. The same tokens per step split otherwise resume."""
@@ -407,6 +407,9 @@ def test_resume_refuses_another_batch_per_step_and_takes_another_split_of_it(dat
         err = capsys.readouterr().err
         assert e.value.code == 2 and "field 'batch_tokens'" in err and "256 tokens per step" in err, args
         assert "--batch_tokens 256" in err
+    with pytest.raises(SystemExit) as e:  # the data order is the seed's too
+        run(data_dir, out, "--max_steps", "8", "--resume", "--batch_tokens", "256", "--seed", "7")
+    assert e.value.code == 2 and "field 'seed'" in capsys.readouterr().err
     assert [p.name for p in step_checkpoints(out)] == ["step_0000004"]
     run(data_dir, out, "--max_steps", "8", "--save_every", "4", "--resume", "--batch_tokens", "256",
         "--batch_size", "2")  # 4 x 2 x 32
