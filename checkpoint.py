@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_map_only
 from atomic import replace_dir
 from config import ModelConfig, ConfigError, model_config_from_dict, to_dict
 from model import GPT
-from tokenizer import CHAT_SPECIAL_TOKENS, EOT_ID, TOKENIZER_NAME
+from tokenizer import CHAT_SPECIAL_TOKENS, EOT_ID, N_VOCAB, TOKENIZER_NAME
 
 FORMAT = "parley-checkpoint"
 VERSION = 1
@@ -222,7 +222,7 @@ _HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 def _hf_model_config(hf: dict) -> ModelConfig:
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise CheckpointError(f"unsupported GPT-2 activation {hf['activation_function']!r} (expected gelu_new)")
-    vocab = max(hf.get("vocab_size", 50257), 50261)
+    vocab = max(hf.get("vocab_size", EOT_ID + 1), N_VOCAB)  # GPT-2's own ids, and room for the chat tokens
     return ModelConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], block_size=hf["n_positions"],
                        vocab_size=(vocab + 63) // 64 * 64, dropout=0.0, bias=True)
 
