@@ -34,7 +34,8 @@ import torch
 import chat_format
 from chat_data import ChatData, ChatDataError, Rehearsal, encode_conversations, length_buckets, read_files, split
 from checkpoint import CheckpointError, load_checkpoint
-from config import ConfigError, FinetuneConfig, ModelConfig, TrainConfig, cli, to_dict
+from config import ConfigError, FinetuneConfig, ModelConfig, TrainConfig, cli, fail, to_dict
+from input_files import is_hidden
 from model import GPT, pick_device
 from shard_data import ShardData, data_vocab_ids
 from shards import ShardError
@@ -49,13 +50,10 @@ FINETUNE_DEFAULTS = dict(out="checkpoints/chat", lr=1e-4, warmup_steps=50, max_s
 
 def data_files(folder: str) -> list[str]:
     """A folder's data files (.json, .jsonl, and the same .gz), searched recursively, in sorted order, less its hidden
-    ones (as tokenize_data.is_hidden: a name starting with '.', a folder with '.' or '__'), which are copies or
-    metadata: Jupyter's .ipynb_checkpoints held a second copy of every file, macOS's ._NAME files stopped the run."""
-    def hidden(parts):
-        return any(part.startswith(".") for part in parts) or any(part.startswith("__") for part in parts[:-1])
+    ones (input_files.is_hidden)."""
     found = sorted(str(p) for p in Path(folder).rglob("*")
                    if p.is_file() and p.name.lower().endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz"))
-                   and not hidden(p.relative_to(folder).parts))
+                   and not is_hidden(p, Path(folder)))
     if not found:
         raise ChatDataError(f"{folder}: folder has no .json, .jsonl, .json.gz or .jsonl.gz files")
     return found
@@ -137,12 +135,6 @@ def report(summary: dict, cfg: TrainConfig, data: ChatData, world: int) -> None:
               f"= {epochs:.3g} epochs")
     if data.buckets:
         print(f"  compiled: batches padded to {', '.join(map(str, data.buckets))} tokens, one graph each")
-
-
-def fail(message: str) -> None:
-    """A configuration or input error: the message, exit code 2 (as pretrain.py and tokenize_data.py)."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def check_options(ft: FinetuneConfig, cfg: TrainConfig, model_cfg: ModelConfig, init: str) -> None:

@@ -55,6 +55,7 @@ import config
 import shards
 import tokenizer
 from atomic import replace_dir
+from input_files import is_hidden
 
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".md", ".md.gz")  # compared in lower case, as are JSONL_SUFFIXES
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -118,15 +119,6 @@ def find_sources(inputs: list[str]) -> tuple[list[Path], list[Path], list[Path]]
 
 def is_input(path: Path) -> bool:
     return path.name.lower().endswith(SUFFIXES)
-
-
-def is_hidden(path: Path, folder: Path) -> bool:
-    """Whether a file found in `folder` is hidden: its name or a folder's below `folder` starts with '.', or a
-    folder's with '__'. Such files are copies or metadata, not corpus: macOS's ._NAME files (binary, they stopped the
-    run as invalid UTF-8), Jupyter's .ipynb_checkpoints (a second copy of every file), __MACOSX. Hugging Face
-    datasets skip them too."""
-    parts = path.relative_to(folder).parts
-    return any(part.startswith(".") for part in parts) or any(part.startswith("__") for part in parts[:-1])
 
 
 class HashingReader(io.RawIOBase):
@@ -521,8 +513,7 @@ def main(argv: list[str]) -> dict:
     try:
         return tokenize(inputs, cfg)
     except BadInput as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        config.fail(str(e))
     except KeyboardInterrupt:  # Ctrl-C: tokenize removed its temporary folder
         print("interrupted; nothing written", file=sys.stderr)
         sys.exit(130)
