@@ -20,6 +20,7 @@ from pathlib import Path
 
 from chat_format import END, JINJA_TEMPLATE
 from checkpoint import CheckpointError, export_hf, load_checkpoint
+from config import fail
 from model import GPT
 from tokenizer import CHAT_SPECIAL_TOKENS, EOT, EOT_ID, TokenizerNotFound, gpt2_vocab_and_merges
 
@@ -68,8 +69,7 @@ def main(argv: list[str]) -> None:
     try:
         out = export(load_checkpoint(argv[0])[0], argv[1])
     except (CheckpointError, TokenizerNotFound) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))
     print(f"exported {argv[0]} -> {out} (load with AutoModelForCausalLM / AutoTokenizer.from_pretrained('{out}'))")
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure  # no pyplot: no global state, no display needed (the Agg canvas)
 
+from config import fail
+
 
 class LogError(ValueError):
     """A run log that cannot be plotted; the message names the file."""
@@ -153,11 +155,9 @@ def main(argv: list[str]) -> None:
     try:
         data = plot_runs(args.runs, args.out, args.x, args.smooth, args.y)
     except ValueError as e:  # a bad log (LogError) or --smooth
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))
     except OSError as e:  # e.g. an --out that cannot be written
-        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
-        sys.exit(2)
+        fail(f"{e.filename}: {e.strerror}")
     print(f"wrote {args.out}: " + ", ".join(f"{k} ({len(v['x'])} train / {len(v['val_x'])} val points)"
                                           for k, v in data.items()))
 

@@ -22,7 +22,7 @@ from dataclasses import fields
 import torch
 
 from checkpoint import CheckpointError, load_checkpoint
-from config import ConfigError, ModelConfig, TrainConfig, cli, to_dict
+from config import ConfigError, ModelConfig, TrainConfig, cli, fail, to_dict
 from model import GPT
 from shard_data import ShardData, data_vocab_ids
 from shards import ShardError
@@ -55,8 +55,7 @@ def main(argv: list[str]) -> None:
         if train_cfg.data_vocab:
             model.restrict_output(data_vocab_ids(train_cfg.data))
     except (CheckpointError, ShardError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))
     if model.output_ids is not None and int(os.environ.get("RANK", 0)) == 0:  # once under torchrun
         print(f"loss: softmax over the {len(model.output_ids):,} token ids that occur in {train_cfg.data} and the "
               f"chat tokens, plus one logit for the {len(model.rest_ids):,} others (--data_vocab)")
@@ -64,8 +63,7 @@ def main(argv: list[str]) -> None:
     try:
         fit(model, train_cfg, data, provenance, extra_config={"train": to_dict(train_cfg)})
     except (CheckpointError, ConfigError) as e:  # --resume of a checkpoint that does not fit this run, say
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))
 
 
 if __name__ == "__main__":
