@@ -288,6 +288,13 @@ def lift_step_limit(sections: list, given: set[str]) -> None:
             return
 
 
+def check_minimums(section, minimum: dict) -> None:
+    """A ConfigError naming the first field of `section` below its minimum in `minimum` (field -> least value)."""
+    for name, least in minimum.items():
+        if getattr(section, name) < least:
+            raise ConfigError(f"field '{name}' expects a value >= {least}, got {getattr(section, name)!r}")
+
+
 def fail(message: str) -> typing.NoReturn:
     """A script's configuration or input error: the message on stderr and exit code 2, as for a bad option."""
     print(f"error: {message}", file=sys.stderr)

@@ -35,7 +35,7 @@ import demo_data
 from atomic import write_text
 from chat_data import collate, encode_conversations, read_file
 from checkpoint import CheckpointError, load_checkpoint, resolve
-from config import cli, fail
+from config import check_minimums, cli, fail
 from model import inference_autocast, pick_device
 from shards import ShardError, list_shards, open_shard
 from tokenizer import TokenizerNotFound, decode
@@ -288,12 +288,9 @@ def main(argv: list[str]) -> None:
     positionals = cli(argv, [cfg], max_positional=1, usage=__doc__)
     if not positionals:
         fail("usage: python evaluate.py CHECKPOINT [--data DIR_OR_FILE ...] [--suite false]  (--help: every option)")
-    counts = ("per_family", "batch_size", "max_new_tokens", "max_loss_tokens")
-    small = [name for name in counts if getattr(cfg, name) < 1]
-    if small:
-        fail(f"field '{small[0]}' expects a value >= 1, got {getattr(cfg, small[0])}")
     checkpoint = Path(positionals[0])
     try:
+        check_minimums(cfg, dict.fromkeys(("per_family", "batch_size", "max_new_tokens", "max_loss_tokens"), 1))
         report = evaluate(checkpoint, cfg)
     except (CheckpointError, ShardError, TokenizerNotFound, ValueError) as e:  # ChatDataError, ConfigError: ValueErrors
         fail(str(e))

@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chat_format import ASSISTANT, ChatFormatError, render, validate
-from config import ConfigError, ServeConfig, cli, fail
+from config import ConfigError, ServeConfig, check_minimums, cli, fail
 from engine import (MAX_LOGPROBS, STOP_IDS, ContextTooLong, DeadlineExceeded, Engine, EngineError, EngineStopped, Event,
                     Logprob, QueueFull, SamplingParams, Sequence, fit_conversation)
 from model import pick_device
@@ -912,11 +912,8 @@ def create_app(cfg: ServeConfig, model=None, exit_on_failure: bool = False) -> F
 def check_config(cfg: ServeConfig) -> None:
     """Refuse limits the server cannot run with (a batch of 0 would start a server that never answers); the
     message names the field."""
-    at_least = {"max_batch": 1, "max_queue": 1, "max_tokens_cap": 1, "max_n": 1, "max_body_bytes": 1,
-                "max_sessions": 1, "prefix_cache_tokens": 0, "port": 0}
-    for name, least in at_least.items():
-        if getattr(cfg, name) < least:
-            raise ConfigError(f"field '{name}' expects a value >= {least}, got {getattr(cfg, name)!r}")
+    check_minimums(cfg, {"max_batch": 1, "max_queue": 1, "max_tokens_cap": 1, "max_n": 1, "max_body_bytes": 1,
+                         "max_sessions": 1, "prefix_cache_tokens": 0, "port": 0})
     for name in ("request_timeout", "session_ttl"):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"field '{name}' expects a number of seconds > 0, got {getattr(cfg, name)!r}")

@@ -50,7 +50,7 @@ except ImportError:
 from atomic import finish_replacements
 from checkpoint import (CheckpointError, cpu_copy, load_checkpoint, step_checkpoints, wrong_shapes,
                         write_checkpoint)
-from config import ConfigError, TrainConfig, progress_interval, to_dict
+from config import ConfigError, TrainConfig, check_minimums, progress_interval, to_dict
 from model import GPT, enable_tf32, pick_device
 from optim import MuonAdamW, check_optimizer, make_optimizer
 
@@ -66,11 +66,9 @@ def check_config(cfg: TrainConfig) -> None:
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"field '{name}' expects one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
-    minimum = {"batch_size": 1, "log_every": 1, "max_bad_steps": 1, "max_steps": 0, "warmup_steps": 0,
-               "batch_tokens": 0, "eval_every": 0, "eval_batches": 0, "save_every": 0, "keep_last": 0, "lr": 0}
-    for name, low in minimum.items():
-        if getattr(cfg, name) < low:
-            raise ConfigError(f"field '{name}' expects a value >= {low}, got {getattr(cfg, name)!r}")
+    check_minimums(cfg, {"batch_size": 1, "log_every": 1, "max_bad_steps": 1, "max_steps": 0, "warmup_steps": 0,
+                         "batch_tokens": 0, "eval_every": 0, "eval_batches": 0, "save_every": 0, "keep_last": 0,
+                         "lr": 0})
     if not (cfg.max_steps or cfg.max_tokens or cfg.max_time):
         raise ConfigError("no limit: set max_steps, max_tokens or max_time (one of them > 0)")
     for name in ("decay_fraction", "min_lr_ratio"):
