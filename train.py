@@ -47,7 +47,7 @@ try:
 except ImportError:
     fcntl = None
 
-from atomic import finish_replacements
+from atomic import finish_replacements, write_text
 from checkpoint import (CheckpointError, cpu_copy, load_checkpoint, step_checkpoints, wrong_shapes,
                         write_checkpoint)
 from config import ConfigError, TrainConfig, check_minimums, progress_interval, to_dict
@@ -511,9 +511,7 @@ class Log:
                             keep.append(line)
                     except json.JSONDecodeError:
                         continue
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(keep))
-            os.replace(tmp, self.path)
+            write_text(self.path, "".join(keep))
         self.write({"type": "resume", "step": step, "tokens": state.tokens, "from": str(checkpoint)})
 
     def write(self, record: dict) -> None:

@@ -1,6 +1,7 @@
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,6 +170,31 @@ def test_a_folder_replaced_while_a_reader_looks_is_the_old_or_the_new_one_whole(
         replace_dir(tmp, out)
         assert (out / "meta.json").read_text() == version
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_replaced_folder_is_on_the_disk_before_its_rename_and_the_rename_after(tmp_path, monkeypatch):
+    """atomic.replace_dir flushes every file and folder of the new one (fsync) before it takes the real name, and
+    the parent folder's entries after; write_text the same for a file. Without it a crash soon after a save can
+    leave an empty file under its real name."""
+    import atomic
+    events = []
+    sync = atomic.sync
+    monkeypatch.setattr(atomic, "sync", lambda path: (events.append(("sync", Path(path).name)), sync(path)))
+    replace = os.replace
+    monkeypatch.setattr(atomic.os, "replace", lambda a, b: (events.append(("rename", Path(b).name)), replace(a, b)))
+    tmp = tmp_path / "out.tmp-1"
+    (tmp / "train").mkdir(parents=True)
+    (tmp / "train" / "shard.bin").write_bytes(b"1")
+    (tmp / "meta.json").write_text("{}")
+    atomic.replace_dir(tmp, tmp_path / "out")
+    assert events[-2:] == [("rename", "out"), ("sync", tmp_path.name)]
+    assert sorted(events[:-2]) == [("sync", "meta.json"), ("sync", "out.tmp-1"), ("sync", "shard.bin"),
+                                   ("sync", "train")]
+    assert events[-3] == ("sync", "out.tmp-1")  # the folder itself last, after its entries' files
+    events.clear()
+    atomic.write_text(tmp_path / "eval.md", "x")
+    assert events == [("sync", f"eval.md.tmp-{os.getpid()}"), ("rename", "eval.md"), ("sync", tmp_path.name)]
+    assert (tmp_path / "eval.md").read_text() == "x"
 
 
 def test_step_checkpoints_are_ordered_by_their_number_past_the_padding(tmp_path):
