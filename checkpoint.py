@@ -15,6 +15,7 @@ RUN/best; every loader also accepts the run folder and picks `best`, else the ne
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -120,14 +121,20 @@ def _is_checkpoint(d: Path) -> bool:
     return (d / "config.json").is_file() and ".tmp-" not in d.name and ".old-" not in d.name
 
 
+def step_number(path) -> int | None:
+    """N of a periodic checkpoint's folder name step_N (ASCII digits only), else None."""
+    match = re.fullmatch(r"step_([0-9]+)", Path(path).name)
+    return int(match[1]) if match else None
+
+
 def step_checkpoints(run_dir) -> list[Path]:
     """The run's periodic checkpoints (RUN/step_NNNNNNN), oldest first: by the number, which from step 10,000,000 on
     is longer than the names' padding."""
     run = Path(run_dir)
     if not run.is_dir():
         return []
-    steps = [d for d in run.glob("step_*") if d.name[5:].isdigit() and d.is_dir() and _is_checkpoint(d)]
-    return sorted(steps, key=lambda d: int(d.name[5:]))
+    steps = [d for d in run.glob("step_*") if step_number(d) is not None and d.is_dir() and _is_checkpoint(d)]
+    return sorted(steps, key=step_number)
 
 
 def resolve(path) -> Path:

@@ -831,10 +831,11 @@ class Server:
 def model_id(checkpoint: str) -> str:
     """The model's name in the API: its run folder's (a run's best checkpoint is that run's model; a step
     checkpoint is named run/step_N), else "parley"."""
+    from checkpoint import step_number
     path = Path(checkpoint).resolve() if checkpoint else Path()
     if path.name == "best":
         path = path.parent
-    elif re.fullmatch(r"step_\d+", path.name):
+    elif step_number(path) is not None:
         return f"{path.parent.name}/{path.name}"
     return path.name or "parley"
 

@@ -199,7 +199,7 @@ def test_a_replaced_folder_is_on_the_disk_before_its_rename_and_the_rename_after
 
 def test_step_checkpoints_are_ordered_by_their_number_past_the_padding(tmp_path):
     from checkpoint import step_checkpoints
-    for name in ("step_9999999", "step_10000000", "step_0000400", "step_0000800.tmp-12", "step_best"):
+    for name in ("step_9999999", "step_10000000", "step_0000400", "step_0000800.tmp-12", "step_best", "step_\u00b2"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text("{}")
     assert [p.name for p in step_checkpoints(tmp_path)] == ["step_0000400", "step_9999999", "step_10000000"]
