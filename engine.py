@@ -25,6 +25,8 @@ on a CPU with bf16 dot products, a bf16 product screens the vocabulary and only 
 get their fp32 logits. Sampled rows take each sequence's uniform number from its own generator, so a seeded
 sequence draws the same whatever shares its batch, and are sampled where the logits are (`model.sample`); where
 the layer has few distinct rows, over those rows, the group standing for its ids (`sample_distinct_rows`).
+A step with penalties or a logit_bias takes the whole output layer and adjusts a copy of its logits
+(`adjust_logits`).
 
 Conversation reuse (`reuse_tokens`): when a sequence ends, the keys and values of its tokens go to a bounded
 store (least recently used dropped first); a new prompt that starts with stored tokens (the next turn of a
@@ -52,6 +54,7 @@ log = logging.getLogger("parley.engine")
 # Any special token (<|endoftext|>, <|system|>, <|user|>, <|assistant|>, <|end|>) ends a reply.
 STOP_IDS = frozenset(range(EOT_ID, N_VOCAB))
 MAX_LOGPROBS = 20
+MAX_REPETITION_PENALTY = 10
 
 
 # ---- errors --------------------------------------------------------------------------------------------------
@@ -103,6 +106,14 @@ class SamplingParams:
     stop_tokens: frozenset[int] = STOP_IDS  # ids that end the sequence (kept in `tokens`, not in the text)
     logprobs: int | None = None
     prompt_logprobs: bool = False
+    # OpenAI's penalties on the ids generated so far: minus frequency_penalty times an id's count, minus
+    # presence_penalty once it occurred. repetition_penalty (vLLM's and Hugging Face's): the logits of ids in the
+    # prompt or the output divided by it where positive, multiplied where negative. logit_bias: (id, bias) pairs
+    # added to those ids' logits. Logprobs are the model's own, before any of these.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self):
         if self.max_tokens < (0 if self.prompt_logprobs else 1):
@@ -112,6 +123,19 @@ class SamplingParams:
                              f"(0 < top_p <= 1), top_k {self.top_k} (>= 0)")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS}, not {self.logprobs}")
+        if not (-2 <= self.frequency_penalty <= 2 and -2 <= self.presence_penalty <= 2
+                and 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY):
+            raise ValueError(f"bad penalties: frequency_penalty {self.frequency_penalty} and presence_penalty "
+                             f"{self.presence_penalty} (-2 to 2), repetition_penalty {self.repetition_penalty} "
+                             f"(above 0, at most {MAX_REPETITION_PENALTY})")
+        for token, bias in self.logit_bias:
+            if not (0 <= token < N_VOCAB and -100 <= bias <= 100):
+                raise ValueError(f"bad logit_bias entry {token}: {bias} (ids 0 to {N_VOCAB - 1}, biases -100 to 100)")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1
+                    or self.logit_bias)
 
 
 @dataclass
@@ -494,27 +518,50 @@ def knobs(seqs: list[Sequence]) -> tuple[list[float], list[int], list[float]]:
     return ([s.params.temperature for s in seqs], [s.params.top_k for s in seqs], [s.params.top_p for s in seqs])
 
 
+def adjust_logits(logits, seqs: list[Sequence]) -> torch.Tensor:
+    """A copy of logits (n, V) with each sequence's penalties and logit_bias applied (SamplingParams), or logits
+    itself when no sequence has any."""
+    adjusting = [i for i, s in enumerate(seqs) if s.params.adjusts_logits]
+    if not adjusting:
+        return logits
+    logits = logits.clone()
+    for i in adjusting:
+        p, row, seq = seqs[i].params, logits[i], seqs[i]
+        if p.repetition_penalty != 1:
+            seen = torch.tensor(sorted(set(seq.prompt).union(seq.tokens)), device=row.device)
+            values = row[seen]
+            row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        if seq.tokens and (p.frequency_penalty or p.presence_penalty):
+            ids, counts = torch.tensor(seq.tokens).unique(return_counts=True)
+            row[ids.to(row.device)] -= (p.frequency_penalty * counts + p.presence_penalty).to(row.device, row.dtype)
+        if p.logit_bias:
+            ids, biases = zip(*p.logit_bias)
+            row[list(ids)] += torch.tensor(biases, device=row.device, dtype=row.dtype)
+    return logits
+
+
 def sample(model, hidden, seqs: list[Sequence]) -> tuple[list[int], list[Logprob | None]]:
     """The next token of each sequence from the hidden state of its last token (n, C), greedy rows together, and
-    its Logprob where the sequence asked for logprobs. Without logprobs, greedy_ids (all greedy) or
+    its Logprob where the sequence asked for logprobs. Without logprobs and penalties, greedy_ids (all greedy) or
     sample_distinct_rows, where they can."""
-    if all(s.params.logprobs is None for s in seqs):
+    if all(s.params.logprobs is None and not s.params.adjusts_logits for s in seqs):
         greedy = all(s.params.temperature == 0 for s in seqs)
         tokens = greedy_ids(model, hidden) if greedy else sample_distinct_rows(model, hidden, seqs)
         if tokens is not None:
             return tokens, [None] * len(seqs)
     logits = output_layer(model)(hidden).float()
+    scores = adjust_logits(logits, seqs)
     tokens = [0] * len(seqs)
     greedy = [i for i, s in enumerate(seqs) if s.params.temperature == 0]
     if len(greedy) == len(seqs):
-        tokens = most_likely(logits)
+        tokens = most_likely(scores)
     elif greedy:
-        for i, t in zip(greedy, most_likely(logits[greedy])):
+        for i, t in zip(greedy, most_likely(scores[greedy])):
             tokens[i] = t
     drawn = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
     if drawn:
         uniform = uniforms([seqs[i] for i in drawn])  # the rows are sampled where the logits are
-        rows = logits if len(drawn) == len(seqs) else logits[drawn]
+        rows = scores if len(drawn) == len(seqs) else scores[drawn]
         parts = [slice(None)] if sampled_together(rows.device) else [slice(j, j + 1) for j in range(len(drawn))]
         for part in parts:
             ids = sample_logits(rows[part], *knobs([seqs[i] for i in drawn[part]]),

@@ -49,8 +49,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chat_format import ASSISTANT, ChatFormatError, render, validate
 from config import ConfigError, ServeConfig, check_minimums, cli, fail
-from engine import (MAX_LOGPROBS, STOP_IDS, ContextTooLong, DeadlineExceeded, Engine, EngineError, EngineStopped, Event,
-                    Logprob, QueueFull, SamplingParams, Sequence, fit_conversation)
+from engine import (MAX_LOGPROBS, MAX_REPETITION_PENALTY, STOP_IDS, ContextTooLong, DeadlineExceeded, Engine,
+                    EngineError, EngineStopped, Event, Logprob, QueueFull, SamplingParams, Sequence, fit_conversation)
 from model import pick_device
 from tokenizer import N_VOCAB, TokenizerNotFound, decode, decode_bytes, encode, get_encoding
 
@@ -414,10 +414,11 @@ class Sampling(Strict):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = None  # vLLM's extension: generate max_tokens whatever the model says (benchmarks)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(None, gt=0, le=MAX_REPETITION_PENALTY, allow_inf_nan=False)  # vLLM's
+    logit_bias: dict[str, float] | None = None  # token id (a string, as JSON keys are) -> bias, -100 to 100
     # Accepted only at their neutral values: the server does not implement them, and says so.
-    frequency_penalty: float | None = Field(None, allow_inf_nan=False)
-    presence_penalty: float | None = Field(None, allow_inf_nan=False)
-    logit_bias: dict | None = None
     tools: list | None = None
     tool_choice: str | dict | None = None
     response_format: dict | None = None
@@ -636,13 +637,25 @@ class Server:
                            code="invalid_value")
         temperature = 1.0 if body.temperature is None else body.temperature
         stop_tokens = frozenset() if isinstance(body, Sampling) and body.ignore_eos else STOP_IDS
+        adjust = self.logit_adjustments(body) if isinstance(body, Sampling) else {}
         return SamplingParams(max_tokens, temperature, body.top_p or 1.0, max(body.top_k or 0, 0), body.seed,
-                              tuple(stop), stop_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                              tuple(stop), stop_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs, **adjust)
+
+    @staticmethod
+    def logit_adjustments(body: Sampling) -> dict:
+        """The request's penalties and logit_bias as SamplingParams fields; logit_bias's keys are token ids."""
+        bias = {}
+        for key, value in (body.logit_bias or {}).items():
+            token = int(key) if re.fullmatch(r"[0-9]{1,6}", key) else -1
+            if not (0 <= token < N_VOCAB and -100 <= value <= 100):
+                raise ApiError(400, f"logit_bias {{{key!r}: {value}}}: expected a token id from 0 to {N_VOCAB - 1} "
+                                    "and a bias from -100 to 100", param="logit_bias", code="invalid_value")
+            bias[token] = value
+        return dict(frequency_penalty=body.frequency_penalty or 0.0, presence_penalty=body.presence_penalty or 0.0,
+                    repetition_penalty=body.repetition_penalty or 1.0, logit_bias=tuple(sorted(bias.items())))
 
     def check_sampling(self, body: Sampling) -> tuple[int, list[str]]:
-        neutral = {"tools": not body.tools, "frequency_penalty": not body.frequency_penalty,
-                   "presence_penalty": not body.presence_penalty, "logit_bias": not body.logit_bias,
-                   "tool_choice": body.tool_choice in (None, "none", "auto"),
+        neutral = {"tools": not body.tools, "tool_choice": body.tool_choice in (None, "none", "auto"),
                    "response_format": body.response_format in (None, {"type": "text"}),
                    "suffix": not getattr(body, "suffix", None),
                    "best_of": getattr(body, "best_of", None) in (None, body.n or 1)}

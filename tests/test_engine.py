@@ -283,7 +283,9 @@ def test_stream_yields_the_text_of_the_tokens():
 
 def test_sampling_params_are_checked():
     for bad in (dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1),
-                dict(logprobs=21), dict(logprobs=-1), dict(max_tokens=-1, prompt_logprobs=True)):
+                dict(logprobs=21), dict(logprobs=-1), dict(max_tokens=-1, prompt_logprobs=True),
+                dict(frequency_penalty=2.5), dict(presence_penalty=-3), dict(repetition_penalty=0),
+                dict(repetition_penalty=11), dict(logit_bias=((N_VOCAB, 1.0),)), dict(logit_bias=((5, -101),))):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
     assert SamplingParams(max_tokens=0, prompt_logprobs=True).max_tokens == 0  # scoring a prompt only
@@ -404,6 +406,56 @@ def test_logprobs_equal_the_models_log_softmax(model):
         assert [t for t, _ in entry.top] == ids.tolist()
         assert [v for _, v in entry.top] == pytest.approx(values.tolist(), abs=1e-5)
     assert all(e.top[0] == (e.token, pytest.approx(e.logprob)) for e in generated)  # greedy takes the top one
+
+
+@pytest.mark.parametrize("adjust", [dict(frequency_penalty=1.5), dict(presence_penalty=2.0),
+                                    dict(frequency_penalty=-0.5, presence_penalty=1.0), dict(repetition_penalty=3.0),
+                                    dict(logit_bias=((7, 5.0), (8, -100.0)))])
+def test_penalties_and_logit_bias_decide_greedy_tokens_as_computed_by_hand(model, adjust):
+    """Each step's token is the argmax of the model's logits with OpenAI's penalties (minus frequency_penalty times
+    the id's count in the output, minus presence_penalty once present), vLLM's repetition_penalty (ids of the prompt
+    or output: positive logits divided, negative multiplied) and logit_bias added; whatever shares the batch. The
+    logprobs stay the model's own."""
+    prompt, n = [7, 7, 8, 100, 7], 10
+    params = SamplingParams(max_tokens=n, temperature=0, stop_tokens=frozenset(), logprobs=0, **adjust)
+    expected = []
+    for _ in range(n):
+        logits = full_logits(model, prompt + expected)[-1, :N_VOCAB].clone()
+        counts = torch.bincount(torch.tensor(expected, dtype=torch.long), minlength=N_VOCAB)[:N_VOCAB]
+        if "repetition_penalty" in adjust:
+            seen = torch.zeros(N_VOCAB, dtype=torch.bool)
+            seen[prompt + expected] = True
+            r = adjust["repetition_penalty"]
+            logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
+        logits -= adjust.get("frequency_penalty", 0) * counts + adjust.get("presence_penalty", 0) * (counts > 0)
+        for token, bias in adjust.get("logit_bias", ()):
+            logits[token] += bias
+        expected.append(int(logits.argmax()))
+    plain = generate(model, [prompt], GREEDY)[0]
+    assert expected != plain[:n]  # the adjustment changes the reply, so this test can fail
+    engine = Engine(model, max_batch=4)
+    seqs = [Sequence(prompt, params), Sequence(PROMPTS[0], GREEDY), Sequence(prompt, GREEDY)]
+    engine.submit(seqs)
+    while engine.busy():
+        engine.step()
+    assert seqs[0].tokens == expected and seqs[2].tokens == plain
+    seq, events = run(Engine(model, max_batch=1), prompt, params)
+    logp = torch.log_softmax(full_logits(model, prompt + expected), dim=-1)
+    entries = [lp for e in events if e.kind in ("text", "done") for lp in e.logprobs]
+    assert seq.tokens == expected and len(entries) == n
+    assert [e.logprob for e in entries] == pytest.approx(
+        [logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(expected)], abs=1e-5)
+
+
+def test_sampled_rows_draw_from_the_adjusted_logits(model):
+    """A bias of 100 on one id makes it all a sampled row draws, and -100 on the ids a seeded reply drew takes
+    each of them out of the next draw of the same seed."""
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=3, stop_tokens=frozenset())
+    drawn = generate(model, [PROMPTS[0]], params)[0]
+    biased = SamplingParams(**{**params.__dict__, "logit_bias": ((1234, 100.0),)})
+    banned = SamplingParams(**{**params.__dict__, "logit_bias": tuple((t, -100.0) for t in sorted(set(drawn)))})
+    out = generate(model, [PROMPTS[0], PROMPTS[0]], biased) + generate(model, [PROMPTS[0]], banned)
+    assert out[0] == out[1] == [1234] * 8 and not set(out[2]) & set(drawn)
 
 
 def test_max_tokens_0_scores_a_prompt_that_fills_the_context():

@@ -558,8 +558,10 @@ def test_malformed_requests_get_4xx_in_the_error_shape(client):
         "stream_options": ["x", {"include_usage": "yes"}],
         "logprobs": ["yes", 1],
         "top_logprobs": [21, -1, 2, "x", 1.5],  # 2: without logprobs
-        "presence_penalty": [0.5],
-        "frequency_penalty": [0.5],
+        "presence_penalty": [2.5, "x", []],
+        "frequency_penalty": [-2.1, "x"],
+        "repetition_penalty": [0, -1, 10.5, "x"],
+        "logit_bias": [{"x": 1}, {"50256": 101}, {"99999": 1}, {"-1": 5}, {"5": "x"}, [5]],
         "tools": [[{"type": "function"}]],
     }
     cases = [("/v1/chat/completions", {**valid, k: v}) for k, values in bad_values.items() for v in values]
@@ -763,18 +765,30 @@ def test_bad_logprobs_values_get_a_400_naming_the_field(client):
              ("/v1/completions", completion, {"logprobs": True}, "logprobs"),
              ("/v1/completions", completion, {"max_tokens": 0, "logprobs": 1}, "max_tokens"),
              ("/v1/completions", completion, {"echo": "yes"}, "echo"),
-             ("/v1/completions", completion, {"frequency_penalty": 1.0}, "frequency_penalty")]
+             ("/v1/completions", completion, {"frequency_penalty": 3.0}, "frequency_penalty"),
+             ("/v1/completions", completion, {"logit_bias": {"ab": 1}}, "logit_bias")]
     for path, base, extra, param in cases:
         r = client.post(path, json={**base, **extra})
         assert_error_shape(r, 400)
         assert r.json()["error"]["param"] == param, (extra, r.json())
 
 
+def test_penalties_and_logit_bias_reach_the_engine(client):
+    """OpenAI's frequency_penalty, presence_penalty and logit_bias, and vLLM's repetition_penalty, are applied
+    (engine tests check the arithmetic): a bias of 100 makes one token all a greedy reply says, on both routes."""
+    token = encode(" hello")[0]
+    bias = {"logit_bias": {str(token): 100}, "temperature": 0, "max_tokens": 3, "frequency_penalty": 0.5,
+            "presence_penalty": 0.5, "repetition_penalty": 1.2}
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], **bias})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == " hello" * 3
+    r = client.post("/v1/completions", json={"prompt": "hi", **bias})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == " hello" * 3
+
+
 def test_unsupported_parameters_get_a_400_unless_neutral(client):
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     completion = {"prompt": "hi", "max_tokens": 2}
-    cases = [("/v1/chat/completions", chat, {"logit_bias": {"50256": -100}}, "logit_bias"),
-             ("/v1/chat/completions", chat, {"response_format": {"type": "json_object"}}, "response_format"),
+    cases = [("/v1/chat/completions", chat, {"response_format": {"type": "json_object"}}, "response_format"),
              ("/v1/chat/completions", chat, {"tool_choice": "required"}, "tool_choice"),
              ("/v1/completions", completion, {"suffix": "mat."}, "suffix"),
              ("/v1/completions", completion, {"best_of": 2}, "best_of")]
