@@ -149,3 +149,16 @@ def test_help_lists_a_field_once_where_two_sections_share_it(capsys):
     printed = capsys.readouterr().out
     assert printed.count("--data ") == 1 and "default: []" in printed and "'data/demo'" not in printed
     assert "--out" in printed
+
+
+def test_presets_are_offered_only_where_they_set_something(capsys):
+    """A script whose options no preset sets (serve, evaluate) lists no presets in --help and refuses --preset,
+    which it would otherwise ignore without a word."""
+    with pytest.raises(SystemExit):
+        parse_args(["--help"], [ServeConfig()])
+    assert "presets:" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        parse_args(["--help"], [TrainConfig(), ModelConfig()])
+    assert "presets: tiny" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="--preset tiny: .* this script has none of them"):
+        parse_args(["--preset", "tiny"], [ServeConfig()])
