@@ -34,6 +34,7 @@ class ChatConfig:
     temperature: float = 0.8  # 0 = greedy
     top_p: float = 0.95
     top_k: int = 0
+    repetition_penalty: float = 1.0  # above 1 curbs loops (serve.py's, vLLM's): 1.1-1.3; 1 = off
     max_tokens: int = 0  # per reply; 0 = as many as fit the context
     seed: int = -1  # -1 = a different sample every time
     device: str = "auto"
@@ -53,9 +54,11 @@ def check_sampling(cfg: ChatConfig) -> str | None:
     """What is wrong with the sampling options, naming the field (None: nothing). Checked here, before the first
     message, and without torch: --url runs on the standard library alone."""
     limits = {"temperature": cfg.temperature >= 0, "top_p": 0 < cfg.top_p <= 1, "top_k": cfg.top_k >= 0,
-              "max_tokens": cfg.max_tokens >= 0, "timeout": cfg.timeout > 0}
-    expected = {"temperature": ">= 0", "top_p": "in (0, 1]", "top_k": ">= 0 (0: off)", "max_tokens": ">= 0 (0: as many "
-                "as fit)", "timeout": "> 0 seconds"}
+              "repetition_penalty": 0 < cfg.repetition_penalty <= 10, "max_tokens": cfg.max_tokens >= 0,
+              "timeout": cfg.timeout > 0}
+    expected = {"temperature": ">= 0", "top_p": "in (0, 1]", "top_k": ">= 0 (0: off)",
+                "repetition_penalty": "in (0, 10] (1: off)", "max_tokens": ">= 0 (0: as many as fit)",
+                "timeout": "> 0 seconds"}
     bad = [name for name, ok in limits.items() if not ok]
     return f"field '{bad[0]}' expects a value {expected[bad[0]]}, got {getattr(cfg, bad[0])!r}" if bad else None
 
@@ -95,7 +98,8 @@ def local_replier(cfg: ChatConfig):
         seed = cfg.seed + turn if cfg.seed >= 0 else None
         turn += 1
         params = SamplingParams(max_tokens=min(cfg.max_tokens or block, block - len(prompt)),
-                                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=seed)
+                                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=seed,
+                                repetition_penalty=cfg.repetition_penalty)
         yield from stream(engine, prompt, params)
 
     return reply
@@ -146,7 +150,8 @@ def remote_replier(cfg: ChatConfig):
         head = [{"role": "system", "content": system}] if system else []
         fit(head, messages)
         body = {"messages": head + messages, "stream": True,
-                "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k}
+                "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
+                "repetition_penalty": cfg.repetition_penalty}
         if cfg.max_tokens:
             body["max_tokens"] = cfg.max_tokens
         if cfg.seed >= 0:

@@ -78,7 +78,8 @@ def fake_server():
 
 def test_remote_multi_turn_commands_and_errors(fake_server):
     url, received = fake_server
-    out = run_chat(["--url", url, "--api-key", "k1", "--temperature", "0", "--seed", "3"],
+    out = run_chat(["--url", url, "--api-key", "k1", "--temperature", "0", "--seed", "3",
+                    "--repetition_penalty", "1.2"],
                    "Hi\n/system Be brief.\nHow are you?\nfail\n/reset\nAgain\n/quit\nnever sent\n")
     assert out.count("bot> Hello friend 😀") == 3
     assert "[system message set]" in out and "[conversation cleared]" in out and "[error: 400: too long]" in out
@@ -88,6 +89,7 @@ def test_remote_multi_turn_commands_and_errors(fake_server):
     assert [r["body"] for r in received if r["path"] == "/tokenize"] == [{"messages": b["messages"]} for b in bodies[1:3]]
     assert bodies[0]["messages"] == [{"role": "user", "content": "Hi"}]
     assert bodies[0]["stream"] is True and bodies[0]["temperature"] == 0 and bodies[0]["seed"] == 3
+    assert bodies[0]["repetition_penalty"] == 1.2
     assert "max_tokens" not in bodies[0]  # 0 = let the server fit the context
     assert bodies[1]["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                                      {"role": "assistant", "content": "Hello friend 😀"},
@@ -120,6 +122,7 @@ def test_needs_exactly_one_of_checkpoint_and_url():
 
 @pytest.mark.parametrize("option, says", [(["--top_p", "0"], "field 'top_p' expects a value in (0, 1], got 0.0"),
                                           (["--temperature", "-1"], "field 'temperature' expects a value >= 0"),
+                                          (["--repetition_penalty", "0"], "field 'repetition_penalty' expects"),
                                           (["--device", "gpu"], "field 'device' expects auto, cpu, cuda")])
 def test_bad_options_are_refused_before_the_first_message(option, says, model_and_ckpt, monkeypatch, capsys):
     import chat
