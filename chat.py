@@ -34,7 +34,7 @@ class ChatConfig:
     temperature: float = 0.8  # 0 = greedy
     top_p: float = 0.95
     top_k: int = 0
-    repetition_penalty: float = 1.0  # above 1 curbs loops (serve.py's, vLLM's): 1.1-1.3; 1 = off
+    repetition_penalty: float = 1.0  # above 1: tokens already in the conversation less likely (vLLM's); 1 = off
     max_tokens: int = 0  # per reply; 0 = as many as fit the context
     seed: int = -1  # -1 = a different sample every time
     device: str = "auto"
