@@ -224,7 +224,7 @@ def parse_args(argv: list[str], sections: list, max_positional: int | None = 0, 
                     if name not in shown:
                         print(f"  --{name:<22} {_type_name(tp):<10} default: {getattr(section, name)!r}")
                 shown |= set(_fields(section))
-            if any(name in shown for fields in PRESETS.values() for name in fields):
+            if any(isinstance(section, ModelConfig) for section in sections):
                 print(f"\npresets: {', '.join(PRESETS)}")
             sys.exit(0)
         if not arg.startswith("--"):
@@ -257,12 +257,11 @@ def parse_args(argv: list[str], sections: list, max_positional: int | None = 0, 
     if preset is not None:
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
+        if not any(isinstance(section, ModelConfig) for section in sections):
+            raise ConfigError(f"--preset {preset}: a preset sets a model's shape and its training, which this script "
+                              "does not have")
         known = {n for s in sections for n in _fields(s)}
-        fields = {k: v for k, v in PRESETS[preset].items() if k in known}
-        if not fields:
-            raise ConfigError(f"--preset {preset}: a preset sets a model's and its training's fields, and this "
-                              "script has none of them")
-        apply_overrides(sections, fields, f"preset {preset}")
+        apply_overrides(sections, {k: v for k, v in PRESETS[preset].items() if k in known}, f"preset {preset}")
     if config_file is not None:
         try:
             with open(config_file) as f:

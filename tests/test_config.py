@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from config import PRESETS, ConfigError, ModelConfig, ServeConfig, TrainConfig, FinetuneConfig, parse_args
+from evaluate import EvalConfig
 from model import GPT
 
 
@@ -152,13 +153,15 @@ def test_help_lists_a_field_once_where_two_sections_share_it(capsys):
 
 
 def test_presets_are_offered_only_where_they_set_something(capsys):
-    """A script whose options no preset sets (serve, evaluate) lists no presets in --help and refuses --preset,
-    which it would otherwise ignore without a word."""
-    with pytest.raises(SystemExit):
-        parse_args(["--help"], [ServeConfig()])
-    assert "presets:" not in capsys.readouterr().out
+    """A script without a model to shape (serve, evaluate, chat) lists no presets in --help and refuses --preset,
+    which it would otherwise ignore without a word, or take for its own batch size (evaluate)."""
+    for section in (ServeConfig(), EvalConfig()):
+        with pytest.raises(SystemExit):
+            parse_args(["--help"], [section])
+        assert "presets:" not in capsys.readouterr().out
     with pytest.raises(SystemExit):
         parse_args(["--help"], [TrainConfig(), ModelConfig()])
     assert "presets: tiny" in capsys.readouterr().out
-    with pytest.raises(ConfigError, match="--preset tiny: .* this script has none of them"):
-        parse_args(["--preset", "tiny"], [ServeConfig()])
+    for section in (ServeConfig(), EvalConfig()):
+        with pytest.raises(ConfigError, match="--preset tiny: .* which this script does not have"):
+            parse_args(["--preset", "tiny"], [section])
