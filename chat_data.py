@@ -9,10 +9,12 @@ Accepted files (UTF-8, plain or .gz, a byte order mark allowed), the format dete
     accepted for "output", as in GPTeacher and Dolly, and "context" for "input", as in Dolly; self-instruct's
     "instances": [{"input", "output"}] gives one example each; LLaMA-Factory's "system" is the system message
     and its "history": [[user, assistant], ...] the exchanges before the instruction; other keys are ignored)
-Malformed input (bad JSON, wrong types, unknown roles, turns that do not alternate, an empty conversation, a
-file in no known format) is an error naming the file and line. Two defects of real data sets are tolerated and
-counted instead: trailing user turns, which have no reply to learn, are removed (a conversation left without a
-reply is skipped), and a record with an empty message (Alpaca has a few empty outputs) is skipped. A conversation
+The messages may come in any order of roles, as the chat template takes them (chat_format): a dialog may start
+with the assistant, a speaker may have two turns in a row, a system message may come later. Malformed input (bad
+JSON, wrong types, unknown roles, an empty conversation, a file in no known format) is an error naming the file and
+line. Two defects of real data sets are tolerated and counted instead: trailing user turns, which have no reply to
+learn, are removed (a conversation left without an assistant reply is skipped), and a record with an empty message
+(Alpaca has a few empty outputs) is skipped; an empty system message says nothing and is removed. A conversation
 with tool calls (OpenAI's assistant "tool_calls" or "function_call" and "tool" or "function" messages,
 LLaMA-Factory's ShareGPT "function_call" and "observation" turns) is skipped and counted too: the chat template
 has no tool turns, and its text without the calls would teach replies that never call the tool.
@@ -20,8 +22,8 @@ A chat message's "weight": 0 (OpenAI's fine-tuning format) keeps it in the conte
 conversation with no reply of weight 1 has nothing to learn and is skipped like one without a reply.
 
 Every conversation is rendered by chat_format.render, the one chat template. One longer than the context is cut
-at turn boundaries: the oldest user+assistant exchanges go first, the system message stays; a conversation whose
-last exchange alone does not fit is dropped.
+where an exchange starts (chat_format.latest_turns): the oldest messages go first, the leading system messages
+stay, a reply never stays without its question; a conversation whose last exchange alone does not fit is dropped.
 """
 
 import functools
@@ -300,8 +302,8 @@ def read_file(path, counts: dict | None = None) -> list[list[dict]]:
                 validate(messages, where)
             except ChatFormatError as e:
                 raise ChatDataError(str(e)) from None
-            if messages[0]["role"] == "system" and not messages[0]["content"].strip():
-                messages = messages[1:]  # an empty system prompt says nothing
+            # an empty system prompt says nothing
+            messages = [m for m in messages if m["role"] != "system" or m["content"].strip()]
             while messages and messages[-1]["role"] == "user":
                 messages = messages[:-1]
                 _count(counts, "trailing_user_removed")
@@ -363,8 +365,8 @@ def _cut_between_runs(keys: list, n: int) -> int:
 
 
 def fit_context(messages, max_tokens: int, train_on_prompt: bool = False):
-    """(ids, mask, cut) for a conversation (ending with the assistant: read_file removed trailing users) in at most
-    max_tokens tokens, or None if its last exchange does not fit (chat_format.latest_turns)."""
+    """(ids, mask, cut) for a conversation (read_file removed its trailing users) in at most max_tokens tokens, the
+    oldest messages cut, or None if its last exchange does not fit (chat_format.latest_turns)."""
     fitted = latest_turns(messages, max_tokens)
     if fitted is None:
         return None

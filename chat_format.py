@@ -2,8 +2,11 @@
 
   <|system|>You are ...<|end|><|user|>Hi<|end|><|assistant|>Hello!<|end|><|user|>...
 
-A conversation is an optional system message, then user and assistant turns alternating, starting with
-the user. Message text is encoded as ordinary text, so a user who types "<|end|>" cannot forge a turn.
+A conversation is a non-empty list of system, user and assistant messages in any order, each rendered in place
+as the Jinja template below renders it, so it takes what OpenAI's API and vLLM take: the assistant may speak
+first (a support bot's greeting), a role may speak twice in a row, a system message may come later (a summary,
+an injected instruction), and the last message may be the assistant's (a generation prompt then starts a new
+assistant message). Message text is encoded as ordinary text, so a user who types "<|end|>" cannot forge a turn.
 Fine-tuning, evaluation, the server and the chat clients all render through `render`, and cut a conversation
 longer than the context by `latest_turns`.
 """
@@ -28,24 +31,21 @@ class ChatFormatError(ValueError):
 
 
 def validate(messages, where: str = "conversation") -> None:
-    """Check the shape of a conversation; the error names `where` (e.g. 'file.jsonl line 3') and the message."""
+    """Check that `messages` is a conversation: a non-empty list of objects, each with a known role and string
+    content, in any order. The error names `where` (e.g. 'file.jsonl line 3') and the message."""
     if not isinstance(messages, list) or not messages:
         raise ChatFormatError(f"{where}: expected a non-empty list of messages")
-    expected = "user"
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ChatFormatError(f"{where}: message {i} must be an object with string 'role' and 'content'")
-        role = m["role"]
-        if role not in ROLE_TOKEN:
-            raise ChatFormatError(f"{where}: message {i} has unknown role {role!r} (expected system, user or assistant)")
-        if role == "system":
-            if i != 0:
-                raise ChatFormatError(f"{where}: message {i}: a system message may only come first")
-            continue
-        if role != expected:
-            raise ChatFormatError(f"{where}: message {i} is from the {role} but the {expected} was expected "
-                                  "(turns must alternate, starting with the user)")
-        expected = "assistant" if role == "user" else "user"
+        if m["role"] not in ROLE_TOKEN:
+            raise ChatFormatError(f"{where}: message {i} has unknown role {m['role']!r} (expected system, user or "
+                                  "assistant)")
+
+
+def leading_system(messages) -> int:
+    """How many system messages open the conversation: they stay when it is cut to the context."""
+    return next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
 
 
 def render(messages, add_generation_prompt: bool = False, train_on_prompt: bool = False):
@@ -69,17 +69,27 @@ def render(messages, add_generation_prompt: bool = False, train_on_prompt: bool 
     return ids, mask
 
 
+def cut_points(messages) -> list[int]:
+    """Where `latest_turns` may start the kept part after the leading system messages: right after them (nothing
+    dropped), and at each user message that follows a message of another role, where an exchange starts (a run of
+    user messages is one question, and a reply never stays without its question)."""
+    head = leading_system(messages)
+    return [head] + [i for i in range(head + 1, len(messages))
+                     if messages[i]["role"] == "user" and messages[i - 1]["role"] != "user"]
+
+
 def latest_turns(messages, max_tokens: int, add_generation_prompt: bool = False):
-    """(the messages, how many were dropped) that render in at most max_tokens tokens: the oldest user+assistant
-    exchanges after the system message go first, the system message stays. None when even the last exchange (with
-    add_generation_prompt: the last user message and the prompt) does not fit. Fine-tuning cuts its long dialogs
-    and the server and the chat clients fit a conversation to the context by this one rule."""
+    """(the messages, how many were dropped) that render in at most max_tokens tokens, or None: the leading system
+    messages stay, and the oldest messages after them go first, up to the earliest cut point that fits. The last
+    exchange (from the last cut point on: its user messages and all after them) always stays, None when even it
+    does not fit. Fine-tuning cuts its long dialogs, and the server and the chat clients fit a conversation to the
+    context, by this one rule."""
     length = len(render(messages, add_generation_prompt=add_generation_prompt)[0])
-    first = 1 if messages[0]["role"] == "system" else 0
-    last = len(messages) - (1 if add_generation_prompt else 2)  # where the part that must stay starts
-    for start in range(first, last + 1, 2):
+    head = start = leading_system(messages)
+    for cut in cut_points(messages):
+        # the template renders message by message, so the messages' lengths add up
+        length -= sum(len(render(messages[i:i + 1])[0]) for i in range(start, cut))
+        start = cut
         if length <= max_tokens:
-            return messages[:first] + messages[start:], start - first
-        # the template renders message by message, so the lengths of the exchanges add up
-        length -= len(render(messages[start:start + 2])[0])
+            return messages[:head] + messages[cut:], cut - head
     return None

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from chat_format import latest_turns, render
+from chat_format import cut_points, latest_turns, leading_system, render
 from model import enable_tf32, inference_autocast, sample as sample_logits
 from tokenizer import EOT_ID, N_VOCAB, decode_bytes
 
@@ -890,12 +890,12 @@ def stream(engine: Engine, prompt: list[int], params: SamplingParams):
 
 
 def fit_conversation(messages: list[dict], reserve: int, block_size: int):
-    """(prompt ids, messages kept, number dropped): the oldest turns dropped (chat_format.latest_turns) until the
-    prompt leaves `reserve` tokens of the context for the reply. When even the last message does not fit, it alone
-    (with the system message): a prompt too long, which the caller refuses."""
+    """(prompt ids, messages kept, number dropped): the oldest messages dropped (chat_format.latest_turns) until the
+    prompt leaves `reserve` tokens of the context for the reply. When even the last exchange does not fit, it alone
+    (with the leading system messages): a prompt too long, which the caller refuses."""
     fitted = latest_turns(messages, block_size - reserve, add_generation_prompt=True)
     if fitted is None:
-        first = 1 if messages[0]["role"] == "system" else 0
-        fitted = messages[:first] + messages[-1:], len(messages) - first - 1
+        head, last = leading_system(messages), cut_points(messages)[-1]
+        fitted = messages[:head] + messages[last:], last - head
     kept, dropped = fitted
     return render(kept, add_generation_prompt=True)[0], kept, dropped

@@ -47,7 +47,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from chat_format import ASSISTANT, ChatFormatError, render, validate
+from chat_format import ASSISTANT, ChatFormatError, leading_system, render, validate
 from config import ConfigError, ServeConfig, check_minimums, cli, fail
 from engine import (MAX_LOGPROBS, MAX_REPETITION_PENALTY, STOP_IDS, ContextTooLong, DeadlineExceeded, Engine,
                     EngineError, EngineStopped, Event, Logprob, QueueFull, SamplingParams, Sequence, fit_conversation)
@@ -780,13 +780,10 @@ class Server:
     async def chat_completions(self, request: Request):
         body = await read_json(request, ChatCompletionRequest, self.cfg.max_body_bytes)
         messages = [as_dict(m) for m in body.messages]
-        try:
+        try:  # any order of roles, as OpenAI's and vLLM's; after an assistant message last, a new one starts
             validate(messages, "messages")
         except ChatFormatError as e:
             raise ApiError(400, str(e), param="messages", code="invalid_value") from None
-        if messages[-1]["role"] != "user":
-            raise ApiError(400, "messages: the last message must be from the user", param="messages",
-                           code="invalid_value")
         prompt, _ = render(messages, add_generation_prompt=True)
         return await self.generate(request, body, [prompt])
 
@@ -824,9 +821,9 @@ class Server:
         session_id, session, created = self.sessions.get(body.session_id)
         async with session["lock"]:  # one turn at a time per conversation
             history = session["messages"]
-            if body.system is not None:
+            if body.system is not None:  # replaces the system message that opens the conversation
                 history = ([{"role": "system", "content": body.system}] if body.system else []) + \
-                          [m for m in history if m["role"] != "system"]
+                          history[leading_system(history):]
             conversation = history + [{"role": "user", "content": body.message}]
             reserve = body.max_tokens or min(self.cfg.max_tokens_cap, self.block // 4)
             prompt, kept, dropped = fit_conversation(conversation, reserve, self.block)
@@ -834,7 +831,7 @@ class Server:
             job = Job(self.engine, self.mailbox, [prompt], [params], 1, self.cfg.request_timeout, whole=True)
             (result,) = await job.collect(request)
             session["messages"] = kept + [{"role": "assistant", "content": result["text"]}]
-        first = 1 if conversation[0]["role"] == "system" else 0
+        first = leading_system(conversation)
         return {"session_id": session_id, "new_session": created, "reply": result["text"],
                 "finish_reason": result["reason"], "dropped_messages": dropped,
                 "dropped": conversation[first: first + dropped],

@@ -148,6 +148,31 @@ def test_trailing_user_turns_removed_and_unusable_records_skipped_and_counted(tm
     assert len(all_convs) == 4 and total["records"] == 8 and total["files"] == 2 and total["conversations"] == 4
 
 
+def test_dialogs_in_any_order_of_roles_are_read_and_those_without_a_reply_skipped(tmp_path):
+    """A support bot that greets first, two user or two assistant turns in a row, a later system message: read as
+    they are, in the chat and the ShareGPT formats. Trailing user turns are still removed and a dialog left without
+    a reply to learn is still skipped, each counted."""
+    greeting = [msg(S, "You are Ada."), msg(A, "Hi, I'm Ada, how can I help?"), msg(U, "My order is late."),
+                msg(U, "It is number 42."), msg(A, "Sorry! It ships today."), msg(A, "Anything else?")]
+    later = [msg(U, "Hi"), msg(A, "Hello."), msg(S, "Summary: greeted."), msg(U, "Bye"), msg(A, "Bye!")]
+    records = [{"messages": greeting}, {"messages": later + [msg(U, "Still there?")]},
+               {"messages": [msg(A, "Hi, I'm Ada."), msg(U, "Hello?")]},               # the greeting to learn
+               {"messages": [msg(S, "S"), {**msg(A, "Hi."), "weight": 0}, msg(U, "Hello?")]},  # nothing to learn
+               {"messages": [msg(S, "S"), msg(U, "a"), msg(S, " "), msg(A, "b")]}]          # empty system: removed
+    counts = {}
+    convs = read_file(write(tmp_path / "c.jsonl", records), counts)
+    assert convs == [greeting, later, [msg(A, "Hi, I'm Ada.")], [msg(S, "S"), msg(U, "a"), msg(A, "b")]]
+    assert (counts["records"], counts["trailing_user_removed"], counts["skipped_no_reply"]) == (5, 3, 1)
+    assert counts["skipped_where"] == [f"{tmp_path / 'c.jsonl'} line 4: skipped_no_reply"]
+    speaker = {S: "system", U: "human", A: "gpt"}
+    sharegpt = [{"system": "You are Ada.", "conversations": [{"from": speaker[m["role"]], "value": m["content"]}
+                                                            for m in greeting[1:]]}]
+    assert read_file(write(tmp_path / "s.jsonl", sharegpt)) == [greeting]
+    ids, mask, cut = fit_context(greeting, len(render(greeting)[0]) - 1)  # the greeting goes first
+    assert cut and ids == render([greeting[0]] + greeting[2:])[0] and decode(ids).count("<|user|>") == 2
+    assert fit_context(greeting, len(render([greeting[0]] + greeting[2:])[0]) - 1) is None  # the last exchange
+
+
 def test_openai_weight_0_replies_stay_in_the_context_untrained(tmp_path):
     # as OpenAI's fine-tuning files, and a Hugging Face export that gives every message the key (null when unset)
     records = [{"messages": [msg(U, "Hi"), {**msg(A, "Bad answer."), "weight": 0}, msg(U, "Again"),
@@ -196,9 +221,7 @@ BAD_CASES = [
     ("unknown role", [{"messages": [msg("robot", "x"), msg(A, "y")]}], "line 1", "unknown role 'robot'"),
     ("empty conversation", [GOOD, GOOD, {"messages": []}], "line 3", "non-empty list"),
     ("messages not a list", [{"messages": "hi"}], "line 1", "non-empty list"),
-    ("not alternating", [{"messages": [msg(U, "a"), msg(U, "b"), msg(A, "c")]}], "line 1",
-     "the assistant was expected"),
-    ("starts with the assistant", [{"messages": [msg(A, "a"), msg(U, "b")]}], "line 1", "the user was expected"),
+    ("message not an object", [GOOD, {"messages": [msg(U, "a"), "b"]}], "line 2", "message 1 must be an object"),
     ("unknown ShareGPT speaker", [{"conversations": [{"from": "alien", "value": "x"}]}], "line 1", "from 'alien'"),
     ("ShareGPT value not a string", [{"conversations": [{"from": "human", "value": 1}]}], "line 1",
      r"string 'from' and 'value'"),
@@ -262,7 +285,7 @@ def test_bad_files_name_file_and_line(tmp_path):
 
 
 def test_array_items_get_their_line_and_index(tmp_path):
-    records = [GOOD, GOOD, {"messages": [msg(U, "a"), msg(U, "b")]}]
+    records = [GOOD, GOOD, {"messages": [msg(U, "a"), msg("robot", "b")]}]
     path = write(tmp_path / "a.json", records, as_array=True)  # indented: one object spans many lines
     starts = [n for n, line in enumerate(path.read_text().splitlines(), 1) if line == "  {"]
     assert len(starts) == 3 and starts[2] > 3
@@ -514,7 +537,7 @@ def test_finetune_restricts_the_loss_after_data_vocab_pretraining_and_rehearses_
 
 def test_finetune_reports_bad_data_options_and_init_with_exit_2(tiny_model, tmp_path, capsys):
     init = save_checkpoint(tmp_path / "init", tiny_model)
-    bad = write(tmp_path / "bad.jsonl", [GOOD, {"messages": [msg(U, "a"), msg(U, "b")]}])
+    bad = write(tmp_path / "bad.jsonl", [GOOD, {"messages": [msg(U, "a"), msg("robot", "b")]}])
     good = write(tmp_path / "good.jsonl", [GOOD, {"messages": exchanges(1)}])
     too_long = [msg(U, "word " * 100), msg(A, "word " * 100)]  # longer than the tiny model's context
     long = write(tmp_path / "long.jsonl", [GOOD, {"messages": too_long}])

@@ -58,6 +58,11 @@ def test_chat_template_gives_our_render_ids(exported):
     for messages in (CONVERSATION, CONVERSATION[1:2], CONVERSATION[1:3]):
         assert chat_ids(hf_tokenizer, messages, add_generation_prompt=True) == render(messages, True)[0]
     assert chat_ids(hf_tokenizer, CONVERSATION[:3]) == render(CONVERSATION[:3])[0]
+    # any order of roles: the assistant first, a role twice in a row, a later system message, the assistant last
+    system, user, reply = CONVERSATION[:3]
+    for messages in ([system, reply, user], [user, user, reply, reply], [user, reply, system, user], [system, reply]):
+        for prompt in (False, True):
+            assert chat_ids(hf_tokenizer, messages, add_generation_prompt=prompt) == render(messages, prompt)[0]
     assert (hf_tokenizer.eos_token, hf_tokenizer.eos_token_id, hf_tokenizer.pad_token_id) == ("<|end|>", END, 50256)
     assert hf_tokenizer.convert_tokens_to_ids(list(export_hf.SPECIAL_TOKENS)) == [50256, 50257, 50258, 50259, 50260]
 

@@ -536,16 +536,67 @@ def test_fit_conversation_keeps_the_system_message():
     assert fit_conversation(msgs, 0, full)[2] == 0
 
 
+def test_fit_conversation_on_any_order_of_roles():
+    """The greeting before the first question goes first; the leading system messages stay; when even the last
+    exchange does not fit, it alone comes back (a prompt too long, which the caller refuses)."""
+    def m(role, content):
+        return {"role": role, "content": content}
+    msgs = [m("system", "You are Ada."), m("system", "Be brief."), m("assistant", "Hi, I'm Ada. " * 5),
+            m("user", "question " * 5), m("assistant", "answer " * 5), m("user", "last"), m("user", "one")]
+    full = len(render(msgs, add_generation_prompt=True)[0])
+    ids, kept, dropped = fit_conversation(msgs, reserve=1, block_size=full)  # one token short: the greeting goes
+    assert (kept, dropped) == (msgs[:2] + msgs[3:], 1) and ids == render(kept, add_generation_prompt=True)[0]
+    ids, kept, dropped = fit_conversation(msgs, reserve=full, block_size=full)  # nothing fits
+    assert (kept, dropped) == (msgs[:2] + msgs[5:], 3) and ids == render(kept, add_generation_prompt=True)[0]
+
+
+# Shapes that OpenAI's API and vLLM answer beside strict alternation (after an assistant message last, a new one).
+SHAPES = {
+    "assistant first": [{"role": "system", "content": "You are Ada."},
+                        {"role": "assistant", "content": "Hi, I'm Ada, how can I help?"},
+                        {"role": "user", "content": "My order is late."}],
+    "two user messages": [{"role": "user", "content": "Hi."}, {"role": "user", "content": "Are you there?"}],
+    "two assistant messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                               {"role": "assistant", "content": "How can I help?"}, {"role": "user", "content": "?"}],
+    "a later system message": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                               {"role": "developer", "content": "Summary: the user said hi."},
+                               {"role": "user", "content": "Again?"}],
+    "assistant last": [{"role": "user", "content": "Write a poem."}, {"role": "assistant", "content": "Roses are"}],
+    "system alone": [{"role": "system", "content": "Be brief."}],
+}
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_chat_completions_answer_any_order_of_roles(client, model, name):
+    messages = SHAPES[name]
+    prompt = render([{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages],
+                    add_generation_prompt=True)[0]
+    r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 4, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == len(prompt)
+    assert r.json()["choices"][0]["message"]["content"] == greedy_reference(model, prompt, 4)[0]
+    assert client.post("/tokenize", json={"messages": messages}).json()["tokens"] == prompt
+
+
+def test_bad_messages_get_a_400_naming_the_message(client):
+    hi = {"role": "user", "content": "hi"}
+    for messages, says in (([], "messages: expected a non-empty list of messages"),
+                           ([hi, {"role": "robot", "content": "x"}], "messages.1.role: Input should be 'system'"),
+                           ([hi, {"role": "user", "content": 5}], "messages.1.content"),
+                           ([hi, {"role": "assistant"}], "messages.1.content: Field required")):
+        r = client.post("/v1/chat/completions", json={"messages": messages})
+        assert_error_shape(r, 400)
+        assert r.json()["error"]["message"].startswith(says), r.text
+
+
 def test_malformed_requests_get_4xx_in_the_error_shape(client):
     msgs = [{"role": "user", "content": "hi"}]
     valid = {"messages": msgs, "max_tokens": 2}
     bad_values = {
         "messages": [None, "hi", [], {}, [{}], [{"role": "robot", "content": "x"}], [{"role": "user"}],
-                     [{"role": "user", "content": 5}], [{"role": "assistant", "content": "x"}],
-                     [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
-                     [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
-                     [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}],
-                     [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]],
+                     [{"role": "user", "content": 5}], [{"role": "user", "content": None}],
+                     [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}],
+                     [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]],
         "max_tokens": [0, -1, "5", 2.5, True, 10**30, None if False else [], {}],
         "max_completion_tokens": [0, "x", 3.5],
         "temperature": [-0.1, 2.5, "hot", 1e309, [], True],
