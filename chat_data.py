@@ -2,7 +2,8 @@
 
 Accepted files (UTF-8, plain or .gz, a byte order mark allowed), the format detected per file from its first record:
   * chat JSONL, the OpenAI shape:  {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", ...}]}
-    (the role "developer" is read as "system", and a content may be a list of text parts, as the server reads them)
+    (the role "developer" is read as "system", and a content may be a list of text parts, joined by newlines, as the
+    server reads them)
   * ShareGPT (JSONL or a JSON array): {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", ...}]}
     (a "system" field beside "conversations", as LLaMA-Factory's, is the system message)
   * Alpaca (a JSON array or JSONL):  {"instruction": "...", "input": "...", "output": "..."}  ("response" is
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from chat_format import ChatFormatError, latest_turns, render, validate
+from chat_format import ChatFormatError, join_text_parts, latest_turns, render, validate
 from config import progress_interval
 from tokenizer import EOT_ID
 
@@ -209,8 +210,8 @@ def _alpaca(record: dict, where: str) -> list[list[dict]]:
 def _chat(record: dict, where: str) -> list | None:
     """An OpenAI record's messages with their role and content, and "weight": 0 where a message has it (OpenAI's
     fine-tuning files mark the replies not to learn so); other keys ('name', ...) are dropped. The role 'developer'
-    (OpenAI's newer name) is 'system', and content given as a list of text parts is their text, as the server reads
-    them. None for a conversation with tool calls."""
+    (OpenAI's newer name) is 'system', and content given as a list of text parts is their text joined by newlines,
+    as the server reads them. None for a conversation with tool calls."""
     messages = record["messages"]
     if not isinstance(messages, list):
         return messages  # validate names the error
@@ -227,7 +228,7 @@ def _chat(record: dict, where: str) -> list | None:
                        for p in content):
                 raise ChatDataError(f"{where}: message {i} has a content part that is not text "
                                     '({"type": "text", "text": ...}): this model reads text only')
-            content = "".join(p["text"] for p in content)
+            content = join_text_parts(p["text"] for p in content)
         kept.append({"role": "system" if m.get("role") == "developer" else m.get("role"), "content": content})
         weight = m.get("weight")  # null where a Hugging Face export gave every message the key
         if weight not in (None, 0, 1) or isinstance(weight, bool):

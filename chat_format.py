@@ -43,6 +43,12 @@ def validate(messages, where: str = "conversation") -> None:
                                   "assistant)")
 
 
+def join_text_parts(texts) -> str:
+    """A message's content given as text parts: their texts joined by newlines, as vLLM joins them (the server and
+    the fine-tuning readers take parts alike)."""
+    return "\n".join(texts)
+
+
 def leading_system(messages) -> int:
     """How many system messages open the conversation: they stay when it is cut to the context."""
     return next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))

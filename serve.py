@@ -47,7 +47,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from chat_format import ASSISTANT, ChatFormatError, leading_system, render, validate
+from chat_format import ASSISTANT, ChatFormatError, join_text_parts, leading_system, render, validate
 from config import ConfigError, ServeConfig, check_minimums, cli, fail
 from engine import (MAX_LOGPROBS, MAX_REPETITION_PENALTY, STOP_IDS, ContextTooLong, DeadlineExceeded, Engine,
                     EngineError, EngineStopped, Event, Logprob, QueueFull, SamplingParams, Sequence, fit_conversation)
@@ -496,8 +496,9 @@ def validation_error(errors) -> ApiError:
 
 
 def as_dict(m: Message) -> dict:
-    """The message as chat_format takes it: its text, and the role system for developer."""
-    text = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
+    """The message as chat_format takes it: its text (text parts joined by newlines, as vLLM joins them), and the
+    role system for developer."""
+    text = m.content if isinstance(m.content, str) else join_text_parts(p.text for p in m.content)
     return {"role": "system" if m.role == "developer" else m.role, "content": text}
 
 

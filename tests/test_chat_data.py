@@ -58,7 +58,7 @@ def test_developer_role_and_text_parts_are_read_as_the_server_reads_them(tmp_pat
     parts = [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]
     records = [{"messages": [msg("developer", "Be kind."), msg(U, parts), msg(A, [{"type": "text", "text": "Yo"}])]},
                {"conversations": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "R"}]}]
-    expected = [[msg(S, "Be kind."), msg(U, "Hi there"), msg(A, "Yo")]]
+    expected = [[msg(S, "Be kind."), msg(U, "Hi \nthere"), msg(A, "Yo")]]  # parts joined by newlines, as vLLM
     assert read_file(write(tmp_path / "c.jsonl", records[:1])) == expected
     assert read_file(write(tmp_path / "s.jsonl", records[1:])) == [[msg(U, "Q"), msg(A, "R")]]
     image = {"messages": [msg(U, [{"type": "image_url", "image_url": {"url": "x"}}]), msg(A, "A cat.")]}

@@ -498,10 +498,12 @@ def test_a_part_other_than_text_is_refused_in_one_clear_message(client):
     message = r.json()["error"]["message"]
     assert "content part of type 'image_url': this model reads text parts only" in message
     assert "more problems" not in message and "valid string" not in message
-    parts = [{"type": "text", "text": "Say"}, {"type": "text", "text": " hi"}]
+    parts = [{"type": "text", "text": "Say"}, {"type": "text", "text": "hi"}]  # joined by a newline, as vLLM's
     ok = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": parts}], "max_tokens": 2,
                                                    "temperature": 0})
-    assert ok.status_code == 200 and ok.json()["usage"]["prompt_tokens"] == len(chat_prompt("Say hi"))
+    assert ok.status_code == 200 and ok.json()["usage"]["prompt_tokens"] == len(chat_prompt("Say\nhi"))
+    tokens = client.post("/tokenize", json={"messages": [{"role": "user", "content": parts}]}).json()["tokens"]
+    assert tokens == chat_prompt("Say\nhi")
 
 
 def test_chat_sessions_keep_the_conversation_and_drop_old_turns(client):
