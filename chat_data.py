@@ -30,7 +30,6 @@ stay, a reply never stays without its question; a conversation whose last exchan
 import functools
 import gzip
 import hashlib
-import itertools
 import json
 import zlib
 from pathlib import Path
@@ -41,6 +40,7 @@ from tqdm import tqdm
 
 from chat_format import ChatFormatError, join_text_parts, latest_turns, render, validate
 from config import progress_interval
+from input_files import RecordError, json_array, json_line
 from tokenizer import EOT_ID
 
 # ShareGPT speaker names -> our roles.
@@ -88,8 +88,8 @@ def _open_text(path: Path) -> str:
 
 
 def _records(path: Path):
-    """(location, decoded JSON value) for each record of a JSON array or a JSON Lines file; the location is
-    'line N', plus the item's index for an array (a whole array may sit on one line)."""
+    """(location, decoded JSON value) for each record of a JSON array or a JSON Lines file (input_files reads
+    both); the location is 'line N', plus the item's index for an array (a whole array may sit on one line)."""
     text = _open_text(path)
     body = text.lstrip()
     if not body:
@@ -99,50 +99,18 @@ def _records(path: Path):
             if not line.strip():
                 continue
             try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ChatDataError(f"{path} line {n} column {e.colno}: invalid JSON ({e.msg}); expected one JSON "
+                value = json_line(line, n)
+            except RecordError as e:
+                raise ChatDataError(f"{path} line {n} column {e.column}: invalid JSON ({e.why}); expected one JSON "
                                     "object per line (JSON Lines) or a JSON array of records") from None
             yield f"line {n}", value
         return
-    # A JSON array: decode element by element, counting newlines, to know each record's line.
-    decoder = json.JSONDecoder()
-    pos, line, counted = len(text) - len(body) + 1, 1, 0
-
-    def line_at(p: int) -> int:
-        nonlocal line, counted
-        line, counted = line + text.count("\n", counted, p), p
-        return line
-
-    def skip_space(p: int) -> int:
-        while p < len(text) and text[p] in " \t\r\n":
-            p += 1
-        return p
-
-    pos = skip_space(pos)
-    for item in itertools.count():
-        if pos < len(text) and text[pos] == "]":
-            break
-        try:
-            value, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise ChatDataError(f"{path} line {e.lineno} column {e.colno}: invalid JSON in the array: {e.msg}") \
-                from None
-        yield f"line {line_at(pos)} (array item {item})", value
-        pos = skip_space(end)
-        if pos < len(text) and text[pos] == "]":
-            break
-        if pos >= len(text) or text[pos] != ",":
-            raise ChatDataError(f"{path} line {line_at(min(pos, len(text)))}: expected ',' or ']' after a record "
-                                "of the JSON array")
-        pos = skip_space(pos + 1)
-    # Text after the array would otherwise be lost without a word: Hugging Face datasets' to_json(lines=False)
-    # wrote one array per batch of 1,000 records ([...][...]), and only the first batch was read.
-    pos = skip_space(pos + 1)
-    if pos < len(text):
-        raise ChatDataError(f"{path} line {line_at(pos)}: text after the closing ']' of the JSON array (a second "
-                            "array, as datasets' to_json(lines=False) writes?); give one array, or JSON Lines: "
-                            "jq -c '.[]' FILE > FILE.jsonl")
+    try:
+        for line, item, value in json_array(text):
+            yield f"line {line} (array item {item})", value
+    except RecordError as e:
+        invalid = f" column {e.column}: invalid JSON in the array" if e.column else ""
+        raise ChatDataError(f"{path} line {e.line}{invalid}: {e.why}") from None
 
 
 def _detect(record, where: str) -> str:
