@@ -9,8 +9,10 @@
 --init is a checkpoint of ours (or a run folder: its best checkpoint) or a Hugging Face GPT-2 directory; the
 model's shape comes from it (of the model fields only --dropout applies, default 0). --data takes chat JSONL
 ({"messages": [...]}), ShareGPT ({"conversations": [...]}) or Alpaca ({"instruction", "input", "output"}) files,
-plain or .gz (see chat_data.py), or folders of them (searched recursively, in sorted order); a pattern such as
-'dir/*.jsonl.gz' is expanded here too (useful in --config files). Only the assistant's tokens are trained on unless
+plain or .gz (see chat_data.py), or folders of them (searched recursively, in sorted order, for .json, .jsonl,
+.json.gz and .jsonl.gz files; the files of other types and the hidden ones are left out and counted in the report,
+and a broken symbolic link is an error, as in tokenize_data.py); a pattern such as 'dir/*.jsonl.gz' is expanded
+here too (useful in --config files). Only the assistant's tokens are trained on unless
 --train-on-prompt. A conversation longer than the context loses its oldest exchanges (the system message stays);
 one whose last exchange does not fit is dropped. --rehearse DIR adds --rehearse_rows windows of pretraining text
 (token shards) to every batch, all their tokens trained (chat_data.Rehearsal): a narrow fine-tuning set otherwise
@@ -35,7 +37,7 @@ import chat_format
 from chat_data import ChatData, ChatDataError, Rehearsal, encode_conversations, length_buckets, read_files, split
 from checkpoint import CheckpointError, load_checkpoint
 from config import ConfigError, FinetuneConfig, ModelConfig, TrainConfig, cli, fail, to_dict
-from input_files import is_hidden
+from input_files import InputError, folder_files, skipped_files
 from model import GPT, pick_device
 from shard_data import ShardData, data_vocab_ids
 from shards import ShardError
@@ -46,17 +48,24 @@ from train import check_config, compile_backend, fit, micro_steps
 # evals (fit keeps RUN/best by validation loss, so over-fitting a small data set costs nothing).
 FINETUNE_DEFAULTS = dict(out="checkpoints/chat", lr=1e-4, warmup_steps=50, max_steps=1000, eval_every=100,
                          save_every=500, eval_batches=20, weight_decay=0.0)
+DATA_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")  # a folder's files that are read (compared in lower case)
 
 
-def data_files(folder: str) -> list[str]:
-    """A folder's data files (.json, .jsonl, and the same .gz), searched recursively, in sorted order, less its hidden
-    ones (input_files.is_hidden)."""
-    found = sorted(str(p) for p in Path(folder).rglob("*")
-                   if p.is_file() and p.name.lower().endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz"))
-                   and not is_hidden(p, Path(folder)))
-    if not found:
-        raise ChatDataError(f"{folder}: folder has no .json, .jsonl, .json.gz or .jsonl.gz files")
-    return found
+def data_files(patterns: list[str]) -> tuple[list[str], list[str]]:
+    """The files --data names (patterns expanded, folders searched by input_files.folder_files), and the lines that
+    report the files the folders left out."""
+    files, others, hidden = [], [], []
+    for path in (p for pattern in patterns for p in (sorted(glob.glob(pattern)) or [pattern])):
+        if not os.path.isdir(path):
+            files.append(path)
+            continue
+        try:
+            data, other_types, hidden_files = folder_files(Path(path), DATA_SUFFIXES)
+        except InputError as e:
+            raise ChatDataError(str(e)) from None
+        files += map(str, data)
+        others, hidden = others + other_types, hidden + hidden_files
+    return files, skipped_files(others, hidden, DATA_SUFFIXES)
 
 
 def conversations(ft: FinetuneConfig):
@@ -66,11 +75,10 @@ def conversations(ft: FinetuneConfig):
         import demo_data
         train, val = demo_data.dialogs("train"), demo_data.dialogs("val")
         return train, val, {"files": [], "conversations": len(train) + len(val)}
-    paths = [p for pattern in ft.data for p in (sorted(glob.glob(pattern)) or [pattern])]
-    paths = [f for p in paths for f in (data_files(p) if os.path.isdir(p) else [p])]
+    paths, skipped = data_files(ft.data)
     convs, counts = read_files(paths)
     train, val = split(convs, ft.val_fraction)
-    return train, val, {**counts, "files": paths}
+    return train, val, {**counts, "files": paths, "skipped_files": skipped}
 
 
 def load_data(ft: FinetuneConfig, cfg: TrainConfig, block_size: int, world: int):
@@ -122,6 +130,8 @@ def report(summary: dict, cfg: TrainConfig, data: ChatData, world: int) -> None:
     source = f"{len(s['files'])} file(s)" if s["files"] else "the built-in demo dialogs (demo_data.py)"
     print(f"data: {source}, {s['conversations']:,} conversations"
           + (f" ({', '.join(f'{k} {v:,}' for k, v in skipped.items())})" if skipped else ""))
+    for line in s.get("skipped_files", []):
+        print(f"  {line}")
     for where in s.get("skipped_where", []):
         print(f"  skipped: {where}")
     print(f"  longer than the context: {s['cut']:,} cut at turn boundaries, {s['dropped']:,} dropped")
@@ -195,7 +205,8 @@ def main(argv: list[str]) -> None:
     finetune_info = {"files": summary["files"], "demo_dialogs": not summary["files"],
                      "train_on_prompt": ft.train_on_prompt, "val_fraction": ft.val_fraction,
                      "rehearse": ft.rehearse or None, "rehearse_rows": ft.rehearse_rows if ft.rehearse else 0,
-                     "counts": {k: v for k, v in summary.items() if k not in ("files", "skipped_where")}}
+                     "counts": {k: v for k, v in summary.items()
+                                if k not in ("files", "skipped_files", "skipped_where")}}
     train_cfg = replace(train_cfg, data="", init_from=str(init))  # recorded as run: the data are finetune_info's
     try:
         fit(model, train_cfg, data, provenance,

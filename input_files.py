@@ -1,7 +1,7 @@
 """Reading input files, the rules tokenize_data.py, finetune.py and chat_data.py share: which files of a folder are
 data, and how a JSON records file is parsed.
 
-A folder is searched recursively. Hidden files are copies or metadata, not data: macOS's ._NAME files
+A folder is searched recursively (folder_files). Hidden files are copies or metadata, not data: macOS's ._NAME files
 (binary: they stopped a run as invalid UTF-8), Jupyter's .ipynb_checkpoints (a second copy of every file), __MACOSX.
 Hugging Face datasets skip them too. A file named on the command line is read whatever its name.
 
@@ -13,6 +13,10 @@ are RecordError, which each reader words as its own error.
 import itertools
 import json
 from pathlib import Path
+
+
+class InputError(ValueError):
+    """A folder that cannot be read as input; the message names it."""
 
 
 class RecordError(ValueError):
@@ -29,6 +33,37 @@ def is_hidden(path: Path, folder: Path) -> bool:
     folder's with '__'."""
     parts = path.relative_to(folder).parts
     return any(part.startswith(".") for part in parts) or any(part.startswith("__") for part in parts[:-1])
+
+
+def folder_files(folder: Path, suffixes: tuple[str, ...]) -> tuple[list[Path], list[Path], list[Path]]:
+    """(the files of `folder` and its subfolders whose names end with one of `suffixes`, in any case; the files of
+    other types; the hidden files, whatever their type), each in sorted order. InputError for a broken symbolic
+    link with one of the suffixes (a missing input: is_file() would skip it without a word), and for a folder with
+    no such file."""
+    data, others, hidden = [], [], []
+    for path in sorted(folder.rglob("*")):
+        if is_hidden(path, folder):
+            if path.is_file():
+                hidden.append(path)
+        elif path.is_file():
+            (data if path.name.lower().endswith(suffixes) else others).append(path)
+        elif path.is_symlink() and not path.exists() and path.name.lower().endswith(suffixes):
+            raise InputError(f"{path}: broken symbolic link (its target is missing, or a link loop)")
+    if not data:
+        raise InputError(f"{folder}: folder has no {', '.join(suffixes)} files")
+    return data, others, hidden
+
+
+def skipped_files(others: list[Path], hidden: list[Path], suffixes: tuple[str, ...]) -> list[str]:
+    """The lines that report the files folder_files left out (none: no line)."""
+    lines = []
+    if others:
+        lines.append(f"skipped {len(others)} file(s) of other types in the folders "
+                     f"({', '.join(sorted({p.suffix or p.name for p in others}))}); read are {', '.join(suffixes)}")
+    if hidden:
+        lines.append(f"skipped {len(hidden)} hidden file(s) in the folders (a name or folder starting with '.', or "
+                     f"a folder with '__'), e.g. {hidden[0]}; name a file to read it")
+    return lines
 
 
 def json_line(line: str, lineno: int):

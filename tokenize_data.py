@@ -55,7 +55,7 @@ import config
 import shards
 import tokenizer
 from atomic import replace_dir
-from input_files import is_hidden
+from input_files import InputError, folder_files, skipped_files
 
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".md", ".md.gz")  # compared in lower case, as are JSONL_SUFFIXES
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -90,23 +90,16 @@ class BadRecord(Exception):
 
 def find_sources(inputs: list[str]) -> tuple[list[Path], list[Path], list[Path]]:
     """(the input files in order: arguments as given, folders expanded recursively in sorted order; the files of
-    other types found in the folders, and their hidden files (is_hidden), which are both skipped)."""
+    other types found in the folders, and their hidden files, which are both skipped: input_files.folder_files)."""
     files, others, hidden = [], [], []
     for arg in inputs:
         path = Path(arg)
         if path.is_dir():
-            everything = sorted(path.rglob("*"))
-            found = [p for p in everything if p.is_file()]
-            broken = [p for p in everything if p.is_symlink() and not p.exists() and is_input(p)]
-            if broken:  # a missing input, as a missing file named on the command line (is_file() skipped it silently)
-                raise BadInput(f"{broken[0]}: broken symbolic link (its target is missing, or a link loop)")
-            hidden += [p for p in found if is_hidden(p, path)]
-            found = [p for p in found if not is_hidden(p, path)]
-            readable = [p for p in found if is_input(p)]
-            if not readable:
-                raise BadInput(f"{path}: folder has no {', '.join(SUFFIXES)} files")
-            files += readable
-            others += [p for p in found if not is_input(p)]
+            try:
+                data, other_types, hidden_files = folder_files(path, SUFFIXES)
+            except InputError as e:
+                raise BadInput(str(e)) from None
+            files, others, hidden = files + data, others + other_types, hidden + hidden_files
         elif path.is_file():
             if not is_input(path):
                 raise BadInput(f"{path}: unsupported file type; expected one of {', '.join(SUFFIXES)}")
@@ -446,12 +439,8 @@ def tokenize(inputs: list[str], cfg: TokenizeConfig) -> dict:
     if fallback:
         print("tokenize_data: no document's hash fell below --val_fraction, so the val split is the one with the "
               "lowest hash (and its copies); more documents or a larger --val_fraction give a larger one")
-    if others:
-        print(f"tokenize_data: skipped {len(others)} file(s) of other types in the folders "
-              f"({', '.join(sorted({p.suffix or p.name for p in others}))}); read are {', '.join(SUFFIXES)}")
-    if hidden:
-        print(f"tokenize_data: skipped {len(hidden)} hidden file(s) in the folders (a name or folder starting with "
-              f"'.', or a folder with '__'), e.g. {hidden[0]}; name a file to read it")
+    for line in skipped_files(others, hidden, SUFFIXES):
+        print(f"tokenize_data: {line}")
     if skipped:
         emptied = sum(1 for s in sources if s["bad_records"] and not s["documents"])
         print(f"tokenize_data: skipped {len(skipped)} bad records (--skip_bad)" +

@@ -481,7 +481,7 @@ def test_finetune_end_to_end_from_a_hugging_face_gpt2_dir(tiny_model, tmp_path, 
     assert not torch.equal(model.wte.weight, tiny_model.wte.weight)  # it trained
 
 
-def test_finetune_reads_a_folder_of_data_files(tmp_path):
+def test_finetune_reads_a_folder_of_data_files_and_reports_the_files_it_leaves_out(tmp_path, capsys):
     folder = tmp_path / "sets"
     (folder / "b").mkdir(parents=True)
     first = write(folder / "a.jsonl", [{"messages": exchanges(1, start=i)} for i in range(3)])
@@ -491,11 +491,22 @@ def test_finetune_reads_a_folder_of_data_files(tmp_path):
     (folder / ".ipynb_checkpoints").mkdir()  # hidden: a copy of a.jsonl, and macOS's binary ._ file
     write(folder / ".ipynb_checkpoints" / "a-checkpoint.jsonl", [{"messages": exchanges(1, start=i)} for i in range(3)])
     (folder / "._a.jsonl").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X\xb0\xff")
-    train, val, summary = finetune.conversations(FinetuneConfig(data=[str(folder)], val_fraction=0))
+    ft, cfg = FinetuneConfig(data=[str(folder)], val_fraction=0), TrainConfig(batch_size=2, eval_batches=1)
+    train, val, summary = finetune.conversations(ft)
     assert summary["files"] == [str(first), str(second)] and (len(train), len(val)) == (4, 1)  # val: at least one
+    data, summary = finetune.load_data(ft, cfg, 64, 1)
+    finetune.report(summary, cfg, data, 1)  # the files left out are said, as tokenize_data says them
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1:3] == [
+        "  skipped 1 file(s) of other types in the folders (.txt); read are .json, .jsonl, .json.gz, .jsonl.gz",
+        "  skipped 2 hidden file(s) in the folders (a name or folder starting with '.', or a folder with '__'), "
+        f"e.g. {folder / '._a.jsonl'}; name a file to read it"]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ChatDataError, match="folder has no .json"):
+    with pytest.raises(ChatDataError, match="empty: folder has no .json, .jsonl, .json.gz, .jsonl.gz files"):
         finetune.conversations(FinetuneConfig(data=[str(tmp_path / "empty")]))
+    (folder / "gone.jsonl").symlink_to(tmp_path / "nowhere.jsonl")  # a missing file, no longer left out unsaid
+    with pytest.raises(ChatDataError, match="gone.jsonl: broken symbolic link"):
+        finetune.conversations(ft)
 
 
 def test_finetune_restricts_the_loss_after_data_vocab_pretraining_and_rehearses_text(tiny_model, tmp_path, capsys):

@@ -255,6 +255,7 @@ def test_hidden_files_in_folders_are_skipped_and_counted(tmp_path, capsys):
     (tmp_path / "in" / "__MACOSX" / "._book.txt").write_bytes(b"\x00\x05\x16\x07\xb0\xff")
     (tmp_path / "in" / ".ipynb_checkpoints" / "book-checkpoint.txt").write_text("The book.")
     (tmp_path / "in" / "__init__.txt").write_text("A file, not a folder, may start with __.")
+    (tmp_path / "in" / "__MACOSX" / "gone.txt").symlink_to("nowhere.txt")  # hidden, so no missing input
     run([tmp_path / "in", "--out", tmp_path / "o"])
     assert sorted(read_split(tmp_path / "o", "train") + read_split(tmp_path / "o", "val")) == \
         ["A file, not a folder, may start with __.", "The book."]
