@@ -4,10 +4,12 @@ usage: python tokenize_data.py [INPUT ...] [--out DIR] [--field value ...]
 
 INPUT is a .txt, .md, .txt.gz or .md.gz file (the whole file is one document, or with --txt_paragraphs each
 paragraph, i.e. text between blank lines; CRLF and CR line ends are read as newlines), a .jsonl or .jsonl.gz file
-(one document per line, taken from the field --text_field), or a folder searched recursively for such files, in
-sorted order (the files of other types are skipped and counted in the summary, as are hidden files: names starting
-with '.' and folders with '.' or '__', such as macOS's ._NAME and __MACOSX). Suffixes may be in any case, and a file
-may start with a UTF-8 byte order mark.
+(JSON Lines: one record per line, its field --text_field the document), a .json or .json.gz file (JSON Lines as in
+a .jsonl file, as Hugging Face datasets' to_json writes them, or one JSON array of such records, as TinyStories'
+[{"story": ...}, ...]: a file whose first character that is not blank is '['), or a folder searched recursively for
+such files, in sorted order (the files of other types are skipped and counted in the summary, as are hidden files:
+names starting with '.' and folders with '.' or '__', such as macOS's ._NAME and __MACOSX). Suffixes may be in any
+case, and a file may start with a UTF-8 byte order mark.
 With no INPUT the built-in demo corpus (demo_data.pretrain_documents) is tokenized into data/demo.
 
 DIR receives train/train_000000.bin ... and val/val_000000.bin ... (the shards.py format, --shard_tokens tokens
@@ -22,13 +24,17 @@ so the split does not depend on file order or batching, and exact duplicates nev
 below it (a small corpus), val is the document with the lowest hash and its copies, so that even a tiny corpus
 has a validation split.
 
-Bad input (a missing file, invalid UTF-8, a malformed JSON line, a missing or non-string text field, an empty
-corpus) stops with an error naming the file and line, exit code 2. --skip_bad skips bad records and counts them
-(a .txt file with invalid UTF-8 is one bad record: the whole file is skipped).
+Bad input (a missing file, invalid UTF-8, a malformed JSON line, a record that is not an object with a string text
+field, an empty corpus) stops with an error naming the file and line (and a JSON array's item), exit code 2.
+--skip_bad skips bad records and counts them (a .txt file or a JSON array that is not UTF-8 text is one bad record:
+the whole file is skipped). A JSON array that is malformed or followed by more text (the second array of datasets'
+to_json(lines=False), say) stops the run even with --skip_bad: where the records after the fault start is unknown.
 
 Memory stays flat whatever the corpus size: files are streamed and encoded in batches of about 1 MB of text,
 with at most two batches per worker in flight. What it does grow with is the shard buffer (2 bytes per token,
-up to --shard_tokens per split, allocated as it fills) and the largest single document.
+up to --shard_tokens per split, allocated as it fills), the largest single document, and the largest JSON array
+file: an array is read whole (its bytes and its text), where JSON Lines, in a .json file too, are read a line at a
+time (a 63 MB array took 73 MB more than the same records as JSON Lines).
 """
 
 import ctypes
@@ -36,6 +42,7 @@ import glob
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -55,11 +62,12 @@ import config
 import shards
 import tokenizer
 from atomic import replace_dir
-from input_files import InputError, folder_files, skipped_files
+from input_files import InputError, RecordError, folder_files, json_array, json_line, skipped_files
 
-TEXT_SUFFIXES = (".txt", ".txt.gz", ".md", ".md.gz")  # compared in lower case, as are JSONL_SUFFIXES
+TEXT_SUFFIXES = (".txt", ".txt.gz", ".md", ".md.gz")  # compared in lower case, as are the others
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
-SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES
+JSON_SUFFIXES = (".json", ".json.gz")  # JSON Lines, or a JSON array of records
+SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + JSON_SUFFIXES
 DEMO_OUT = "data/demo"
 BATCH_CHARS = 1 << 20  # text per encoding task: large enough to amortize the task, small enough to keep memory flat
 UTF16_HINT = "; convert UTF-16 to UTF-8, e.g. iconv -f UTF-16 -t UTF-8 (-f UTF-16LE without a byte order mark)"
@@ -69,7 +77,7 @@ MAX_SHOWN_BAD = 10  # skipped records printed one by one under --skip_bad; the r
 @dataclass
 class TokenizeConfig:
     out: str = ""  # output folder; required with INPUT, data/demo for the demo corpus
-    text_field: str = "text"  # the field of a .jsonl record that holds the document
+    text_field: str = "text"  # the field of a JSON record (.jsonl, .json) that holds the document
     txt_paragraphs: bool = False  # a .txt file gives one document per paragraph (blank-line separated), not one
     val_fraction: float = 0.005  # share of documents held out for validation (above 0; at least one document)
     shard_tokens: int = 100_000_000  # tokens per shard file (200 MB)
@@ -136,13 +144,19 @@ class HashingReader(io.RawIOBase):
         super().close()
 
 
-def parse_jsonl_line(line: bytes, text_field: str) -> str:
+def parse_jsonl_line(line: bytes, lineno: int, text_field: str) -> str:
     try:  # without its newline, so that an error's column is on this line; a byte order mark is no JSON: dropped
-        record = json.loads(line.rstrip(b"\n").decode("utf-8").removeprefix("\ufeff"))
+        text = line.rstrip(b"\n").decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         raise BadRecord(f"invalid UTF-8 at byte {e.start} of the line ({e.reason})") from None
-    except json.JSONDecodeError as e:
-        raise BadRecord(f"malformed JSON at column {e.colno}: {e.msg}") from None
+    try:
+        return document(json_line(text, lineno), text_field)
+    except RecordError as e:
+        raise BadRecord(f"malformed JSON at column {e.column}: {e.why}") from None
+
+
+def document(record, text_field: str) -> str:
+    """The document of a JSON record: its string field `text_field`."""
     if not isinstance(record, dict):
         raise BadRecord(f"expected a JSON object with a string field '{text_field}', got {type(record).__name__}")
     if text_field not in record:
@@ -154,20 +168,55 @@ def parse_jsonl_line(line: bytes, text_field: str) -> str:
     return text
 
 
-def decode_text(data: bytes) -> str:
-    """A text file's bytes as UTF-8; BadRecord(why, byte offset) for invalid UTF-8 or a NUL byte. UTF-16 without a
-    byte order mark (ASCII text with a NUL after every character) is valid UTF-8 and was tokenized as such."""
+def decode_file(path: Path, data: bytes, bad) -> str | None:
+    """A whole file's bytes as UTF-8 text, less a byte order mark; for invalid UTF-8 or a NUL byte, `bad` (the file
+    is one bad record) and None. UTF-16 without a byte order mark (ASCII text with a NUL after every character) is
+    valid UTF-8 and was tokenized as such."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         utf16 = data.startswith((b"\xff\xfe", b"\xfe\xff"))  # its byte order mark
         hint = f": it starts with a UTF-16 byte order mark{UTF16_HINT}" if utf16 else ""
-        raise BadRecord(f"invalid UTF-8 at byte {e.start} of the file ({e.reason}){hint}", e.start) from None
-    nul = data.find(b"\x00")
-    if nul >= 0:
-        raise BadRecord(f"a NUL byte at byte {nul} of the file: not text, or UTF-16 without a byte order mark"
-                        f"{UTF16_HINT}", nul)
-    return text
+        at, why = e.start, f"invalid UTF-8 at byte {e.start} of the file ({e.reason}){hint}"
+    else:
+        at = data.find(b"\x00")
+        if at < 0:
+            return text.removeprefix("\ufeff")
+        why = f"a NUL byte at byte {at} of the file: not text, or UTF-16 without a byte order mark{UTF16_HINT}"
+    line = data.count(b"\n", 0, at) + 1
+    bad(f"{path}:{line}", why)
+    return None
+
+
+def json_head(stream) -> tuple[list[bytes], bool]:
+    """The lines of a .json file up to its first that is not blank, and whether that one starts a JSON array."""
+    head = []
+    for line in stream:
+        head.append(line)
+        start = line.removeprefix(b"\xef\xbb\xbf").lstrip()  # after a byte order mark
+        if start:
+            return head, start.startswith(b"[")
+    return head, False
+
+
+def array_documents(path: Path, head: list[bytes], stream, text_field: str, bad):
+    """The documents of a .json file that holds a JSON array of records, read whole: `head` (json_head's lines) and
+    the rest of `stream`. A bad record is named by its line and item; JSON that is not one array stops the run even
+    with --skip_bad (where the records after it start is not known)."""
+    text = decode_file(path, b"".join(head) + stream.read(), bad)
+    if text is None:
+        return
+    try:
+        for line, item, record in json_array(text):
+            try:
+                doc = document(record, text_field)
+            except BadRecord as e:
+                bad(f"{path}:{line} (array item {item})", str(e))
+                continue
+            yield doc
+    except RecordError as e:
+        why = f"malformed JSON at column {e.column}: {e.why}" if e.column else e.why
+        raise BadInput(f"{path}:{e.line}: {why}") from None
 
 
 def read_file(path: Path, text_field: str, txt_paragraphs: bool, source: dict, bad):
@@ -181,27 +230,24 @@ def read_file(path: Path, text_field: str, txt_paragraphs: bool, source: dict, b
     lineno = 0
     try:
         if name.endswith(TEXT_SUFFIXES):
-            data = stream.read()
-            try:
-                text = decode_text(data)
-            except BadRecord as e:
-                why, at = e.args
-                line = data.count(b"\n", 0, at) + 1
-                bad(f"{path}:{line}", why)
-            else:
-                # Windows (CRLF) and old Mac (CR) line ends become newlines, and a byte order mark is no text
-                text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+            text = decode_file(path, stream.read(), bad)
+            if text is not None:  # Windows (CRLF) and old Mac (CR) line ends become newlines
+                text = text.replace("\r\n", "\n").replace("\r", "\n")
                 yield from re.split(r"\n(?:[ \t]*\n)+", text) if txt_paragraphs else [text]
-        else:
-            for lineno, line in enumerate(stream, 1):
-                if not line.strip():  # blank lines between records are allowed
-                    continue
-                try:
-                    text = parse_jsonl_line(line, text_field)
-                except BadRecord as e:
-                    bad(f"{path}:{lineno}", str(e))
-                    continue
-                yield text
+        else:  # JSON Lines, streamed; a .json file may hold a JSON array instead
+            head, array = json_head(stream) if name.endswith(JSON_SUFFIXES) else ([], False)
+            if array:
+                yield from array_documents(path, head, stream, text_field, bad)
+            else:
+                for lineno, line in enumerate(itertools.chain(head, stream), 1):
+                    if not line.strip():  # blank lines between records are allowed
+                        continue
+                    try:
+                        text = parse_jsonl_line(line, lineno, text_field)
+                    except BadRecord as e:
+                        bad(f"{path}:{lineno}", str(e))
+                        continue
+                    yield text
         while raw.read(1 << 20):  # hash whatever the decompressor did not need (padding, trailing bytes)
             pass
     except (OSError, EOFError, zlib.error) as e:
@@ -444,7 +490,8 @@ def tokenize(inputs: list[str], cfg: TokenizeConfig) -> dict:
     if skipped:
         emptied = sum(1 for s in sources if s["bad_records"] and not s["documents"])
         print(f"tokenize_data: skipped {len(skipped)} bad records (--skip_bad)" +
-              (f", {emptied} file(s) left with no document (a bad .txt file is skipped whole)" if emptied else "") +
+              (f", {emptied} file(s) left with no document (a .txt file or JSON array that is not UTF-8 text is "
+               "skipped whole)" if emptied else "") +
               f"; per file counts in {out}/meta.json")
     return meta
 

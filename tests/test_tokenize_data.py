@@ -33,14 +33,24 @@ def write_jsonl(path, records, text_field="text"):
             f.write(json.dumps({text_field: r, "id": 1} if isinstance(r, str) else r) + "\n")
 
 
+def write_json_array(path, records, text_field="text"):
+    """A JSON array of records, one line per field (as json.dumps(indent=1) writes it), plain or gzip."""
+    text = json.dumps([{text_field: r, "id": 1} for r in records], indent=1, ensure_ascii=False)
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        f.write(text)
+
+
 def make_corpus(folder):
     """DOCS spread over every input type, in a folder tree; returns them in the order they are read."""
     (folder / "sub").mkdir(parents=True)
     (folder / "a.txt").write_text(DOCS[0], encoding="utf-8")
     with gzip.open(folder / "b.txt.gz", "wt", encoding="utf-8") as f:
         f.write(DOCS[1])
-    write_jsonl(folder / "c.jsonl", DOCS[2:4])
-    write_jsonl(folder / "sub" / "d.jsonl.gz", DOCS[4:])
+    write_jsonl(folder / "c.jsonl", DOCS[2:3])
+    write_json_array(folder / "d.json", DOCS[3:4])
+    write_jsonl(folder / "sub" / "e.jsonl.gz", DOCS[4:5])
+    write_jsonl(folder / "sub" / "f.json.gz", DOCS[5:])  # JSON Lines in a .json file
     (folder / "logo.png").write_bytes(b"\x89PNG not an input")
     return DOCS
 
@@ -78,9 +88,40 @@ def test_round_trip_over_all_input_types_and_folders(tmp_path, capsys):
     assert sum(shards.read_header(out / s["file"]) for s in split["train"]["shards"]) == n_train
     on_disk = json.loads((out / "meta.json").read_text())
     assert on_disk == meta
-    assert [s["path"].split("corpus/")[1] for s in meta["sources"]] == ["a.txt", "b.txt.gz", "c.jsonl", "sub/d.jsonl.gz"]
-    raw = (tmp_path / "corpus" / "sub" / "d.jsonl.gz").read_bytes()
-    assert (meta["sources"][3]["sha256"], meta["sources"][3]["bytes"]) == (hashlib.sha256(raw).hexdigest(), len(raw))
+    assert [s["path"].split("corpus/")[1] for s in meta["sources"]] == \
+        ["a.txt", "b.txt.gz", "c.jsonl", "d.json", "sub/e.jsonl.gz", "sub/f.json.gz"]
+    for i, name in ((3, "d.json"), (4, "sub/e.jsonl.gz")):
+        raw = (tmp_path / "corpus" / name).read_bytes()
+        assert (meta["sources"][i]["sha256"], meta["sources"][i]["bytes"]) == \
+            (hashlib.sha256(raw).hexdigest(), len(raw))
+
+
+def write_bom_array(path, records, text_field):
+    """A JSON array on one line after a byte order mark and blank lines."""
+    path.write_bytes(b"\xef\xbb\xbf\n \r\n" + json.dumps([{text_field: r} for r in records]).encode())
+
+
+def test_json_lines_and_json_arrays_in_json_files_give_the_shards_of_the_same_jsonl(tmp_path):
+    """A .json file holds JSON Lines (Hugging Face datasets' to_json) or a JSON array of records (TinyStories'
+    data00.json): both give the shards of the same records in a .jsonl file; meta.json differs only in its sources."""
+    docs = DOCS + [f"Story {i}: " + "once upon a time " * i for i in range(30)]
+    writers = {"ref.jsonl": write_jsonl, "lines.json": write_jsonl, "array.json": write_json_array,
+               "array.json.gz": write_json_array, "lines.JSON.GZ": write_jsonl, "bom.json": write_bom_array}
+    results = {}
+    for name, write in writers.items():
+        write(tmp_path / name, docs, text_field="story")
+        out = tmp_path / f"out-{name}"
+        meta = run([tmp_path / name, "--out", out, "--text_field", "story", "--val_fraction", "0.2",
+                    "--shard_tokens", "256"])
+        assert meta.pop("sources")[0]["documents"] == len(docs)
+        files = tree(out)
+        del files["meta.json"]  # the dict that run returned
+        results[name] = meta, files
+    reference = results.pop("ref.jsonl")
+    assert len(reference[1]) > 4 and reference[0]["splits"]["val"]["documents"] > 1
+    assert all(result == reference for result in results.values()), [n for n, r in results.items() if r != reference]
+    assert sorted(read_split(tmp_path / "out-array.json", "train") + read_split(tmp_path / "out-array.json", "val")) \
+        == sorted(docs)
 
 
 def test_reruns_are_byte_identical_whatever_the_workers_and_replace_the_output(tmp_path):
@@ -196,9 +237,27 @@ def bad_cases(tmp_path):
     p = tmp_path / "type.jsonl"
     write_jsonl(p, [{"text": ["not", "a", "string"]}])
     cases.append((p, f"{p}:1: field 'text' must be a string, got list"))
-    p = tmp_path / "array.jsonl"
+    p = tmp_path / "array.jsonl"  # a .jsonl file is JSON Lines whatever it starts with; a .json file may be an array
     p.write_text('["a JSON array"]\n')
     cases.append((p, f"{p}:1: expected a JSON object"))
+    p = tmp_path / "two_arrays.json"  # datasets' to_json(lines=False) writes an array per 1,000 records
+    p.write_text(json.dumps([{"text": "a"}]) + "\n" + json.dumps([{"text": "b"}]) + "\n")
+    cases.append((p, f"{p}:2: text after the closing ']' of the JSON array (a second array, as datasets' "))
+    p = tmp_path / "broken_array.json"
+    p.write_text('[\n{"text": "ok"},\n{"text": oops}\n]')
+    cases.append((p, f"{p}:3: malformed JSON at column 10: Expecting value"))
+    p = tmp_path / "no_comma.json.gz"
+    p.write_bytes(gzip.compress(b'[{"text": "a"}\n {"text": "b"}]'))
+    cases.append((p, f"{p}:2: expected ',' or ']' after a record of the JSON array"))
+    p = tmp_path / "record.json"
+    p.write_text(json.dumps([{"text": "ok"}, {"content": "no text field"}], indent=1))  # item 1 starts on line 5
+    cases.append((p, f"{p}:5 (array item 1): missing field 'text' (the record has: content)"))
+    p = tmp_path / "strings.json"
+    p.write_text('[{"text": "ok"}, "a string"]')
+    cases.append((p, f"{p}:1 (array item 1): expected a JSON object with a string field 'text', got str"))
+    p = tmp_path / "latin1.json"
+    p.write_bytes('[\n{"text": "café"}]'.encode("latin-1"))
+    cases.append((p, f"{p}:2: invalid UTF-8 at byte 15 of the file"))
     p = tmp_path / "empty.jsonl"
     p.write_text("\n")
     cases.append((p, "empty corpus"))
@@ -277,8 +336,24 @@ def test_skip_bad_skips_and_counts(tmp_path, capsys):
     assert f"{p}:2:" in err and f"{p}:3:" in err
     (tmp_path / "bad.txt").write_bytes(b"a whole book with one bad byte \xff")
     run([p, tmp_path / "bad.txt", "--out", tmp_path / "o", "--skip-bad"])
-    assert "skipped 3 bad records (--skip_bad), 1 file(s) left with no document (a bad .txt file is skipped whole)" \
-        in capsys.readouterr().out
+    assert "skipped 3 bad records (--skip_bad), 1 file(s) left with no document (a .txt file or JSON array that is " \
+        "not UTF-8 text is skipped whole)" in capsys.readouterr().out
+
+
+def test_skip_bad_skips_the_bad_records_of_a_json_array_but_not_a_broken_array(tmp_path, capsys):
+    p = tmp_path / "mixed.json"
+    p.write_text(json.dumps([{"text": "good one"}, {"content": "x"}, {"text": "good two"}, 7], indent=1))
+    meta = run([p, "--out", tmp_path / "o", "--skip-bad"])
+    assert meta["skipped_bad_records"] == 2 and (meta["sources"][0]["documents"], meta["sources"][0]["bad_records"]) \
+        == (2, 2)
+    assert sorted(read_split(tmp_path / "o", "train") + read_split(tmp_path / "o", "val")) == ["good one", "good two"]
+    err = capsys.readouterr().err
+    assert f"skipping {p}:5 (array item 1): missing field 'text'" in err
+    assert f"skipping {p}:11 (array item 3): expected a JSON object" in err
+    p.write_text(json.dumps([{"text": "good one"}]) + json.dumps([{"text": "good two"}]))  # where is the next record?
+    with pytest.raises(SystemExit) as e:
+        run([p, "--out", tmp_path / "o", "--skip-bad"])
+    assert e.value.code == 2 and f"{p}:1: text after the closing ']'" in capsys.readouterr().err
 
 
 def test_lone_surrogate_in_json_becomes_replacement_character(tmp_path):
