@@ -6,8 +6,8 @@ A folder is searched recursively (folder_files). Hidden files are copies or meta
 Hugging Face datasets skip them too. A file named on the command line is read whatever its name.
 
 JSON records are JSON Lines (one value per line, json_line: read a line at a time) or one JSON array (json_array:
-the whole text, each record decoded in turn). Both name a record's line, and an array's item index; their errors
-are RecordError, which each reader words as its own error.
+the whole text, each record decoded in turn, with its line and item index). Their errors are RecordError, with the
+line (and column), which each reader words as its own error.
 """
 
 import itertools
