@@ -242,6 +242,11 @@ def read_file(path: Path, text_field: str, txt_paragraphs: bool, source: dict, b
                 for lineno, line in enumerate(itertools.chain(head, stream), 1):
                     if not line.strip():  # blank lines between records are allowed
                         continue
+                    if line.strip() == b"{" and name.endswith(JSON_SUFFIXES):  # json.dump(..., indent=N) of one object
+                        bad(f"{path}:{lineno}", "one JSON object over several lines, not records (JSON Lines or an "
+                                                "array): a data set's metadata, such as dataset_info.json? Name the "
+                                                "data files instead of their folder, or move it out")
+                        break
                     try:
                         text = parse_jsonl_line(line, lineno, text_field)
                     except BadRecord as e:

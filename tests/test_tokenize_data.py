@@ -356,6 +356,21 @@ def test_skip_bad_skips_the_bad_records_of_a_json_array_but_not_a_broken_array(t
     assert e.value.code == 2 and f"{p}:1: text after the closing ']'" in capsys.readouterr().err
 
 
+def test_a_metadata_json_in_a_corpus_folder_is_named_as_such_and_skipped_under_skip_bad(tmp_path, capsys):
+    """A data set's folder often holds a pretty-printed object beside its data (dataset_info.json): neither records
+    nor JSON Lines. The error says what it looks like; --skip_bad leaves it out as one bad record."""
+    (tmp_path / "c").mkdir()
+    write_jsonl(tmp_path / "c" / "train.jsonl", DOCS[:3])
+    (tmp_path / "c" / "dataset_info.json").write_text(json.dumps({"features": {"text": "string"}}, indent=2))
+    with pytest.raises(SystemExit) as e:
+        run([tmp_path / "c", "--out", tmp_path / "o"])
+    assert e.value.code == 2
+    assert f"{tmp_path / 'c' / 'dataset_info.json'}:1: one JSON object over several lines" in capsys.readouterr().err
+    meta = run([tmp_path / "c", "--out", tmp_path / "o", "--skip-bad"])
+    assert meta["skipped_bad_records"] == 1
+    assert sorted(read_split(tmp_path / "o", "train") + read_split(tmp_path / "o", "val")) == sorted(DOCS[:3])
+
+
 def test_lone_surrogate_in_json_becomes_replacement_character(tmp_path):
     p = tmp_path / "s.jsonl"
     p.write_text('{"text": "first"}\n{"text": "broken \\ud83d emoji"}\n')
