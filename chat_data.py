@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from chat_format import ChatFormatError, join_text_parts, latest_turns, render, validate
 from config import progress_interval
-from input_files import RecordError, json_array, json_line
+from input_files import RecordError, json_array, json_line, utf8_text
 from tokenizer import EOT_ID
 
 # ShareGPT speaker names -> our roles.
@@ -77,14 +77,10 @@ def _open_text(path: Path) -> str:
         raise ChatDataError(f"{path}: file not found") from None
     except (OSError, EOFError, zlib.error) as e:  # zlib.error: a corrupt gzip stream
         raise ChatDataError(f"{path}: cannot be read{' as gzip-compressed text' if gz else ''}: {e}") from None
-    try:  # utf-8-sig: files saved by Windows editors start with a byte order mark
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        utf16 = data.startswith((b"\xff\xfe", b"\xfe\xff"))  # a UTF-16 byte order mark
-        hint = ", the file is UTF-16: convert it (iconv -f UTF-16 -t UTF-8)" if utf16 else ""
-        raise ChatDataError(f"{path} line {line}: invalid UTF-8 at byte {e.start} of the file ({e.reason}); expected "
-                            f"UTF-8 text{hint}") from None
+    try:  # files saved by Windows editors start with a byte order mark, and some are UTF-16
+        return utf8_text(data)
+    except RecordError as e:
+        raise ChatDataError(f"{path} line {e.line}: {e.why}") from None
 
 
 def _records(path: Path):

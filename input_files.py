@@ -5,6 +5,9 @@ A folder is searched recursively (folder_files). Hidden files are copies or meta
 (binary: they stopped a run as invalid UTF-8), Jupyter's .ipynb_checkpoints (a second copy of every file), __MACOSX.
 Hugging Face datasets skip them too. A file named on the command line is read whatever its name.
 
+A text file is UTF-8 (utf8_text), a byte order mark allowed; UTF-16, which Windows tools write, gets an error that
+says how to convert it.
+
 JSON records are JSON Lines (one value per line, json_line: read a line at a time) or one JSON array (json_array:
 the whole text, each record decoded in turn, with its line and item index). Their errors are RecordError, with the
 line (and column), which each reader words as its own error.
@@ -13,6 +16,9 @@ line (and column), which each reader words as its own error.
 import itertools
 import json
 from pathlib import Path
+
+
+UTF16_HINT = "; convert UTF-16 to UTF-8, e.g. iconv -f UTF-16 -t UTF-8 (-f UTF-16LE without a byte order mark)"
 
 
 class InputError(ValueError):
@@ -64,6 +70,23 @@ def skipped_files(others: list[Path], hidden: list[Path], suffixes: tuple[str, .
         lines.append(f"skipped {len(hidden)} hidden file(s) in the folders (a name or folder starting with '.', or "
                      f"a folder with '__'), e.g. {hidden[0]}; name a file to read it")
     return lines
+
+
+def utf8_text(data: bytes) -> str:
+    """A file's bytes as UTF-8 text, less a byte order mark. RecordError, with the line, for invalid UTF-8 or a NUL
+    byte: UTF-16 without a byte order mark (ASCII text with a NUL after every character) is valid UTF-8."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        utf16 = data.startswith((b"\xff\xfe", b"\xfe\xff"))  # its byte order mark
+        hint = f": it starts with a UTF-16 byte order mark{UTF16_HINT}" if utf16 else ""
+        at, why = e.start, f"invalid UTF-8 at byte {e.start} of the file ({e.reason}){hint}"
+    else:
+        at = data.find(b"\x00")
+        if at < 0:
+            return text.removeprefix("\ufeff")
+        why = f"a NUL byte at byte {at} of the file: not text, or UTF-16 without a byte order mark{UTF16_HINT}"
+    raise RecordError(why, data.count(b"\n", 0, at) + 1)
 
 
 def json_line(line: str, lineno: int):

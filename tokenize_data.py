@@ -62,7 +62,7 @@ import config
 import shards
 import tokenizer
 from atomic import replace_dir
-from input_files import InputError, RecordError, folder_files, json_array, json_line, skipped_files
+from input_files import InputError, RecordError, folder_files, json_array, json_line, skipped_files, utf8_text
 
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".md", ".md.gz")  # compared in lower case, as are the others
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -70,7 +70,6 @@ JSON_SUFFIXES = (".json", ".json.gz")  # JSON Lines, or a JSON array of records
 SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + JSON_SUFFIXES
 DEMO_OUT = "data/demo"
 BATCH_CHARS = 1 << 20  # text per encoding task: large enough to amortize the task, small enough to keep memory flat
-UTF16_HINT = "; convert UTF-16 to UTF-8, e.g. iconv -f UTF-16 -t UTF-8 (-f UTF-16LE without a byte order mark)"
 MAX_SHOWN_BAD = 10  # skipped records printed one by one under --skip_bad; the rest are only counted
 
 
@@ -169,23 +168,13 @@ def document(record, text_field: str) -> str:
 
 
 def decode_file(path: Path, data: bytes, bad) -> str | None:
-    """A whole file's bytes as UTF-8 text, less a byte order mark; for invalid UTF-8 or a NUL byte, `bad` (the file
-    is one bad record) and None. UTF-16 without a byte order mark (ASCII text with a NUL after every character) is
-    valid UTF-8 and was tokenized as such."""
+    """A whole file's bytes as UTF-8 text, less a byte order mark (input_files.utf8_text); for invalid UTF-8 or a NUL
+    byte, `bad` (the file is one bad record) and None."""
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        utf16 = data.startswith((b"\xff\xfe", b"\xfe\xff"))  # its byte order mark
-        hint = f": it starts with a UTF-16 byte order mark{UTF16_HINT}" if utf16 else ""
-        at, why = e.start, f"invalid UTF-8 at byte {e.start} of the file ({e.reason}){hint}"
-    else:
-        at = data.find(b"\x00")
-        if at < 0:
-            return text.removeprefix("\ufeff")
-        why = f"a NUL byte at byte {at} of the file: not text, or UTF-16 without a byte order mark{UTF16_HINT}"
-    line = data.count(b"\n", 0, at) + 1
-    bad(f"{path}:{line}", why)
-    return None
+        return utf8_text(data)
+    except RecordError as e:
+        bad(f"{path}:{e.line}", e.why)
+        return None
 
 
 def json_head(stream) -> tuple[list[bytes], bool]:

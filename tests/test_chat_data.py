@@ -272,7 +272,9 @@ def test_bad_files_name_file_and_line(tmp_path):
                  "latin1.jsonl": ((json.dumps(GOOD) + "\n").encode() + '{"x": "café"}\n'.encode("latin-1"),
                                   "line 2: invalid UTF-8 at byte 103 of the file"),
                  "windows.json": (json.dumps([GOOD]).encode("utf-16"), "line 1: invalid UTF-8 at byte 0 of the file "
-                                  "\\(invalid start byte\\); expected UTF-8 text, the file is UTF-16"),
+                                  "\\(invalid start byte\\): it starts with a UTF-16 byte order mark; convert"),
+                 "no_bom.jsonl": ((json.dumps(GOOD) + "\n").encode("utf-16-le"), "line 1: a NUL byte at byte 1 of "
+                                  "the file: not text, or UTF-16 without a byte order mark; convert"),
                  "chats.jsonl.zst": (b"\x28\xb5\x2f\xfd", ": .zst compression is not read"),
                  "chats.JSON.XZ": (b"\xfd7zXZ\x00", ": .xz compression is not read")}
     for name, (data, expected) in bad_bytes.items():
