@@ -63,18 +63,41 @@ def hidden_matrices(model: GPT) -> list[torch.nn.Parameter]:
 
 def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """G's nearest semi-orthogonal matrix, approximately (U S' V^T with S' near 1, for G = U S V^T): the quintic
-    Newton-Schulz iteration. bf16 on CUDA, as the references run it; fp32 elsewhere, since CPUs without bf16
-    units emulate bf16 matmuls (several times slower) and fp32 keeps a CPU run exactly reproducible."""
-    a, b, c = NEWTON_SCHULZ
+    Newton-Schulz iteration X <- P(X X^T) X, P(A) = a I + b A + c A^2, on X = G / |G|. On CUDA in bf16, as the
+    references run it. Elsewhere in fp32 (CPUs without bf16 units emulate bf16 matmuls, several times slower, and
+    fp32 keeps a CPU run exactly reproducible), and on the Gram matrix (gram_iteration), since on a CPU the
+    multiply-adds are Muon's cost (BENCHMARKS.md, "Demo v4.3")."""
     x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
     tall = x.size(0) > x.size(1)
     if tall:  # iterate on the wide orientation: X X^T is the smaller Gram matrix
         x = x.T
     x = x / (x.norm() + 1e-7)  # the spectral norm is at most the Frobenius norm: now <= 1, where the iteration converges
+    x = newton_schulz(x, steps) if x.is_cuda else gram_iteration(x, steps) @ x
+    return x.T if tall else x
+
+
+def newton_schulz(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """The textbook iteration on a wide X."""
+    a, b, c = NEWTON_SCHULZ
     for _ in range(steps):
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if tall else x
+    return x
+
+
+def gram_iteration(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """The product of the Newton-Schulz iteration's P's, from the Gram matrix A = X X^T alone: each P is a polynomial
+    in the first A, so they commute and A <- P(A)^2 A; X's long side is then multiplied twice (here and by the
+    caller) instead of ten times. The same result to rounding, which this form amplifies along the smallest singular
+    values (it works with their squares): fine in fp32, not in bf16, where the textbook loop runs."""
+    a, b, c = NEWTON_SCHULZ
+    gram = x @ x.T
+    eye, product = torch.eye(gram.size(0), dtype=gram.dtype, device=gram.device), None
+    for _ in range(steps):
+        p = a * eye + b * gram + c * gram @ gram
+        gram = p @ gram @ p
+        product = p if product is None else p @ product
+    return product
 
 
 class Muon(torch.optim.Optimizer):

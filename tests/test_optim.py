@@ -58,7 +58,22 @@ def test_orthogonalize_brings_every_singular_value_near_one(shape):
     o = orthogonalize(g)
     s = torch.linalg.svdvals(o)
     assert o.shape == shape and s.min() > 0.5 and s.max() < 1.5
-    assert torch.allclose(u.T @ o @ v, torch.diag(torch.diagonal(u.T @ o @ v)), atol=1e-4)  # same singular vectors
+    # the same singular vectors, to rounding (which the Gram form amplifies along the smallest singular values)
+    assert torch.allclose(u.T @ o @ v, torch.diag(torch.diagonal(u.T @ o @ v)), atol=5e-4)
+
+
+@pytest.mark.parametrize("shape", [(96, 32), (32, 96), (48, 48)])
+def test_orthogonalize_on_the_gram_matrix_is_the_textbook_iteration(shape):
+    """What orthogonalize computes on a CPU from the Gram matrix alone is the textbook iteration's result (float64),
+    and CUDA's textbook iteration in bf16 (run here on the CPU) is near it."""
+    from optim import newton_schulz
+    torch.manual_seed(1)
+    g = torch.randn(shape)
+    wide = g.T if shape[0] > shape[1] else g
+    expected = newton_schulz(wide.double() / wide.double().norm(), 5).float()
+    assert torch.allclose(orthogonalize(g), expected.T if shape[0] > shape[1] else expected, atol=1e-5)
+    in_bf16 = newton_schulz((wide / wide.norm()).bfloat16(), 5).float()
+    assert (in_bf16 - expected).abs().max() < 0.05 and not torch.equal(in_bf16, expected)
 
 
 def test_muon_step_follows_the_schedule_through_lr_scale():
@@ -117,7 +132,9 @@ def test_torchrun_two_processes_match_one_process_with_accumulation(data_dir, tm
     assert [c[0] for c in curves[0]] == [c[0] for c in curves[1]] == [1, 2, 3, 4]
     assert np.allclose([c[1] for c in curves[0]], [c[1] for c in curves[1]], rtol=1e-4)
     assert curves[0][-1][1] < curves[0][0][1] - 1
-    assert_close_weights(final_weights(one), final_weights(two), atol=1e-5, rtol=1e-5)
+    # The two sum their gradients in another order; Muon's Gram-form iteration (optim.gram_iteration) amplifies that
+    # rounding along the update's smallest singular values: equal to 1e-4, where a wrong average is off by a step
+    assert_close_weights(final_weights(one), final_weights(two), atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("args, message", [(["--optimizer", "sgd"], "field 'optimizer' expects one of adamw, muon"),
