@@ -35,8 +35,8 @@ test: setup
 # second half (wsd, --decay_fraction 0.5: at the same steps both seeds tried scored higher than with a decay over
 # the last fifth, BENCHMARKS.md "After v4: a longer decay"). The blocks' matrices train with Muon, as the preset's
 # do, the embeddings and gains with AdamW: at this batch Muon's orthogonalization costs a quarter of the steps that
-# fit the time, and each step learns enough more that every seed tried scored higher, the support bot's look-ups
-# most of all (BENCHMARKS.md, "Demo v4.3").
+# fit the time, and each step learns enough more that each seed tried scored higher on average, the support bot's
+# look-ups most of all (BENCHMARKS.md, "Demo v4.3").
 # Fine-tuning keeps that restricted softmax (finetune.py) and rehearses: 2 windows of pretraining text in every
 # batch keep what pretraining taught (the sums, copying) from being overwritten by the narrow dialogs.
 SEED ?= 0
