@@ -34,7 +34,7 @@ Memory stays flat whatever the corpus size: files are streamed and encoded in ba
 with at most two batches per worker in flight. What it does grow with is the shard buffer (2 bytes per token,
 up to --shard_tokens per split, allocated as it fills), the largest single document, and the largest JSON array
 file: an array is read whole (its bytes and its text), where JSON Lines, in a .json file too, are read a line at a
-time (a 63 MB array took 73 MB more than the same records as JSON Lines).
+time (BENCHMARKS.md, Tokenizer).
 """
 
 import ctypes
