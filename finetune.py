@@ -37,7 +37,7 @@ import chat_format
 from chat_data import ChatData, ChatDataError, Rehearsal, encode_conversations, length_buckets, read_files, split
 from checkpoint import CheckpointError, load_checkpoint
 from config import ConfigError, FinetuneConfig, ModelConfig, TrainConfig, cli, fail, to_dict
-from input_files import InputError, folder_files, skipped_files
+from input_files import InputError, expand_folders, skipped_files
 from model import GPT, pick_device
 from shard_data import ShardData, data_vocab_ids
 from shards import ShardError
@@ -52,20 +52,14 @@ DATA_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")  # a folder's files
 
 
 def data_files(patterns: list[str]) -> tuple[list[str], list[str]]:
-    """The files --data names (patterns expanded, folders searched by input_files.folder_files), and the lines that
+    """The files --data names (patterns expanded, folders searched by input_files.expand_folders), and the lines that
     report the files the folders left out."""
-    files, others, hidden = [], [], []
-    for path in (p for pattern in patterns for p in (sorted(glob.glob(pattern)) or [pattern])):
-        if not os.path.isdir(path):
-            files.append(path)
-            continue
-        try:
-            data, other_types, hidden_files = folder_files(Path(path), DATA_SUFFIXES)
-        except InputError as e:
-            raise ChatDataError(str(e)) from None
-        files += map(str, data)
-        others, hidden = others + other_types, hidden + hidden_files
-    return files, skipped_files(others, hidden, DATA_SUFFIXES)
+    paths = [p for pattern in patterns for p in (sorted(glob.glob(pattern)) or [pattern])]
+    try:
+        files, others, hidden = expand_folders(paths, DATA_SUFFIXES)
+    except InputError as e:
+        raise ChatDataError(str(e)) from None
+    return [str(f) for f in files], skipped_files(others, hidden, DATA_SUFFIXES)
 
 
 def conversations(ft: FinetuneConfig):

@@ -15,6 +15,7 @@ line (and column), which each reader words as its own error.
 
 import itertools
 import json
+import os
 from pathlib import Path
 
 
@@ -58,6 +59,19 @@ def folder_files(folder: Path, suffixes: tuple[str, ...]) -> tuple[list[Path], l
     if not data:
         raise InputError(f"{folder}: folder has no {', '.join(suffixes)} files")
     return data, others, hidden
+
+
+def expand_folders(paths, suffixes: tuple[str, ...]) -> tuple[list, list[Path], list[Path]]:
+    """(the input files `paths` name, in order: a folder gives its files of those suffixes (folder_files), anything
+    else stands for itself, as given; the folders' files of other types; their hidden files)."""
+    files, others, hidden = [], [], []
+    for path in paths:
+        if os.path.isdir(path):
+            data, other_types, hidden_files = folder_files(Path(path), suffixes)
+            files, others, hidden = files + data, others + other_types, hidden + hidden_files
+        else:
+            files.append(path)
+    return files, others, hidden
 
 
 def skipped_files(others: list[Path], hidden: list[Path], suffixes: tuple[str, ...]) -> list[str]:

@@ -62,7 +62,7 @@ import config
 import shards
 import tokenizer
 from atomic import replace_dir
-from input_files import InputError, RecordError, folder_files, json_array, json_line, skipped_files, utf8_text
+from input_files import InputError, RecordError, expand_folders, json_array, json_line, skipped_files, utf8_text
 
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".md", ".md.gz")  # compared in lower case, as are the others
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -97,22 +97,17 @@ class BadRecord(Exception):
 
 def find_sources(inputs: list[str]) -> tuple[list[Path], list[Path], list[Path]]:
     """(the input files in order: arguments as given, folders expanded recursively in sorted order; the files of
-    other types found in the folders, and their hidden files, which are both skipped: input_files.folder_files)."""
-    files, others, hidden = [], [], []
-    for arg in inputs:
-        path = Path(arg)
-        if path.is_dir():
-            try:
-                data, other_types, hidden_files = folder_files(path, SUFFIXES)
-            except InputError as e:
-                raise BadInput(str(e)) from None
-            files, others, hidden = files + data, others + other_types, hidden + hidden_files
-        elif path.is_file():
-            if not is_input(path):
-                raise BadInput(f"{path}: unsupported file type; expected one of {', '.join(SUFFIXES)}")
-            files.append(path)
-        else:
+    other types found in the folders, and their hidden files, which are both skipped: input_files.expand_folders)."""
+    paths = [Path(arg) for arg in inputs]
+    for path in paths:
+        if path.is_file() and not is_input(path):
+            raise BadInput(f"{path}: unsupported file type; expected one of {', '.join(SUFFIXES)}")
+        if not (path.is_file() or path.is_dir()):
             raise BadInput(f"{path}: no such file or folder")
+    try:
+        files, others, hidden = expand_folders(paths, SUFFIXES)
+    except InputError as e:
+        raise BadInput(str(e)) from None
     # a file named twice (directly and through its folder) is read once
     return list(dict.fromkeys(files)), others, hidden
 
