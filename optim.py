@@ -93,10 +93,11 @@ def gram_iteration(x: torch.Tensor, steps: int) -> torch.Tensor:
     a, b, c = NEWTON_SCHULZ
     gram = x @ x.T
     eye, product = torch.eye(gram.size(0), dtype=gram.dtype, device=gram.device), None
-    for _ in range(steps):
+    for step in range(steps):
         p = a * eye + b * gram + c * gram @ gram
-        gram = p @ gram @ p
         product = p if product is None else p @ product
+        if step < steps - 1:  # the last P needs no Gram matrix after it
+            gram = p @ gram @ p
     return product
 
 
