@@ -68,7 +68,9 @@ def expand_folders(paths, suffixes: tuple[str, ...]) -> tuple[list, list[Path], 
     for path in paths:
         if os.path.isdir(path):
             data, other_types, hidden_files = folder_files(Path(path), suffixes)
-            files, others, hidden = files + data, others + other_types, hidden + hidden_files
+            files += data
+            others += other_types
+            hidden += hidden_files
         else:
             files.append(path)
     return files, others, hidden
