@@ -6,11 +6,12 @@ GPT.generate. A library: no web framework here.
   for text in stream(Engine(model, max_batch=1), prompt, params): print(text, end="")
   engine = Engine(model, max_batch=16, max_queue=64, reuse_tokens=16384); engine.start()  # a server's thread
 
-Decoding runs in named phases, as in gpt-fast: `prefill` (a chunk of new tokens per row, right-padded, into the
-cache), `decode_one_step` (one token for every active row, each at its own position), `sample` (the output
-layer, then each row's choice with its own parameters and generator) and the scheduler, `Engine.step`, which
-between decode steps admits waiting sequences into free rows of the cache (continuous batching) and drops the
-ones whose client went away.
+Decoding runs in named phases, as in gpt-fast: `step_forward` (one forward for a step: a token for every active
+row, each at its own position, and the prompts of newly admitted sequences packed after them, so that a prefill
+rides with the decode step instead of taking a forward of its own), `decode_one_step` (the decode rows alone
+at fixed shapes, for torch.compile and CUDA graphs), `sample` (the output layer, then each row's choice with its
+own parameters and generator) and the scheduler, `Engine.step`, which at each step admits waiting sequences into
+free rows of the cache (continuous batching) and drops the ones whose client went away.
 
 The KV cache is allocated once, (layers, rows, heads, context, head size), and a row keeps its place for the
 whole sequence: a decode step writes one key and value per row at the row's position and attends to a view of
@@ -227,10 +228,12 @@ class Sequence:
 
 class KVCache:
     """Keys and values of every layer for `rows` sequences of up to `max_len` tokens, allocated once:
-    (n_layer, rows, n_head, max_len, head size). Before each forward the engine says which rows it runs
-    (`index`: a slice of the first rows when decoding, a tensor of rows when prefilling), the positions of their
-    new tokens (`pos`, (n, T)), how many cached positions to attend to (`kv_len`) and the mask (n, 1, T, kv_len)
-    that keeps each query to its own row's positions up to its own (None: all of kv_len)."""
+    (n_layer, rows, n_head, max_len, head size). Before each forward the engine sets where the new tokens' keys
+    and values go (`write_rows` and `pos`, the same shape as the tokens) and what each query attends to: the first
+    `n` rows of the cache, one query each, up to `kv_len` positions under `mask` ((n, 1, 1, kv_len), None: all of
+    them), then each of `chunks`, (offset, length, row, end, mask): a prompt's tokens packed after the decode
+    rows' (a step of `step_forward`), attending to their row's first `end` positions under a causal (length, end)
+    mask. Without chunks the tokens are (n, T), row i's in row i (`decode_one_step`)."""
 
     def __init__(self, cfg, rows: int, max_len: int, device, dtype):
         shape = (cfg.n_layer, rows, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
@@ -239,21 +242,33 @@ class KVCache:
         self.layers = list(zip(self.k.unbind(0), self.v.unbind(0)))  # per-layer views, not a select per access
         self.row_ids = torch.arange(rows, device=device)[:, None]
         self.rows, self.max_len = rows, max_len
-        self.index, self.write_rows, self.pos, self.kv_len, self.mask = slice(0, 0), None, None, 0, None
+        self.n, self.write_rows, self.pos, self.kv_len, self.mask, self.chunks = 0, None, None, 0, None, []
 
     def attend(self, layer: int, q, k, v):
-        """Write the new tokens' keys and values k, v (n, T, nh, hs) at their positions, then attend with q
-        (n, nh, T, hs) to the cached ones: (n, nh, T, hs)."""
+        """Write the new tokens' keys and values k, v (B, T, nh, hs) at their positions, then attend with q
+        (B, nh, T, hs) to the cached ones: (B, nh, T, hs)."""
         k_cache, v_cache = self.layers[layer]
         if k.dtype != k_cache.dtype:
             k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
         k_cache[self.write_rows, :, self.pos] = k
         v_cache[self.write_rows, :, self.pos] = v
-        keys = k_cache[self.index, :, : self.kv_len]
-        values = v_cache[self.index, :, : self.kv_len]
+        if not self.chunks:
+            return self._attend(q, layer, slice(0, self.n), self.kv_len, self.mask)
+        parts = []
+        if self.n:  # the decode rows' queries, one a row: (n, nh, 1, hs) and back
+            y = self._attend(q[0, :, : self.n].transpose(0, 1)[:, :, None], layer, slice(0, self.n), self.kv_len,
+                             self.mask)
+            parts.append(y[:, :, 0].transpose(0, 1)[None])
+        for offset, length, row, end, mask in self.chunks:
+            parts.append(self._attend(q[:, :, offset: offset + length], layer, slice(row, row + 1), end, mask))
+        return torch.cat(parts, dim=2)
+
+    def _attend(self, q, layer: int, rows: slice, end: int, mask):
+        k_cache, v_cache = self.layers[layer]
+        keys, values = k_cache[rows, :, :end], v_cache[rows, :, :end]
         if keys.dtype != q.dtype:
             keys, values = keys.to(q.dtype), values.to(q.dtype)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
 def decode_precision(device: torch.device, weight_dtype: torch.dtype):
@@ -422,27 +437,41 @@ def greedy_ids(model, x) -> list[int] | None:
     return ids[order[firsts]].tolist()
 
 
-def prefill(model, cache: KVCache, rows: list[int], chunks: list[list[int]], starts: list[int], prevs: list[int],
-            all_positions: list[bool]):
-    """Feed each row (a cache row) its chunk of new tokens at positions starts[i].. (prevs[i]: the token before the
-    chunk, for smear). Chunks are right-padded to the longest; padding lands past a row's end, where it is
-    overwritten before it is ever attended to. Returns the hidden state of each row's last new token (n, C) and,
-    for rows with all_positions, the logits of all its new tokens (T_i, V) (else None)."""
+def step_forward(model, cache: KVCache, decode: list[tuple[int, int, int] | None],
+                 chunks: list[tuple[int, list[int], int, int]]):
+    """One forward over every new token of a step, packed into one row of the batch: a token for each of the
+    first len(decode) rows of the cache ((token, position, prev), or None for a free row among them, which
+    computes padding), then each prompt chunk (row, tokens, start, prev) at positions start.. of its row (prev:
+    the token before the chunk, for smear). The chunks ride with the decode rows instead of taking a forward of
+    their own, and packing pads none of them. Returns the final hidden states (N, C), decode rows first."""
     device = cache.k.device
-    n, T = len(chunks), max(len(c) for c in chunks)
-    # One host-to-device copy (each is a sync on CUDA): every row's padded chunk, start, cache row, prev and last index
-    table = torch.tensor([c + [0] * (T - len(c)) + [start, row, prev, len(c) - 1]
-                          for c, start, row, prev in zip(chunks, starts, rows, prevs)], device=device)
-    idx, (start, row, prev, ends) = table[:, :T], table[:, T:].unbind(1)
-    pos = (start[:, None] + torch.arange(T, device=device)).clamp_(max=cache.max_len - 1)
-    kv_len = max(s + len(c) for s, c in zip(starts, chunks))
-    cache.index, cache.write_rows, cache.pos, cache.kv_len = row, row[:, None], pos, kv_len
-    cache.mask = (torch.arange(kv_len, device=device) <= pos[:, :, None])[:, None]
-    x = model.hidden_states(idx, cache, pos, prev)
-    out = output_layer(model)
-    last = x[torch.arange(n, device=device), ends]
-    full = [out(x[i, : len(c)]).float() if want else None for i, (c, want) in enumerate(zip(chunks, all_positions))]
-    return last, full
+    kv_len = max((d[1] + 1 for d in decode if d is not None), default=0)
+    # Padding writes past any prompt's end (a prompt leaves room for a token), where nothing reads before a write.
+    decode = [d or (0, cache.max_len - 1, 0) for d in decode]
+    tokens, positions, prevs = [t for t, _, _ in decode], [p for _, p, _ in decode], [b for _, _, b in decode]
+    rows = list(range(len(decode)))
+    for row, chunk, start, prev in chunks:
+        tokens += chunk
+        positions += range(start, start + len(chunk))
+        prevs += [prev] + chunk[:-1]
+        rows += [row] * len(chunk)
+    # One host-to-device copy (each is a sync on CUDA); without chunks the decode rows are rows of the batch
+    table = torch.tensor([tokens, positions, prevs, rows], device=device)
+    idx, pos, prev, write_rows = (table[:, None] if chunks else table[:, :, None]).unbind(0)
+    n, flat = len(decode), table[1]
+    cache.n, cache.write_rows, cache.pos, cache.kv_len = n, write_rows, pos, kv_len
+    # One row attending to everything up to its own position needs no mask.
+    cache.mask = None if n <= 1 else (torch.arange(kv_len, device=device) <= flat[:n, None])[:, None, None]
+    cache.chunks, offset = [], n
+    for row, chunk, start, _ in chunks:
+        end = start + len(chunk)
+        mask = torch.arange(end, device=device) <= flat[offset: offset + len(chunk), None]
+        cache.chunks.append((offset, len(chunk), row, end, mask))
+        offset += len(chunk)
+    try:
+        return model.hidden_states(idx, cache, pos, prev).flatten(0, 1)
+    finally:
+        cache.chunks = []
 
 
 def decode_one_step(model, cache: KVCache, tokens: list[int], positions: list[int], prevs: list[int],
@@ -456,10 +485,9 @@ def decode_one_step(model, cache: KVCache, tokens: list[int], positions: list[in
         pad = cache.rows - len(tokens)
         tokens, positions, prevs = tokens + [0] * pad, positions + [0] * pad, prevs + [0] * pad
     n = len(tokens)
-    idx, pos, prev = torch.tensor([tokens, positions, prevs], device=device).unbind(0)  # one host-to-device copy
-    idx, pos = idx[:, None], pos[:, None]
+    idx, pos, prev = torch.tensor([tokens, positions, prevs], device=device)[:, :, None].unbind(0)  # one copy
     kv_len = cache.max_len if static else max(positions) + 1
-    cache.index, cache.pos, cache.kv_len, cache.write_rows = slice(0, n), pos, kv_len, cache.row_ids[:n]
+    cache.n, cache.pos, cache.kv_len, cache.write_rows = n, pos, kv_len, cache.row_ids[:n]
     # One row attending to everything up to its own position needs no mask.
     cache.mask = None if n == 1 and not static else (torch.arange(kv_len, device=device) <= pos)[:, None, None]
     return model.hidden_states(idx, cache, pos, prev)[:, -1]
@@ -635,11 +663,12 @@ class PrefixStore:
 
 class Engine:
     """Continuous batching over a KV cache of `max_batch` rows. Callers `submit` sequences (thread-safe); each
-    `step` drops cancelled or overdue sequences, prefills waiting ones into free rows and decodes one token for
-    every active row. `start` runs the steps on a thread of its own (a server); `generate` and `stream` call
-    `step` themselves. `observe(kind, value)` hears of "prompt_tokens", "reused_tokens", "completion_tokens",
-    "cancelled", "ttft" and "tpot" (seconds). After a device error the engine stops for good (`failure` says why)
-    and calls `on_failure(failure)`: only a new process has a working device again."""
+    `step` drops cancelled or overdue sequences, admits waiting ones into free rows and, in one forward,
+    prefills them and decodes one token for every active row. `start` runs the steps on a thread of its own (a
+    server); `generate` and `stream` call `step` themselves. `observe(kind, value)` hears of "prompt_tokens",
+    "reused_tokens", "completion_tokens", "cancelled", "ttft" and "tpot" (seconds). After a device error the
+    engine stops for good (`failure` says why) and calls `on_failure(failure)`: only a new process has a working
+    device again."""
 
     def __init__(self, model, max_batch: int = 16, max_queue: int = 1 << 30, reuse_tokens: int = 0,
                  static: bool = False, observe=None, on_failure=None):
@@ -713,10 +742,9 @@ class Engine:
             new = [self.waiting.popleft() for _ in range(min(len(self.free), len(self.waiting)))]
         try:
             with self.autocast:
-                if new:
-                    self._prefill(new)
-                if self.active:
-                    self._decode()
+                self._forward(new)
+                if self.static and self.active:
+                    self._decode_static()
         except Exception as e:
             log.exception("engine step failed")
             for seq in {*new, *self.active.values()}:
@@ -760,31 +788,47 @@ class Engine:
                 else:
                     self._finish(seq, error=error, keep=False)
 
-    def _prefill(self, seqs: list[Sequence]):
-        chunks, starts = [], []
-        for seq in seqs:
-            seq.row = heapq.heappop(self.free)
-            self.active[seq.row] = seq
-            seq.reused = self._reuse(seq) if self.store and not seq.params.prompt_logprobs else 0
-            self.context[seq.row] = list(seq.prompt)
-            chunks.append(seq.prompt[seq.reused:])
-            starts.append(seq.reused)
-            self.observe("prompt_tokens", len(seq.prompt))
-        prevs = [s.prompt[start - 1] if start else 0 for s, start in zip(seqs, starts)]
-        hidden, full = prefill(self.model, self.cache, [s.row for s in seqs], chunks, starts, prevs,
-                               [s.params.prompt_logprobs for s in seqs])
-        for seq, f in zip(seqs, full):
-            if f is not None:
-                top = seq.params.logprobs or 0
-                entries = [None] + token_logprobs(f[:-1], seq.prompt[1:], top)
+    def _forward(self, new: list[Sequence]):
+        """One forward for the step: the next token of every active row and the prompts of the new sequences
+        (with a static cache the active rows decode apart, in `_decode_static`), then each one's choice."""
+        decoding = [] if self.static else list(self.active.values())
+        decode = [None] * (max(self.active) + 1 if decoding else 0)
+        for seq in decoding:
+            context = self.context[seq.row]
+            decode[seq.row] = (seq.tokens[-1], len(context), context[-1])
+            context.append(seq.tokens[-1])
+        chunks = [self._place(seq) for seq in new]
+        if not decode and not chunks:
+            return
+        x = step_forward(self.model, self.cache, decode, chunks)
+        rows = [seq.row for seq in decoding]
+        hidden = [x[: len(rows)] if rows == list(range(len(rows))) else x[rows]] if decoding else []
+        offset = len(decode)
+        for seq, (_, chunk, _, _) in zip(new, chunks):
+            if seq.params.prompt_logprobs:  # the whole prompt was prefilled (no reuse)
+                logits = output_layer(self.model)(x[offset: offset + len(chunk) - 1]).float()
+                entries = [None] + token_logprobs(logits, seq.prompt[1:], seq.params.logprobs or 0)
                 seq.emit(Event("prompt", seq.index, logprobs=entries))
-        generating = [i for i, seq in enumerate(seqs) if seq.budget > 0]
-        for seq in seqs:
+            offset += len(chunk)
+            hidden.append(x[offset - 1: offset])
             if seq.budget == 0:
                 seq.finish_reason = "length"
                 self._finish(seq)
+        generating = [i for i, seq in enumerate(decoding + new) if seq.budget > 0]
         if generating:
-            self._advance([seqs[i] for i in generating], hidden[generating])
+            x = torch.cat(hidden)
+            self._advance([(decoding + new)[i] for i in generating],
+                          x if len(generating) == len(x) else x[generating])
+
+    def _place(self, seq: Sequence) -> tuple[int, list[int], int, int]:
+        """Give seq a free row, with the stored keys and values of its prompt's longest stored prefix; the chunk
+        left to prefill: (row, tokens, start, the token before them)."""
+        seq.row = heapq.heappop(self.free)
+        self.active[seq.row] = seq
+        seq.reused = self._reuse(seq) if self.store and not seq.params.prompt_logprobs else 0
+        self.context[seq.row] = list(seq.prompt)
+        self.observe("prompt_tokens", len(seq.prompt))
+        return seq.row, seq.prompt[seq.reused:], seq.reused, seq.prompt[seq.reused - 1] if seq.reused else 0
 
     def _reuse(self, seq: Sequence) -> int:
         """Copy the longest stored prefix of seq's prompt into its row; the number of tokens reused."""
@@ -795,18 +839,15 @@ class Engine:
             self.observe("reused_tokens", n)
         return n
 
-    def _decode(self):
-        n = max(self.active) + 1  # the first n rows; free rows among them compute padding
+    def _decode_static(self):
+        n = max(self.active) + 1
         tokens, positions, prevs = [0] * n, [0] * n, [0] * n
         for row, seq in self.active.items():
             context = self.context[row]
             tokens[row], positions[row], prevs[row] = seq.tokens[-1], len(context), context[-1]
             context.append(seq.tokens[-1])
-        hidden = decode_one_step(self.model, self.cache, tokens, positions, prevs, self.static)
-        rows = list(self.active)
-        if rows != list(range(len(hidden))):
-            hidden = hidden[rows]
-        self._advance(list(self.active.values()), hidden)
+        hidden = decode_one_step(self.model, self.cache, tokens, positions, prevs, static=True)
+        self._advance(list(self.active.values()), hidden[list(self.active)])
 
     def _advance(self, seqs: list[Sequence], hidden):
         now = time.monotonic()

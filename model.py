@@ -180,20 +180,21 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx, cache=None, pos=None, prev=None):
         """Final-LayerNorm hidden states (B, T, C). With a cache (engine.KVCache), `pos` (B, T) gives each token's
-        position and `prev` (B,) the token before each row's first (for smear)."""
+        position and `prev` (B, T) the token before each (for smear): a step of the engine may pack the tokens of
+        several sequences into one row."""
         if pos is None:
             if idx.size(1) > self.config.block_size:
                 raise ValueError(f"sequence of {idx.size(1)} tokens is longer than the context ({self.config.block_size})")
             pos = torch.arange(idx.size(1), device=idx.device)[None].expand(idx.size(0), -1)
         x = self.embed(idx)
         if self.smear is not None:
-            # Each position also sees the previous token: within idx, or for a cached row's first new token
-            # prev, the token before it (none at position 0).
+            # Each position also sees the previous token (none at position 0): within idx, or with a cache the
+            # token `prev` names.
             if cache is None:
-                first = torch.zeros_like(x[:, :1])
+                before = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
             else:
-                first = self.embed(prev)[:, None] * (pos[:, :1, None] > 0)
-            x = x + self.smear * torch.cat([first, x[:, :-1]], dim=1)
+                before = self.embed(prev) * (pos[..., None] > 0)
+            x = x + self.smear * before
         rope = None
         if self.wpe is not None:
             x = x + self.wpe(pos)

@@ -9,9 +9,9 @@ GET /v1/models, POST /tokenize, POST /chat (a conversation kept on the server, f
 GET / (a single-page web chat, web/chat.html).
 
 How it works: one engine thread owns the model and a KV cache of `max_batch` rows. Requests wait in a
-bounded queue (full: 429 with Retry-After). Between decode steps the engine prefills waiting requests
-into free rows, then every decode step runs one forward over all active rows, each row at its own
-position, and samples each row with its own parameters and seed. Text goes back to the request's
+bounded queue (full: 429 with Retry-After). Each step the engine admits waiting requests into free
+rows and runs one forward over all active rows, each row at its own position, with the new requests'
+prompts packed after them, then samples each row with its own parameters and seed. Text goes back to the request's
 asyncio task token by token; a client that goes away (or a request past its deadline) frees its row
 at the next step. Generation never runs on the event loop, so /health answers while the model works.
 A finished sequence's keys and values stay in a bounded prefix cache, so the next turn of a conversation

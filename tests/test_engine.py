@@ -10,7 +10,7 @@ import torch
 from config import ModelConfig
 from engine import (STOP_IDS, ContextTooLong, DeadlineExceeded, Engine, KVCache, PrefixStore, QueueFull,
                     SamplingParams, Sequence, common_prefix, decode_copies, decode_one_step, fast_bf16_cpu, generate,
-                    greedy_ids, output_layer, prefill, sample, stream)
+                    greedy_ids, output_layer, sample, step_forward, stream)
 from model import GPT, sample as sample_logits
 from tokenizer import EOT_ID, N_VOCAB, decode
 
@@ -46,20 +46,38 @@ def full_logits(model, ids):
         return model(torch.tensor([ids]))[0].float()
 
 
-def test_prefill_and_decode_steps_give_the_models_logits(model):
-    """Two rows prefilled together (different lengths), then decoded one token at a time, each at its own position."""
-    a, b = [5, 6, 7, 8, 9], [300, 301]
+def test_a_step_packs_decode_rows_and_prompts_and_gives_the_models_logits(model):
+    """Two prompts prefilled in one packed forward (different lengths), then steps that decode them a token at a
+    time, each at its own position; then prompts packed after decode rows in one forward, one of them into a free
+    row that the decode part pads: every token's logits are the model's own."""
+    a, b, c, d = [5, 6, 7, 8, 9], [300, 301], [40, 41, 42, 43], [70, 71, 72]
     cache, out = KVCache(model.config, 3, 64, "cpu", torch.float32), output_layer(model)
     with torch.no_grad():
-        last, full = prefill(model, cache, [0, 1], [a, b], [0, 0], [0, 0], [True, False])
-        assert full[1] is None and torch.allclose(full[0], full_logits(model, a), atol=1e-4)
-        assert torch.allclose(out(last)[1], full_logits(model, b)[-1], atol=1e-4)
-        for step in range(6):
+        x = step_forward(model, cache, [], [(0, a, 0, 0), (1, b, 0, 0)])
+        assert x.shape[0] == 7 and torch.allclose(out(x[:5]), full_logits(model, a), atol=1e-4)
+        assert torch.allclose(out(x[5:]), full_logits(model, b), atol=1e-4)
+        for step in range(3):
             new_a, new_b = 1000 + step, 2000 + step
-            logits = out(decode_one_step(model, cache, [new_a, new_b], [len(a), len(b)], [a[-1], b[-1]]))
+            x = step_forward(model, cache, [(new_a, len(a), a[-1]), (new_b, len(b), b[-1])], [])
             a, b = a + [new_a], b + [new_b]
-            assert torch.allclose(logits[0], full_logits(model, a)[-1], atol=1e-4)
-            assert torch.allclose(logits[1], full_logits(model, b)[-1], atol=1e-4)
+            assert torch.allclose(out(x[0]), full_logits(model, a)[-1], atol=1e-4)
+            assert torch.allclose(out(x[1]), full_logits(model, b)[-1], atol=1e-4)
+        # row 1 is free: row 0 decodes, row 1 pads, and row 2 prefills c's last two tokens after its first two
+        step_forward(model, cache, [], [(2, c[:2], 0, 0)])
+        x = step_forward(model, cache, [(3000, len(a), a[-1]), None], [(2, c[2:], 2, c[1])])
+        a = a + [3000]
+        assert x.shape[0] == 4 and torch.allclose(out(x[0]), full_logits(model, a)[-1], atol=1e-4)
+        assert torch.allclose(out(x[2:]), full_logits(model, c)[2:], atol=1e-4)
+        # row 1 pads the decode part and takes a new prompt in the same forward
+        x = step_forward(model, cache, [(3001, len(a), a[-1]), None, (44, len(c), c[-1])], [(1, d, 0, 0)])
+        a, c = a + [3001], c + [44]
+        assert torch.allclose(out(x[0]), full_logits(model, a)[-1], atol=1e-4)
+        assert torch.allclose(out(x[2]), full_logits(model, c)[-1], atol=1e-4)
+        assert torch.allclose(out(x[3:]), full_logits(model, d), atol=1e-4)
+        # the static engine's step, decode_one_step, reads the same cache
+        logits = out(decode_one_step(model, cache, [3002, 73], [len(a), len(d)], [a[-1], d[-1]]))
+        assert torch.allclose(logits[0], full_logits(model, a + [3002])[-1], atol=1e-4)
+        assert torch.allclose(logits[1], full_logits(model, d + [73])[-1], atol=1e-4)
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
@@ -189,16 +207,21 @@ def test_greedy_decoding_takes_the_screen_and_equals_the_models_argmax(monkeypat
         assert new == ids[len(prompt):]
 
 
-def test_continuous_batching_equals_one_sequence_at_a_time(model):
-    """Six prompts through two rows: rows are freed and refilled mid-way, sequences of different lengths share steps."""
+def test_continuous_batching_equals_one_sequence_at_a_time(model, monkeypatch):
+    """Six prompts through two rows: rows are freed and refilled mid-way, sequences of different lengths share
+    steps, and a prompt admitted while the other row decodes rides in its forward: one forward a step."""
     params = [SamplingParams(max_tokens=n, temperature=0, stop_tokens=frozenset()) for n in (3, 12, 7, 1, 9, 5)]
     engine = Engine(model, max_batch=2)
     seqs = [Sequence(p, sp, index=i) for i, (p, sp) in enumerate(zip(PROMPTS, params))]
     engine.submit(seqs)
+    forwards, hidden_states = [], model.hidden_states
+    monkeypatch.setattr(model, "hidden_states", lambda *args: forwards.append(1) or hidden_states(*args))
     steps = 0
     while engine.busy():
         engine.step()
         steps += 1
+    monkeypatch.undo()
+    assert len(forwards) == steps
     alone = [generate(model, [p], sp)[0] for p, sp in zip(PROMPTS, params)]
     assert [s.tokens for s in seqs] == alone and [len(t) for t in alone] == [3, 12, 7, 1, 9, 5]
     assert steps < sum(len(t) for t in alone)  # rows really were shared
@@ -220,7 +243,7 @@ def test_static_cache_equals_dynamic(model):
     assert results[0] == results[1]
     cache = KVCache(model.config, 4, 64, "cpu", torch.float32)
     with torch.no_grad():
-        prefill(model, cache, [0, 1], [PROMPTS[0], PROMPTS[2]], [0, 0], [0, 0], [False, False])
+        step_forward(model, cache, [], [(0, PROMPTS[0], 0, 0), (1, PROMPTS[2], 0, 0)])
         args = ([11, 12], [len(PROMPTS[0]), len(PROMPTS[2])], [PROMPTS[0][-1], PROMPTS[2][-1]])
         cache_copy = KVCache(model.config, 4, 64, "cpu", torch.float32)
         cache_copy.k.copy_(cache.k)

@@ -183,17 +183,16 @@ def test_a_decode_step_has_a_fixed_budget():
     assert logits.shape == (3, 50304) and reads.syncs == [] and reads.from_python == 1
 
 
-def test_a_prefill_has_a_fixed_budget():
-    """A prefill of 3 prompts of different lengths (one with prompt logprobs): no host reads; its inputs (chunks,
-    starts, rows, prevs) come from Python in one copy."""
-    from engine import KVCache, output_layer, prefill
+def test_a_packed_step_has_a_fixed_budget():
+    """A step that decodes 2 rows (and pads a free one) and prefills 2 prompts of different lengths in the same
+    forward: no host reads; its inputs (tokens, positions, prevs, rows) come from Python in one copy."""
+    from engine import KVCache, output_layer, step_forward
     model = small_model().eval()
-    cache = KVCache(model.config, 4, 32, torch.device("cpu"), torch.float32)
+    cache = KVCache(model.config, 5, 32, torch.device("cpu"), torch.float32)
     output_layer(model)  # the CPU's copies of the output layer are made once, outside the step
     with torch.no_grad(), HostReads() as reads:
-        last, full = prefill(model, cache, [2, 0, 3], [[5, 6, 7], [8], [9, 10]], [0, 4, 2], [0, 3, 1],
-                             [False, True, False])
-    assert last.shape == (3, 32) and full[1].shape == (1, 50304)
+        x = step_forward(model, cache, [(5, 3, 1), None, (6, 4, 2)], [(3, [7, 8, 9], 0, 0), (4, [10], 2, 1)])
+    assert x.shape == (7, 32)
     assert reads.syncs == [] and reads.from_python == 1
 
 

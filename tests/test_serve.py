@@ -143,12 +143,12 @@ class ScriptedModel(GPT):
 
     def hidden_states(self, idx, cache=None, pos=None, prev=None):
         time.sleep(self.delay)
-        prefill = not isinstance(cache.index, slice)  # the engine prefills given rows, decodes the first n
-        x = torch.zeros(idx.size(0), idx.size(1), self.config.n_embd)
-        for i, row in enumerate(cache.index.tolist() if prefill else range(idx.size(0))):
-            self.steps[row] = 0 if prefill else self.steps.get(row, 0) + 1
-            x[i, :, self.ids.index(self.script[self.steps[row] % len(self.script)])] = 1.0
-        return x
+        x = torch.zeros(idx.numel(), self.config.n_embd)
+        # A step's tokens: one for each of the first cache.n rows (decoding), then the prompts' (prefilling).
+        for i, row in enumerate(cache.write_rows.flatten().tolist()):
+            self.steps[row] = self.steps.get(row, 0) + 1 if i < cache.n else 0
+            x[i, self.ids.index(self.script[self.steps[row] % len(self.script)])] = 1.0
+        return x.view(*idx.shape, -1)
 
 
 UTF8_TEXT = "Hi 😀 你好 🎉!"
