@@ -439,8 +439,8 @@ def greedy_ids(model, x) -> list[int] | None:
 
 def step_forward(model, cache: KVCache, decode: list[tuple[int, int, int] | None],
                  chunks: list[tuple[int, list[int], int, int]]):
-    """One forward over every new token of a step, packed into one row of the batch: a token for each of the
-    first len(decode) rows of the cache ((token, position, prev), or None for a free row among them, which
+    """One forward over every new token of a step, packed into one row of the batch when prompts join (else each
+    decode row is a row of the batch): a token for each of the first len(decode) rows of the cache ((token, position, prev), or None for a free row among them, which
     computes padding), then each prompt chunk (row, tokens, start, prev) at positions start.. of its row (prev:
     the token before the chunk, for smear). The chunks ride with the decode rows instead of taking a forward of
     their own, and packing pads none of them. Returns the final hidden states (N, C), decode rows first."""
@@ -455,7 +455,7 @@ def step_forward(model, cache: KVCache, decode: list[tuple[int, int, int] | None
         positions += range(start, start + len(chunk))
         prevs += [prev] + chunk[:-1]
         rows += [row] * len(chunk)
-    # One host-to-device copy (each is a sync on CUDA); without chunks the decode rows are rows of the batch
+    # One host-to-device copy (each is a sync on CUDA)
     table = torch.tensor([tokens, positions, prevs, rows], device=device)
     idx, pos, prev, write_rows = (table[:, None] if chunks else table[:, :, None]).unbind(0)
     n, flat = len(decode), table[1]
