@@ -440,10 +440,11 @@ def greedy_ids(model, x) -> list[int] | None:
 def step_forward(model, cache: KVCache, decode: list[tuple[int, int, int] | None],
                  chunks: list[tuple[int, list[int], int, int]]):
     """One forward over every new token of a step, packed into one row of the batch when prompts join (else each
-    decode row is a row of the batch): a token for each of the first len(decode) rows of the cache ((token, position, prev), or None for a free row among them, which
-    computes padding), then each prompt chunk (row, tokens, start, prev) at positions start.. of its row (prev:
-    the token before the chunk, for smear). The chunks ride with the decode rows instead of taking a forward of
-    their own, and packing pads none of them. Returns the final hidden states (N, C), decode rows first."""
+    decode row is a row of the batch): a token for each of the first len(decode) rows of the cache ((token,
+    position, prev), or None for a free row among them, which computes padding), then each prompt chunk (row,
+    tokens, start, prev) at positions start.. of its row (prev: the token before the chunk, for smear). The chunks
+    ride with the decode rows instead of taking a forward of their own, and packing pads none of them. Returns the
+    final hidden states (N, C), decode rows first."""
     device = cache.k.device
     kv_len = max((d[1] + 1 for d in decode if d is not None), default=0)
     # Padding writes past any prompt's end (a prompt leaves room for a token), where nothing reads before a write.
