@@ -11,9 +11,10 @@ GET / (a single-page web chat, web/chat.html).
 How it works: one engine thread owns the model and a KV cache of `max_batch` rows. Requests wait in a
 bounded queue (full: 429 with Retry-After). Each step the engine admits waiting requests into free
 rows and runs one forward over all active rows, each row at its own position, with the new requests'
-prompts packed after them, then samples each row with its own parameters and seed. Text goes back to the request's
-asyncio task token by token; a client that goes away (or a request past its deadline) frees its row
-at the next step. Generation never runs on the event loop, so /health answers while the model works.
+prompts packed after them, then samples each row with its own parameters and seed. Text goes back to
+the request's asyncio task token by token; a client that goes away (or a request past its deadline)
+frees its row at the next step. Generation never runs on the event loop, so /health answers while the
+model works.
 A finished sequence's keys and values stay in a bounded prefix cache, so the next turn of a conversation
 prefills only its new tokens (usage.prompt_tokens_details.cached_tokens counts the reused ones). Token
 log-probabilities (logprobs, top_logprobs, echo) come in OpenAI's response shapes.
