@@ -253,22 +253,24 @@ class KVCache:
         k_cache[self.write_rows, :, self.pos] = k
         v_cache[self.write_rows, :, self.pos] = v
         if not self.chunks:
-            return self._attend(q, layer, slice(0, self.n), self.kv_len, self.mask)
+            return attend_rows(q, k_cache, v_cache, slice(0, self.n), self.kv_len, self.mask)
         parts = []
         if self.n:  # the decode rows' queries, one a row: (n, nh, 1, hs) and back
-            y = self._attend(q[0, :, : self.n].transpose(0, 1)[:, :, None], layer, slice(0, self.n), self.kv_len,
-                             self.mask)
+            y = attend_rows(q[0, :, : self.n].transpose(0, 1)[:, :, None], k_cache, v_cache, slice(0, self.n),
+                            self.kv_len, self.mask)
             parts.append(y[:, :, 0].transpose(0, 1)[None])
         for offset, length, row, end, mask in self.chunks:
-            parts.append(self._attend(q[:, :, offset: offset + length], layer, slice(row, row + 1), end, mask))
+            parts.append(attend_rows(q[:, :, offset: offset + length], k_cache, v_cache, slice(row, row + 1), end,
+                                     mask))
         return torch.cat(parts, dim=2)
 
-    def _attend(self, q, layer: int, rows: slice, end: int, mask):
-        k_cache, v_cache = self.layers[layer]
-        keys, values = k_cache[rows, :, :end], v_cache[rows, :, :end]
-        if keys.dtype != q.dtype:
-            keys, values = keys.to(q.dtype), values.to(q.dtype)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+def attend_rows(q, k_cache, v_cache, rows: slice, end: int, mask):
+    """q attending to the first `end` cached positions of the cache rows `rows` of one layer, under `mask`."""
+    keys, values = k_cache[rows, :, :end], v_cache[rows, :, :end]
+    if keys.dtype != q.dtype:
+        keys, values = keys.to(q.dtype), values.to(q.dtype)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
 def decode_precision(device: torch.device, weight_dtype: torch.dtype):
@@ -795,9 +797,7 @@ class Engine:
         decoding = [] if self.static else list(self.active.values())
         decode = [None] * (max(self.active) + 1 if decoding else 0)
         for seq in decoding:
-            context = self.context[seq.row]
-            decode[seq.row] = (seq.tokens[-1], len(context), context[-1])
-            context.append(seq.tokens[-1])
+            decode[seq.row] = self._feed(seq)
         chunks = [self._place(seq) for seq in new]
         if not decode and not chunks:
             return
@@ -840,13 +840,18 @@ class Engine:
             self.observe("reused_tokens", n)
         return n
 
+    def _feed(self, seq: Sequence) -> tuple[int, int, int]:
+        """seq's next input, (token, position, prev), now part of its row's context."""
+        context = self.context[seq.row]
+        entry = (seq.tokens[-1], len(context), context[-1])
+        context.append(seq.tokens[-1])
+        return entry
+
     def _decode_static(self):
-        n = max(self.active) + 1
-        tokens, positions, prevs = [0] * n, [0] * n, [0] * n
-        for row, seq in self.active.items():
-            context = self.context[row]
-            tokens[row], positions[row], prevs[row] = seq.tokens[-1], len(context), context[-1]
-            context.append(seq.tokens[-1])
+        decode = [(0, 0, 0)] * (max(self.active) + 1)
+        for seq in self.active.values():
+            decode[seq.row] = self._feed(seq)
+        tokens, positions, prevs = (list(column) for column in zip(*decode))
         hidden = decode_one_step(self.model, self.cache, tokens, positions, prevs, static=True)
         self._advance(list(self.active.values()), hidden[list(self.active)])
 
