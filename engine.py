@@ -233,7 +233,7 @@ class KVCache:
     `n` rows of the cache, one query each, up to `kv_len` positions under `mask` ((n, 1, 1, kv_len), None: all of
     them), then each of `chunks`, (offset, length, row, end, mask): a prompt's tokens packed after the decode
     rows' (a step of `step_forward`), attending to their row's first `end` positions under a causal (length, end)
-    mask. Without chunks the tokens are (n, T), row i's in row i (`decode_one_step`)."""
+    mask. Without chunks the tokens are (n, T), row i's in row i (a step of decode rows alone)."""
 
     def __init__(self, cfg, rows: int, max_len: int, device, dtype):
         shape = (cfg.n_layer, rows, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
@@ -477,22 +477,16 @@ def step_forward(model, cache: KVCache, decode: list[tuple[int, int, int] | None
         cache.chunks = []
 
 
-def decode_one_step(model, cache: KVCache, tokens: list[int], positions: list[int], prevs: list[int],
-                    static: bool = False):
-    """One new token for each of the first len(tokens) rows of the cache, row i's at positions[i] (prevs[i]: the
-    token before it). Returns the hidden state of each new token (n, C), from which `sample` chooses. static:
-    always all rows and the whole context, so every step has the same shapes (for torch.compile and CUDA graphs);
-    rows past len(tokens) compute padding."""
-    device = cache.k.device
-    if static:
-        pad = cache.rows - len(tokens)
-        tokens, positions, prevs = tokens + [0] * pad, positions + [0] * pad, prevs + [0] * pad
-    n = len(tokens)
-    idx, pos, prev = torch.tensor([tokens, positions, prevs], device=device)[:, :, None].unbind(0)  # one copy
-    kv_len = cache.max_len if static else max(positions) + 1
-    cache.n, cache.pos, cache.kv_len, cache.write_rows = n, pos, kv_len, cache.row_ids[:n]
-    # One row attending to everything up to its own position needs no mask.
-    cache.mask = None if n == 1 and not static else (torch.arange(kv_len, device=device) <= pos)[:, None, None]
+def decode_one_step(model, cache: KVCache, tokens: list[int], positions: list[int], prevs: list[int]):
+    """The static engine's step: one new token for each of the first len(tokens) rows of the cache, row i's at
+    positions[i] (prevs[i]: the token before it), computed over all rows and the whole context, so that every
+    step has the same shapes (for torch.compile and CUDA graphs); rows past len(tokens) compute padding. Returns
+    the hidden state of every row's new token (rows, C), from which `sample` chooses."""
+    pad = cache.rows - len(tokens)
+    tokens, positions, prevs = tokens + [0] * pad, positions + [0] * pad, prevs + [0] * pad
+    idx, pos, prev = torch.tensor([tokens, positions, prevs], device=cache.k.device)[:, :, None].unbind(0)  # one copy
+    cache.n, cache.pos, cache.kv_len, cache.write_rows = cache.rows, pos, cache.max_len, cache.row_ids
+    cache.mask = (torch.arange(cache.max_len, device=cache.k.device) <= pos)[:, None, None]
     return model.hidden_states(idx, cache, pos, prev)[:, -1]
 
 
@@ -852,7 +846,7 @@ class Engine:
         for seq in self.active.values():
             decode[seq.row] = self._feed(seq)
         tokens, positions, prevs = (list(column) for column in zip(*decode))
-        hidden = decode_one_step(self.model, self.cache, tokens, positions, prevs, static=True)
+        hidden = decode_one_step(self.model, self.cache, tokens, positions, prevs)
         self._advance(list(self.active.values()), hidden[list(self.active)])
 
     def _advance(self, seqs: list[Sequence], hidden):

@@ -248,8 +248,8 @@ def test_static_cache_equals_dynamic(model):
         cache_copy = KVCache(model.config, 4, 64, "cpu", torch.float32)
         cache_copy.k.copy_(cache.k)
         cache_copy.v.copy_(cache.v)
-        dyn = decode_one_step(model, cache, *args)
-        sta = decode_one_step(model, cache_copy, *args, static=True)
+        dyn = step_forward(model, cache, list(zip(*args)), [])
+        sta = decode_one_step(model, cache_copy, *args)
     assert sta.shape[0] == 4 and torch.allclose(dyn, sta[:2], atol=1e-5)
 
 

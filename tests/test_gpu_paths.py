@@ -173,14 +173,18 @@ def test_a_training_forward_never_reads_the_device(gpu_loss_branch, restricted):
 
 
 def test_a_decode_step_has_a_fixed_budget():
-    """One decode step of 3 rows: no host reads; its inputs (tokens, positions, prevs) come from Python in one copy."""
-    from engine import KVCache, decode_one_step, output_layer
+    """One decode step of 3 rows, the engine's (step_forward) and the static engine's (decode_one_step, all 4 rows):
+    no host reads; its inputs (tokens, positions, prevs) come from Python in one copy."""
+    from engine import KVCache, decode_one_step, output_layer, step_forward
     model = small_model().eval()
-    cache = KVCache(model.config, 3, 32, torch.device("cpu"), torch.float32)
+    cache = KVCache(model.config, 4, 32, torch.device("cpu"), torch.float32)
     output_layer(model)  # the CPU's transposed copy of the output layer is made once, outside the step
-    with torch.no_grad(), HostReads() as reads:
-        logits = output_layer(model)(decode_one_step(model, cache, [5, 6, 7], [3, 4, 5], [1, 2, 3]))
-    assert logits.shape == (3, 50304) and reads.syncs == [] and reads.from_python == 1
+    steps = {3: lambda: step_forward(model, cache, [(5, 3, 1), (6, 4, 2), (7, 5, 3)], []),
+             4: lambda: decode_one_step(model, cache, [5, 6, 7], [3, 4, 5], [1, 2, 3])}
+    for rows, step in steps.items():
+        with torch.no_grad(), HostReads() as reads:
+            logits = output_layer(model)(step())
+        assert logits.shape == (rows, 50304) and reads.syncs == [] and reads.from_python == 1
 
 
 def test_a_packed_step_has_a_fixed_budget():
@@ -197,7 +201,7 @@ def test_a_packed_step_has_a_fixed_budget():
 
 
 def test_the_static_decode_step_compiles_into_one_graph():
-    """decode_one_step(static=True) exists for torch.compile and CUDA graphs: the model's part of it compiles with
+    """decode_one_step exists for torch.compile and CUDA graphs: the model's part of it compiles with
     fullgraph and dynamic=False into one graph that serves every step, the positions moving, and equals eager."""
     import torch._dynamo
     from torch._dynamo.utils import counters
@@ -212,9 +216,9 @@ def test_the_static_decode_step_compiles_into_one_graph():
         for position in range(4):
             args = [5 + position, 6, 7], [position, position + 2, position + 5], [1, 2, 3]
             model.hidden_states = compiled
-            got = decode_one_step(model, caches[0], *args, static=True)
+            got = decode_one_step(model, caches[0], *args)
             model.hidden_states = eager
-            assert torch.allclose(got, decode_one_step(model, caches[1], *args, static=True), atol=1e-5)
+            assert torch.allclose(got, decode_one_step(model, caches[1], *args), atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1
 
 
