@@ -477,14 +477,13 @@ def step_forward(model, cache: KVCache, decode: list[tuple[int, int, int] | None
         cache.chunks = []
 
 
-def decode_one_step(model, cache: KVCache, tokens: list[int], positions: list[int], prevs: list[int]):
-    """The static engine's step: one new token for each of the first len(tokens) rows of the cache, row i's at
-    positions[i] (prevs[i]: the token before it), computed over all rows and the whole context, so that every
-    step has the same shapes (for torch.compile and CUDA graphs); rows past len(tokens) compute padding. Returns
-    the hidden state of every row's new token (rows, C), from which `sample` chooses."""
-    pad = cache.rows - len(tokens)
-    tokens, positions, prevs = tokens + [0] * pad, positions + [0] * pad, prevs + [0] * pad
-    idx, pos, prev = torch.tensor([tokens, positions, prevs], device=cache.k.device)[:, :, None].unbind(0)  # one copy
+def decode_one_step(model, cache: KVCache, decode: list[tuple[int, int, int]]):
+    """The static engine's step: a new token (token, position, prev) for each of the first len(decode) rows of the
+    cache, as in `step_forward`, computed over all rows and the whole context, so that every step has the same
+    shapes (for torch.compile and CUDA graphs); rows past len(decode) compute padding. Returns the hidden state of
+    every row's new token (rows, C), from which `sample` chooses."""
+    decode = decode + [(0, 0, 0)] * (cache.rows - len(decode))
+    idx, pos, prev = torch.tensor(decode, device=cache.k.device).T[:, :, None].unbind(0)  # one copy
     cache.n, cache.pos, cache.kv_len, cache.write_rows = cache.rows, pos, cache.max_len, cache.row_ids
     cache.mask = (torch.arange(cache.max_len, device=cache.k.device) <= pos)[:, None, None]
     return model.hidden_states(idx, cache, pos, prev)[:, -1]
@@ -845,8 +844,7 @@ class Engine:
         decode = [(0, 0, 0)] * (max(self.active) + 1)
         for seq in self.active.values():
             decode[seq.row] = self._feed(seq)
-        tokens, positions, prevs = (list(column) for column in zip(*decode))
-        hidden = decode_one_step(self.model, self.cache, tokens, positions, prevs)
+        hidden = decode_one_step(self.model, self.cache, decode)
         self._advance(list(self.active.values()), hidden[list(self.active)])
 
     def _advance(self, seqs: list[Sequence], hidden):

@@ -75,7 +75,7 @@ def test_a_step_packs_decode_rows_and_prompts_and_gives_the_models_logits(model)
         assert torch.allclose(out(x[2]), full_logits(model, c)[-1], atol=1e-4)
         assert torch.allclose(out(x[3:]), full_logits(model, d), atol=1e-4)
         # the static engine's step, decode_one_step, reads the same cache
-        logits = out(decode_one_step(model, cache, [3002, 73], [len(a), len(d)], [a[-1], d[-1]]))
+        logits = out(decode_one_step(model, cache, [(3002, len(a), a[-1]), (73, len(d), d[-1])]))
         assert torch.allclose(logits[0], full_logits(model, a + [3002])[-1], atol=1e-4)
         assert torch.allclose(logits[1], full_logits(model, d + [73])[-1], atol=1e-4)
 
@@ -244,12 +244,12 @@ def test_static_cache_equals_dynamic(model):
     cache = KVCache(model.config, 4, 64, "cpu", torch.float32)
     with torch.no_grad():
         step_forward(model, cache, [], [(0, PROMPTS[0], 0, 0), (1, PROMPTS[2], 0, 0)])
-        args = ([11, 12], [len(PROMPTS[0]), len(PROMPTS[2])], [PROMPTS[0][-1], PROMPTS[2][-1]])
+        decode = [(11, len(PROMPTS[0]), PROMPTS[0][-1]), (12, len(PROMPTS[2]), PROMPTS[2][-1])]
         cache_copy = KVCache(model.config, 4, 64, "cpu", torch.float32)
         cache_copy.k.copy_(cache.k)
         cache_copy.v.copy_(cache.v)
-        dyn = step_forward(model, cache, list(zip(*args)), [])
-        sta = decode_one_step(model, cache_copy, *args)
+        dyn = step_forward(model, cache, decode, [])
+        sta = decode_one_step(model, cache_copy, decode)
     assert sta.shape[0] == 4 and torch.allclose(dyn, sta[:2], atol=1e-5)
 
 

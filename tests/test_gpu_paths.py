@@ -180,7 +180,7 @@ def test_a_decode_step_has_a_fixed_budget():
     cache = KVCache(model.config, 4, 32, torch.device("cpu"), torch.float32)
     output_layer(model)  # the CPU's transposed copy of the output layer is made once, outside the step
     steps = {3: lambda: step_forward(model, cache, [(5, 3, 1), (6, 4, 2), (7, 5, 3)], []),
-             4: lambda: decode_one_step(model, cache, [5, 6, 7], [3, 4, 5], [1, 2, 3])}
+             4: lambda: decode_one_step(model, cache, [(5, 3, 1), (6, 4, 2), (7, 5, 3)])}
     for rows, step in steps.items():
         with torch.no_grad(), HostReads() as reads:
             logits = output_layer(model)(step())
@@ -214,11 +214,11 @@ def test_the_static_decode_step_compiles_into_one_graph():
     compiled = torch.compile(eager, backend="aot_eager", fullgraph=True, dynamic=False)
     with torch.no_grad():
         for position in range(4):
-            args = [5 + position, 6, 7], [position, position + 2, position + 5], [1, 2, 3]
+            decode = [(5 + position, position, 1), (6, position + 2, 2), (7, position + 5, 3)]
             model.hidden_states = compiled
-            got = decode_one_step(model, caches[0], *args)
+            got = decode_one_step(model, caches[0], decode)
             model.hidden_states = eager
-            assert torch.allclose(got, decode_one_step(model, caches[1], *args), atol=1e-5)
+            assert torch.allclose(got, decode_one_step(model, caches[1], decode), atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1
 
 
