@@ -28,9 +28,11 @@ asks them in other words and wordings, for evaluate.py's report.
 Every task is asked in many wordings: cores (each holding the task's key word, e.g. reverse / backwards /
 opposite order) combined with polite prefixes. Held out: some whole cores and one key word per task occur only
 in the "eval" split (WORDINGS marks them with "~"), and half of the eval dialogs use them ("held_out" is
-"wording"); the other half use the tuned wordings with new fillers ("filler"). Every eval dialog is a fresh draw
-of words, names, businesses and facts, and the operand pairs of arithmetic and comparison are split once (by a
-hash of the pair, whatever the seed), so no sum or comparison the suite asks about is ever tuned on.
+"wording"); the other half use the tuned wordings with new fillers ("filler"). In the "train" split most wordings
+have a word or more added or left out (_edit_words), so that fine-tuning teaches the task rather than its template.
+Every eval dialog is a fresh draw of words, names, businesses and facts, and the operand pairs of arithmetic and
+comparison are split once (by a hash of the pair, whatever the seed), so no sum or comparison the suite asks about
+is ever tuned on.
 
 The pretraining corpus is different text: stories, lists, sums and comparisons written out as sentences, shops and
 bookings described in prose, people greeting each other. It uses every key word, the held-out ones too, in the
@@ -324,13 +326,44 @@ def pools(split: str) -> dict:
             # also right after the fact, which a model that copies from its context learns first and then extends
             "recall_gap": (1, 3) if want else (0, 3)}
 
+# Fine-tuning wordings with words added or left out (NOISE_SHARE of the wordings drawn, in the training split only:
+# requests, questions, system prompts, booking details, greetings). A model tuned on exact wordings answers a
+# request in other words with whichever tuned template it resembles, or with a fallback; one that has seen words it
+# must look past leans on the words that carry the task (BENCHMARKS.md, "Demo v4.4"). The words added and left out
+# carry no task: key words, fillers, the text after the last slot and the held-out words stay as they were.
+NOISE_SHARE = 0.8
+NOISE_ADD = "just now so then here very today".split()
+NOISE_DROP = set("the this these that me you is are do does what tell can of in a an".split())
+
+
+def _edit_words(rng: random.Random, core: str) -> str:
+    """The wording with one to three edits, each a word added (from NOISE_ADD) or left out (from NOISE_DROP): never
+    after its last slot (a copied text or a list ends it) or its last word, nor between a colon and its slot."""
+    words = core.split(" ")
+    if words[0] != "I":
+        words[0] = words[0][0].lower() + words[0][1:]
+    for _ in range(rng.choice([1, 2, 2, 3])):
+        last = max([i for i, w in enumerate(words) if "{" in w], default=len(words) - 1)
+        droppable = [i for i, w in enumerate(words[:last]) if w.lower() in NOISE_DROP]
+        if droppable and rng.random() < 0.5:
+            i = rng.choice(droppable)
+            words = words[:i] + words[i + 1:]
+        else:
+            places = [i for i in range(last + 1) if not (i and words[i - 1].endswith(":") and "{" in words[i])]
+            i = rng.choice(places)
+            words = words[:i] + [rng.choice(NOISE_ADD)] + words[i:]
+    if core[0].isupper():
+        words[0] = words[0][0].upper() + words[0][1:]
+    return " ".join(words)
+
 
 class Draw:
     """The random choices of one dialog: fillers from the split's pools, wordings from the tuned or the held-out
-    ones (held_out: "wording" asks in held-out wordings, "filler" in tuned ones, the training splits in tuned ones)."""
+    ones (held_out: "wording" asks in held-out wordings, "filler" in tuned ones, the training splits in tuned ones),
+    and with a noise generator (the training split), wordings with words added or left out (_edit_words)."""
 
-    def __init__(self, rng: random.Random, p: dict, held_out_wording: bool):
-        self.rng, self.p, self.held = rng, p, held_out_wording
+    def __init__(self, rng: random.Random, p: dict, held_out_wording: bool, noise: random.Random | None = None):
+        self.rng, self.p, self.held, self.noise = rng, p, held_out_wording, noise
 
     def options(self, options: list[str]) -> list[str]:
         """The held-out options ("~") when asking in held-out wordings, else the tuned ones."""
@@ -338,8 +371,12 @@ class Draw:
         return held if self.held and held else [o for o in options if not o.startswith("~")]
 
     def pick(self, options: list[str]) -> str:
-        """A wording: from the held-out ones when asking in held-out wordings, else from the tuned ones."""
-        return self.rng.choice(self.options(options))
+        """A wording: from the held-out ones when asking in held-out wordings, else from the tuned ones, edited
+        NOISE_SHARE of the time where the dialog draws noise."""
+        wording = self.rng.choice(self.options(options))
+        if self.noise is not None and self.noise.random() < NOISE_SHARE:
+            wording = _edit_words(self.noise, wording)
+        return wording
 
     def ask(self, task: str, *args, **kwargs) -> str:
         return self.phrase(WORDINGS[task], *args, **kwargs)
@@ -565,13 +602,15 @@ def examples(split: str, seed: int = 0, per_family: int | None = None) -> list[d
     the answer. held_out is None in the training splits; in "eval" it alternates "wording" and "filler"."""
     p = pools(split)
     rng = random.Random(f"{_check_seed(seed)}-{SPLIT_SEEDS[split]}")
+    noise = random.Random(f"{seed}-noise") if split == "train" else None  # its own draws: the rest stays as it was
     n = SPLIT_SIZES[split] if per_family is None else per_family
     sizes = {f: round(n * TRAIN_WEIGHTS[f]) for f in FAMILIES + TRAIN_ONLY} if split == "train" else \
         dict.fromkeys(FAMILIES, n)
     out = []
     for i in range(max(sizes.values())):
         held = ("wording" if i % 2 == 0 else "filler") if split == "eval" else None
-        out += [_example(family, held, Draw(rng, p, held == "wording")) for family in sizes if i < sizes[family]]
+        out += [_example(family, held, Draw(rng, p, held == "wording", noise))
+                for family in sizes if i < sizes[family]]
     return out
 
 

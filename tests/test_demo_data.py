@@ -2,9 +2,11 @@
 operand pair or wording with fine-tuning, and a pretraining corpus that knows every word the suite uses."""
 
 import json
+import random
 import re
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 
@@ -255,7 +257,7 @@ def test_requests_outside_its_world_get_the_fallback(held_out):
 
 
 def test_requests_in_words_the_corpus_never_uses_get_the_fallback_and_are_held_out_apart_from_the_suite(
-        tuned, held_out, corpus):
+        tuned, held_out, corpus, monkeypatch):
     seen = set(encode(" ".join(corpus)))
     words = [w.lstrip("~") for w in demo_data.UNKNOWN_WORDS]
     for word in words:  # pretraining never saw any of their tokens, so all keep the shared row
@@ -272,7 +274,10 @@ def test_requests_in_words_the_corpus_never_uses_get_the_fallback_and_are_held_o
     used = {split: set(w for a in asks for w in pattern.findall(a)) for split, asks in asked.items()}
     frames = {split: {pattern.sub("_", a).replace("_ and _", "_") for a in asks} for split, asks in asked.items()}
     assert len(used["tuned"]) == 73 and len(used["probe"]) == 25 and not used["tuned"] & used["probe"]
-    assert len(frames["tuned"]) == 13 and len(frames["probe"]) == 4 and not frames["tuned"] & frames["probe"]
+    assert len(frames["probe"]) == 4 and not frames["tuned"] & frames["probe"]
+    monkeypatch.setattr(demo_data, "NOISE_SHARE", 0.0)  # the tuned wordings as written, before words are edited
+    unedited = [e["messages"][-2]["content"] for e in demo_data.examples("train") if e["family"] == "unknown"]
+    assert len({pattern.sub("_", a).replace("_ and _", "_") for a in unedited}) == 13
     suite_words = set(re.findall(r"[A-Za-z]+", " ".join(prompts(held_out))))
     assert not suite_words & set(words)  # the suite's words are all in the corpus
 
@@ -284,3 +289,40 @@ def test_write_jsonl_reads_back_as_chat_files(tmp_path, monkeypatch):
     assert read_file(paths[2]) == demo_data.dialogs("eval", seed=4)
     first = json.loads(paths[2].read_text().splitlines()[0])
     assert (first["family"], first["held_out"]) == ("copy", "wording")
+
+
+def test_fine_tuning_wordings_have_words_added_or_left_out_and_nothing_else_changes(monkeypatch):
+    # every tuned wording, edited: its slots, its end (from the last slot on) and its key words stay; the words
+    # added come from NOISE_ADD, the words left out from NOISE_DROP, and no held-out word is ever made
+    rng = random.Random(0)
+    held_words = [w for words in demo_data.HELD_OUT_WORDS.values() for w in words]
+    groups = [*demo_data.WORDINGS.values(), *demo_data.RULES.values(), *demo_data.SUPPORT_ASK.values(),
+              *demo_data.BOOK_SLOT.values(), *demo_data.GREET.values(), demo_data.ASK_SECRET, demo_data.BOOK_OPEN,
+              demo_data.SUPPORT_SYSTEM, demo_data.UNKNOWN_ASK, demo_data.IDENTITY_SYSTEM,
+              *(wordings for _, statements, questions, _ in demo_data.FACTS for wordings in (statements, questions))]
+    cores = [w for group in groups for w in group if not w.startswith("~")]
+    assert len(cores) > 250
+    changed = 0
+    for core in cores * 20:
+        edited = demo_data._edit_words(rng, core)
+        slots = re.findall(r"\{\w*\}", core)
+        assert re.findall(r"\{\w*\}", edited) == slots
+        if slots:
+            assert edited.endswith(core[core.rindex(slots[-1]):]), (core, edited)
+        before, after = Counter(core.lower().split()), Counter(edited.lower().split())
+        assert set((after - before).elements()) <= set(demo_data.NOISE_ADD), (core, edited)
+        assert set((before - after).elements()) <= demo_data.NOISE_DROP, (core, edited)
+        assert 1 <= sum(((after - before) + (before - after)).values()) <= 3
+        assert edited[0].isupper() == core[0].isupper() or edited[0] == "{"
+        assert not any(w in edited.lower() and w not in core.lower() for w in held_words)
+        changed += edited != core
+    assert changed > 0.9 * len(cores) * 20
+    # only the training split is edited, and its edits touch no other choice: the same dialogs, fillers and answers
+    train, val, held_out = (demo_data.examples(s, seed=3, per_family=40) for s in ("train", "val", "eval"))
+    monkeypatch.setattr(demo_data, "NOISE_SHARE", 0.0)
+    assert demo_data.examples("val", seed=3, per_family=40) == val
+    assert demo_data.examples("eval", seed=3, per_family=40) == held_out
+    plain = demo_data.examples("train", seed=3, per_family=40)
+    assert [(e["family"], e["answer"]) for e in plain] == [(e["family"], e["answer"]) for e in train]
+    edited = sum(a["messages"] != b["messages"] for a, b in zip(plain, train))
+    assert 0.5 * len(train) < edited < len(train)
